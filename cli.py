@@ -1,0 +1,212 @@
+"""t2i: a thin Typer front over the `unclip` library and the `stages` training recipes."""
+from __future__ import annotations
+
+import functools
+import logging
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from unclip.errors import UserError
+
+app = typer.Typer(pretty_exceptions_show_locals=False, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  help="unCLIP text-to-image: train CLIP, a diffusion prior and a decoder; generate images.")
+console = Console(stderr=True)
+DEFAULT_PIPELINE = Path(__file__).resolve().parent / "checkpoints" / "mnist"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Sampler(str, Enum):
+    ddpm = "ddpm"
+    ddim = "ddim"
+    dpmpp = "dpmpp"
+
+
+class StageChoice(str, Enum):
+    prior = "prior"
+    decoder = "decoder"
+    both = "both"
+
+
+def command(name: str):
+    """Register a command whose user errors print as one red line and exit 1, never a traceback."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except UserError as e:
+                console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+
+        return app.command(name)(run)
+
+    return decorate
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", force=True,
+                        handlers=[RichHandler(console=console, show_time=False, show_path=False)])
+
+
+@contextmanager
+def progress_bar(description: str):
+    """Yield `start(total) -> advance()`: a rich progress bar shown once the total is known."""
+    with Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True) as progress:
+
+        def start(total: int):
+            task = progress.add_task(description, total=total)
+            return lambda: progress.advance(task)
+
+        yield start
+
+
+# Options shared by the training commands.
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Stage or pipeline YAML; flags override it.")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="mnist | fashion-mnist | folder:PATH")]
+DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder of the IDX files.")]
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1)]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Overrides --epochs.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1)]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", min=0.0)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
+DeviceOpt = Annotated[Optional[Device], typer.Option("--device")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run saved in the output folder.")]
+
+
+def train_overrides(**flags) -> dict:
+    """Flags given on the command line, as overrides of the `train` section of a stage config."""
+    train = {k: (v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v)
+             for k, v in flags.items() if v is not None}
+    if "epochs" in train and "max_steps" not in train:
+        train["max_steps"] = None
+    return {"train": train}
+
+
+@command("clip-train")
+def clip_train(
+    config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Run folder: weights, metrics, resume state.")] = Path("runs/clip"),
+    epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False,
+) -> None:
+    """Stage one: train CLIP contrastively on captioned images."""
+    from stages.clip import train_clip
+    from unclip.config import ClipConfig, load_config, merge
+
+    cfg = merge(load_config(ClipConfig, config), train_overrides(
+        data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+        seed=seed, device=device))
+    last = train_clip(cfg, out, resume)
+    console.print(f"CLIP saved to {out}" + (f" (val zero-shot {last['val_zero_shot']:.4f})" if "val_zero_shot" in last else ""))
+
+
+@command("clip-eval")
+def clip_eval(
+    clip: Annotated[Path, typer.Option("--clip", help="CLIP checkpoint folder.")] = DEFAULT_PIPELINE / "clip",
+    data: DataOpt = None, data_dir: DataDirOpt = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="Prompt with {} for the class name.")] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Zero-shot classification of the test split against one prompt per class."""
+    from unclip.pipeline import evaluate_clip, load_clip
+
+    model, cfg = load_clip(clip, device.value if device else "auto")
+    template = template or cfg.template
+    if "{}" not in template:
+        raise UserError(f"--template {template!r} has no {{}} for the class name")
+    result = evaluate_clip(model, cfg, data or cfg.train.data, data_dir or cfg.train.data_dir, template)
+    table = Table(title=f"zero-shot, template {template!r}")
+    for col in ("class", "prompt", "accuracy", "images"):
+        table.add_column(col, justify="right" if col in ("accuracy", "images") else "left")
+    for name, acc, n in zip(result["class_names"], result["per_class"], result["counts"]):
+        table.add_row(name, template.format(name), f"{acc:.4f}", str(n))
+    Console().print(table)
+    typer.echo(f"zero-shot accuracy: {result['accuracy']:.4f}")
+
+
+@command("classify")
+def classify(
+    images: Annotated[list[Path], typer.Argument(help="Image files of any size or colour mode.")],
+    clip: Annotated[Path, typer.Option("--clip", help="CLIP checkpoint folder.")] = DEFAULT_PIPELINE / "clip",
+    labels: Annotated[Optional[str], typer.Option("--labels", help="Comma-separated labels (default: the training classes).")] = None,
+    template: Annotated[Optional[str], typer.Option("--template")] = None,
+    top: Annotated[int, typer.Option("--top", min=1)] = 3,
+    device: DeviceOpt = None,
+) -> None:
+    """Rank captions for each image with CLIP (zero-shot classification)."""
+    from unclip.pipeline import classify_files, load_clip
+
+    model, cfg = load_clip(clip, device.value if device else "auto")
+    names = [s.strip() for s in labels.split(",") if s.strip()] if labels else None
+    for path, ranking in classify_files(model, cfg, images, names, template or cfg.template):
+        typer.echo(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranking[:top]))
+
+
+@command("decoder-train")
+def decoder_train(
+    clip: Annotated[Path, typer.Option("--clip", help="Trained CLIP folder (frozen here).")],
+    config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Pipeline folder: prior/, decoder/ and a copy of clip/.")] = Path("runs/pipeline"),
+    stage: Annotated[StageChoice, typer.Option("--stage")] = StageChoice.both,
+    epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False,
+) -> None:
+    """Stage two: train the diffusion prior and/or the decoder against a frozen CLIP."""
+    from stages.stage_two import train_stage_two
+
+    flags = train_overrides(data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps,
+                            batch_size=batch_size, lr=lr, seed=seed, device=device)
+    stages = ["prior", "decoder"] if stage == StageChoice.both else [stage.value]
+    train_stage_two(clip, config, flags, out, stages, resume)
+    console.print(f"pipeline saved to {out} (generate with: t2i generate --checkpoints {out} --prompt ...)")
+
+
+@command("generate")
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", help="What to draw.")],
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Images to draw.")] = 16,
+    checkpoints: Annotated[Path, typer.Option("--checkpoints", help="Pipeline folder with clip/, prior/, decoder/.")] = DEFAULT_PIPELINE,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Default: outputs/<prompt>/")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    sampler: Annotated[Sampler, typer.Option("--sampler")] = Sampler.dpmpp,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (ddpm always takes all).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Decoder guidance scale, 1 = none.")] = None,
+    prior_guidance: Annotated[Optional[float], typer.Option("--prior-guidance")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    device: Annotated[Device, typer.Option("--device")] = Device.auto,
+    animate: Annotated[bool, typer.Option("--animate", help="Also write denoise.gif of the sampling chain.")] = False,
+) -> None:
+    """Text -> image: the prior turns the caption into a CLIP image embedding, the decoder draws it."""
+    from unclip.generation import generate_to_folder
+    from unclip.pipeline import SamplingOptions
+
+    defaults = SamplingOptions()
+    options = SamplingOptions(
+        sampler=sampler.value, steps=defaults.steps if steps is None else steps,
+        guidance=defaults.guidance if guidance is None else guidance,
+        prior_guidance=defaults.prior_guidance if prior_guidance is None else prior_guidance,
+    )
+    with progress_bar("sampling") as bar:
+        folder = generate_to_folder(prompt, num_samples, checkpoints, out, options, seed, batch_size, device.value,
+                                    animate, progress=bar)
+    console.print(f"wrote {num_samples} image(s) and grid.png{' and denoise.gif' if animate else ''} to {folder}/")
+
+
+if __name__ == "__main__":
+    app()

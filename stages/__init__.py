@@ -1,0 +1,1 @@
+"""Training recipes, one per trainable stage, over the loop in `stages.trainer`."""

@@ -1,0 +1,68 @@
+"""Stage two, part two: the decoder, CLIP image embedding -> image, with sample grids while training."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from stages.frozen_clip import FrozenClip
+from stages.trainer import Stage, fit
+from unclip.config import DecoderConfig
+from unclip.diffusion.models import Diffusion
+from unclip.images import grid, nearest_steps, save_png, to_uint8
+from unclip.models.unet import UNet
+from unclip.pipeline import decode, decoder_diffusion, resolve_device, sample_image_embeddings
+
+SAMPLE_STEPS, SAMPLE_GUIDANCE, PER_PROMPT = 20, 3.0, 6
+
+
+def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, prior: Optional[Diffusion],
+                 step: int, out: Path) -> None:
+    """A grid for fixed prompts (through the prior when there is one; else reconstructions of validation
+    images, the originals in the first column) and a strip of the predicted x0 along one chain."""
+    device = frozen.image_emb.device
+    generator = torch.Generator(device).manual_seed(0)
+    if prior is not None:
+        prompts = [p for p in frozen.fixed_captions() for _ in range(PER_PROMPT)]
+        emb = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior, prompts, "dpmpp", SAMPLE_STEPS, 1.0, generator)
+        originals = None
+    else:
+        idx = torch.arange(min(10, len(frozen.val)))
+        originals = frozen.val.images[idx]
+        emb = frozen.clip.encode_image(frozen.val.pixels(idx).to(device)).repeat_interleave(PER_PROMPT - 1, 0)
+    chain = []
+    keep = nearest_steps(SAMPLE_STEPS)
+    record = lambda i, t, x, x0: chain.append(x0[:1]) if i in keep else None  # noqa: E731
+    images = to_uint8(decode(decoder, cfg, emb, "dpmpp", SAMPLE_STEPS, SAMPLE_GUIDANCE, generator, record))
+    if originals is not None:
+        images = torch.cat([originals[:, None], images.view(len(originals), PER_PROMPT - 1, *images.shape[1:])], 1)
+        images = images.flatten(0, 1)
+    samples = out / "samples"
+    save_png(grid(images, ncol=PER_PROMPT), samples / f"grid_{step:07d}.png", scale=2)
+    save_png(grid(to_uint8(torch.cat(chain)), ncol=len(chain)), samples / f"denoise_{step:07d}.png", scale=2)
+
+
+def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffusion] = None) -> Stage:
+    t, m = cfg.train, cfg.model
+    device = resolve_device(t.device)
+    clip_m = frozen.clip.config
+    m.image_channels, m.image_size = clip_m.image_channels, clip_m.image_size  # the decoder draws what CLIP sees
+    cfg.clip_fingerprint = frozen.fingerprint
+    model = UNet(m, clip_m.embed_dim).to(device)
+    base = decoder_diffusion(model, cfg, device)
+
+    def loss(idx: torch.Tensor, step: int, module: torch.nn.Module):
+        x0 = frozen.data.pixels(idx).to(device)
+        return replace(base, net=module).loss(x0, (frozen.image_emb[idx.to(device)],), m.cond_drop), {}
+
+    def sample(shipped: UNet, step: int, out: Path) -> None:
+        save_samples(frozen, decoder_diffusion(shipped, cfg, device), cfg, prior, step, out)
+
+    return Stage("decoder", model, cfg, len(frozen.data), loss, sample=sample)
+
+
+def train_decoder(cfg: DecoderConfig, frozen: FrozenClip, out: Path, prior: Optional[Diffusion] = None,
+                  resume: bool = False) -> dict:
+    return fit(decoder_stage(cfg, frozen, prior), cfg.train, out, resume)

@@ -1,0 +1,55 @@
+"""torchrun support: process group set-up, rank queries, DDP wrapping. A no-op in a single process."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as td
+
+
+def world_size() -> int:
+    return td.get_world_size() if td.is_initialized() else 1
+
+
+def rank() -> int:
+    return td.get_rank() if td.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup(device: torch.device) -> None:
+    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPU)."""
+    if td.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    setup(device)
+    model.to(device)
+    if world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
+
+
+def gather_objects(obj) -> list:
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    td.all_gather_object(out, obj)
+    return out
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0, keeping the gradient path (open_clip's gather_with_grad)."""
+    if world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)

@@ -1,0 +1,85 @@
+"""Configs load strictly; checkpoints round-trip exactly; fingerprints ignore storage precision."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unclip.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from unclip.config import ClipConfig, DecoderConfig, PriorConfig, load_config, merge, to_yaml
+from unclip.errors import CheckpointError, ConfigError
+from unclip.models.clip import CLIP
+from tests.conftest import TINY
+
+
+def test_config_yaml_round_trip(tmp_path):
+    for cls in (ClipConfig, PriorConfig, DecoderConfig):
+        cfg = merge(cls(), {"train": {"lr": 0.123, "max_steps": 7}})
+        (tmp_path / "c.yaml").write_text(to_yaml(cfg))
+        assert load_config(cls, tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("text,message", [
+    ("model: {widthz: 3}", "unknown config key model.widthz"),
+    ("bogus: 1", "unknown config key bogus"),
+    ("model: {width: three}", "model.width: expected an integer"),
+    ("train: {lr: [1]}", "train.lr: expected a number"),
+    ("model: [1, 2]", "model: expected a mapping"),
+    ("model: {width: 3", "not valid YAML"),
+])
+def test_bad_config_is_rejected_with_the_key_named(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(PriorConfig, tmp_path / "c.yaml")
+
+
+def test_pipeline_file_sections_are_picked_per_stage(tmp_path):
+    (tmp_path / "p.yaml").write_text("prior: {model: {width: 64}}\ndecoder: {model: {widths: [8, 16]}}\n")
+    assert load_config(PriorConfig, tmp_path / "p.yaml").model.width == 64
+    assert load_config(DecoderConfig, tmp_path / "p.yaml").model.widths == [8, 16]
+    assert load_config(ClipConfig, tmp_path / "p.yaml") == ClipConfig()
+
+
+def tiny_clip() -> tuple[CLIP, ClipConfig]:
+    cfg = merge(ClipConfig(), TINY["clip"])
+    return CLIP(cfg.model), cfg
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    model, cfg = tiny_clip()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if b.is_floating_point():
+                b.add_(torch.rand_like(b))
+    save_checkpoint(tmp_path, model, cfg)
+    loaded, loaded_cfg = load_checkpoint(tmp_path, ClipConfig, lambda c: CLIP(c.model))
+    assert loaded_cfg == cfg
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "model.safetensors"]  # no temp files left
+
+
+def test_half_precision_storage_keeps_the_fingerprint(tmp_path):
+    model, cfg = tiny_clip()
+    save_checkpoint(tmp_path, model, cfg, dtype=torch.float16)
+    loaded, _ = load_checkpoint(tmp_path, ClipConfig, lambda c: CLIP(c.model))
+    assert next(loaded.parameters()).dtype == torch.float32
+    assert fingerprint(loaded.state_dict()) == fingerprint(model.state_dict())
+    with torch.no_grad():
+        next(loaded.parameters()).add_(0.1)
+    assert fingerprint(loaded.state_dict()) != fingerprint(model.state_dict())
+
+
+def test_truncated_or_mismatched_weights_are_clear_errors(tmp_path):
+    model, cfg = tiny_clip()
+    save_checkpoint(tmp_path, model, cfg)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path, ClipConfig, lambda c: CLIP(c.model))
+    save_checkpoint(tmp_path, model, cfg)
+    (tmp_path / "config.yaml").write_text(to_yaml(merge(cfg, {"model": {"embed_dim": 48}})))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(tmp_path, ClipConfig, lambda c: CLIP(c.model))

@@ -1,0 +1,143 @@
+"""The CLI end to end on a tiny pipeline trained in the test session, and every bad input it must refuse."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_generate_writes_pngs_grid_and_gif_reproducibly(tiny_pipeline, tmp_path):
+    args = ["generate", "--checkpoints", tiny_pipeline, "--prompt", "six", "--num-samples", 5, "--steps", 4,
+            "--batch-size", 3]
+    r = run(*args, "--out", tmp_path / "a", "--animate")
+    assert r.exit_code == 0, r.output
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["0000.png", "0001.png", "0002.png", "0003.png", "0004.png", "denoise.gif", "grid.png"]
+    with Image.open(tmp_path / "a" / "0000.png") as im:
+        assert im.size == (28, 28) and im.mode == "L"
+    with Image.open(tmp_path / "a" / "denoise.gif") as gif:
+        assert gif.n_frames >= 4
+    assert run(*args, "--out", tmp_path / "b").exit_code == 0
+    assert run(*args, "--out", tmp_path / "c", "--seed", 1).exit_code == 0
+    same = [(tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files if f.endswith("png")]
+    assert all(same)
+    assert (tmp_path / "a" / "0000.png").read_bytes() != (tmp_path / "c" / "0000.png").read_bytes()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_every_sampler_runs_from_the_cli(tiny_pipeline, tmp_path, sampler):
+    r = run("generate", "--checkpoints", tiny_pipeline, "--prompt", "a handwritten 3", "-n", 2, "--sampler", sampler,
+            "--steps", 3, "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "0001.png").exists()
+
+
+def test_odd_but_valid_prompts(tiny_pipeline, tmp_path):
+    long = " ".join(["a very long caption about a handwritten seven"] * 5)
+    for i, prompt in enumerate([long, "七 seven ñ"]):
+        r = run("generate", "--checkpoints", tiny_pipeline, "--prompt", prompt, "-n", 1, "--steps", 2,
+                "--out", tmp_path / str(i))
+        assert r.exit_code == 0, r.output
+    assert "truncated" in run("generate", "--checkpoints", tiny_pipeline, "--prompt", long, "-n", 1, "--steps", 2,
+                              "--out", tmp_path / "x").output
+
+
+def test_clip_eval_and_classify(tiny_pipeline, mnist_dir, tmp_path):
+    r = run("clip-eval", "--clip", tiny_pipeline / "clip", "--data-dir", mnist_dir)
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1].startswith("zero-shot accuracy: 0.")
+    image = tmp_path / "seven.png"
+    from tests.conftest import draw_glyphs
+
+    images, labels = draw_glyphs(1, 5)
+    Image.fromarray(images[0]).resize((64, 64)).convert("RGB").save(image)
+    r = run("classify", image, "--clip", tiny_pipeline / "clip", "--labels", "zero,one,two,three,four,five,six,seven,eight,nine")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith(f"{image}: ")
+
+
+def broken_pipeline(tiny_pipeline: Path, tmp_path: Path, damage: str) -> Path:
+    pipe = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline, pipe)
+    if damage == "no-prior":
+        shutil.rmtree(pipe / "prior")
+    elif damage == "truncated":
+        w = pipe / "decoder" / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:1000])
+    elif damage == "garbage":
+        (pipe / "decoder" / "model.safetensors").write_bytes(b"\x00" * 64)
+    elif damage in ("unknown-key", "wrong-type", "fingerprint"):
+        path = pipe / "prior" / "config.yaml"
+        cfg = yaml.safe_load(path.read_text())
+        if damage == "unknown-key":
+            cfg["model"]["widht"] = 3
+        elif damage == "wrong-type":
+            cfg["model"]["layers"] = "two"
+        else:
+            cfg["clip_fingerprint"] = "0123456789abcdef"
+        path.write_text(yaml.safe_dump(cfg))
+    return pipe
+
+
+BAD_GENERATE = [
+    # (extra args, damage to the pipeline, expected message)
+    (["--prompt", ""], None, "prompt is empty"),
+    (["--prompt", "   "], None, "prompt is empty"),
+    (["--num-samples", "0"], None, "num-samples must be at least 1"),
+    (["--num-samples", "-3"], None, "num-samples must be at least 1"),
+    (["--num-samples", "many"], None, "many"),
+    (["--steps", "0"], None, "steps must be at least 1"),
+    (["--guidance", "-1"], None, "guidance"),
+    (["--sampler", "euler"], None, "euler"),
+    (["--device", "cuda"], None, "no CUDA GPU"),
+    ([], "no-prior", "lacks prior/"),
+    ([], "truncated", "truncated or corrupt"),
+    ([], "garbage", "truncated or corrupt"),
+    ([], "unknown-key", "unknown config key model.widht"),
+    ([], "wrong-type", "model.layers: expected an integer"),
+    ([], "fingerprint", "trained against a different CLIP"),
+]
+
+
+@pytest.mark.parametrize("extra,damage,message", BAD_GENERATE)
+def test_generate_refuses_bad_input_in_one_line(tiny_pipeline, tmp_path, extra, damage, message):
+    pipe = broken_pipeline(tiny_pipeline, tmp_path, damage) if damage else tiny_pipeline
+    args = {"--prompt": "six", "--num-samples": "1", "--steps": "2", "--checkpoints": str(pipe), "--out": str(tmp_path / "o")}
+    args.update(zip(extra[::2], extra[1::2]))
+    r = run("generate", *[x for kv in args.items() for x in kv])
+    assert r.exit_code != 0
+    assert message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_missing_pipeline_and_unwritable_output(tiny_pipeline, tmp_path):
+    r = run("generate", "--prompt", "six", "--checkpoints", tmp_path / "nowhere")
+    assert r.exit_code == 1 and "pipeline folder not found" in r.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run("generate", "--prompt", "six", "-n", 1, "--checkpoints", tiny_pipeline, "--out", blocker / "sub")
+    assert r.exit_code == 1 and "cannot create the output folder" in r.output and "Traceback" not in r.output
+
+
+def test_classify_refuses_a_non_image(tiny_pipeline, tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("hello")
+    r = run("classify", fake, "--clip", tiny_pipeline / "clip")
+    assert r.exit_code == 1 and "is not an image" in r.output and "Traceback" not in r.output
+
+
+def test_training_refuses_missing_data(tmp_path):
+    r = run("clip-train", "--data", "folder:" + str(tmp_path), "--out", tmp_path / "run")
+    assert r.exit_code == 1 and "neither metadata.jsonl nor captions.csv" in r.output

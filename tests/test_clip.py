@@ -1,0 +1,71 @@
+"""Stage one: tokenizer, the multi-positive contrastive loss, and a tiny CLIP that learns glyphs."""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from stages.clip import clip_stage
+from stages.trainer import fit
+from unclip.config import ClipConfig, merge
+from unclip.models.clip import CLIP, contrastive_loss
+from unclip.tokenizer import Tokenizer
+from tests.conftest import TINY
+
+
+def test_tokenizer_pads_truncates_and_handles_any_text(caplog):
+    tok = Tokenizer(8)
+    ids = tok(["six", "a handwritten six", "ñandú 六"])
+    assert ids.shape == (3, 8) and ids.dtype == torch.long
+    assert ids[0, 0] == 49406 and ids[0, 2] == 49407 and ids[0, 3:].eq(0).all()  # start, "six", end, padding
+    assert ids[1].argmax() == 4  # the end token has the largest id: the text encoder pools there
+    with caplog.at_level(logging.WARNING):
+        long = tok(["one two three four five six seven eight nine ten"])
+    assert long[0, -1] == 49407 and "truncated" in caplog.text
+
+
+def test_loss_does_not_push_apart_captions_of_the_same_class():
+    """Two images and two identical captions per class, classes well separated: nothing should move.
+
+    One-hot targets (plain CLIP) still pull each copy of a caption towards "its" image and away from the
+    other image of the same class, a gradient that can never vanish; multi-positive targets are at rest.
+    """
+    groups = torch.tensor([0, 0, 1, 1])
+    base = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0]])
+    images = torch.nn.functional.normalize(base + torch.tensor([[0, 0, 0.1], [0, 0, -0.1], [0, 0, 0.1], [0, 0, -0.1]]), dim=-1)
+
+    def grad(targets):
+        text = base.clone().requires_grad_(True)
+        contrastive_loss(images, text, torch.tensor(20.0), targets).backward()
+        return text.grad.norm().item()
+
+    assert grad(groups) < 1e-6
+    assert grad(torch.arange(4)) > 1e-2
+    # At rest the loss is the targets' entropy: log 2 for two positives each.
+    torch.testing.assert_close(contrastive_loss(base, base, torch.tensor(100.0), groups), torch.tensor(math.log(2)),
+                               atol=1e-4, rtol=0)
+
+
+def test_loss_equals_clip_loss_when_every_caption_is_distinct():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    logits = 2.0 * img @ txt.T
+    ref = (torch.nn.functional.cross_entropy(logits, torch.arange(5)) + torch.nn.functional.cross_entropy(logits.T, torch.arange(5))) / 2
+    torch.testing.assert_close(contrastive_loss(img, txt, torch.tensor(2.0), torch.arange(5)), ref)
+
+
+def test_text_encoder_ignores_padding_after_the_end_token():
+    model = CLIP(merge(ClipConfig(), TINY["clip"]).model).eval()
+    tokens = Tokenizer(12)(["a six"])
+    noisy = tokens.clone()
+    noisy[0, 5:] = 123  # garbage after the end token
+    noisy[0, 3] = 49407
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokens)[0], model.encode_text(noisy)[0])
+
+
+def test_tiny_clip_learns_glyphs(mnist_dir, tmp_path):
+    cfg = merge(ClipConfig(), {**TINY["clip"], "train": {**TINY["clip"]["train"], "data_dir": str(mnist_dir)}})
+    last = fit(clip_stage(cfg), cfg.train, tmp_path)
+    assert last["val_zero_shot"] >= 0.9, last

@@ -1,0 +1,165 @@
+"""The diffusion math: schedules, identities, samplers with an exact denoiser, and diffusers as a reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unclip.diffusion.gaussian import (
+    predict_eps, predict_x0, q_posterior, q_sample, to_x0, training_target, v_target, x0_from_v,
+)
+from unclip.diffusion.sampling import (
+    classifier_free_guidance, sample, sample_ddim, sample_ddpm, sample_dpmpp_2m,
+)
+from unclip.diffusion.schedule import alphas_cumprod, spaced_timesteps
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+@pytest.mark.parametrize("T", [50, 1000])
+def test_schedule_is_a_decreasing_signal_level(name, T):
+    ac = alphas_cumprod(name, T)
+    assert ac.shape == (T,) and ac.dtype == torch.float32
+    assert torch.all(ac[1:] < ac[:-1])
+    assert 0.98 < ac[0] < 1 and ac[-1] < 0.01  # starts almost clean, ends almost pure noise
+
+
+def test_spaced_timesteps():
+    assert spaced_timesteps(1000, 5) == [999, 749, 500, 250, 0]
+    assert spaced_timesteps(10, 10) == list(range(9, -1, -1))
+    with pytest.raises(ValueError):
+        spaced_timesteps(10, 0)
+
+
+@pytest.mark.parametrize("shape", [(6, 16), (6, 1, 8, 8)])
+def test_noising_identities(shape):
+    """q_sample then the x0/eps/v conversions recover what was put in, for embeddings and images alike."""
+    ac = alphas_cumprod("cosine", 1000)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    t = torch.tensor([0, 1, 100, 500, 900, 990])
+    xt = q_sample(x0, t, eps, ac)
+    torch.testing.assert_close(predict_x0(xt, t, eps, ac), x0, atol=5e-3, rtol=1e-3)
+    torch.testing.assert_close(predict_eps(xt, t, x0, ac), eps, atol=5e-3, rtol=1e-3)
+    torch.testing.assert_close(x0_from_v(xt, t, v_target(x0, t, eps, ac), ac), x0, atol=1e-4, rtol=1e-4)
+    for kind in ("eps", "x0", "v"):
+        torch.testing.assert_close(to_x0(training_target(x0, t, eps, ac, kind), xt, t, ac, kind), x0, atol=5e-3, rtol=1e-3)
+
+
+def gaussian_oracle(mu: torch.Tensor, s: float, ac: torch.Tensor):
+    """The exact E[x0 | x_t] when the data are N(mu, s^2 I)."""
+
+    def denoise(xt, t):
+        ab = ac[t].view(-1, *([1] * (xt.ndim - 1)))
+        return mu + s**2 * ab.sqrt() / (ab * s**2 + 1 - ab) * (xt - ab.sqrt() * mu)
+
+    return denoise
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 0), ("ddim", 50), ("dpmpp", 20)])
+@pytest.mark.parametrize("shape", [(4000, 2), (4000, 1, 2, 1)])
+def test_samplers_draw_the_data_distribution_with_an_exact_denoiser(sampler, steps, shape):
+    ac = alphas_cumprod("cosine", 200)
+    mu = torch.tensor([1.5, -0.5]).view(1, *shape[1:])
+    g = torch.Generator().manual_seed(0)
+    x = sample(sampler, gaussian_oracle(mu, 0.5, ac), torch.randn(shape, generator=g), ac, steps, generator=g)
+    flat = x.reshape(shape[0], -1)
+    torch.testing.assert_close(flat.mean(0), mu.flatten(), atol=0.05, rtol=0)
+    torch.testing.assert_close(flat.std(0), torch.full((2,), 0.5), atol=0.05, rtol=0)
+
+
+def test_point_mass_is_recovered_exactly():
+    ac = alphas_cumprod("linear", 100)
+    target = torch.randn(3, 5)
+    g = torch.Generator().manual_seed(1)
+    for name in ("ddpm", "ddim", "dpmpp"):
+        x = sample(name, lambda xt, t: target, torch.randn(3, 5, generator=g), ac, 7, generator=g)
+        torch.testing.assert_close(x, target)
+
+
+def test_samplers_are_seeded_by_their_generator():
+    ac = alphas_cumprod("cosine", 100)
+    denoise = gaussian_oracle(torch.zeros(1, 4), 1.0, ac)
+    runs = [sample("ddim", denoise, torch.randn(2, 4, generator=torch.Generator().manual_seed(s)), ac, 10, eta=1.0,
+                   generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_guidance_extrapolates_from_unconditional_to_conditional():
+    calls = []
+
+    def net_x0(x, t, cond, drop):
+        calls.append(x.shape[0])
+        return torch.where(drop[:, None], torch.zeros_like(x), cond[0])
+
+    cond = (torch.ones(3, 2),)
+    denoise = classifier_free_guidance(net_x0, cond, 3.0)
+    out = denoise(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long))
+    assert calls == [6]  # conditional and unconditional halves in one batch
+    torch.testing.assert_close(out, torch.full((3, 2), 3.0))
+    assert torch.equal(classifier_free_guidance(net_x0, cond, 1.0)(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)),
+                       torch.ones(3, 2))
+
+
+# --- diffusers as an independent reference --------------------------------------------------------
+
+diffusers = pytest.importorskip("diffusers")
+T = 100
+
+
+def reference_betas(ac: torch.Tensor) -> torch.Tensor:
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), ac.double()[:-1]])
+    return 1 - ac.double() / prev
+
+
+def toy_x0(x, t):
+    """A deterministic stand-in for a trained network's x0 prediction."""
+    return torch.tanh(x) * 0.8 + 0.001 * t.float().view(-1, *([1] * (x.ndim - 1)))
+
+
+def test_ddim_matches_diffusers():
+    ac = alphas_cumprod("cosine", T)
+    ref = diffusers.DDIMScheduler(num_train_timesteps=T, trained_betas=reference_betas(ac).numpy(),
+                                  prediction_type="sample", clip_sample=False, set_alpha_to_one=True,
+                                  timestep_spacing="trailing")
+    ref.set_timesteps(10)
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = x.clone()
+    for t in ref.timesteps:
+        expected = ref.step(toy_x0(expected, torch.full((2,), int(t))), int(t), expected, eta=0.0).prev_sample
+    ours = sample_ddim(toy_x0, x, ref.alphas_cumprod.float(), [int(t) for t in ref.timesteps])
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_dpmpp_2m_matches_diffusers():
+    ac = alphas_cumprod("cosine", T)
+    ref = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=T, trained_betas=reference_betas(ac).numpy(), algorithm_type="dpmsolver++",
+        solver_order=2, prediction_type="sample", final_sigmas_type="zero", timestep_spacing="linspace")
+    ref.set_timesteps(12)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    expected = x.clone()
+    for t in ref.timesteps:
+        expected = ref.step(toy_x0(expected, torch.full((3,), int(t))), t, expected).prev_sample
+    ours = sample_dpmpp_2m(toy_x0, x, ref.alphas_cumprod.float(), [int(t) for t in ref.timesteps])
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_ddpm_matches_diffusers():
+    ac = alphas_cumprod("linear", T)
+    ref = diffusers.DDPMScheduler(num_train_timesteps=T, trained_betas=reference_betas(ac).numpy(),
+                                  prediction_type="sample", variance_type="fixed_small", clip_sample=False)
+    ref.set_timesteps(T)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(3)
+    expected = x.clone()
+    for t in ref.timesteps:
+        expected = ref.step(toy_x0(expected, torch.full((2,), int(t))), int(t), expected, generator=g).prev_sample
+    ours = sample_ddpm(toy_x0, x, ref.alphas_cumprod.float(), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_posterior_at_t0_is_the_clean_estimate():
+    ac = alphas_cumprod("cosine", T)
+    x0, xt = torch.randn(2, 3), torch.randn(2, 3)
+    mean, var = q_posterior(x0, xt, torch.zeros(2, dtype=torch.long), ac)
+    torch.testing.assert_close(mean, x0)
+    assert torch.all(var == 0)

@@ -1,0 +1,100 @@
+"""A checkpoint is a folder: `config.yaml` (the resolved stage config) beside `model.safetensors`.
+
+Every file is written to a temporary name and renamed, so a crash mid-write leaves the previous
+version intact. Loading rebuilds the model from the YAML and loads the weights strictly.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from unclip.config import load_config, to_yaml
+from unclip.errors import CheckpointError
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+T = TypeVar("T")
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` and rename the result onto `path` (same folder, so the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """Content hash of a state dict, independent of storage precision (fp32 and fp16 copies agree)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu()
+        t = t.half() if t.is_floating_point() else t
+        h.update(name.encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(folder: Path, model: torch.nn.Module, config, dtype: Optional[torch.dtype] = None) -> None:
+    """Write `config.yaml` and `model.safetensors` into `folder`, floats cast to `dtype` if given."""
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    folder = Path(folder)
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
+    atomic_write_text(folder / CONFIG_FILE, to_yaml(config))
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (train the stage first, or pass the right folder)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]}); retrain or restore it") from None
+
+
+def load_checkpoint(folder: Path, config_cls: type[T], build: Callable[[T], torch.nn.Module]) -> tuple[torch.nn.Module, T]:
+    """Rebuild a model from `folder/config.yaml` with `build(config)` and load its weights strictly."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {folder}")
+    if not (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE}")
+    config = load_config(config_cls, folder / CONFIG_FILE)
+    model = build(config)
+    state = load_state(folder)
+    reference = model.state_dict()
+    try:
+        model.load_state_dict({k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder}: weights do not match {CONFIG_FILE} ({str(e).splitlines()[0]})") from None
+    return model, config
+
+
+def check_fingerprint(stage_folder: Path, recorded: str, clip_print: str) -> None:
+    if recorded and recorded != clip_print:
+        raise CheckpointError(
+            f"{stage_folder} was trained against a different CLIP (fingerprint {recorded}, the CLIP beside it is "
+            f"{clip_print}); retrain it with `t2i decoder-train --clip` on this CLIP"
+        )
+

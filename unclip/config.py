@@ -1,0 +1,213 @@
+"""One config dataclass per stage, split into what rebuilds the model and what drives training.
+
+A stage config is saved as `config.yaml` beside its weights. Loading is strict: an unknown key or a
+value of the wrong type raises `ConfigError` naming the key, so a typo never silently falls back to
+a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar, Union
+
+import yaml
+
+from unclip.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """What drives a training run; nothing here is needed to rebuild the model."""
+
+    data: str = "mnist"  # mnist | fashion-mnist | folder:PATH
+    data_dir: Optional[str] = None  # where IDX files live (default: the per-user cache)
+    epochs: int = 4
+    max_steps: Optional[int] = None  # overrides epochs when set
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    ema_decay: float = 0.0  # 0 disables EMA
+    val_size: int = 5000  # images held out of train for validation
+    log_every: int = 25
+    ckpt_every: int = 500
+    sample_every: int = 0  # 0: only at the end (stages that sample)
+
+
+@dataclass
+class ClipModelConfig:
+    """The contrastive image/text encoders (stage one)."""
+
+    image_channels: int = 1
+    image_size: int = 28
+    image_widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # per resolution level
+    image_blocks: int = 1  # residual blocks per level
+    text_context: int = 16  # tokens, start and end included; longer captions are truncated
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    embed_dim: int = 128
+    init_temperature: float = 0.07
+
+
+@dataclass
+class ClipConfig:
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, batch_size=256, lr=2e-3))
+    # Zero-shot prompt: filled with each class name.
+    template: str = "a handwritten {}"
+
+
+@dataclass
+class PriorModelConfig:
+    """DALL-E 2 style diffusion prior: a causal Transformer predicting the clean image embedding."""
+
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    timesteps: int = 1000
+    schedule: str = "cosine"  # cosine | linear
+    prediction: str = "x0"  # x0 | eps | v
+    cond_drop: float = 0.1  # probability of dropping the text condition (classifier-free guidance)
+
+
+@dataclass
+class PriorConfig:
+    model: PriorModelConfig = field(default_factory=PriorModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, batch_size=512, lr=5e-4, ema_decay=0.999))
+    clip_fingerprint: str = ""  # of the CLIP weights this stage was trained against
+
+
+@dataclass
+class DecoderModelConfig:
+    """Pixel-space U-Net conditioned on a CLIP image embedding."""
+
+    image_channels: int = 1
+    image_size: int = 28
+    patch: int = 2  # pixels folded into channels before the first level (space-to-depth)
+    widths: list[int] = field(default_factory=lambda: [32, 64])  # per resolution level
+    blocks: int = 1  # residual blocks per level (the up path gets one more)
+    context_tokens: int = 4  # CLIP embedding -> this many tokens attended to at the lowest level
+    heads: int = 4
+    timesteps: int = 1000
+    schedule: str = "cosine"
+    prediction: str = "v"  # eps | x0 | v
+    cond_drop: float = 0.1
+    dropout: float = 0.0
+
+
+@dataclass
+class DecoderConfig:
+    model: DecoderModelConfig = field(default_factory=DecoderModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, batch_size=128, lr=1e-3, ema_decay=0.999))
+    clip_fingerprint: str = ""
+
+
+STAGES = {"clip": ClipConfig, "prior": PriorConfig, "decoder": DecoderConfig}
+T = TypeVar("T")
+
+
+def _check(tp: Any, value: Any, where: str) -> Any:
+    """Validate (and lightly coerce) `value` against the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(arg, value, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {where + '.' if where else ''}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _check(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def merge(base: Any, overrides: dict) -> Any:
+    """Return a copy of dataclass `base` with nested `overrides` applied (validated like YAML)."""
+    data = dataclasses.asdict(base)
+
+    def deep(d: dict, o: dict) -> dict:
+        for k, v in o.items():
+            d[k] = deep(dict(d[k]), v) if isinstance(v, dict) and isinstance(d.get(k), dict) else v
+        return d
+
+    return from_dict(type(base), deep(data, overrides))
+
+
+def to_yaml(config: Any) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def stage_section(data: dict, stage: str) -> dict:
+    """A config file holds one stage's config, or a pipeline file with `clip:`/`prior:`/`decoder:` sections."""
+    if data and set(data) <= set(STAGES):
+        return data.get(stage) or {}
+    return data
+
+
+def load_config(cls: type[T], path: Optional[Path]) -> T:
+    """Load a stage config from YAML (or the defaults when `path` is None), strictly."""
+    if path is None:
+        return cls()
+    stage = next(k for k, v in STAGES.items() if v is cls)
+    try:
+        return merge(cls(), stage_section(load_yaml(path), stage))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,112 @@
+"""Captioned image datasets held in memory as one uint8 tensor (small data must not wait on a loader).
+
+`load_dataset("mnist" | "fashion-mnist" | "folder:PATH", split=...)` returns a `CaptionedImages`.
+Splits: `test` is the official test set (a caption folder has none, so its test split is the
+validation slice); `val` is a fixed held-out slice of train; `train` is the rest.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from unclip.data.captions import FASHION_NAMES, FASHION_TEMPLATES, MNIST_NAMES, MNIST_TEMPLATES, LabelCaptions
+from unclip.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class CaptionedImages:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: Optional[torch.Tensor] = None  # (N,) class index, for labelled datasets
+    captioner: Optional[LabelCaptions] = None  # random captions from labels
+    texts: Optional[list[str]] = None  # fixed captions (caption folders)
+    text_ids: Optional[torch.Tensor] = None  # (N,) index of each image's caption among the unique captions
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        return self.captioner.class_names if self.captioner else None
+
+    def subset(self, idx: torch.Tensor) -> "CaptionedImages":
+        return CaptionedImages(
+            images=self.images[idx],
+            labels=None if self.labels is None else self.labels[idx],
+            captioner=self.captioner,
+            texts=None if self.texts is None else [self.texts[i] for i in idx.tolist()],
+            text_ids=None if self.text_ids is None else self.text_ids[idx],
+        )
+
+    def pixels(self, idx: torch.Tensor) -> torch.Tensor:
+        """Images `idx` as floats in [-1, 1]."""
+        return self.images[idx].float().div_(127.5).sub_(1.0)
+
+    def captions(self, idx: torch.Tensor, generator: torch.Generator) -> list[str]:
+        if self.captioner is not None:
+            return self.captioner.sample(self.labels[idx], generator)
+        return [self.texts[i] for i in idx.tolist()]
+
+    def groups(self, idx: torch.Tensor) -> torch.Tensor:
+        """Ids under which captions count as the same (positives for the contrastive loss)."""
+        return self.labels[idx] if self.labels is not None else self.text_ids[idx]
+
+
+def default_data_dir(name: str) -> Path:
+    root = os.environ.get("T2I_DATA_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "t2i"
+    return Path(root) / name
+
+
+def split_indices(n: int, split: str, val_size: int) -> torch.Tensor:
+    """A fixed permutation (seed 0, independent of the run's seed) carves validation out of train."""
+    val_size = min(val_size, n // 10)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return perm[:val_size].sort().values if split == "val" else perm[val_size:].sort().values
+
+
+def load_dataset(
+    spec: str,
+    split: str = "train",
+    data_dir: Optional[str | Path] = None,
+    channels: int = 1,
+    size: int = 28,
+    val_size: int = 5000,
+) -> CaptionedImages:
+    """Load `spec` (mnist | fashion-mnist | folder:PATH) at `channels` x `size` x `size`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}")
+    if spec in ("mnist", "fashion-mnist"):
+        from unclip.data.mnist import load_idx_dataset
+
+        names, templates = (MNIST_NAMES, MNIST_TEMPLATES) if spec == "mnist" else (FASHION_NAMES, FASHION_TEMPLATES)
+        folder = Path(data_dir) if data_dir else default_data_dir(spec)
+        images, labels = load_idx_dataset(spec, folder, train=split != "test")
+        data = CaptionedImages(images=images, labels=labels.long(), captioner=LabelCaptions(names, templates))
+        data = _resize(data, channels, size)
+    elif spec.startswith("folder:"):
+        from unclip.data.folder import load_caption_folder
+
+        data = load_caption_folder(Path(spec[len("folder:") :]), channels, size)
+        if split == "test":
+            split = "val"
+    else:
+        raise UserError(f"unknown dataset {spec!r}: use mnist, fashion-mnist or folder:PATH")
+    if split == "test":
+        return data
+    return data.subset(split_indices(len(data), split, val_size))
+
+
+def _resize(data: CaptionedImages, channels: int, size: int) -> CaptionedImages:
+    x = data.images
+    if x.shape[1] != channels:
+        x = x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else x.float().mean(1, keepdim=True).round().byte()
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
+        x = x.round().clamp(0, 255).byte()
+    data.images = x.contiguous()
+    return data

@@ -1,0 +1,70 @@
+"""Captions for labelled datasets, drawn per sample from templates over each label's names.
+
+Drawing a fresh template and name per sample (and per epoch) makes the text encoder learn language
+("six", "6" and "a handwritten six" mean one thing) rather than a label id.
+"""
+from __future__ import annotations
+
+import torch
+
+MNIST_NAMES = [
+    [word, str(i)]
+    for i, word in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+]
+MNIST_TEMPLATES = [
+    "{}",
+    "a {}",
+    "the digit {}",
+    "the number {}",
+    "a handwritten {}",
+    "a handwritten digit {}",
+    "a drawing of a {}",
+    "a hand-drawn {}",
+    "an image of a {}",
+    "a picture of the number {}",
+    "a scan of a handwritten {}",
+    "a black and white {}",
+    "a white {} on black",
+]
+FASHION_NAMES = [
+    ["t-shirt", "top", "tee"],
+    ["trouser", "trousers", "pants"],
+    ["pullover", "sweater", "jumper"],
+    ["dress"],
+    ["coat", "jacket"],
+    ["sandal", "sandals"],
+    ["shirt"],
+    ["sneaker", "sneakers", "trainer"],
+    ["bag", "handbag"],
+    ["ankle boot", "boot", "boots"],
+]
+FASHION_TEMPLATES = [
+    "{}",
+    "a {}",
+    "a photo of a {}",
+    "a product photo of a {}",
+    "a grayscale picture of a {}",
+    "an image of a {}",
+    "a small picture of a {}",
+    "a {} on a black background",
+]
+
+
+class LabelCaptions:
+    """Random captions for class labels: `names[label]` are synonyms, `templates` wrap them."""
+
+    def __init__(self, names: list[list[str]], templates: list[str]):
+        self.names = names
+        self.templates = templates
+
+    @property
+    def class_names(self) -> list[str]:
+        return [n[0] for n in self.names]
+
+    def sample(self, labels: torch.Tensor, generator: torch.Generator) -> list[str]:
+        u = torch.rand(len(labels), 2, generator=generator).tolist()
+        out = []
+        for label, (a, b) in zip(labels.tolist(), u):
+            names = self.names[label]
+            out.append(self.templates[int(a * len(self.templates))].format(names[int(b * len(names))]))
+        return out

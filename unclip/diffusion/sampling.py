@@ -1,0 +1,119 @@
+"""Samplers over a denoiser `denoise(x_t, t) -> x0`, shared by the prior (B, D) and the decoder (B, C, H, W).
+
+Each takes the starting noise, the schedule and an explicit `torch.Generator`, and calls
+`callback(i, t, x_t, x0)` after every step (for progress bars and denoising strips).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from unclip.diffusion.gaussian import expand, predict_eps, q_posterior
+from unclip.diffusion.schedule import spaced_timesteps
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]]
+
+
+def _noise(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _t(x: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+def classifier_free_guidance(net_x0: Callable, cond: tuple, scale: float) -> Denoiser:
+    """Ho & Salimans 2022: x0 = x0_uncond + scale * (x0_cond - x0_uncond), both halves in one batch.
+
+    `net_x0(x_t, t, cond, drop)` predicts x0 with the condition dropped where `drop` is True. Guiding x0
+    is the same as guiding eps, since at fixed x_t one is an affine function of the other.
+    """
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        keep = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        if scale == 1.0:
+            return net_x0(x, t, cond, keep)
+        both = net_x0(torch.cat([x, x]), torch.cat([t, t]), tuple(torch.cat([c, c]) for c in cond),
+                      torch.cat([keep, ~keep]))
+        x0_cond, x0_uncond = both.chunk(2)
+        return x0_uncond + scale * (x0_cond - x0_uncond)
+
+    return denoise
+
+
+@torch.no_grad()
+def sample_ddpm(denoise: Denoiser, x: torch.Tensor, ac: torch.Tensor, generator=None, callback: Callback = None) -> torch.Tensor:
+    """Ancestral sampling through every step, p(x_{t-1} | x_t) = q(x_{t-1} | x_t, x0_hat) (Ho et al. 2020, alg. 2)."""
+    for i, t in enumerate(range(len(ac) - 1, -1, -1)):
+        x0 = denoise(x, _t(x, t))
+        mean, var = q_posterior(x0, x, _t(x, t), ac)
+        x = mean + var.sqrt() * _noise(x, generator) if t > 0 else x0
+        if callback:
+            callback(i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoise: Denoiser, x: torch.Tensor, ac: torch.Tensor, timesteps: list[int], eta: float = 0.0,
+                generator=None, callback: Callback = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) along `timesteps`, ending at clean data; eta=1 is ancestral."""
+    for i, t in enumerate(timesteps):
+        tt = _t(x, t)
+        x0 = denoise(x, tt)
+        eps = predict_eps(x, tt, x0, ac)
+        ab = ac[t]
+        ab_prev = ac[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones_like(ab)
+        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0 and i + 1 < len(timesteps):
+            x = x + sigma * _noise(x, generator)
+        if callback:
+            callback(i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, ac: torch.Tensor, timesteps: list[int],
+                    generator=None, callback: Callback = None) -> torch.Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022 alg. 2, data prediction, in lambda = log(alpha / sigma).
+
+    The last step goes to clean data (sigma = 0) and is first order, as the solver's reference does
+    for short chains.
+    """
+    alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
+    lam = torch.log(alpha) - torch.log(sigma)
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(timesteps):
+        x0 = denoise(x, _t(x, t))
+        if i + 1 == len(timesteps):
+            x = x0  # sigma_next = 0: the exponential integrator lands on the data prediction
+        else:
+            s = timesteps[i + 1]
+            h = lam[s] - lam[t]
+            d = x0
+            if x0_prev is not None:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (sigma[s] / sigma[t]) * x - alpha[s] * torch.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        if callback:
+            callback(i, t, x, x0)
+    return x
+
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp")
+
+
+def sample(sampler: str, denoise: Denoiser, noise: torch.Tensor, ac: torch.Tensor, steps: int, eta: float = 0.0,
+           generator=None, callback: Callback = None) -> torch.Tensor:
+    """Run `sampler` from `noise`; `steps` is ignored by ddpm, which always takes every step."""
+    if sampler == "ddpm":
+        return sample_ddpm(denoise, noise, ac, generator, callback)
+    timesteps = spaced_timesteps(len(ac), steps)
+    if sampler == "ddim":
+        return sample_ddim(denoise, noise, ac, timesteps, eta, generator, callback)
+    if sampler == "dpmpp":
+        return sample_dpmpp_2m(denoise, noise, ac, timesteps, generator, callback)
+    raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")

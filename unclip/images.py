@@ -1,0 +1,52 @@
+"""Images in and out: [-1, 1] tensors to uint8, PNG files, contact sheets and GIFs (PIL only)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from unclip.checkpoint import atomic_write
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> uint8."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> one uint8 (C, H', W') contact sheet, `ncol` images a row."""
+    B, C, H, W = images.shape
+    ncol = ncol or math.ceil(math.sqrt(B))
+    nrow = math.ceil(B / ncol)
+    sheet = torch.zeros(C, nrow * (H + pad) + pad, ncol * (W + pad) + pad, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, ncol)
+        sheet[:, pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = images[i]
+    return sheet
+
+
+def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
+    """uint8 (C, H, W) -> PIL image, enlarged `scale` times with nearest neighbours."""
+    array = image.permute(1, 2, 0).numpy()
+    pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    return pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST) if scale > 1 else pil
+
+
+def save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
+    atomic_write(Path(path), lambda tmp: to_pil(image, scale).save(tmp, format="PNG"))
+
+
+def save_gif(frames: list[torch.Tensor], path: Path, scale: int = 1, ms_per_frame: int = 80, hold_last: int = 10) -> None:
+    """uint8 (C, H, W) frames -> looping GIF; the last frame is held a little."""
+    pils = [to_pil(f, scale) for f in frames] + [to_pil(frames[-1], scale)] * hold_last
+    atomic_write(Path(path), lambda tmp: pils[0].save(tmp, format="GIF", save_all=True, append_images=pils[1:],
+                                                     duration=ms_per_frame, loop=0))
+
+
+def nearest_steps(n_steps: int, wanted: int = 5) -> list[int]:
+    """`wanted` chain indices spread over a sampling chain of `n_steps` steps, the last included."""
+    return sorted({round(i * (n_steps - 1) / max(1, wanted - 1)) for i in range(wanted)})
+
+

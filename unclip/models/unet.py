@@ -1,0 +1,132 @@
+"""The unCLIP decoder: a pixel-space U-Net denoiser conditioned on a CLIP image embedding.
+
+As in DALL-E 2 (sec. 2.1, after GLIDE), the embedding is projected into the timestep embedding and
+into a few context tokens that the attention at the lowest resolution attends to besides the pixels.
+On a CPU the cost of a U-Net is its top level, so the image is first folded into patch x patch
+pixel groups (space-to-depth, lossless, as in Hoogeboom et al. 2023 "simple diffusion") and unfolded at
+the end: at 28x28 with patch 2 the network runs at 14x14 and 7x7.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.config import DecoderModelConfig
+from unclip.models.layers import TimestepMLP, drop_condition
+
+
+def norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, c // 4), c)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice; the embedding sets a scale and shift between them (Dhariwal & Nichol 2021)."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * c_out)
+        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return h + self.skip(x)
+
+
+class Attention(nn.Module):
+    """Self-attention over pixels, with the conditioning tokens appended to the keys and values."""
+
+    def __init__(self, c: int, heads: int, context_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = norm(c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.context_kv = nn.Linear(context_dim, 2 * c)
+        self.out = nn.Linear(c, c)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        ck, cv = self.context_kv(context).chunk(2, dim=-1)  # (B, K, C)
+        k, v = torch.cat([k, ck], 1), torch.cat([v, cv], 1)
+        split = lambda z: z.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(split(q), split(k), split(v))  # (B, heads, HW, C / heads)
+        a = a.transpose(1, 2).reshape(B, H * W, C)
+        return x + self.out(a).transpose(1, 2).view(B, C, H, W)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: DecoderModelConfig, embed_dim: int):
+        super().__init__()
+        self.config = cfg
+        w = cfg.widths
+        emb_dim = 4 * w[0]
+        self.time = TimestepMLP(emb_dim, w[0])
+        self.cond_in = nn.Linear(embed_dim, emb_dim)
+        self.context_in = nn.Linear(embed_dim, cfg.context_tokens * w[-1])
+        self.null_cond = nn.Parameter(torch.zeros(embed_dim))
+        if cfg.image_size % (cfg.patch * 2 ** (len(w) - 1)):
+            raise ValueError(f"image_size {cfg.image_size} must be divisible by patch * 2^(levels - 1)")
+        pixels = cfg.image_channels * cfg.patch**2
+        self.stem = nn.Conv2d(pixels, w[0], 3, padding=1)
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        skips, c = [w[0]], w[0]
+        for level, width in enumerate(w):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.blocks):
+                blocks.append(ResBlock(c, width, emb_dim, cfg.dropout))
+                c = width
+                skips.append(c)
+            self.down.append(blocks)
+            if level + 1 < len(w):
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+        self.mid1 = ResBlock(c, c, emb_dim, cfg.dropout)
+        self.mid_attn = Attention(c, cfg.heads, w[-1])
+        self.mid2 = ResBlock(c, c, emb_dim, cfg.dropout)
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for level, width in reversed(list(enumerate(w))):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.blocks + 1):
+                blocks.append(ResBlock(c + skips.pop(), width, emb_dim, cfg.dropout))
+                c = width
+            self.up.append(blocks)
+            if level > 0:
+                self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
+        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, pixels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, image_embed: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        """x: noised images (B, C, H, W); image_embed: CLIP image embeddings (B, D); drop (B,) True where the
+        condition is dropped. Returns the network output (eps, x0 or v, per the config) (B, C, H, W)."""
+        cond = drop_condition(image_embed, self.null_cond, drop)
+        emb = self.time(t) + self.cond_in(cond)  # (B, E)
+        context = self.context_in(cond).view(x.shape[0], self.config.context_tokens, -1)  # (B, K, C_low)
+        h = self.stem(F.pixel_unshuffle(x, self.config.patch))  # (B, C p^2, H / p, W / p) -> (B, w0, ., .)
+        hs = [h]
+        for level, blocks in enumerate(self.down):
+            for block in blocks:
+                h = block(h, emb)
+                hs.append(h)
+            if level < len(self.downsample):
+                h = self.downsample[level](h)
+                hs.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb), context), emb)
+        for level, blocks in enumerate(self.up):
+            for block in blocks:
+                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            if level < len(self.upsample):
+                h = self.upsample[level](F.interpolate(h, scale_factor=2, mode="nearest"))
+        return F.pixel_shuffle(self.out(h), self.config.patch)  # (B, C, H, W)

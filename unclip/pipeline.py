@@ -1,0 +1,213 @@
+"""The saved stages chained: load a pipeline folder, classify, evaluate, generate."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from PIL import UnidentifiedImageError
+
+from unclip.checkpoint import check_fingerprint, fingerprint, load_checkpoint
+from unclip.config import ClipConfig, DecoderConfig, PriorConfig
+from unclip.data import load_dataset
+from unclip.data.captions import FASHION_NAMES, MNIST_NAMES
+from unclip.data.folder import load_image
+from unclip.diffusion.models import Diffusion
+from unclip.diffusion.sampling import classifier_free_guidance, sample
+from unclip.errors import CheckpointError, UserError
+from unclip.images import to_uint8
+from unclip.models.clip import CLIP
+from unclip.models.prior import DiffusionPrior
+from unclip.models.unet import UNet
+from unclip.tokenizer import Tokenizer
+from unclip.zeroshot import classify, encode_texts, zero_shot_accuracy
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def load_clip(folder: Path, device: str = "auto") -> tuple[CLIP, ClipConfig]:
+    model, cfg = load_checkpoint(folder, ClipConfig, lambda c: CLIP(c.model))
+    return model.to(resolve_device(device)).eval(), cfg
+
+
+def dataset_class_names(spec: str) -> Optional[list[str]]:
+    return {"mnist": [n[0] for n in MNIST_NAMES], "fashion-mnist": [n[0] for n in FASHION_NAMES]}.get(spec)
+
+
+def evaluate_clip(model: CLIP, cfg: ClipConfig, data: str, data_dir: Optional[str | Path], template: str) -> dict:
+    """Zero-shot accuracy of `model` on the test split of a labelled dataset."""
+    test = load_dataset(data, "test", data_dir, cfg.model.image_channels, cfg.model.image_size)
+    if test.labels is None:
+        raise UserError(f"{data} has no class labels to evaluate zero-shot classification on")
+    tokenizer = Tokenizer(cfg.model.text_context)
+    acc, per_class = zero_shot_accuracy(model, tokenizer, test.images, test.labels, test.class_names, template)
+    counts = torch.bincount(test.labels, minlength=len(test.class_names)).tolist()
+    return {"accuracy": acc, "per_class": per_class.tolist(), "class_names": test.class_names, "counts": counts}
+
+
+def load_images(paths: list[Path], channels: int, size: int) -> torch.Tensor:
+    """Image files as uint8 (N, C, size, size); a file that is not an image is a UserError."""
+    out = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"image not found: {path}")
+        try:
+            out.append(load_image(path, channels, size))
+        except (UnidentifiedImageError, OSError, ValueError):
+            raise UserError(f"{path} is not an image this tool can read") from None
+    return torch.stack(out)
+
+
+def classify_files(model: CLIP, cfg: ClipConfig, paths: list[Path], labels: Optional[list[str]], template: str):
+    """For each image file, the labels ranked by probability: [(path, [(label, p), ...]), ...]."""
+    labels = labels or dataset_class_names(cfg.train.data)
+    if not labels:
+        raise UserError("this CLIP was trained on a caption folder: pass the candidate captions with --labels")
+    if "{}" not in template:
+        raise UserError(f"--template {template!r} has no {{}} for the label")
+    images = load_images(paths, cfg.model.image_channels, cfg.model.image_size)
+    probs = classify(model, Tokenizer(cfg.model.text_context), images, labels, template).cpu()
+    return [
+        (path, sorted(zip(labels, p.tolist()), key=lambda lp: -lp[1])) for path, p in zip(paths, probs)
+    ]
+
+
+def load_prior(folder: Path, clip_cfg: ClipConfig, device: torch.device) -> tuple[DiffusionPrior, PriorConfig]:
+    m = clip_cfg.model
+    model, cfg = load_checkpoint(folder, PriorConfig,
+                                 lambda c: DiffusionPrior(c.model, m.embed_dim, m.text_width, m.text_context))
+    return model.to(device).eval(), cfg
+
+
+def load_decoder(folder: Path, clip_cfg: ClipConfig, device: torch.device) -> tuple[UNet, DecoderConfig]:
+    model, cfg = load_checkpoint(folder, DecoderConfig, lambda c: UNet(c.model, clip_cfg.model.embed_dim))
+    return model.to(device).eval(), cfg
+
+
+def prior_diffusion(prior: DiffusionPrior, cfg: PriorConfig, device: torch.device) -> Diffusion:
+    m = cfg.model
+    return Diffusion.build(prior, m.schedule, m.timesteps, m.prediction, device)
+
+
+def decoder_diffusion(decoder: UNet, cfg: DecoderConfig, device: torch.device) -> Diffusion:
+    m = cfg.model
+    return Diffusion.build(decoder, m.schedule, m.timesteps, m.prediction, device, clip_x0=1.0)
+
+
+def embed_scale(dim: int) -> float:
+    """Unit-norm CLIP embeddings are scaled by sqrt(D) so each coordinate has about unit variance."""
+    return dim**0.5
+
+
+@torch.no_grad()
+def text_condition(clip: CLIP, tokenizer: Tokenizer, captions: list[str]) -> tuple[torch.Tensor, ...]:
+    """The prior's condition for captions: (scaled text embedding (B, D), token features (B, L, W), mask (B, L))."""
+    emb, features, tokens = encode_texts(clip, tokenizer, captions)
+    length = int((tokens != 0).sum(1).max())  # trailing all-padding positions carry nothing: drop them
+    return emb * embed_scale(emb.shape[-1]), features[:, :length], (tokens != 0)[:, :length]
+
+
+@dataclass
+class Pipeline:
+    """The three saved stages of an unCLIP pipeline folder (`clip/`, `prior/`, `decoder/`)."""
+
+    clip: CLIP
+    clip_config: ClipConfig
+    prior: Diffusion
+    prior_config: PriorConfig
+    decoder: Diffusion
+    decoder_config: DecoderConfig
+    tokenizer: Tokenizer
+    device: torch.device
+
+    @classmethod
+    def load(cls, folder: Path, device: str = "auto") -> "Pipeline":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"pipeline folder not found: {folder}")
+        missing = [s for s in ("clip", "prior", "decoder") if not (folder / s).is_dir()]
+        if missing:
+            raise CheckpointError(f"{folder} lacks {', '.join(s + '/' for s in missing)} (a pipeline folder holds clip/, prior/ and decoder/)")
+        dev = resolve_device(device)
+        clip, clip_cfg = load_clip(folder / "clip", device)
+        print_ = fingerprint(clip.state_dict())
+        prior, prior_cfg = load_prior(folder / "prior", clip_cfg, dev)
+        check_fingerprint(folder / "prior", prior_cfg.clip_fingerprint, print_)
+        decoder, decoder_cfg = load_decoder(folder / "decoder", clip_cfg, dev)
+        check_fingerprint(folder / "decoder", decoder_cfg.clip_fingerprint, print_)
+        return cls(clip, clip_cfg, prior_diffusion(prior, prior_cfg, dev), prior_cfg,
+                   decoder_diffusion(decoder, decoder_cfg, dev), decoder_cfg, Tokenizer(clip_cfg.model.text_context), dev)
+
+
+@torch.no_grad()
+def sample_image_embeddings(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, captions: list[str], sampler: str,
+                            steps: int, guidance: float, generator: torch.Generator, candidates: int = 2) -> torch.Tensor:
+    """Text -> unit-norm CLIP image embeddings (B, D) through the prior; of `candidates` draws per caption
+    the one most similar to the caption's text embedding is kept (DALL-E 2, sec. 2.2)."""
+    cond = text_condition(clip, tokenizer, captions)
+    B, D = cond[0].shape
+    cond_k = tuple(c.repeat_interleave(candidates, 0) for c in cond)
+    noise = torch.randn((B * candidates, D), generator=generator, device=generator.device)
+    denoise = classifier_free_guidance(prior.x0, cond_k, guidance)
+    emb = F.normalize(sample(sampler, denoise, noise, prior.ac, steps, generator=generator), dim=-1)
+    emb = emb.view(B, candidates, D)
+    best = (emb @ F.normalize(cond[0], dim=-1)[:, :, None]).squeeze(-1).argmax(1)  # (B,)
+    return emb[torch.arange(B), best]
+
+
+@torch.no_grad()
+def decode(decoder: Diffusion, cfg: DecoderConfig, image_emb: torch.Tensor, sampler: str, steps: int, guidance: float,
+           generator: torch.Generator, callback=None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """CLIP image embeddings (B, D) -> images (B, C, H, W) in [-1, 1]."""
+    m = cfg.model
+    if noise is None:
+        shape = (image_emb.shape[0], m.image_channels, m.image_size, m.image_size)
+        noise = torch.randn(shape, generator=generator, device=generator.device)
+    denoise = classifier_free_guidance(decoder.x0, (image_emb,), guidance)
+    return sample(sampler, denoise, noise, decoder.ac, steps, generator=generator, callback=callback).clamp(-1, 1)
+
+
+@dataclass
+class SamplingOptions:
+    sampler: str = "dpmpp"
+    steps: int = 20
+    guidance: float = 3.0  # decoder classifier-free guidance scale (1 = none)
+    prior_guidance: float = 1.0
+    prior_candidates: int = 2
+
+
+def generate(pipe: Pipeline, prompt: str, num_samples: int, options: SamplingOptions, seed: int = 0,
+             batch_size: int = 64, on_step=None, on_batch=None, record_chain: bool = False):
+    """Draw `num_samples` images for `prompt`, batch by batch so memory stays bounded.
+
+    Calls `on_step()` after each sampling step and `on_batch(first_index, uint8 images)` after each batch.
+    Returns the chain of predicted x0 (a list of uint8 (b, C, H, W), first batch) when `record_chain`.
+    """
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    chain = []
+    for start in range(0, num_samples, batch_size):
+        b = min(batch_size, num_samples - start)
+        emb = sample_image_embeddings(pipe.clip, pipe.tokenizer, pipe.prior, [prompt] * b, options.sampler,
+                                      options.steps, options.prior_guidance, generator, options.prior_candidates)
+
+        def callback(i, t, x, x0, first=start == 0):
+            if record_chain and first:
+                chain.append(to_uint8(x0))
+            if on_step:
+                on_step()
+
+        images = decode(pipe.decoder, pipe.decoder_config, emb, options.sampler, options.steps, options.guidance,
+                        generator, callback)
+        if on_batch:
+            on_batch(start, to_uint8(images))
+    return chain

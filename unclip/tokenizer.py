@@ -1,0 +1,63 @@
+"""open_clip's BPE tokenizer with a short context and a per-caption cache.
+
+`open_clip/__init__.py` pulls in its whole model zoo (seconds of start-up), so the tokenizer module,
+which has no package-relative imports, is loaded on its own from the installed package.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from functools import lru_cache
+
+import torch
+
+log = logging.getLogger(__name__)
+VOCAB_SIZE = 49408  # open_clip's BPE vocabulary, start and end tokens included; the end token has the largest id
+
+
+@lru_cache(maxsize=1)
+def _simple_tokenizer_class():
+    name = "open_clip.tokenizer"
+    if name in sys.modules:
+        return sys.modules[name].SimpleTokenizer
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("open_clip_torch is not installed: pip install -r requirements.txt")
+    path = f"{spec.submodule_search_locations[0]}/tokenizer.py"
+    module_spec = importlib.util.spec_from_file_location("_unclip_open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.SimpleTokenizer
+
+
+@lru_cache(maxsize=1)
+def _bpe():
+    return _simple_tokenizer_class()()
+
+
+class Tokenizer:
+    """Encode captions to `[B, context]` token ids: start token, BPE tokens, end token, zero padding."""
+
+    def __init__(self, context: int):
+        self.context = context
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def ids(self, text: str) -> torch.Tensor:
+        cached = self._cache.get(text)
+        if cached is None:
+            bpe = _bpe()
+            tokens = bpe.encode(text)
+            if len(tokens) > self.context - 2:
+                log.warning("caption truncated to %d tokens: %r", self.context - 2, text[:80])
+                tokens = tokens[: self.context - 2]
+            ids = [bpe.sot_token_id, *tokens, bpe.eot_token_id]
+            cached = torch.zeros(self.context, dtype=torch.long)
+            cached[: len(ids)] = torch.tensor(ids)
+            if len(self._cache) < 100_000:
+                self._cache[text] = cached
+        return cached
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return torch.stack([self.ids(t) for t in texts])
+
