@@ -113,7 +113,8 @@ def clip_train(
         data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
         seed=seed, device=device))
     last = train_clip(cfg, out, resume)
-    console.print(f"CLIP saved to {out}" + (f" (val zero-shot {last['val_zero_shot']:.4f})" if "val_zero_shot" in last else ""))
+    if not last.get("interrupted"):
+        console.print(f"CLIP saved to {out}" + (f" (val zero-shot {last['val_zero_shot']:.4f})" if "val_zero_shot" in last else ""))
 
 
 @command("clip-eval")
@@ -124,7 +125,8 @@ def clip_eval(
     device: DeviceOpt = None,
 ) -> None:
     """Zero-shot classification of the test split against one prompt per class."""
-    from unclip.pipeline import evaluate_clip, load_clip
+    from unclip.pipeline import load_clip
+    from unclip.zeroshot import evaluate_clip
 
     model, cfg = load_clip(clip, device.value if device else "auto")
     template = template or cfg.template
@@ -150,7 +152,8 @@ def classify(
     device: DeviceOpt = None,
 ) -> None:
     """Rank captions for each image with CLIP (zero-shot classification)."""
-    from unclip.pipeline import classify_files, load_clip
+    from unclip.pipeline import load_clip
+    from unclip.zeroshot import classify_files
 
     model, cfg = load_clip(clip, device.value if device else "auto")
     names = [s.strip() for s in labels.split(",") if s.strip()] if labels else None
@@ -173,39 +176,91 @@ def decoder_train(
     flags = train_overrides(data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps,
                             batch_size=batch_size, lr=lr, seed=seed, device=device)
     stages = ["prior", "decoder"] if stage == StageChoice.both else [stage.value]
-    train_stage_two(clip, config, flags, out, stages, resume)
-    console.print(f"pipeline saved to {out} (generate with: t2i generate --checkpoints {out} --prompt ...)")
+    if train_stage_two(clip, config, flags, out, stages, resume):
+        console.print(f"pipeline saved to {out} (generate with: t2i generate --checkpoints {out} --prompt ...)")
+
+
+# Options shared by the sampling commands.
+CheckpointsOpt = Annotated[Path, typer.Option("--checkpoints", help="Pipeline folder with clip/, prior/, decoder/.")]
+SeedSampleOpt = Annotated[int, typer.Option("--seed", help="Same seed, same settings: same images.")]
+SamplerOpt = Annotated[Sampler, typer.Option("--sampler")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (ddpm always takes all).")]
+GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="Decoder guidance scale, 1 = none.")]
+PriorGuidanceOpt = Annotated[Optional[float], typer.Option("--prior-guidance", help="Prior guidance scale.")]
+SampleDeviceOpt = Annotated[Device, typer.Option("--device")]
+
+
+def sampling_options(sampler: Sampler, steps, guidance, prior_guidance):
+    from unclip.generation import check_options
+    from unclip.pipeline import SamplingOptions
+
+    d = SamplingOptions()
+    options = SamplingOptions(
+        sampler=sampler.value, steps=d.steps if steps is None else steps,
+        guidance=d.guidance if guidance is None else guidance,
+        prior_guidance=d.prior_guidance if prior_guidance is None else prior_guidance,
+    )
+    check_options(options)
+    return options
 
 
 @command("generate")
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", help="What to draw.")],
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Images to draw.")] = 16,
-    checkpoints: Annotated[Path, typer.Option("--checkpoints", help="Pipeline folder with clip/, prior/, decoder/.")] = DEFAULT_PIPELINE,
+    checkpoints: CheckpointsOpt = DEFAULT_PIPELINE,
     out: Annotated[Optional[Path], typer.Option("--out", help="Default: outputs/<prompt>/")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    sampler: Annotated[Sampler, typer.Option("--sampler")] = Sampler.dpmpp,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (ddpm always takes all).")] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Decoder guidance scale, 1 = none.")] = None,
-    prior_guidance: Annotated[Optional[float], typer.Option("--prior-guidance")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
-    device: Annotated[Device, typer.Option("--device")] = Device.auto,
+    seed: SeedSampleOpt = 0, sampler: SamplerOpt = Sampler.dpmpp, steps: StepsOpt = None, guidance: GuidanceOpt = None,
+    prior_guidance: PriorGuidanceOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images sampled at once.")] = 64,
+    device: SampleDeviceOpt = Device.auto,
     animate: Annotated[bool, typer.Option("--animate", help="Also write denoise.gif of the sampling chain.")] = False,
 ) -> None:
     """Text -> image: the prior turns the caption into a CLIP image embedding, the decoder draws it."""
     from unclip.generation import generate_to_folder
-    from unclip.pipeline import SamplingOptions
 
-    defaults = SamplingOptions()
-    options = SamplingOptions(
-        sampler=sampler.value, steps=defaults.steps if steps is None else steps,
-        guidance=defaults.guidance if guidance is None else guidance,
-        prior_guidance=defaults.prior_guidance if prior_guidance is None else prior_guidance,
-    )
+    options = sampling_options(sampler, steps, guidance, prior_guidance)
     with progress_bar("sampling") as bar:
         folder = generate_to_folder(prompt, num_samples, checkpoints, out, options, seed, batch_size, device.value,
                                     animate, progress=bar)
     console.print(f"wrote {num_samples} image(s) and grid.png{' and denoise.gif' if animate else ''} to {folder}/")
+
+
+@command("vary")
+def vary(
+    image: Annotated[Path, typer.Argument(help="Any image; converted to what the model expects.")],
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n")] = 16,
+    checkpoints: CheckpointsOpt = DEFAULT_PIPELINE,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Default: outputs/vary-<image name>/")] = None,
+    seed: SeedSampleOpt = 0, sampler: SamplerOpt = Sampler.dpmpp, steps: StepsOpt = None, guidance: GuidanceOpt = None,
+    device: SampleDeviceOpt = Device.auto,
+) -> None:
+    """Image variations: decode the image's CLIP embedding from fresh noise (same content, new details)."""
+    from unclip.generation import vary_to_folder
+
+    options = sampling_options(sampler, steps, guidance, None)
+    with progress_bar("sampling") as bar:
+        folder = vary_to_folder(image, num_samples, checkpoints, out, options, seed, device.value, progress=bar)
+    console.print(f"wrote {num_samples} variation(s) and grid.png to {folder}/")
+
+
+@command("interpolate")
+def interpolate(
+    source: Annotated[str, typer.Option("--from", help="A prompt or an image path.")],
+    target: Annotated[str, typer.Option("--to", help="A prompt or an image path.")],
+    frames: Annotated[int, typer.Option("--frames", min=2, help="Frames, both ends included.")] = 8,
+    checkpoints: CheckpointsOpt = DEFAULT_PIPELINE,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Default: outputs/<from>-to-<to>/")] = None,
+    seed: SeedSampleOpt = 0, sampler: SamplerOpt = Sampler.dpmpp, steps: StepsOpt = None, guidance: GuidanceOpt = None,
+    prior_guidance: PriorGuidanceOpt = None, device: SampleDeviceOpt = Device.auto,
+) -> None:
+    """Slerp between two CLIP image embeddings (of prompts, through the prior, or of images) and decode each frame."""
+    from unclip.generation import interpolate_to_folder
+
+    options = sampling_options(sampler, steps, guidance, prior_guidance)
+    with progress_bar("sampling") as bar:
+        folder = interpolate_to_folder(source, target, frames, checkpoints, out, options, seed, device.value, progress=bar)
+    console.print(f"wrote {frames} frames, strip.png and interpolation.gif to {folder}/")
 
 
 if __name__ == "__main__":

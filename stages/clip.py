@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from stages import distributed as dist
-from stages.trainer import Stage, fit
+from stages.trainer import Stage, fit, seeded
 from unclip.config import ClipConfig
 from unclip.data import load_dataset
 from unclip.models.clip import CLIP, contrastive_loss
@@ -25,14 +25,14 @@ def clip_stage(cfg: ClipConfig) -> Stage:
     device = resolve_device(t.device)
     data = load_dataset(t.data, "train", t.data_dir, m.image_channels, m.image_size, t.val_size)
     val = load_dataset(t.data, "val", t.data_dir, m.image_channels, m.image_size, t.val_size)
-    model = CLIP(m).to(device)
+    model = seeded(t.seed, lambda: CLIP(m)).to(device)
     tokenizer = Tokenizer(m.text_context)
 
     def loss(idx: torch.Tensor, step: int, module: torch.nn.Module):
         tokens = tokenizer(data.captions(idx, caption_generator(t.seed, step))).to(device)
         image_emb, text_emb, scale = module(data.pixels(idx).to(device), tokens)
         image_emb, text_emb = dist.all_gather_with_grad(image_emb), dist.all_gather_with_grad(text_emb)
-        groups = dist.all_gather_with_grad(data.groups(idx).to(device))
+        groups = dist.all_gather(data.groups(idx).to(device))
         value = contrastive_loss(image_emb, text_emb, scale, groups)
         with torch.no_grad():
             best = (image_emb @ text_emb.T).argmax(1)

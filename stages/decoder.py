@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from stages.frozen_clip import FrozenClip
-from stages.trainer import Stage, fit
+from stages.trainer import Stage, fit, seeded
 from unclip.config import DecoderConfig
 from unclip.diffusion.models import Diffusion
 from unclip.images import grid, nearest_steps, save_png, to_uint8
@@ -50,7 +50,7 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
     clip_m = frozen.clip.config
     m.image_channels, m.image_size = clip_m.image_channels, clip_m.image_size  # the decoder draws what CLIP sees
     cfg.clip_fingerprint = frozen.fingerprint
-    model = UNet(m, clip_m.embed_dim).to(device)
+    model = seeded(t.seed, lambda: UNet(m, clip_m.embed_dim)).to(device)
     base = decoder_diffusion(model, cfg, device)
 
     def loss(idx: torch.Tensor, step: int, module: torch.nn.Module):

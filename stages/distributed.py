@@ -38,12 +38,47 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics, which each rank updates from its own shard)."""
+    if world_size() == 1:
+        return
+    for b in model.buffers():
+        td.broadcast(b, src=0)
+
+
 def gather_objects(obj) -> list:
     if world_size() == 1:
         return [obj]
     out = [None] * world_size()
     td.all_gather_object(out, obj)
     return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any (so all ranks stop at the same step)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over ranks (for logging, and so a non-finite loss stops every rank)."""
+    if world_size() == 1:
+        return x
+    t = x.detach().float().cpu().reshape(1)
+    td.all_reduce(t)
+    return t[0] / world_size()
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0 (no gradient)."""
+    if world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    td.all_gather(out, x.contiguous())
+    return torch.cat(out)
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,8 @@ def copy_clip(clip_dir: Path, out: Path) -> None:
 
 
 def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, out: Path, stages: list[str],
-                    resume: bool = False) -> None:
+                    resume: bool = False) -> bool:
+    """Train `stages` in order; False if a stage was interrupted (the rest is left for --resume)."""
     clip_dir, out = Path(clip_dir), Path(out)
     clip_cfg = load_config(ClipConfig, clip_dir / CONFIG_FILE) if (clip_dir / CONFIG_FILE).is_file() else None
     if clip_cfg is None:
@@ -46,7 +47,7 @@ def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, ou
     prior = None
     if "prior" in stages:
         if train_prior(prior_cfg, frozen, out / "prior", resume).get("interrupted"):
-            return
+            return False
     if (out / "prior" / WEIGHTS_FILE).is_file():
         model, cfg = load_prior(out / "prior", clip_cfg, frozen.image_emb.device)
         check_fingerprint(out / "prior", cfg.clip_fingerprint, frozen.fingerprint)
@@ -54,4 +55,5 @@ def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, ou
     if "decoder" in stages:
         # `--resume` of a run stopped during the prior: the decoder has no state yet and starts afresh.
         resume = resume and (out / "decoder" / STATE_FILE).is_file()
-        train_decoder(decoder_cfg, frozen, out / "decoder", prior, resume)
+        return not train_decoder(decoder_cfg, frozen, out / "decoder", prior, resume).get("interrupted")
+    return True

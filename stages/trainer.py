@@ -55,6 +55,12 @@ class Stage:
     metrics_shown: list[str] = field(default_factory=lambda: ["loss"])
 
 
+def seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build a model under `seed`, so the same seed starts from the same weights."""
+    torch.manual_seed(seed)
+    return build()
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to `lr * min_lr_ratio`."""
     if step < cfg.warmup_steps:
@@ -143,6 +149,7 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False) -> dict
     shipped = ema if ema is not None else model
 
     def save() -> None:
+        dist.broadcast_buffers(model)  # what rank 0 saves is what every rank holds
         rngs = dist.gather_objects(torch.get_rng_state())
         if not dist.is_main():
             return
@@ -170,9 +177,10 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False) -> dict
                     group["lr"] = lr
                 model.train()
                 loss, metrics = stage.loss(idx, step, ddp_model)
-                if not torch.isfinite(loss):
+                loss_value = dist.mean(loss.detach()).item()
+                if not math.isfinite(loss_value):
                     raise TrainingError(
-                        f"{stage.name}: the loss became {loss.item()} at step {step}; stopped, the checkpoint of "
+                        f"{stage.name}: the loss became {loss_value} at step {step}; stopped, the checkpoint of "
                         f"step {(step // cfg.ckpt_every) * cfg.ckpt_every} in {out} is intact (try a lower --lr)"
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -182,7 +190,7 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False) -> dict
                 step += 1
                 if ema is not None:
                     ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-                last = {"step": step, "epoch": epoch, "lr": lr, "loss": loss.item(), **metrics}
+                last = {"step": step, "epoch": epoch, "lr": lr, "loss": loss_value, **metrics}
                 if grad_norm is not None:
                     last["grad_norm"] = float(grad_norm)
                 if log_file:
@@ -198,12 +206,13 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False) -> dict
                     last.update(val)
                 if stage.sample is not None and dist.is_main() and cfg.sample_every and step % cfg.sample_every == 0 and step < total:
                     stage.sample(shipped, step, out)
-                if step % cfg.ckpt_every == 0 or step == total or flag["stop"]:
+                stop = dist.any_rank(flag["stop"] is not None)
+                if step % cfg.ckpt_every == 0 or step == total or stop:
                     if log_file:
                         log_file.flush()
                     save()
-                if flag["stop"]:
-                    progress.console.print(f"{flag['stop']}: saved step {step} to {out}; continue with --resume")
+                if stop:
+                    progress.console.print(f"{flag['stop'] or 'stop'}: saved step {step} to {out}; continue with --resume")
                     last["interrupted"] = True
                     break
             else:

@@ -6,13 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from unclip.data.idx import write_idx
 
-torch.set_num_threads(2)
 
 
 def draw_glyphs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

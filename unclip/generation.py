@@ -11,7 +11,8 @@ import torch
 from unclip.diffusion.sampling import SAMPLERS
 from unclip.errors import UserError
 from unclip.images import grid, save_gif, save_png
-from unclip.pipeline import Pipeline, SamplingOptions, generate
+from unclip.pipeline import Pipeline, SamplingOptions, embed_prompt_or_image, generate, interpolate, vary
+from unclip.zeroshot import load_images
 
 GRID_MAX = 1024  # images on the contact sheet; every sample is written as its own PNG regardless
 GIF_FRAMES = 60
@@ -25,8 +26,16 @@ def slug(prompt: str) -> str:
 def check_request(prompt: str, num_samples: int, options: SamplingOptions) -> None:
     if not prompt.strip():
         raise UserError("--prompt is empty: say what to draw, e.g. --prompt six")
+    check_count(num_samples)
+    check_options(options)
+
+
+def check_count(num_samples: int) -> None:
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+
+
+def check_options(options: SamplingOptions) -> None:
     if options.sampler not in SAMPLERS:
         raise UserError(f"unknown --sampler {options.sampler!r}: use one of {', '.join(SAMPLERS)}")
     if options.steps < 1:
@@ -45,6 +54,17 @@ def writable_folder(out: Path) -> Path:
     return out
 
 
+def load_for_sampling(checkpoints: Path, device: str, options: SamplingOptions) -> Pipeline:
+    pipe = Pipeline.load(checkpoints, device)
+    if options.steps > len(pipe.decoder.ac):
+        raise UserError(f"--steps {options.steps} is more than the {len(pipe.decoder.ac)} diffusion steps of the model")
+    return pipe
+
+
+def chain_length(pipe: Pipeline, options: SamplingOptions) -> int:
+    return len(pipe.decoder.ac) if options.sampler == "ddpm" else options.steps
+
+
 def generate_to_folder(prompt: str, num_samples: int, checkpoints: Path, out: Optional[Path], options: SamplingOptions,
                        seed: int = 0, batch_size: int = 64, device: str = "auto", animate: bool = False,
                        progress: Optional[Callable[[int], Callable[[], None]]] = None) -> Path:
@@ -53,12 +73,9 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: Path, out: Op
     `progress(total_steps)` may return a function called after every sampling step.
     """
     check_request(prompt, num_samples, options)
-    pipe = Pipeline.load(checkpoints, device)
-    if options.steps > len(pipe.decoder.ac):
-        raise UserError(f"--steps {options.steps} is more than the {len(pipe.decoder.ac)} diffusion steps of the model")
+    pipe = load_for_sampling(checkpoints, device, options)
     out = writable_folder(Path(out) if out else Path("outputs") / slug(prompt))
-    steps = len(pipe.decoder.ac) if options.sampler == "ddpm" else options.steps
-    on_step = progress(steps * -(-num_samples // batch_size)) if progress else None
+    on_step = progress(chain_length(pipe, options) * -(-num_samples // batch_size)) if progress else None
     kept: list[torch.Tensor] = []
 
     def on_batch(start: int, images: torch.Tensor) -> None:
@@ -74,4 +91,41 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: Path, out: Op
         stride = max(1, len(chain) // GIF_FRAMES)
         frames = chain[::stride] if (len(chain) - 1) % stride == 0 else chain[::stride] + chain[-1:]
         save_gif([grid(f) for f in frames], out / "denoise.gif", scale=2)
+    return out
+
+
+def vary_to_folder(image: Path, num_samples: int, checkpoints: Path, out: Optional[Path], options: SamplingOptions,
+                   seed: int = 0, device: str = "auto", batch_size: int = 64,
+                   progress: Optional[Callable[[int], Callable[[], None]]] = None) -> Path:
+    """Write variations of `image` as OUT/0000.png ... and OUT/grid.png (the source first)."""
+    check_count(num_samples)
+    check_options(options)
+    pipe = load_for_sampling(checkpoints, device, options)
+    m = pipe.clip_config.model
+    source = load_images([Path(image)], m.image_channels, m.image_size)[0]
+    out = writable_folder(Path(out) if out else Path("outputs") / f"vary-{slug(Path(image).stem)}")
+    on_step = progress(chain_length(pipe, options) * -(-num_samples // batch_size)) if progress else None
+    images = vary(pipe, source, num_samples, options, seed, batch_size, on_step)
+    for i, x in enumerate(images):
+        save_png(x, out / f"{i:04d}.png")
+    save_png(grid(torch.cat([source[None], images])[:GRID_MAX]), out / "grid.png", scale=2)
+    return out
+
+
+def interpolate_to_folder(source: str, target: str, frames: int, checkpoints: Path, out: Optional[Path],
+                          options: SamplingOptions, seed: int = 0, device: str = "auto",
+                          progress: Optional[Callable[[int], Callable[[], None]]] = None) -> Path:
+    """Write OUT/0000.png ... (in order from `source` to `target`), OUT/strip.png and OUT/interpolation.gif."""
+    if frames < 2:
+        raise UserError(f"--frames must be at least 2, got {frames}")
+    check_options(options)
+    pipe = load_for_sampling(checkpoints, device, options)
+    out = writable_folder(Path(out) if out else Path("outputs") / f"{slug(Path(source).stem)}-to-{slug(Path(target).stem)}")
+    a = embed_prompt_or_image(pipe, source, options, seed)
+    b = embed_prompt_or_image(pipe, target, options, seed + 1)
+    images = interpolate(pipe, a, b, frames, options, seed, progress(chain_length(pipe, options)) if progress else None)
+    for i, x in enumerate(images):
+        save_png(x, out / f"{i:04d}.png")
+    save_png(grid(images, ncol=frames), out / "strip.png", scale=2)
+    save_gif(list(images), out / "interpolation.gif", scale=4, ms_per_frame=150)
     return out

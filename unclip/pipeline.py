@@ -7,13 +7,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from PIL import UnidentifiedImageError
 
 from unclip.checkpoint import check_fingerprint, fingerprint, load_checkpoint
 from unclip.config import ClipConfig, DecoderConfig, PriorConfig
-from unclip.data import load_dataset
-from unclip.data.captions import FASHION_NAMES, MNIST_NAMES
-from unclip.data.folder import load_image
 from unclip.diffusion.models import Diffusion
 from unclip.diffusion.sampling import classifier_free_guidance, sample
 from unclip.errors import CheckpointError, UserError
@@ -22,7 +18,7 @@ from unclip.models.clip import CLIP
 from unclip.models.prior import DiffusionPrior
 from unclip.models.unet import UNet
 from unclip.tokenizer import Tokenizer
-from unclip.zeroshot import classify, encode_texts, zero_shot_accuracy
+from unclip.zeroshot import encode_images, encode_texts, load_images
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,48 +34,6 @@ def resolve_device(name: str) -> torch.device:
 def load_clip(folder: Path, device: str = "auto") -> tuple[CLIP, ClipConfig]:
     model, cfg = load_checkpoint(folder, ClipConfig, lambda c: CLIP(c.model))
     return model.to(resolve_device(device)).eval(), cfg
-
-
-def dataset_class_names(spec: str) -> Optional[list[str]]:
-    return {"mnist": [n[0] for n in MNIST_NAMES], "fashion-mnist": [n[0] for n in FASHION_NAMES]}.get(spec)
-
-
-def evaluate_clip(model: CLIP, cfg: ClipConfig, data: str, data_dir: Optional[str | Path], template: str) -> dict:
-    """Zero-shot accuracy of `model` on the test split of a labelled dataset."""
-    test = load_dataset(data, "test", data_dir, cfg.model.image_channels, cfg.model.image_size)
-    if test.labels is None:
-        raise UserError(f"{data} has no class labels to evaluate zero-shot classification on")
-    tokenizer = Tokenizer(cfg.model.text_context)
-    acc, per_class = zero_shot_accuracy(model, tokenizer, test.images, test.labels, test.class_names, template)
-    counts = torch.bincount(test.labels, minlength=len(test.class_names)).tolist()
-    return {"accuracy": acc, "per_class": per_class.tolist(), "class_names": test.class_names, "counts": counts}
-
-
-def load_images(paths: list[Path], channels: int, size: int) -> torch.Tensor:
-    """Image files as uint8 (N, C, size, size); a file that is not an image is a UserError."""
-    out = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise UserError(f"image not found: {path}")
-        try:
-            out.append(load_image(path, channels, size))
-        except (UnidentifiedImageError, OSError, ValueError):
-            raise UserError(f"{path} is not an image this tool can read") from None
-    return torch.stack(out)
-
-
-def classify_files(model: CLIP, cfg: ClipConfig, paths: list[Path], labels: Optional[list[str]], template: str):
-    """For each image file, the labels ranked by probability: [(path, [(label, p), ...]), ...]."""
-    labels = labels or dataset_class_names(cfg.train.data)
-    if not labels:
-        raise UserError("this CLIP was trained on a caption folder: pass the candidate captions with --labels")
-    if "{}" not in template:
-        raise UserError(f"--template {template!r} has no {{}} for the label")
-    images = load_images(paths, cfg.model.image_channels, cfg.model.image_size)
-    probs = classify(model, Tokenizer(cfg.model.text_context), images, labels, template).cpu()
-    return [
-        (path, sorted(zip(labels, p.tolist()), key=lambda lp: -lp[1])) for path, p in zip(paths, probs)
-    ]
 
 
 def load_prior(folder: Path, clip_cfg: ClipConfig, device: torch.device) -> tuple[DiffusionPrior, PriorConfig]:
@@ -211,3 +165,71 @@ def generate(pipe: Pipeline, prompt: str, num_samples: int, options: SamplingOpt
         if on_batch:
             on_batch(start, to_uint8(images))
     return chain
+
+
+@torch.no_grad()
+def prior_cosine(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, images: torch.Tensor, captions: list[str],
+                 sampler: str = "ddim", steps: int = 16, seed: int = 0) -> dict:
+    """How well the prior does its job: the mean cosine similarity between the embedding it samples for a
+    caption and the true CLIP embedding of that caption's image, next to the same for the caption's own
+    text embedding (the baseline a prior must beat; DALL-E 2 sec. 5.1)."""
+    device = next(clip.parameters()).device
+    true = encode_images(clip, images).to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    sampled = sample_image_embeddings(clip, tokenizer, prior, captions, sampler, steps, 1.0, generator, 1)
+    text = F.normalize(text_condition(clip, tokenizer, captions)[0], dim=-1)
+    return {"prior_cosine": (sampled * true).sum(-1).mean().item(), "text_cosine": (text * true).sum(-1).mean().item()}
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between unit vectors a and b (D,) at fractions alpha (K,) -> (K, D) (Shoemake 1985)."""
+    omega = torch.arccos((a * b).sum().clamp(-1, 1))
+    alpha = alpha[:, None]
+    if omega < 1e-4:  # (nearly) the same direction: the chord is the arc
+        return F.normalize((1 - alpha) * a + alpha * b, dim=-1)
+    return (torch.sin((1 - alpha) * omega) * a + torch.sin(alpha * omega) * b) / torch.sin(omega)
+
+
+@torch.no_grad()
+def vary(pipe: Pipeline, image: torch.Tensor, num_samples: int, options: SamplingOptions, seed: int = 0,
+         batch_size: int = 64, on_step=None) -> torch.Tensor:
+    """Variations of one uint8 image (C, H, W): decode its CLIP image embedding from fresh noise (DALL-E 2 sec. 3.1)."""
+    emb = encode_images(pipe.clip, image[None])
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    out = []
+    for start in range(0, num_samples, batch_size):
+        b = min(batch_size, num_samples - start)
+        x = decode(pipe.decoder, pipe.decoder_config, emb.expand(b, -1), options.sampler, options.steps,
+                   options.guidance, generator, callback=(lambda *_: on_step()) if on_step else None)
+        out.append(to_uint8(x))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def interpolate(pipe: Pipeline, a: torch.Tensor, b: torch.Tensor, frames: int, options: SamplingOptions,
+                seed: int = 0, on_step=None) -> torch.Tensor:
+    """Decode `frames` points on the arc between unit image embeddings a and b (D,), every frame from the same
+    starting noise so that only the content moves (DALL-E 2 sec. 3.2). Returns uint8 (frames, C, H, W)."""
+    emb = slerp(a, b, torch.linspace(0, 1, frames, device=a.device))
+    m = pipe.decoder_config.model
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    noise = torch.randn((1, m.image_channels, m.image_size, m.image_size), generator=generator, device=pipe.device)
+    x = decode(pipe.decoder, pipe.decoder_config, emb, options.sampler, options.steps, options.guidance, generator,
+               callback=(lambda *_: on_step()) if on_step else None, noise=noise.expand(frames, -1, -1, -1).clone())
+    return to_uint8(x)
+
+
+def embed_prompt_or_image(pipe: Pipeline, source: str, options: SamplingOptions, seed: int = 0) -> torch.Tensor:
+    """A unit CLIP image embedding (D,) for a prompt (through the prior) or the path of an image file."""
+    path = Path(source)
+    if path.suffix.lower() in IMAGE_SUFFIXES or path.is_file():
+        image = load_images([path], pipe.clip_config.model.image_channels, pipe.clip_config.model.image_size)
+        return encode_images(pipe.clip, image)[0]
+    if not source.strip():
+        raise UserError("an empty prompt: give a caption or the path of an image")
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    return sample_image_embeddings(pipe.clip, pipe.tokenizer, pipe.prior, [source], options.sampler, options.steps,
+                                   options.prior_guidance, generator, options.prior_candidates)[0]
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

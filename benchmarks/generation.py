@@ -1,0 +1,173 @@
+"""Does the pipeline draw the right digit? Judge generated samples with an independent classifier.
+
+    python benchmarks/generation.py --data-dir ../shared/data/mnist            # shipped weights
+    python benchmarks/generation.py --checkpoints runs/fast --no-sweep --no-timing
+
+Reports, for the default sampling settings of `t2i generate`: per-prompt and mean accuracy for the
+prompts "zero" ... "nine"; the Frechet distance between generated and real test images in the
+judge's feature space, next to the floor (real training images vs the same test images); a
+diversity ratio (mean pairwise feature distance within a prompt over the same for real digits of
+that class: 1 is as varied as real data, 0 is ten copies of one image); the prior's cosine
+similarity against the text-embedding baseline; the wall time of `t2i generate --prompt six
+--num-samples 64`; and a sweep over samplers, steps and guidance. Writes `OUT/generation.md`,
+`OUT/generation.json` and `OUT/digits.png` (ten samples of each digit).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.judge import diversity, features_and_logits, frechet_distance, load_judge  # noqa: E402
+from unclip.data import load_dataset  # noqa: E402
+from unclip.images import grid, save_png  # noqa: E402
+from unclip.pipeline import Pipeline, SamplingOptions, generate, prior_cosine  # noqa: E402
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def draw(pipe: Pipeline, options: SamplingOptions, per_prompt: int, seed: int, batch_size: int = 100) -> torch.Tensor:
+    """uint8 (10, per_prompt, C, H, W): samples for each digit prompt."""
+    out = []
+    for k, word in enumerate(DIGITS):
+        images: list[torch.Tensor] = []
+        generate(pipe, word, per_prompt, options, seed + k, batch_size, on_batch=lambda s, x: images.append(x))
+        out.append(torch.cat(images))
+    return torch.stack(out)
+
+
+def judge_samples(judge, samples: torch.Tensor) -> dict:
+    feats, logits = features_and_logits(judge, samples.flatten(0, 1))
+    pred = logits.argmax(-1).view(samples.shape[:2])
+    per_prompt = (pred == torch.arange(10)[:, None]).float().mean(1)
+    return {"per_prompt": per_prompt.tolist(), "accuracy": per_prompt.mean().item(), "features": feats}
+
+
+def timing(checkpoints: Path, runs: int = 3) -> list[float]:
+    """Wall seconds of `t2i generate --prompt six --num-samples 64`, from process start to exit."""
+    t2i = Path(sys.executable).parent / "t2i"
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(runs):
+            start = time.perf_counter()
+            subprocess.run([str(t2i), "generate", "--prompt", "six", "--num-samples", "64", "--checkpoints",
+                            str(checkpoints), "--out", tmp], check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints" / "mnist")
+    ap.add_argument("--data-dir", default=None, help="folder of the MNIST IDX files")
+    ap.add_argument("--per-prompt", type=int, default=100)
+    ap.add_argument("--sweep-per-prompt", type=int, default=30)
+    ap.add_argument("--ddpm-per-prompt", type=int, default=20, help="1000-step DDPM is slow: fewer samples")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(0)
+
+    judge = load_judge(args.data_dir)
+    pipe = Pipeline.load(args.checkpoints, "cpu")
+    defaults = SamplingOptions()
+    report: dict = {"checkpoints": str(args.checkpoints), "defaults": vars(defaults)}
+
+    start = time.perf_counter()
+    samples = draw(pipe, defaults, args.per_prompt, args.seed)
+    report["sampling_seconds"] = time.perf_counter() - start
+    main_result = judge_samples(judge, samples)
+    n = samples.shape[0] * samples.shape[1]
+    test = load_dataset("mnist", "test", args.data_dir)
+    train = load_dataset("mnist", "train", args.data_dir, val_size=0)
+    g = torch.Generator().manual_seed(0)
+    test_idx = torch.randperm(len(test), generator=g)[:n]
+    train_idx = torch.randperm(len(train), generator=g)[:n]
+    test_feats, _ = features_and_logits(judge, test.images[test_idx])
+    train_feats, _ = features_and_logits(judge, train.images[train_idx])
+    gen_feats = main_result.pop("features")
+    report["default"] = main_result
+    report["frechet"] = frechet_distance(gen_feats, test_feats)
+    report["frechet_floor"] = frechet_distance(train_feats, test_feats)
+    labels = test.labels[test_idx]
+    per_prompt = gen_feats.view(10, -1, gen_feats.shape[-1])
+    report["diversity_ratio"] = statistics.mean(
+        diversity(per_prompt[k]) / diversity(test_feats[labels == k]) for k in range(10))
+    save_png(grid(samples[:, :10].flatten(0, 1), ncol=10), args.out / "digits.png", scale=2)
+
+    cap_idx = torch.arange(1000)
+    captions = test.captions(cap_idx, torch.Generator().manual_seed(0))
+    report["prior"] = prior_cosine(pipe.clip, pipe.tokenizer, pipe.prior, test.images[cap_idx], captions)
+
+    if not args.no_timing:
+        report["generate_six_64_seconds"] = timing(args.checkpoints)
+
+    if not args.no_sweep:
+        rows = []
+        grid_points = [("ddpm", 1000, defaults.guidance)] + [
+            (s, k, defaults.guidance) for s, ks in (("ddim", (10, 20, 50)), ("dpmpp", (8, 10, 15, 20, 25))) for k in ks
+        ] + [(defaults.sampler, defaults.steps, w) for w in (1.0, 2.0, 3.0, 5.0) if w != defaults.guidance]
+        for sampler, steps, guidance in grid_points:
+            options = SamplingOptions(sampler=sampler, steps=steps, guidance=guidance)
+            per = args.ddpm_per_prompt if sampler == "ddpm" else args.sweep_per_prompt
+            t0 = time.perf_counter()
+            result = judge_samples(judge, draw(pipe, options, per, args.seed))
+            seconds = time.perf_counter() - t0
+            rows.append({"sampler": sampler, "steps": steps, "guidance": guidance, "samples": 10 * per,
+                         "accuracy": result["accuracy"], "min_prompt": min(result["per_prompt"]),
+                         "seconds_per_64": seconds / (10 * per) * 64})
+            logging.info("%s", rows[-1])
+        report["sweep"] = rows
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "generation.json").write_text(json.dumps(report, indent=2))
+    (args.out / "generation.md").write_text(markdown(report, args))
+    print((args.out / "generation.md").read_text())
+
+
+def markdown(r: dict, args) -> str:
+    d = r["defaults"]
+    lines = [
+        f"Defaults: sampler {d['sampler']}, {d['steps']} steps, guidance {d['guidance']}, "
+        f"prior guidance {d['prior_guidance']}, {d['prior_candidates']} prior candidates; {args.per_prompt} samples a prompt.",
+        "",
+        "| prompt | " + " | ".join(DIGITS) + " | mean |",
+        "| --- | " + " | ".join("---" for _ in DIGITS) + " | --- |",
+        "| accuracy | " + " | ".join(f"{a:.2f}" for a in r["default"]["per_prompt"]) + f" | **{r['default']['accuracy']:.4f}** |",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        f"| Frechet distance, generated vs real test (judge features) | {r['frechet']:.2f} |",
+        f"| floor: real train vs real test, same count | {r['frechet_floor']:.2f} |",
+        f"| ratio to the floor | {r['frechet'] / r['frechet_floor']:.2f} |",
+        f"| diversity ratio (generated / real, within a digit) | {r['diversity_ratio']:.3f} |",
+        f"| prior: cosine(sampled, true image embedding) | {r['prior']['prior_cosine']:.4f} |",
+        f"| baseline: cosine(text embedding, true image embedding) | {r['prior']['text_cosine']:.4f} |",
+    ]
+    if "generate_six_64_seconds" in r:
+        t = r["generate_six_64_seconds"]
+        lines.append(f"| `t2i generate --prompt six --num-samples 64`, wall s (median of {len(t)}) | {statistics.median(t):.2f} |")
+    if "sweep" in r:
+        lines += ["", "| sampler | steps | guidance | samples | accuracy | worst prompt | s per 64 images |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {x['sampler']} | {x['steps']} | {x['guidance']} | {x['samples']} | {x['accuracy']:.4f} | "
+                  f"{x['min_prompt']:.2f} | {x['seconds_per_64']:.2f} |" for x in r["sweep"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""torchrun-style data parallel training on CPU (gloo): two processes behave like one with the whole batch."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as td
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from stages import distributed as dist
+from unclip.models.clip import contrastive_loss
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+class TwoTowers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4)
+
+    def forward(self, x, y):
+        return F.normalize(self.image(x), dim=-1), F.normalize(self.text(y), dim=-1)
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 3, 3])
+
+
+def loss_worker(rank: int, world: int, port: int, out: str) -> None:
+    join(rank, world, port)
+    td.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(TwoTowers())
+    x, y, groups = batch()
+    part = slice(rank * 4, rank * 4 + 4)
+    img, txt = model(x[part], y[part])
+    loss = contrastive_loss(dist.all_gather_with_grad(img), dist.all_gather_with_grad(txt), torch.tensor(5.0),
+                            dist.all_gather(groups[part]))
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]}, Path(out) / f"{rank}.pt")
+    td.destroy_process_group()
+
+
+def test_gathered_loss_and_gradients_match_one_process(tmp_path):
+    mp.spawn(loss_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    model = TwoTowers()
+    x, y, groups = batch()
+    loss = contrastive_loss(*model(x, y), torch.tensor(5.0), groups)
+    loss.backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        torch.testing.assert_close(got["loss"], loss.detach())
+        for a, b in zip(got["grads"], model.parameters()):
+            torch.testing.assert_close(a, b.grad, atol=1e-6, rtol=1e-5)
+
+
+def train_worker(rank: int, world: int, port: int, kind: str, pipeline: str, mnist_dir: str, out: str) -> None:
+    join(rank, world, port)
+    from stages.clip import clip_stage
+    from stages.decoder import decoder_stage
+    from stages.frozen_clip import FrozenClip
+    from stages.prior import prior_stage
+    from stages.trainer import fit
+    from tests.conftest import TINY
+    from unclip.config import ClipConfig, DecoderConfig, PriorConfig, TrainConfig, merge
+
+    steps = {"train": {"max_steps": 4, "batch_size": 40, "data_dir": mnist_dir, "ckpt_every": 2}}
+    if kind == "clip":
+        stage = clip_stage(merge(merge(ClipConfig(), TINY["clip"]), steps))
+    else:
+        frozen = FrozenClip.load(Path(pipeline) / "clip", TrainConfig(data_dir=mnist_dir, val_size=100))
+        cls, build = (PriorConfig, prior_stage) if kind == "prior" else (DecoderConfig, decoder_stage)
+        stage = build(merge(merge(cls(), TINY[kind]), steps), frozen)
+    fit(stage, stage.config.train, Path(out) / "run")
+    torch.save(stage.model.state_dict(), Path(out) / f"rank{rank}.pt")
+    td.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["clip", "prior", "decoder"])
+def test_two_processes_train_in_lockstep_and_write_one_checkpoint(kind, tiny_pipeline, mnist_dir, tmp_path):
+    mp.spawn(train_worker, args=(2, free_port(), kind, str(tiny_pipeline), str(mnist_dir), str(tmp_path)), nprocs=2)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    run = tmp_path / "run"
+    names = sorted(p.name for p in run.iterdir() if p.is_file())
+    assert names == ["config.yaml", "metrics.jsonl", "model.safetensors", "train_state.pt"]
+    steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 4  # rank 0 alone logs

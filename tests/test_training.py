@@ -1,0 +1,107 @@
+"""Training never loses progress: interrupt and resume is exact, a NaN stops cleanly, files stay whole."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages.frozen_clip import FrozenClip
+from stages.decoder import decoder_stage
+from stages.prior import prior_stage
+from stages.trainer import TrainingError, fit
+from unclip.config import DecoderConfig, PriorConfig, TrainConfig, merge
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def steps_logged(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(mnist_dir, tiny_config, tmp_path):
+    """A real process, killed with SIGTERM mid-run and resumed, ends with the uninterrupted run's weights."""
+    base = [sys.executable, "-m", "cli", "clip-train", "--config", str(tiny_config), "--data-dir", str(mnist_dir),
+            "--max-steps", "40"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*base, "--out", str(tmp_path / "whole")], cwd=ROOT, env=env, check=True, capture_output=True)
+
+    run = tmp_path / "cut"
+    proc = subprocess.Popen([*base, "--out", str(run)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (run / "train_state.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # the first checkpoint (step 20) proves training is under way
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, output
+    stopped_at = torch.load(run / "train_state.pt", weights_only=False)["step"]
+    assert 20 <= stopped_at < 40 and "--resume" in output
+    subprocess.run([*base, "--out", str(run), "--resume"], cwd=ROOT, env=env, check=True, capture_output=True)
+    assert_same_weights(tmp_path / "whole", run)
+    assert steps_logged(run) == list(range(1, 41))  # every step once
+
+
+def interrupt_at(stage, step: int):
+    """Wrap a stage's loss so that the process receives SIGTERM during `step`."""
+    inner = stage.loss
+
+    def loss(idx, s, module):
+        if s == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return inner(idx, s, module)
+
+    stage.loss = loss
+    return stage
+
+
+@pytest.fixture(scope="module")
+def frozen(tiny_pipeline, mnist_dir) -> FrozenClip:
+    return FrozenClip.load(tiny_pipeline / "clip", TrainConfig(data_dir=str(mnist_dir), val_size=100))
+
+
+@pytest.mark.parametrize("kind", ["prior", "decoder"])
+def test_in_process_interrupt_and_resume_is_exact_with_ema_and_noise(frozen, tmp_path, kind):
+    def make():
+        if kind == "prior":
+            return prior_stage(merge(PriorConfig(), TINY["prior"]), frozen)
+        return decoder_stage(merge(DecoderConfig(), TINY["decoder"]), frozen)
+
+    whole = make()
+    fit(whole, whole.config.train, tmp_path / "whole")
+    cut = interrupt_at(make(), 5)
+    last = fit(cut, cut.config.train, tmp_path / "cut")
+    assert last["interrupted"] and last["step"] == 6
+    resumed = make()
+    fit(resumed, resumed.config.train, tmp_path / "cut", resume=True)
+    assert_same_weights(tmp_path / "whole", tmp_path / "cut")
+    state_a = torch.load(tmp_path / "whole" / "train_state.pt", weights_only=False)
+    state_b = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)
+    for k in state_a["model"]:
+        torch.testing.assert_close(state_a["model"][k], state_b["model"][k], atol=1e-5, rtol=0)
+    assert steps_logged(tmp_path / "cut") == list(range(1, 9))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(frozen, tmp_path):
+    stage = prior_stage(merge(PriorConfig(), TINY["prior"]), frozen)
+    inner = stage.loss
+    stage.loss = lambda idx, s, m: (inner(idx, s, m)[0] * (float("nan") if s == 6 else 1.0), {})
+    with pytest.raises(TrainingError, match="at step 6"):
+        fit(stage, stage.config.train, tmp_path)
+    assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == 4  # ckpt_every 4
+    assert (tmp_path / "model.safetensors").exists()
