@@ -107,13 +107,14 @@ def clip_train(
 ) -> None:
     """Stage one: train CLIP contrastively on captioned images."""
     from stages.clip import train_clip
+    from stages.distributed import is_main
     from unclip.config import ClipConfig, load_config, merge
 
     cfg = merge(load_config(ClipConfig, config), train_overrides(
         data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
         seed=seed, device=device))
     last = train_clip(cfg, out, resume)
-    if not last.get("interrupted"):
+    if not last.get("interrupted") and is_main():
         console.print(f"CLIP saved to {out}" + (f" (val zero-shot {last['val_zero_shot']:.4f})" if "val_zero_shot" in last else ""))
 
 
@@ -171,12 +172,13 @@ def decoder_train(
     seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False,
 ) -> None:
     """Stage two: train the diffusion prior and/or the decoder against a frozen CLIP."""
+    from stages.distributed import is_main
     from stages.stage_two import train_stage_two
 
     flags = train_overrides(data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps,
                             batch_size=batch_size, lr=lr, seed=seed, device=device)
     stages = ["prior", "decoder"] if stage == StageChoice.both else [stage.value]
-    if train_stage_two(clip, config, flags, out, stages, resume):
+    if train_stage_two(clip, config, flags, out, stages, resume) and is_main():
         console.print(f"pipeline saved to {out} (generate with: t2i generate --checkpoints {out} --prompt ...)")
 
 

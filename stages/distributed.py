@@ -81,10 +81,22 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from every rank along dim 0, keeping the gradient path (open_clip's gather_with_grad)."""
-    if world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient over ranks and returns this rank's slice."""
 
-    return torch.cat(all_gather(x), dim=0)
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        td.all_reduce(grad)
+        n = grad.shape[0] // world_size()
+        return grad[rank() * n : (rank() + 1) * n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (same shape on every rank) from every rank along dim 0, keeping the gradient path
+    (open_clip's gather_with_grad): every rank then computes the loss of the global batch."""
+    return x if world_size() == 1 else _AllGatherWithGrad.apply(x)
