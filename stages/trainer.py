@@ -114,113 +114,130 @@ def _rewind_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+class Run:
+    """The state of one training run: weights, EMA, optimizer, step; saved and restored as one."""
+
+    def __init__(self, stage: Stage, cfg: TrainConfig, out: Path):
+        self.stage, self.cfg, self.out = stage, cfg, Path(out)
+        self.device = resolve_device(cfg.device)
+        self.model = stage.model
+        self.ddp_model = dist.wrap(self.model, self.device)  # DDP broadcasts rank 0's initial weights
+        self.params = stage.parameters if stage.parameters is not None else [
+            p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+        self.shipped = self.ema if self.ema is not None else self.model  # what `model.safetensors` holds
+        self.step, self.saved_step = 0, None
+        torch.manual_seed(cfg.seed + dist.rank())
+
+    def restore(self) -> None:
+        path = self.out / STATE_FILE
+        if not path.exists():
+            raise UserError(f"--resume: no {STATE_FILE} in {self.out} to resume from")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step = self.saved_step = state["step"]
+        torch.set_rng_state(state["rng"][dist.rank()])
+        if dist.is_main():
+            _rewind_metrics(self.out / METRICS_FILE, self.step)
+
+    def save(self) -> None:
+        """Every rank calls this (it holds collectives); rank 0 writes."""
+        dist.broadcast_buffers(self.model)  # what rank 0 saves is what every rank holds
+        rngs = dist.gather_objects(torch.get_rng_state())
+        self.saved_step = self.step
+        if not dist.is_main():
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "rng": rngs, "ema": self.ema.state_dict() if self.ema is not None else None}
+        atomic_write(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        save_checkpoint(self.out, self.shipped, self.stage.config, dtype=self.stage.save_dtype)
+
+    def train_step(self, idx: torch.Tensor, total: int) -> dict:
+        """One optimisation step on the examples `idx`; returns the step's metrics."""
+        cfg, lr = self.cfg, lr_at(self.step, total, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss, metrics = self.stage.loss(idx, self.step, self.ddp_model)
+        value = dist.mean(loss.detach()).item()  # the same on every rank, so all stop together
+        if not math.isfinite(value):
+            kept = (f"the checkpoint of step {self.saved_step} in {self.out} is intact" if self.saved_step is not None
+                    else "no checkpoint had been written yet")
+            raise TrainingError(f"{self.stage.name}: the loss became {value} at step {self.step}; stopped, "
+                                f"{kept} (try a lower --lr)")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        self.optimizer.step()
+        self.step += 1
+        if self.ema is not None:
+            ema_update(self.ema, self.model, min(cfg.ema_decay, (1 + self.step) / (10 + self.step)))
+        out = {"step": self.step, "lr": lr, "loss": value, **metrics}
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        return out
+
+
 def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
-    """Train `stage` into the folder `out`; return the last logged metrics."""
-    device = resolve_device(cfg.device)
-    out = Path(out)
-    model = stage.model
-    ddp_model = dist.wrap(model, device)
-    params = stage.parameters if stage.parameters is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
-    world, rank = dist.world_size(), dist.rank()
-    batch = cfg.batch_size // world
-    if batch * world != cfg.batch_size:
+    """Train `stage` into the folder `out`; return the last logged metrics (with "interrupted" if stopped)."""
+    run = Run(stage, cfg, out)
+    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
+    per_rank = cfg.batch_size // world
+    if per_rank * world != cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     steps_per_epoch = stage.num_examples // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{stage.num_examples} training examples is fewer than one batch ({cfg.batch_size}); lower --batch-size")
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    step = 0
-    state_path = out / STATE_FILE
-    torch.manual_seed(cfg.seed + rank)
     if resume:
-        if not state_path.exists():
-            raise UserError(f"--resume: no {STATE_FILE} in {out} to resume from")
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        step = state["step"]
-        torch.set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
-        if dist.is_main():
-            _rewind_metrics(out / METRICS_FILE, step)
-    shipped = ema if ema is not None else model
-
-    def save() -> None:
-        dist.broadcast_buffers(model)  # what rank 0 saves is what every rank holds
-        rngs = dist.gather_objects(torch.get_rng_state())
-        if not dist.is_main():
-            return
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rngs,
-                 "ema": ema.state_dict() if ema is not None else None}
-        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-        save_checkpoint(out, shipped, stage.config, dtype=stage.save_dtype)
-
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / METRICS_FILE, "a") if dist.is_main() else None
+        run.restore()
+    if main:
+        run.out.mkdir(parents=True, exist_ok=True)
+    log = open(run.out / METRICS_FILE, "a") if main else None
     last: dict = {}
     order, order_epoch = None, -1
-    t0, step0 = time.perf_counter(), step
+    t0, step0 = time.perf_counter(), run.step
     try:
         with stop_on_signals() as flag, _progress() as progress:
-            task = progress.add_task(stage.name, total=total, completed=step, stats="", speed="")
-            while step < total:
-                epoch, pos = divmod(step, steps_per_epoch)
+            task = progress.add_task(stage.name, total=total, completed=run.step, stats="", speed="")
+            while run.step < total:
+                epoch, pos = divmod(run.step, steps_per_epoch)
                 if epoch != order_epoch:
                     order, order_epoch = epoch_order(cfg.seed, epoch, stage.num_examples), epoch
-                idx = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size][rank * batch : (rank + 1) * batch]
-                lr = lr_at(step, total, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                model.train()
-                loss, metrics = stage.loss(idx, step, ddp_model)
-                loss_value = dist.mean(loss.detach()).item()
-                if not math.isfinite(loss_value):
-                    raise TrainingError(
-                        f"{stage.name}: the loss became {loss_value} at step {step}; stopped, the checkpoint of "
-                        f"step {(step // cfg.ckpt_every) * cfg.ckpt_every} in {out} is intact (try a lower --lr)"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-                optimizer.step()
-                step += 1
-                if ema is not None:
-                    ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-                last = {"step": step, "epoch": epoch, "lr": lr, "loss": loss_value, **metrics}
-                if grad_norm is not None:
-                    last["grad_norm"] = float(grad_norm)
-                if log_file:
-                    log_file.write(json.dumps(last) + "\n")
-                rate = (step - step0) / (time.perf_counter() - t0)
+                idx = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size][rank * per_rank : (rank + 1) * per_rank]
+                last = {**run.train_step(idx, total), "epoch": epoch}
+                if log:
+                    log.write(json.dumps(last) + "\n")
                 stats = "  ".join(f"{k} {last[k]:.4g}" for k in stage.metrics_shown if k in last)
-                progress.update(task, completed=step, stats=stats, speed=f"{rate:.1f} it/s")
-                if step % steps_per_epoch == 0 and stage.validate is not None and dist.is_main():
-                    val = {"step": step, "epoch": epoch, **stage.validate(shipped)}
-                    log_file.write(json.dumps(val) + "\n")
+                speed = f"{(run.step - step0) / (time.perf_counter() - t0):.1f} it/s"
+                progress.update(task, completed=run.step, stats=stats, speed=speed)
+                if main and stage.validate is not None and run.step % steps_per_epoch == 0:
+                    val = {"step": run.step, "epoch": epoch, **stage.validate(run.shipped)}
+                    log.write(json.dumps(val) + "\n")
                     progress.console.print(f"{stage.name} epoch {epoch}: " + "  ".join(
                         f"{k} {v:.4f}" for k, v in val.items() if k not in ("step", "epoch")))
                     last.update(val)
-                if stage.sample is not None and dist.is_main() and cfg.sample_every and step % cfg.sample_every == 0 and step < total:
-                    stage.sample(shipped, step, out)
+                if main and stage.sample is not None and cfg.sample_every and run.step % cfg.sample_every == 0 \
+                        and run.step < total:
+                    stage.sample(run.shipped, run.step, run.out)
                 stop = dist.any_rank(flag["stop"] is not None)
-                if step % cfg.ckpt_every == 0 or step == total or stop:
-                    if log_file:
-                        log_file.flush()
-                    save()
+                if run.step % cfg.ckpt_every == 0 or run.step == total or stop:
+                    if log:
+                        log.flush()
+                    run.save()
                 if stop:
-                    progress.console.print(f"{flag['stop'] or 'stop'}: saved step {step} to {out}; continue with --resume")
-                    last["interrupted"] = True
-                    break
-            else:
-                if step == step0 and dist.is_main():
-                    save()  # resumed a finished run: make sure the shippable weights exist
-        if stage.sample is not None and dist.is_main() and not last.get("interrupted"):
-            stage.sample(shipped, step, out)
+                    progress.console.print(f"{flag['stop'] or 'stop'}: saved step {run.step} to {run.out}; "
+                                           "continue with --resume")
+                    return {**last, "interrupted": True}
+        if run.step == step0:
+            run.save()  # resumed a finished run: make sure the shippable weights exist
+        if main and stage.sample is not None:
+            stage.sample(run.shipped, run.step, run.out)
     finally:
-        if log_file:
-            log_file.close()
+        if log:
+            log.close()
     return last

@@ -1,6 +1,7 @@
 """The CLI end to end on a tiny pipeline trained in the test session, and every bad input it must refuse."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -142,3 +143,20 @@ def test_classify_refuses_a_non_image(tiny_pipeline, tmp_path):
 def test_training_refuses_missing_data(tmp_path):
     r = run("clip-train", "--data", "folder:" + str(tmp_path), "--out", tmp_path / "run")
     assert r.exit_code == 1 and "neither metadata.jsonl nor captions.csv" in r.output
+
+
+def test_many_samples_are_drawn_in_batches(tiny_pipeline, tmp_path):
+    r = run("generate", "--checkpoints", tiny_pipeline, "--prompt", "one", "-n", 150, "--batch-size", 64,
+            "--steps", 1, "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert len(list(tmp_path.glob("[0-9][0-9][0-9][0-9].png"))) == 150
+
+
+def test_flags_override_the_config_file_and_the_resolved_config_is_saved(mnist_dir, tiny_config, tmp_path):
+    r = run("clip-train", "--config", tiny_config, "--data-dir", mnist_dir, "--max-steps", 3, "--lr", 0.01,
+            "--batch-size", 50, "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 3 and saved["train"]["lr"] == 0.01 and saved["train"]["batch_size"] == 50
+    assert saved["model"]["text_width"] == 32 and saved["train"]["data_dir"] == str(mnist_dir)  # from the file / flag
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -101,7 +101,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(frozen, tmp_path):
     stage = prior_stage(merge(PriorConfig(), TINY["prior"]), frozen)
     inner = stage.loss
     stage.loss = lambda idx, s, m: (inner(idx, s, m)[0] * (float("nan") if s == 6 else 1.0), {})
-    with pytest.raises(TrainingError, match="at step 6"):
+    with pytest.raises(TrainingError, match="at step 6; stopped, the checkpoint of step 4"):
         fit(stage, stage.config.train, tmp_path)
     assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == 4  # ckpt_every 4
     assert (tmp_path / "model.safetensors").exists()
