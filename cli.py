@@ -182,6 +182,22 @@ def decoder_train(
         console.print(f"pipeline saved to {out} (generate with: t2i generate --checkpoints {out} --prompt ...)")
 
 
+@command("export")
+def export(
+    checkpoints: Annotated[Path, typer.Option("--checkpoints", help="Trained pipeline folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Where the shippable copy goes.")],
+    half: Annotated[bool, typer.Option("--half/--full", help="Store weights in float16 (half the size).")] = True,
+) -> None:
+    """Copy a pipeline's weights and configs (no training state) for shipping, in float16 by default."""
+    import torch
+
+    from unclip.checkpoint import export_pipeline
+
+    export_pipeline(checkpoints, out, torch.float16 if half else None)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    console.print(f"exported {checkpoints} to {out} ({size / 2**20:.1f} MiB)")
+
+
 # Options shared by the sampling commands.
 CheckpointsOpt = Annotated[Path, typer.Option("--checkpoints", help="Pipeline folder with clip/, prior/, decoder/.")]
 SeedSampleOpt = Annotated[int, typer.Option("--seed", help="Same seed, same settings: same images.")]

@@ -160,3 +160,17 @@ def test_flags_override_the_config_file_and_the_resolved_config_is_saved(mnist_d
     assert saved["train"]["max_steps"] == 3 and saved["train"]["lr"] == 0.01 and saved["train"]["batch_size"] == 50
     assert saved["model"]["text_width"] == 32 and saved["train"]["data_dir"] == str(mnist_dir)  # from the file / flag
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_export_stores_half_precision_and_still_generates(tiny_pipeline, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    r = run("export", "--checkpoints", tiny_pipeline, "--out", tmp_path / "ship")
+    assert r.exit_code == 0, r.output
+    for stage in ("clip", "prior", "decoder"):
+        assert sorted(p.name for p in (tmp_path / "ship" / stage).iterdir()) == ["config.yaml", "model.safetensors"]
+        weights = load_file(tmp_path / "ship" / stage / "model.safetensors")
+        assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
+    r = run("generate", "--checkpoints", tmp_path / "ship", "--prompt", "six", "-n", 2, "--steps", 2, "--out", tmp_path / "g")
+    assert r.exit_code == 0, r.output  # the fingerprints still match across precisions

@@ -1,4 +1,4 @@
-"""The saved stages chained: load a pipeline folder, classify, evaluate, generate."""
+"""The saved stages chained: load a pipeline folder; text -> image embedding -> image; variations, interpolation."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.config import DecoderModelConfig
+from unclip.errors import ConfigError
 from unclip.models.layers import TimestepMLP, drop_condition
 
 
@@ -77,7 +78,8 @@ class UNet(nn.Module):
         self.context_in = nn.Linear(embed_dim, cfg.context_tokens * w[-1])
         self.null_cond = nn.Parameter(torch.zeros(embed_dim))
         if cfg.image_size % (cfg.patch * 2 ** (len(w) - 1)):
-            raise ValueError(f"image_size {cfg.image_size} must be divisible by patch * 2^(levels - 1)")
+            raise ConfigError(f"decoder image_size {cfg.image_size} must be divisible by patch * 2^(levels - 1) "
+                              f"= {cfg.patch * 2 ** (len(w) - 1)}")
         pixels = cfg.image_channels * cfg.patch**2
         self.stem = nn.Conv2d(pixels, w[0], 3, padding=1)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
