@@ -47,11 +47,33 @@ def draw(pipe: Pipeline, options: SamplingOptions, per_prompt: int, seed: int, b
     return torch.stack(out)
 
 
-def judge_samples(judge, samples: torch.Tensor) -> dict:
-    feats, logits = features_and_logits(judge, samples.flatten(0, 1))
-    pred = logits.argmax(-1).view(samples.shape[:2])
-    per_prompt = (pred == torch.arange(10)[:, None]).float().mean(1)
-    return {"per_prompt": per_prompt.tolist(), "accuracy": per_prompt.mean().item(), "features": feats}
+class Scorer:
+    """Accuracy, Frechet distance and diversity of generated digits against real ones, in judge features."""
+
+    def __init__(self, judge, data_dir):
+        self.judge = judge
+        self.test = load_dataset("mnist", "test", data_dir)
+        self.train = load_dataset("mnist", "train", data_dir, val_size=0)
+        self.floors: dict[int, float] = {}
+
+    def real(self, data, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+        return features_and_logits(self.judge, data.images[idx])[0], data.labels[idx]
+
+    def __call__(self, samples: torch.Tensor) -> dict:
+        """samples: uint8 (10, per_prompt, C, H, W), row k drawn for the prompt DIGITS[k]."""
+        n = samples.shape[0] * samples.shape[1]
+        feats, logits = features_and_logits(self.judge, samples.flatten(0, 1))
+        per_prompt = (logits.argmax(-1).view(samples.shape[:2]) == torch.arange(10)[:, None]).float().mean(1)
+        test_feats, test_labels = self.real(self.test, n, 0)
+        if n not in self.floors:  # real training images vs the same test images: the best a generator can do
+            self.floors[n] = frechet_distance(self.real(self.train, n, 1)[0], test_feats)
+        per = feats.view(10, -1, feats.shape[-1])
+        return {
+            "per_prompt": per_prompt.tolist(), "accuracy": per_prompt.mean().item(), "min_prompt": per_prompt.min().item(),
+            "frechet": frechet_distance(feats, test_feats), "frechet_floor": self.floors[n],
+            "diversity_ratio": statistics.mean(diversity(per[k]) / diversity(test_feats[test_labels == k]) for k in range(10)),
+        }
 
 
 def timing(checkpoints: Path, runs: int = 3) -> list[float]:
@@ -67,6 +89,11 @@ def timing(checkpoints: Path, runs: int = 3) -> list[float]:
     return times
 
 
+def grid_point(text: str) -> tuple[str, int, float, int]:
+    sampler, steps, guidance, candidates = text.split(":")
+    return sampler, int(steps), float(guidance), int(candidates)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints" / "mnist")
@@ -75,6 +102,7 @@ def main() -> None:
     ap.add_argument("--sweep-per-prompt", type=int, default=30)
     ap.add_argument("--ddpm-per-prompt", type=int, default=20, help="1000-step DDPM is slow: fewer samples")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--grid", type=grid_point, nargs="*", help="sweep only these SAMPLER:STEPS:GUIDANCE:CANDIDATES")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -87,27 +115,13 @@ def main() -> None:
     defaults = SamplingOptions()
     report: dict = {"checkpoints": str(args.checkpoints), "defaults": vars(defaults)}
 
+    score = Scorer(judge, args.data_dir)
     start = time.perf_counter()
     samples = draw(pipe, defaults, args.per_prompt, args.seed)
     report["sampling_seconds"] = time.perf_counter() - start
-    main_result = judge_samples(judge, samples)
-    n = samples.shape[0] * samples.shape[1]
-    test = load_dataset("mnist", "test", args.data_dir)
-    train = load_dataset("mnist", "train", args.data_dir, val_size=0)
-    g = torch.Generator().manual_seed(0)
-    test_idx = torch.randperm(len(test), generator=g)[:n]
-    train_idx = torch.randperm(len(train), generator=g)[:n]
-    test_feats, _ = features_and_logits(judge, test.images[test_idx])
-    train_feats, _ = features_and_logits(judge, train.images[train_idx])
-    gen_feats = main_result.pop("features")
-    report["default"] = main_result
-    report["frechet"] = frechet_distance(gen_feats, test_feats)
-    report["frechet_floor"] = frechet_distance(train_feats, test_feats)
-    labels = test.labels[test_idx]
-    per_prompt = gen_feats.view(10, -1, gen_feats.shape[-1])
-    report["diversity_ratio"] = statistics.mean(
-        diversity(per_prompt[k]) / diversity(test_feats[labels == k]) for k in range(10))
+    report["default"] = score(samples)
     save_png(grid(samples[:, :10].flatten(0, 1), ncol=10), args.out / "digits.png", scale=2)
+    test = score.test
 
     cap_idx = torch.arange(1000)
     captions = test.captions(cap_idx, torch.Generator().manual_seed(0))
@@ -118,18 +132,20 @@ def main() -> None:
 
     if not args.no_sweep:
         rows = []
-        grid_points = [("ddpm", 1000, defaults.guidance)] + [
-            (s, k, defaults.guidance) for s, ks in (("ddim", (10, 20, 50)), ("dpmpp", (8, 10, 15, 20, 25))) for k in ks
-        ] + [(defaults.sampler, defaults.steps, w) for w in (1.0, 2.0, 3.0, 5.0) if w != defaults.guidance]
-        for sampler, steps, guidance in grid_points:
-            options = SamplingOptions(sampler=sampler, steps=steps, guidance=guidance)
+        d = defaults
+        grid_points = args.grid or [("ddpm", 1000, d.guidance, d.prior_candidates)] + [
+            (s, k, d.guidance, d.prior_candidates) for s, ks in (("ddim", (10, 20, 50)), ("dpmpp", (8, 10, 15, 20, 25)))
+            for k in ks
+        ] + [(d.sampler, d.steps, w, c) for w in (1.0, 1.5, 2.0, 3.0) for c in (1, 2)
+             if (w, c) != (d.guidance, d.prior_candidates)]
+        for sampler, steps, guidance, candidates in grid_points:
+            options = SamplingOptions(sampler=sampler, steps=steps, guidance=guidance, prior_candidates=candidates)
             per = args.ddpm_per_prompt if sampler == "ddpm" else args.sweep_per_prompt
             t0 = time.perf_counter()
-            result = judge_samples(judge, draw(pipe, options, per, args.seed))
+            result = score(draw(pipe, options, per, args.seed))
             seconds = time.perf_counter() - t0
-            rows.append({"sampler": sampler, "steps": steps, "guidance": guidance, "samples": 10 * per,
-                         "accuracy": result["accuracy"], "min_prompt": min(result["per_prompt"]),
-                         "seconds_per_64": seconds / (10 * per) * 64})
+            rows.append({"sampler": sampler, "steps": steps, "guidance": guidance, "candidates": candidates,
+                         "samples": 10 * per, **result, "seconds_per_64": seconds / (10 * per) * 64})
             logging.info("%s", rows[-1])
         report["sweep"] = rows
 
@@ -151,10 +167,10 @@ def markdown(r: dict, args) -> str:
         "",
         "| figure | value |",
         "| --- | --- |",
-        f"| Frechet distance, generated vs real test (judge features) | {r['frechet']:.2f} |",
-        f"| floor: real train vs real test, same count | {r['frechet_floor']:.2f} |",
-        f"| ratio to the floor | {r['frechet'] / r['frechet_floor']:.2f} |",
-        f"| diversity ratio (generated / real, within a digit) | {r['diversity_ratio']:.3f} |",
+        f"| Frechet distance, generated vs real test (judge features) | {r['default']['frechet']:.2f} |",
+        f"| floor: real train vs real test, same count | {r['default']['frechet_floor']:.2f} |",
+        f"| ratio to the floor | {r['default']['frechet'] / r['default']['frechet_floor']:.2f} |",
+        f"| diversity ratio (generated / real, within a digit) | {r['default']['diversity_ratio']:.3f} |",
         f"| prior: cosine(sampled, true image embedding) | {r['prior']['prior_cosine']:.4f} |",
         f"| baseline: cosine(text embedding, true image embedding) | {r['prior']['text_cosine']:.4f} |",
     ]
@@ -162,10 +178,11 @@ def markdown(r: dict, args) -> str:
         t = r["generate_six_64_seconds"]
         lines.append(f"| `t2i generate --prompt six --num-samples 64`, wall s (median of {len(t)}) | {statistics.median(t):.2f} |")
     if "sweep" in r:
-        lines += ["", "| sampler | steps | guidance | samples | accuracy | worst prompt | s per 64 images |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {x['sampler']} | {x['steps']} | {x['guidance']} | {x['samples']} | {x['accuracy']:.4f} | "
-                  f"{x['min_prompt']:.2f} | {x['seconds_per_64']:.2f} |" for x in r["sweep"]]
+        lines += ["", "| sampler | steps | guidance | prior candidates | samples | accuracy | worst prompt | "
+                  "Frechet / floor | diversity ratio | s per 64 images |", "| --- " * 10 + "|"]
+        lines += [f"| {x['sampler']} | {x['steps']} | {x['guidance']} | {x['candidates']} | {x['samples']} | "
+                  f"{x['accuracy']:.4f} | {x['min_prompt']:.2f} | {x['frechet']:.1f} / {x['frechet_floor']:.1f} | "
+                  f"{x['diversity_ratio']:.3f} | {x['seconds_per_64']:.2f} |" for x in r["sweep"]]
     return "\n".join(lines) + "\n"
 
 

@@ -83,3 +83,14 @@ def test_truncated_or_mismatched_weights_are_clear_errors(tmp_path):
     (tmp_path / "config.yaml").write_text(to_yaml(merge(cfg, {"model": {"embed_dim": 48}})))
     with pytest.raises(CheckpointError, match="do not match"):
         load_checkpoint(tmp_path, ClipConfig, lambda c: CLIP(c.model))
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    from unclip.checkpoint import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -21,6 +21,8 @@ from unclip.errors import CheckpointError
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 T = TypeVar("T")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -31,6 +33,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
