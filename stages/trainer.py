@@ -50,8 +50,6 @@ class Stage:
     loss: Callable[[torch.Tensor, int, torch.nn.Module], tuple[torch.Tensor, dict]]
     validate: Optional[Callable[[torch.nn.Module], dict]] = None  # called with the model to ship, each epoch
     sample: Optional[Callable[[torch.nn.Module, int, Path], None]] = None  # (model to ship, step, run folder)
-    parameters: Optional[list] = None  # trainable subset (default: all of model)
-    save_dtype: Optional[torch.dtype] = None
     metrics_shown: list[str] = field(default_factory=lambda: ["loss"])
 
 
@@ -122,8 +120,7 @@ class Run:
         self.device = resolve_device(cfg.device)
         self.model = stage.model
         self.ddp_model = dist.wrap(self.model, self.device)  # DDP broadcasts rank 0's initial weights
-        self.params = stage.parameters if stage.parameters is not None else [
-            p for p in self.model.parameters() if p.requires_grad]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
         self.shipped = self.ema if self.ema is not None else self.model  # what `model.safetensors` holds
@@ -154,7 +151,7 @@ class Run:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "rng": rngs, "ema": self.ema.state_dict() if self.ema is not None else None}
         atomic_write(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
-        save_checkpoint(self.out, self.shipped, self.stage.config, dtype=self.stage.save_dtype)
+        save_checkpoint(self.out, self.shipped, self.stage.config)
 
     def train_step(self, idx: torch.Tensor, total: int) -> dict:
         """One optimisation step on the examples `idx`; returns the step's metrics."""
