@@ -209,15 +209,14 @@ SampleDeviceOpt = Annotated[Device, typer.Option("--device")]
 
 
 def sampling_options(sampler: Sampler, steps, guidance, prior_guidance):
+    """The library's default SamplingOptions with the flags that were given."""
+    from dataclasses import replace
+
     from unclip.generation import check_options
     from unclip.pipeline import SamplingOptions
 
-    d = SamplingOptions()
-    options = SamplingOptions(
-        sampler=sampler.value, steps=d.steps if steps is None else steps,
-        guidance=d.guidance if guidance is None else guidance,
-        prior_guidance=d.prior_guidance if prior_guidance is None else prior_guidance,
-    )
+    given = {"sampler": sampler.value, "steps": steps, "guidance": guidance, "prior_guidance": prior_guidance}
+    options = replace(SamplingOptions(), **{k: v for k, v in given.items() if v is not None})
     check_options(options)
     return options
 

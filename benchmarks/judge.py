@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from unclip.data import load_dataset
+from unclip.images import to_float
 
 log = logging.getLogger(__name__)
 CACHE = Path(os.environ.get("T2I_BENCH_CACHE", Path(__file__).parent / "cache"))
@@ -81,7 +82,7 @@ def load_judge(data_dir: str) -> Judge:
 @torch.no_grad()
 def features_and_logits(model: Judge, images: torch.Tensor, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 1, 28, 28) -> (features (N, 128), logits (N, 10))."""
-    feats = [model.features(images[i : i + batch].float().div(127.5).sub(1)) for i in range(0, len(images), batch)]
+    feats = [model.features(to_float(images[i : i + batch])) for i in range(0, len(images), batch)]
     f = torch.cat(feats)
     return f, model.head(f)
 

@@ -10,7 +10,7 @@ import torch
 
 from unclip.diffusion.sampling import SAMPLERS
 from unclip.errors import UserError
-from unclip.images import grid, save_gif, save_png
+from unclip.images import grid, save_gif, save_numbered, save_png
 from unclip.pipeline import Pipeline, SamplingOptions, embed_prompt_or_image, generate, interpolate, vary
 from unclip.zeroshot import load_images
 
@@ -79,8 +79,7 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: Path, out: Op
     kept: list[torch.Tensor] = []
 
     def on_batch(start: int, images: torch.Tensor) -> None:
-        for i, image in enumerate(images):
-            save_png(image, out / f"{start + i:04d}.png")
+        save_numbered(images, out, start)
         if sum(len(k) for k in kept) < GRID_MAX:
             kept.append(images)
 
@@ -106,8 +105,7 @@ def vary_to_folder(image: Path, num_samples: int, checkpoints: Path, out: Option
     out = writable_folder(Path(out) if out else Path("outputs") / f"vary-{slug(Path(image).stem)}")
     on_step = progress(chain_length(pipe, options) * -(-num_samples // batch_size)) if progress else None
     images = vary(pipe, source, num_samples, options, seed, batch_size, on_step)
-    for i, x in enumerate(images):
-        save_png(x, out / f"{i:04d}.png")
+    save_numbered(images, out)
     save_png(grid(torch.cat([source[None], images])[:GRID_MAX]), out / "grid.png", scale=2)
     return out
 
@@ -124,8 +122,7 @@ def interpolate_to_folder(source: str, target: str, frames: int, checkpoints: Pa
     a = embed_prompt_or_image(pipe, source, options, seed)
     b = embed_prompt_or_image(pipe, target, options, seed + 1)
     images = interpolate(pipe, a, b, frames, options, seed, progress(chain_length(pipe, options)) if progress else None)
-    for i, x in enumerate(images):
-        save_png(x, out / f"{i:04d}.png")
+    save_numbered(images, out)
     save_png(grid(images, ncol=frames), out / "strip.png", scale=2)
     save_gif(list(images), out / "interpolation.gif", scale=4, ms_per_frame=150)
     return out

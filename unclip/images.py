@@ -10,6 +10,11 @@ from PIL import Image
 from unclip.checkpoint import atomic_write
 
 
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> floats in [-1, 1] (the inverse of `to_uint8`)."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) in [-1, 1] -> uint8."""
     return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -36,6 +41,12 @@ def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
 
 def save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
     atomic_write(Path(path), lambda tmp: to_pil(image, scale).save(tmp, format="PNG"))
+
+
+def save_numbered(images: torch.Tensor, out: Path, start: int = 0) -> None:
+    """uint8 (B, C, H, W) -> OUT/0000.png, OUT/0001.png, ... numbered from `start`, at native resolution."""
+    for i, image in enumerate(images):
+        save_png(image, Path(out) / f"{start + i:04d}.png")
 
 
 def save_gif(frames: list[torch.Tensor], path: Path, scale: int = 1, ms_per_frame: int = 80, hold_last: int = 10) -> None:

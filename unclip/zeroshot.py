@@ -12,6 +12,7 @@ from unclip.data import load_dataset
 from unclip.data.captions import FASHION_NAMES, MNIST_NAMES
 from unclip.data.folder import load_image
 from unclip.errors import UserError
+from unclip.images import to_float
 from unclip.models.clip import CLIP
 from unclip.tokenizer import Tokenizer
 
@@ -27,7 +28,7 @@ def encode_images(model: CLIP, images: torch.Tensor, batch_size: int = 1000) -> 
     model.eval()
     device = model_device(model)
     out = [
-        model.encode_image(images[i : i + batch_size].to(device).float().div(127.5).sub(1.0))
+        model.encode_image(to_float(images[i : i + batch_size].to(device)))
         for i in range(0, len(images), batch_size)
     ]
     model.train(was_training)

@@ -15,6 +15,7 @@ import torch
 
 from unclip.data.captions import FASHION_NAMES, FASHION_TEMPLATES, MNIST_NAMES, MNIST_TEMPLATES, LabelCaptions
 from unclip.errors import UserError
+from unclip.images import to_float
 
 SPLITS = ("train", "val", "test")
 
@@ -45,7 +46,7 @@ class CaptionedImages:
 
     def pixels(self, idx: torch.Tensor) -> torch.Tensor:
         """Images `idx` as floats in [-1, 1]."""
-        return self.images[idx].float().div_(127.5).sub_(1.0)
+        return to_float(self.images[idx])
 
     def captions(self, idx: torch.Tensor, generator: torch.Generator) -> list[str]:
         if self.captioner is not None:
