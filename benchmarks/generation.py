@@ -7,10 +7,11 @@ Reports, for the default sampling settings of `t2i generate`: per-prompt and mea
 prompts "zero" ... "nine"; the Frechet distance between generated and real test images in the
 judge's feature space, next to the floor (real training images vs the same test images); a
 diversity ratio (mean pairwise feature distance within a prompt over the same for real digits of
-that class: 1 is as varied as real data, 0 is ten copies of one image); the prior's cosine
-similarity against the text-embedding baseline; the wall time of `t2i generate --prompt six
---num-samples 64`; and a sweep over samplers, steps and guidance. Writes `OUT/generation.md`,
-`OUT/generation.json` and `OUT/digits.png` (ten samples of each digit).
+that class: 1 is as varied as real data, 0 is ten copies of one image); the prior on its own (cosine
+similarity against the text-embedding baseline, and how widely its samples spread in CLIP space);
+the wall time of `t2i generate --prompt six --num-samples 64`; and a sweep over samplers, steps, both
+guidance scales and prior candidates. Writes `OUT/generation.md`, `OUT/generation.json` and
+`OUT/digits.png` (ten samples of each digit). `--device cuda` samples on a GPU.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,7 +34,8 @@ from benchmarks.judge import diversity, features_and_logits, frechet_distance, l
 from unclip.data import load_dataset  # noqa: E402
 from unclip.images import grid, save_png  # noqa: E402
 from unclip.images import to_uint8  # noqa: E402
-from unclip.pipeline import Pipeline, SamplingOptions, decode, generate, prior_cosine  # noqa: E402
+from unclip.pipeline import (Pipeline, SamplingOptions, decode, generate, prior_cosine,  # noqa: E402
+                             sample_image_embeddings)
 from unclip.zeroshot import encode_images  # noqa: E402
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -44,7 +47,7 @@ def draw(pipe: Pipeline, options: SamplingOptions, per_prompt: int, seed: int, b
     out = []
     for k, word in enumerate(DIGITS):
         images: list[torch.Tensor] = []
-        generate(pipe, word, per_prompt, options, seed + k, batch_size, on_batch=lambda s, x: images.append(x))
+        generate(pipe, word, per_prompt, options, seed + k, batch_size, on_batch=lambda s, x: images.append(x.cpu()))
         out.append(torch.cat(images))
     return torch.stack(out)
 
@@ -81,14 +84,40 @@ class Scorer:
 def decoder_alone(pipe: Pipeline, score: "Scorer", options: SamplingOptions, per_class: int, seed: int) -> dict:
     """The decoder without the prior: decode the true CLIP embeddings of real training digits (row k: digit k).
     Where this scores far better than text -> prior -> decoder, the gap is the prior's."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(pipe.device).manual_seed(seed)
     rows = []
     for k in range(10):
         idx = (score.train.labels == k).nonzero()[:per_class, 0]
         emb = encode_images(pipe.clip, score.train.images[idx])
         rows.append(to_uint8(decode(pipe.decoder, pipe.decoder_config, emb, options.sampler, options.steps,
-                                    options.guidance, g)))
+                                    options.guidance, g)).cpu())
     return score(torch.stack(rows))
+
+
+@torch.no_grad()
+def prior_spread(pipe: Pipeline, score: "Scorer", options: SamplingOptions, per_prompt: int, seed: int) -> dict:
+    """The prior alone, in CLIP space: do its samples for "zero" ... "nine" spread as widely as the true image
+    embeddings of each digit? Ratio of mean distances to the class centroid (1: as varied as real digits), and
+    the Frechet distance to the test embeddings next to the same for training embeddings (the floor)."""
+    true = encode_images(pipe.clip, score.test.images).cpu()
+    labels = score.test.labels
+
+    def spread(e: torch.Tensor) -> float:
+        return (e - e.mean(0)).norm(dim=-1).mean().item()
+
+    sampled = []
+    for k, word in enumerate(DIGITS):
+        g = torch.Generator(pipe.device).manual_seed(seed + k)
+        sampled.append(sample_image_embeddings(pipe.clip, pipe.tokenizer, pipe.prior, [word] * per_prompt,
+                                               options.sampler, options.steps, options.prior_guidance, g,
+                                               options.prior_candidates).cpu())
+    reference = true[torch.randperm(len(true), generator=torch.Generator().manual_seed(0))[:10 * per_prompt]]
+    train = encode_images(pipe.clip, score.train.images[:10 * per_prompt]).cpu()
+    return {
+        "spread_ratio": statistics.mean(spread(sampled[k]) / spread(true[labels == k]) for k in range(10)),
+        "embedding_frechet": frechet_distance(torch.cat(sampled), reference),
+        "embedding_frechet_floor": frechet_distance(train, reference),
+    }
 
 
 def timing(checkpoints: Path, runs: int = 3) -> list[float]:
@@ -104,9 +133,22 @@ def timing(checkpoints: Path, runs: int = 3) -> list[float]:
     return times
 
 
-def grid_point(text: str) -> tuple[str, int, float, int]:
-    sampler, steps, guidance, candidates = text.split(":")
-    return sampler, int(steps), float(guidance), int(candidates)
+def grid_point(text: str) -> SamplingOptions:
+    """SAMPLER:STEPS:GUIDANCE:CANDIDATES[:PRIOR_GUIDANCE] -> sampling options (prior guidance: the default)."""
+    sampler, steps, guidance, candidates, *prior_guidance = text.split(":")
+    options = SamplingOptions(sampler, int(steps), float(guidance), prior_candidates=int(candidates))
+    return replace(options, prior_guidance=float(prior_guidance[0])) if prior_guidance else options
+
+
+def default_grid(d: SamplingOptions) -> list[SamplingOptions]:
+    """Samplers and steps at the default guidance, then the guidance knobs one at a time at the default sampler."""
+    points = [replace(d, sampler="ddpm", steps=1000)]
+    points += [replace(d, sampler=s, steps=k) for s, ks in (("ddim", (10, 20, 50)), ("dpmpp", (8, 10, 15, 20, 25)))
+               for k in ks]
+    points += [replace(d, guidance=w) for w in (1.0, 1.5, 2.0, 3.0)]
+    points += [replace(d, prior_guidance=w) for w in (1.0, 1.5, 2.0, 3.0)]
+    points += [replace(d, prior_candidates=c) for c in (1, 2, 4, 8)]
+    return list({tuple(vars(p).values()): p for p in points}.values())  # each point once
 
 
 def main() -> None:
@@ -118,16 +160,18 @@ def main() -> None:
     ap.add_argument("--ddpm-per-prompt", type=int, default=20, help="1000-step DDPM is slow: fewer samples")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--decoder-alone", action="store_true", help="only score the decoder on true image embeddings")
-    ap.add_argument("--grid", type=grid_point, nargs="*", help="sweep only these SAMPLER:STEPS:GUIDANCE:CANDIDATES")
+    ap.add_argument("--grid", type=grid_point, nargs="*",
+                    help="sweep only these SAMPLER:STEPS:GUIDANCE:CANDIDATES[:PRIOR_GUIDANCE]")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--device", default="cpu", help="where to sample: cpu, cuda or auto (the timing runs t2i as is)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
 
     judge = load_judge(args.data_dir)
-    pipe = Pipeline.load(args.checkpoints, "cpu")
+    pipe = Pipeline.load(args.checkpoints, args.device)
     defaults = SamplingOptions()
     report: dict = {"checkpoints": str(args.checkpoints), "defaults": vars(defaults)}
 
@@ -149,26 +193,20 @@ def main() -> None:
     cap_idx = torch.arange(1000)
     captions = test.captions(cap_idx, torch.Generator().manual_seed(0))
     report["prior"] = prior_cosine(pipe.clip, pipe.tokenizer, pipe.prior, test.images[cap_idx], captions)
+    report["prior"].update(prior_spread(pipe, score, defaults, 200, args.seed))
 
     if not args.no_timing:
         report["generate_six_64_seconds"] = timing(args.checkpoints)
 
     if not args.no_sweep:
         rows = []
-        d = defaults
-        grid_points = args.grid or [("ddpm", 1000, d.guidance, d.prior_candidates)] + [
-            (s, k, d.guidance, d.prior_candidates) for s, ks in (("ddim", (10, 20, 50)), ("dpmpp", (8, 10, 15, 20, 25)))
-            for k in ks
-        ] + [(d.sampler, d.steps, w, c) for w in (1.0, 1.5, 2.0, 3.0) for c in (1, 2)
-             if (w, c) != (d.guidance, d.prior_candidates)]
-        for sampler, steps, guidance, candidates in grid_points:
-            options = SamplingOptions(sampler=sampler, steps=steps, guidance=guidance, prior_candidates=candidates)
-            per = args.ddpm_per_prompt if sampler == "ddpm" else args.sweep_per_prompt
+        grid_points = args.grid or default_grid(defaults)
+        for options in grid_points:
+            per = args.ddpm_per_prompt if options.sampler == "ddpm" else args.sweep_per_prompt
             t0 = time.perf_counter()
             result = score(draw(pipe, options, per, args.seed))
             seconds = time.perf_counter() - t0
-            rows.append({"sampler": sampler, "steps": steps, "guidance": guidance, "candidates": candidates,
-                         "samples": 10 * per, **result, "seconds_per_64": seconds / (10 * per) * 64})
+            rows.append({**vars(options), "samples": 10 * per, **result, "seconds_per_64": seconds / (10 * per) * 64})
             logging.info("%s", rows[-1])
         report["sweep"] = rows
 
@@ -196,14 +234,18 @@ def markdown(r: dict, args) -> str:
         f"| diversity ratio (generated / real, within a digit) | {r['default']['diversity_ratio']:.3f} |",
         f"| prior: cosine(sampled, true image embedding) | {r['prior']['prior_cosine']:.4f} |",
         f"| baseline: cosine(text embedding, true image embedding) | {r['prior']['text_cosine']:.4f} |",
+        f"| prior: spread of its samples around each digit's centroid / real spread | {r['prior']['spread_ratio']:.3f} |",
+        f"| prior: Frechet distance in CLIP space (floor: real train) | {r['prior']['embedding_frechet']:.4f} "
+        f"({r['prior']['embedding_frechet_floor']:.4f}) |",
     ]
     if "generate_six_64_seconds" in r:
         t = r["generate_six_64_seconds"]
         lines.append(f"| `t2i generate --prompt six --num-samples 64`, wall s (median of {len(t)}) | {statistics.median(t):.2f} |")
     if "sweep" in r:
-        lines += ["", "| sampler | steps | guidance | prior candidates | samples | accuracy | worst prompt | "
-                  "Frechet / floor | diversity ratio | s per 64 images |", "| --- " * 10 + "|"]
-        lines += [f"| {x['sampler']} | {x['steps']} | {x['guidance']} | {x['candidates']} | {x['samples']} | "
+        lines += ["", "| sampler | steps | guidance | prior guidance | prior candidates | samples | accuracy | "
+                  "worst prompt | Frechet / floor | diversity ratio | s per 64 images |", "| --- " * 11 + "|"]
+        lines += [f"| {x['sampler']} | {x['steps']} | {x['guidance']} | {x['prior_guidance']} | "
+                  f"{x['prior_candidates']} | {x['samples']} | "
                   f"{x['accuracy']:.4f} | {x['min_prompt']:.2f} | {x['frechet']:.1f} / {x['frechet_floor']:.1f} | "
                   f"{x['diversity_ratio']:.3f} | {x['seconds_per_64']:.2f} |" for x in r["sweep"]]
     return "\n".join(lines) + "\n"
