@@ -1,8 +1,9 @@
 """The diffusion prior of DALL-E 2 (Ramesh et al. 2022, sec. 2.2): text -> CLIP image embedding.
 
 A Transformer reads [text tokens, text embedding, timestep, noised image embedding, query] and the
-output at the query predicts the clean image embedding. Every position attends to every other (the
-paper's causal mask only matters for its single readout position); padding tokens are masked.
+output at the query is the denoiser's prediction (v, x0 or eps, as configured). Every position
+attends to every other (the paper's causal mask only matters for its single readout position);
+padding tokens are masked.
 """
 from __future__ import annotations
 
