@@ -17,12 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.judge import load_judge, predict  # noqa: E402
+from benchmarks.judge import DIGITS, load_judge, predict  # noqa: E402
 from unclip.data import load_dataset  # noqa: E402
 from unclip.images import grid, save_png  # noqa: E402
 from unclip.pipeline import Pipeline, SamplingOptions, embed_prompt_or_image, interpolate, vary  # noqa: E402
 
-DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

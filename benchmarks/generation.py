@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.judge import diversity, features_and_logits, frechet_distance, load_judge  # noqa: E402
+from benchmarks.judge import DIGITS, diversity, features_and_logits, frechet_distance, load_judge  # noqa: E402
 from unclip.data import load_dataset  # noqa: E402
 from unclip.images import grid, save_png  # noqa: E402
 from unclip.images import to_uint8  # noqa: E402
@@ -38,7 +38,6 @@ from unclip.pipeline import (Pipeline, SamplingOptions, decode, generate, prior_
                              sample_image_embeddings)
 from unclip.zeroshot import encode_images  # noqa: E402
 
-DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,7 +46,7 @@ def draw(pipe: Pipeline, options: SamplingOptions, per_prompt: int, seed: int, b
     out = []
     for k, word in enumerate(DIGITS):
         images: list[torch.Tensor] = []
-        generate(pipe, word, per_prompt, options, seed + k, batch_size, on_batch=lambda s, x: images.append(x.cpu()))
+        generate(pipe, word, per_prompt, options, seed + k, batch_size, on_batch=lambda s, x: images.append(x))
         out.append(torch.cat(images))
     return torch.stack(out)
 
@@ -59,24 +58,30 @@ class Scorer:
         self.judge = judge
         self.test = load_dataset("mnist", "test", data_dir)
         self.train = load_dataset("mnist", "train", data_dir, val_size=0)
-        self.floors: dict[int, float] = {}
+        self.references: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
     def real(self, data, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
         return features_and_logits(self.judge, data.images[idx])[0], data.labels[idx]
+
+    def reference(self, n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """n real test images' features and labels, and the floor: real training images vs those test images,
+        the best a generator can do. Computed once per n (every row of a sweep uses the same)."""
+        if n not in self.references:
+            test_feats, test_labels = self.real(self.test, n, 0)
+            self.references[n] = test_feats, test_labels, frechet_distance(self.real(self.train, n, 1)[0], test_feats)
+        return self.references[n]
 
     def __call__(self, samples: torch.Tensor) -> dict:
         """samples: uint8 (10, per_prompt, C, H, W), row k drawn for the prompt DIGITS[k]."""
         n = samples.shape[0] * samples.shape[1]
         feats, logits = features_and_logits(self.judge, samples.flatten(0, 1))
         per_prompt = (logits.argmax(-1).view(samples.shape[:2]) == torch.arange(10)[:, None]).float().mean(1)
-        test_feats, test_labels = self.real(self.test, n, 0)
-        if n not in self.floors:  # real training images vs the same test images: the best a generator can do
-            self.floors[n] = frechet_distance(self.real(self.train, n, 1)[0], test_feats)
+        test_feats, test_labels, floor = self.reference(n)
         per = feats.view(10, -1, feats.shape[-1])
         return {
             "per_prompt": per_prompt.tolist(), "accuracy": per_prompt.mean().item(), "min_prompt": per_prompt.min().item(),
-            "frechet": frechet_distance(feats, test_feats), "frechet_floor": self.floors[n],
+            "frechet": frechet_distance(feats, test_feats), "frechet_floor": floor,
             "diversity_ratio": statistics.mean(diversity(per[k]) / diversity(test_feats[test_labels == k]) for k in range(10)),
         }
 
@@ -90,7 +95,7 @@ def decoder_alone(pipe: Pipeline, score: "Scorer", options: SamplingOptions, per
         idx = (score.train.labels == k).nonzero()[:per_class, 0]
         emb = encode_images(pipe.clip, score.train.images[idx])
         rows.append(to_uint8(decode(pipe.decoder, pipe.decoder_config, emb, options.sampler, options.steps,
-                                    options.guidance, g)).cpu())
+                                    options.guidance, g)))
     return score(torch.stack(rows))
 
 

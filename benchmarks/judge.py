@@ -16,8 +16,10 @@ from torch import nn
 
 from unclip.data import load_dataset
 from unclip.images import to_float
+from unclip.zeroshot import dataset_class_names
 
 log = logging.getLogger(__name__)
+DIGITS = dataset_class_names("mnist")  # "zero" ... "nine": the prompts whose samples are judged
 CACHE = Path(os.environ.get("T2I_BENCH_CACHE", Path(__file__).parent / "cache"))
 
 

@@ -18,7 +18,7 @@ from unclip.models.clip import CLIP
 from unclip.models.prior import DiffusionPrior
 from unclip.models.unet import UNet
 from unclip.tokenizer import Tokenizer
-from unclip.zeroshot import encode_images, encode_texts, load_images
+from unclip.zeroshot import encode_images, encode_texts, load_images, model_device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,7 +178,7 @@ def prior_cosine(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, images: tor
     """How well the prior does its job: the mean cosine similarity between the embedding it samples for a
     caption and the true CLIP embedding of that caption's image, next to the same for the caption's own
     text embedding (the baseline a prior must beat; DALL-E 2 sec. 5.1)."""
-    device = next(clip.parameters()).device
+    device = model_device(clip)
     true = encode_images(clip, images).to(device)
     generator = torch.Generator(device).manual_seed(seed)
     sampled = sample_image_embeddings(clip, tokenizer, prior, captions, sampler, steps, 1.0, generator, 1)
