@@ -19,7 +19,7 @@ from unclip.errors import UserError
 app = typer.Typer(pretty_exceptions_show_locals=False, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   help="unCLIP text-to-image: train CLIP, a diffusion prior and a decoder; generate images.")
 console = Console(stderr=True)
-DEFAULT_PIPELINE = Path(__file__).resolve().parent / "checkpoints" / "mnist"
+DEFAULT_PIPELINE = "mnist"  # a shipped pipeline's name, or any pipeline folder
 
 
 class Device(str, Enum):
@@ -120,7 +120,7 @@ def clip_train(
 
 @command("clip-eval")
 def clip_eval(
-    clip: Annotated[Path, typer.Option("--clip", help="CLIP checkpoint folder.")] = DEFAULT_PIPELINE / "clip",
+    clip: Annotated[str, typer.Option("--clip", help="CLIP checkpoint folder, or a shipped pipeline's name.")] = DEFAULT_PIPELINE,
     data: DataOpt = None, data_dir: DataDirOpt = None,
     template: Annotated[Optional[str], typer.Option("--template", help="Prompt with {} for the class name.")] = None,
     device: DeviceOpt = None,
@@ -146,7 +146,7 @@ def clip_eval(
 @command("classify")
 def classify(
     images: Annotated[list[Path], typer.Argument(help="Image files of any size or colour mode.")],
-    clip: Annotated[Path, typer.Option("--clip", help="CLIP checkpoint folder.")] = DEFAULT_PIPELINE / "clip",
+    clip: Annotated[str, typer.Option("--clip", help="CLIP checkpoint folder, or a shipped pipeline's name.")] = DEFAULT_PIPELINE,
     labels: Annotated[Optional[str], typer.Option("--labels", help="Comma-separated labels (default: the training classes).")] = None,
     template: Annotated[Optional[str], typer.Option("--template")] = None,
     top: Annotated[int, typer.Option("--top", min=1)] = 3,
@@ -199,9 +199,9 @@ def export(
 
 
 # Options shared by the sampling commands.
-CheckpointsOpt = Annotated[Path, typer.Option("--checkpoints", help="Pipeline folder with clip/, prior/, decoder/.")]
+CheckpointsOpt = Annotated[str, typer.Option("--checkpoints", help="Pipeline folder with clip/, prior/, decoder/, or a shipped pipeline's name (mnist).")]
 SeedSampleOpt = Annotated[int, typer.Option("--seed", help="Same seed, same settings: same images.")]
-SamplerOpt = Annotated[Sampler, typer.Option("--sampler")]
+SamplerOpt = Annotated[Optional[Sampler], typer.Option("--sampler", help="Default: dpmpp.")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (ddpm always takes all).")]
 GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="Decoder guidance scale, 1 = none.")]
 PriorGuidanceOpt = Annotated[Optional[float], typer.Option("--prior-guidance", help="Prior guidance scale.")]
@@ -215,7 +215,7 @@ def sampling_options(sampler: Sampler, steps, guidance, prior_guidance):
     from unclip.generation import check_options
     from unclip.pipeline import SamplingOptions
 
-    given = {"sampler": sampler.value, "steps": steps, "guidance": guidance, "prior_guidance": prior_guidance}
+    given = {"sampler": sampler.value if sampler else None, "steps": steps, "guidance": guidance, "prior_guidance": prior_guidance}
     options = replace(SamplingOptions(), **{k: v for k, v in given.items() if v is not None})
     check_options(options)
     return options
@@ -227,7 +227,7 @@ def generate(
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Images to draw.")] = 16,
     checkpoints: CheckpointsOpt = DEFAULT_PIPELINE,
     out: Annotated[Optional[Path], typer.Option("--out", help="Default: outputs/<prompt>/")] = None,
-    seed: SeedSampleOpt = 0, sampler: SamplerOpt = Sampler.dpmpp, steps: StepsOpt = None, guidance: GuidanceOpt = None,
+    seed: SeedSampleOpt = 0, sampler: SamplerOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
     prior_guidance: PriorGuidanceOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images sampled at once.")] = 64,
     device: SampleDeviceOpt = Device.auto,
@@ -249,7 +249,7 @@ def vary(
     num_samples: Annotated[int, typer.Option("--num-samples", "-n")] = 16,
     checkpoints: CheckpointsOpt = DEFAULT_PIPELINE,
     out: Annotated[Optional[Path], typer.Option("--out", help="Default: outputs/vary-<image name>/")] = None,
-    seed: SeedSampleOpt = 0, sampler: SamplerOpt = Sampler.dpmpp, steps: StepsOpt = None, guidance: GuidanceOpt = None,
+    seed: SeedSampleOpt = 0, sampler: SamplerOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
     device: SampleDeviceOpt = Device.auto,
 ) -> None:
     """Image variations: decode the image's CLIP embedding from fresh noise (same content, new details)."""
@@ -268,7 +268,7 @@ def interpolate(
     frames: Annotated[int, typer.Option("--frames", min=2, help="Frames, both ends included.")] = 8,
     checkpoints: CheckpointsOpt = DEFAULT_PIPELINE,
     out: Annotated[Optional[Path], typer.Option("--out", help="Default: outputs/<from>-to-<to>/")] = None,
-    seed: SeedSampleOpt = 0, sampler: SamplerOpt = Sampler.dpmpp, steps: StepsOpt = None, guidance: GuidanceOpt = None,
+    seed: SeedSampleOpt = 0, sampler: SamplerOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
     prior_guidance: PriorGuidanceOpt = None, device: SampleDeviceOpt = Device.auto,
 ) -> None:
     """Slerp between two CLIP image embeddings (of prompts, through the prior, or of images) and decode each frame."""

@@ -196,7 +196,7 @@ def main() -> None:
     test = score.test
 
     cap_idx = torch.arange(1000)
-    captions = test.captions(cap_idx, torch.Generator().manual_seed(0))
+    captions = test.captions(cap_idx, seed=0)
     report["prior"] = prior_cosine(pipe.clip, pipe.tokenizer, pipe.prior, test.images[cap_idx], captions)
     report["prior"].update(prior_spread(pipe, score, defaults, 200, args.seed))
 

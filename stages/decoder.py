@@ -13,9 +13,10 @@ from unclip.config import DecoderConfig
 from unclip.diffusion.models import Diffusion
 from unclip.images import grid, nearest_steps, save_png, to_uint8
 from unclip.models.unet import UNet
-from unclip.pipeline import decode, decoder_diffusion, resolve_device, sample_image_embeddings
+from stages.distributed import training_device
+from unclip.pipeline import SamplingOptions, decode, decoder_diffusion, sample_image_embeddings
 
-SAMPLE_STEPS, SAMPLE_GUIDANCE, PER_PROMPT = 20, 3.0, 6
+PER_PROMPT = 6
 
 
 def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, prior: Optional[Diffusion],
@@ -24,18 +25,20 @@ def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, pri
     images, the originals in the first column) and a strip of the predicted x0 along one chain."""
     device = frozen.image_emb.device
     generator = torch.Generator(device).manual_seed(0)
+    options = SamplingOptions()  # what `t2i generate` draws with
     if prior is not None:
         prompts = [p for p in frozen.fixed_captions() for _ in range(PER_PROMPT)]
-        emb = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior, prompts, "dpmpp", SAMPLE_STEPS, 1.0, generator)
+        emb = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior, prompts, options.sampler, options.steps,
+                                      options.prior_guidance, generator, options.prior_candidates)
         originals = None
     else:
         idx = torch.arange(min(10, len(frozen.val)))
         originals = frozen.val.images[idx]
         emb = frozen.clip.encode_image(frozen.val.pixels(idx).to(device)).repeat_interleave(PER_PROMPT - 1, 0)
     chain = []
-    keep = nearest_steps(SAMPLE_STEPS)
+    keep = nearest_steps(options.steps)
     record = lambda i, t, x, x0: chain.append(x0[:1]) if i in keep else None  # noqa: E731
-    images = to_uint8(decode(decoder, cfg, emb, "dpmpp", SAMPLE_STEPS, SAMPLE_GUIDANCE, generator, record))
+    images = to_uint8(decode(decoder, cfg, emb, options.sampler, options.steps, options.guidance, generator, record))
     if originals is not None:
         images = torch.cat([originals[:, None], images.view(len(originals), PER_PROMPT - 1, *images.shape[1:])], 1)
         images = images.flatten(0, 1)
@@ -46,7 +49,7 @@ def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, pri
 
 def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffusion] = None) -> Stage:
     t, m = cfg.train, cfg.model
-    device = resolve_device(t.device)
+    device = training_device(t.device)
     clip_m = frozen.clip.config
     m.image_channels, m.image_size = clip_m.image_channels, clip_m.image_size  # the decoder draws what CLIP sees
     cfg.clip_fingerprint = frozen.fingerprint

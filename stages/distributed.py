@@ -6,6 +6,8 @@ import os
 import torch
 import torch.distributed as td
 
+from unclip.pipeline import resolve_device
+
 
 def world_size() -> int:
     return td.get_world_size() if td.is_initialized() else 1
@@ -19,23 +21,75 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def setup(device: torch.device) -> None:
-    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPU)."""
-    if td.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def training_device(name: str) -> torch.device:
+    """Decide this process's device and join torchrun's process group, before any tensor is built
+    (nanoGPT's order). Under torchrun a CUDA run takes cuda:LOCAL_RANK; the group has gloo for CPU
+    tensors (flags, RNG states) and nccl for CUDA ones."""
+    device = resolve_device(name)
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    if not td.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        td.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    setup(device)
+    """DDP with batch norm synchronised over ranks, so N processes of batch B/N train like one of batch B."""
     model.to(device)
     if world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
+    if device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the children in place
+    else:
+        for m in model.modules():
+            if type(m) is torch.nn.BatchNorm2d:
+                m.__class__ = GlobalBatchNorm2d  # same parameters and buffers, statistics over all ranks
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) whose backward sums the gradient over ranks too (each rank's loss uses the sum)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        td.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        td.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the global batch of every rank (torch's SyncBatchNorm
+    takes GPU tensors only; this is the same computation for gloo on CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        C = x.shape[1]
+        count = x.new_tensor([x.numel() / C])
+        stats = _SumOverRanks.apply(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
+        n = stats[-1]
+        mean = stats[:C] / n
+        var = stats[C : 2 * C] / n - mean**2  # biased, as BatchNorm normalises
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+        shape = (1, C, 1, 1)
+        x = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return x * self.weight.view(shape) + self.bias.view(shape)
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:

@@ -12,7 +12,8 @@ from unclip.checkpoint import fingerprint
 from unclip.config import TrainConfig
 from unclip.data import CaptionedImages, load_dataset
 from unclip.models.clip import CLIP
-from unclip.pipeline import load_clip, resolve_device
+from stages.distributed import training_device
+from unclip.pipeline import load_clip
 from unclip.tokenizer import Tokenizer
 from unclip.zeroshot import encode_images
 
@@ -30,8 +31,8 @@ class FrozenClip:
 
     @classmethod
     def load(cls, clip_dir: Path, train: TrainConfig) -> "FrozenClip":
-        device = resolve_device(train.device)
-        clip, cfg = load_clip(clip_dir, device.type)
+        device = training_device(train.device)  # joins the process group before anything is built
+        clip, cfg = load_clip(clip_dir, device)
         clip.requires_grad_(False)
         m = cfg.model
         data = load_dataset(train.data, "train", train.data_dir, m.image_channels, m.image_size, train.val_size)

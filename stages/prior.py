@@ -6,17 +6,18 @@ from pathlib import Path
 
 import torch
 
-from stages.clip import caption_generator
+from stages.clip import caption_seed
 from stages.frozen_clip import FrozenClip
 from stages.trainer import Stage, fit, seeded
 from unclip.config import PriorConfig
 from unclip.models.prior import DiffusionPrior
-from unclip.pipeline import embed_scale, prior_cosine, prior_diffusion, resolve_device, text_condition
+from stages.distributed import training_device
+from unclip.pipeline import embed_scale, prior_cosine, prior_diffusion, text_condition
 
 
 def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
     t = cfg.train
-    device = resolve_device(t.device)
+    device = training_device(t.device)
     clip_m = frozen.clip.config
     cfg.clip_fingerprint = frozen.fingerprint
     model = seeded(t.seed, lambda: DiffusionPrior(cfg.model, clip_m.embed_dim, clip_m.text_width, clip_m.text_context))
@@ -25,13 +26,13 @@ def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
     base = prior_diffusion(model, cfg, device)
 
     def loss(idx: torch.Tensor, step: int, module: torch.nn.Module):
-        cond = text_condition(frozen.clip, frozen.tokenizer, frozen.data.captions(idx, caption_generator(t.seed, step)))
+        cond = text_condition(frozen.clip, frozen.tokenizer, frozen.data.captions(idx, caption_seed(t.seed, step)))
         return replace(base, net=module).loss(frozen.image_emb[idx.to(device)] * scale, cond, cfg.model.cond_drop), {}
 
     def validate(shipped: DiffusionPrior) -> dict:
         val = frozen.val
         idx = torch.arange(min(500, len(val)))  # fixed images and captions: comparable across epochs
-        captions = val.captions(idx, torch.Generator().manual_seed(0))
+        captions = val.captions(idx, seed=0)
         return prior_cosine(frozen.clip, frozen.tokenizer, prior_diffusion(shipped, cfg, device), val.images[idx], captions)
 
     return Stage("prior", model, cfg, len(frozen.data), loss, validate=validate,

@@ -5,7 +5,7 @@ optional `validate()` / `sample(step)` hooks. The loop owns everything else, so 
 signal handling and checkpointing are written once:
 
 - data order is a pure function of (seed, epoch) and the LR of the step, so nothing about them is saved;
-- `train_state.pt` holds the raw weights, EMA, optimizer, step and RNG states, apart from the
+- `train_state.pt` holds the raw weights, EMA, optimizer, step and RNG states (CPU and CUDA), apart from the
   shippable `config.yaml` + `model.safetensors` (the EMA weights when EMA is on);
 - every file is written atomically; SIGINT/SIGTERM finish the current step, save and exit cleanly.
 """
@@ -29,7 +29,6 @@ from stages import distributed as dist
 from unclip.checkpoint import atomic_write, atomic_write_text, save_checkpoint
 from unclip.config import TrainConfig
 from unclip.errors import UserError
-from unclip.pipeline import resolve_device
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -117,7 +116,7 @@ class Run:
 
     def __init__(self, stage: Stage, cfg: TrainConfig, out: Path):
         self.stage, self.cfg, self.out = stage, cfg, Path(out)
-        self.device = resolve_device(cfg.device)
+        self.device = dist.training_device(cfg.device)
         self.model = stage.model
         self.ddp_model = dist.wrap(self.model, self.device)  # DDP broadcasts rank 0's initial weights
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -131,20 +130,24 @@ class Run:
         path = self.out / STATE_FILE
         if not path.exists():
             raise UserError(f"--resume: no {STATE_FILE} in {self.out} to resume from")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)  # then copied onto the device
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # moves its state to the parameters' device
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.step = self.saved_step = state["step"]
-        torch.set_rng_state(state["rng"][dist.rank()])
+        cpu_rng, cuda_rng = state["rng"][dist.rank()]
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, self.device)
         if dist.is_main():
             _rewind_metrics(self.out / METRICS_FILE, self.step)
 
     def save(self) -> None:
         """Every rank calls this (it holds collectives); rank 0 writes."""
         dist.broadcast_buffers(self.model)  # what rank 0 saves is what every rank holds
-        rngs = dist.gather_objects(torch.get_rng_state())
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        rngs = dist.gather_objects((torch.get_rng_state(), cuda_rng))  # the noise is drawn on the device
         self.saved_step = self.step
         if not dist.is_main():
             return

@@ -25,6 +25,9 @@ def test_config_yaml_round_trip(tmp_path):
     ("train: {lr: [1]}", "train.lr: expected a number"),
     ("model: [1, 2]", "model: expected a mapping"),
     ("model: {width: 3", "not valid YAML"),
+    ("model: {prediction: V}", "model.prediction: 'V' is not one of v, x0, eps"),
+    ("model: {schedule: cosin}", "model.schedule: 'cosin' is not one of cosine, linear"),
+    ("train: {device: gpu}", "train.device: 'gpu' is not one of auto, cpu, cuda"),
 ])
 def test_bad_config_is_rejected_with_the_key_named(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)

@@ -80,10 +80,12 @@ def broken_pipeline(tiny_pipeline: Path, tmp_path: Path, damage: str) -> Path:
         w.write_bytes(w.read_bytes()[:1000])
     elif damage == "garbage":
         (pipe / "decoder" / "model.safetensors").write_bytes(b"\x00" * 64)
-    elif damage in ("unknown-key", "wrong-type", "fingerprint"):
+    elif damage in ("unknown-key", "wrong-type", "fingerprint", "bad-choice"):
         path = pipe / "prior" / "config.yaml"
         cfg = yaml.safe_load(path.read_text())
-        if damage == "unknown-key":
+        if damage == "bad-choice":
+            cfg["model"]["prediction"] = "V"
+        elif damage == "unknown-key":
             cfg["model"]["widht"] = 3
         elif damage == "wrong-type":
             cfg["model"]["layers"] = "two"
@@ -104,6 +106,8 @@ BAD_GENERATE = [
     (["--guidance", "-1"], None, "guidance"),
     (["--sampler", "euler"], None, "Invalid value for '--sampler'"),
     (["--device", "cuda"], None, "no CUDA GPU"),
+    (["--steps", "60"], None, "more than the 50 diffusion steps of the prior"),
+    ([], "bad-choice", "model.prediction: 'V' is not one of v, x0, eps"),
     ([], "no-prior", "lacks prior/"),
     ([], "truncated", "truncated or corrupt"),
     ([], "garbage", "truncated or corrupt"),
@@ -126,7 +130,7 @@ def test_generate_refuses_bad_input_in_one_line(tiny_pipeline, tmp_path, extra, 
 
 def test_missing_pipeline_and_unwritable_output(tiny_pipeline, tmp_path):
     r = run("generate", "--prompt", "six", "--checkpoints", tmp_path / "nowhere")
-    assert r.exit_code == 1 and "pipeline folder not found" in r.output
+    assert r.exit_code == 1 and "checkpoint folder not found" in r.output and "shipped pipeline: mnist" in r.output
     blocker = tmp_path / "file"
     blocker.write_text("x")
     r = run("generate", "--prompt", "six", "-n", 1, "--checkpoints", tiny_pipeline, "--out", blocker / "sub")

@@ -6,6 +6,7 @@ version intact. Loading rebuilds the model from the YAML and loads the weights s
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import os
 import tempfile
 from pathlib import Path
@@ -92,6 +93,34 @@ def load_checkpoint(folder: Path, config_cls: type[T], build: Callable[[T], torc
     except RuntimeError as e:
         raise CheckpointError(f"{folder}: weights do not match {CONFIG_FILE} ({str(e).splitlines()[0]})") from None
     return model, config
+
+
+SHIPPED_PACKAGE = "t2i_checkpoints"  # the repository's checkpoints/ folder, installed as package data
+
+
+def shipped_root() -> Path:
+    """Where the shipped pipelines are: the installed package data, or checkpoints/ beside a source checkout."""
+    try:
+        return Path(str(importlib.resources.files(SHIPPED_PACKAGE)))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def shipped_pipelines() -> list[str]:
+    root = shipped_root()
+    return sorted(p.name for p in root.iterdir() if (p / "clip").is_dir()) if root.is_dir() else []
+
+
+def resolve_folder(spec: str | Path, stage: Optional[str] = None) -> Path:
+    """A checkpoint folder from a path, or from the name of a shipped pipeline (`mnist`; with `stage`,
+    that pipeline's stage folder, so `--clip mnist` works as well as `--clip path/to/clip`)."""
+    path = Path(spec)
+    if path.is_dir():
+        return path
+    if len(path.parts) == 1 and str(spec) in shipped_pipelines():
+        return shipped_root() / str(spec) / (stage or "")
+    raise CheckpointError(f"checkpoint folder not found: {spec} (a folder, or a shipped pipeline: "
+                          f"{', '.join(shipped_pipelines()) or 'none installed'})")
 
 
 def check_fingerprint(stage_folder: Path, recorded: str, clip_print: str) -> None:

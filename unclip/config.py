@@ -18,11 +18,16 @@ import yaml
 from unclip.errors import ConfigError
 
 
+def choice(default: str, *others: str):
+    """A string field that takes one of a fixed set of values, checked when a config loads."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
 @dataclass
 class TrainConfig:
     """What drives a training run; nothing here is needed to rebuild the model."""
 
-    data: str = "mnist"  # mnist | fashion-mnist | folder:PATH
+    data: str = "mnist"  # mnist | fashion-mnist | scenes | folder:PATH
     data_dir: Optional[str] = None  # where IDX files live (default: the per-user cache)
     epochs: int = 4
     max_steps: Optional[int] = None  # overrides epochs when set
@@ -33,7 +38,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = choice("auto", "cpu", "cuda")
     ema_decay: float = 0.0  # 0 disables EMA
     val_size: int = 5000  # images held out of train for validation
     log_every: int = 25
@@ -47,8 +52,12 @@ class ClipModelConfig:
 
     image_channels: int = 1
     image_size: int = 28
+    image_patch: int = 1  # pixels folded into channels before the stem (space-to-depth), as in the decoder
     image_widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # per resolution level
     image_blocks: int = 1  # residual blocks per level
+    # mean: average the last feature map (loses where things are); attention: CLIP's ResNet pooling, the mean
+    # feature querying every position through attention over a learned positional embedding
+    image_pool: str = choice("mean", "attention")
     text_context: int = 16  # tokens, start and end included; longer captions are truncated
     text_width: int = 64
     text_layers: int = 2
@@ -63,6 +72,9 @@ class ClipConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, batch_size=256, lr=2e-3))
     # Zero-shot prompt: filled with each class name.
     template: str = "a handwritten {}"
+    # NegCLIP (Yuksekgonul et al. 2023): each caption's minimally changed twin (colours swapped, places
+    # swapped, a digit or the count changed) joins the batch as an extra negative text; scenes only.
+    hard_negatives: bool = False
 
 
 @dataclass
@@ -73,16 +85,17 @@ class PriorModelConfig:
     layers: int = 4
     heads: int = 4
     timesteps: int = 1000
-    schedule: str = "cosine"  # cosine | linear
+    schedule: str = choice("cosine", "linear")
     # DALL-E 2 predicts x0; on MNIST v spreads its samples closer to the real embeddings (README, "the prior").
-    prediction: str = "v"  # v | x0 | eps
+    prediction: str = choice("v", "x0", "eps")
     cond_drop: float = 0.1  # probability of dropping the text condition (classifier-free guidance)
 
 
 @dataclass
 class PriorConfig:
     model: PriorModelConfig = field(default_factory=PriorModelConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, batch_size=512, lr=5e-4, ema_decay=0.999))
+    # 100 epochs: in a few the prior only learns each caption's typical embedding (README, "the prior")
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=512, lr=1e-3, ema_decay=0.999))
     clip_fingerprint: str = ""  # of the CLIP weights this stage was trained against
 
 
@@ -94,12 +107,12 @@ class DecoderModelConfig:
     image_size: int = 28
     patch: int = 2  # pixels folded into channels before the first level (space-to-depth)
     widths: list[int] = field(default_factory=lambda: [32, 64])  # per resolution level
-    blocks: int = 1  # residual blocks per level (the up path gets one more)
+    blocks: int = 2  # residual blocks per level (the up path gets one more)
     context_tokens: int = 4  # CLIP embedding -> this many tokens attended to at the lowest level
     heads: int = 4
     timesteps: int = 1000
-    schedule: str = "cosine"
-    prediction: str = "v"  # eps | x0 | v
+    schedule: str = choice("cosine", "linear")
+    prediction: str = choice("v", "x0", "eps")
     cond_drop: float = 0.1
     dropout: float = 0.0
 
@@ -107,7 +120,8 @@ class DecoderModelConfig:
 @dataclass
 class DecoderConfig:
     model: DecoderModelConfig = field(default_factory=DecoderModelConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, batch_size=128, lr=1e-3, ema_decay=0.999))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, batch_size=128, lr=1e-3, warmup_steps=200,
+                                                                   ema_decay=0.999, sample_every=1000))
     clip_fingerprint: str = ""
 
 
@@ -163,6 +177,10 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     if unknown:
         raise ConfigError(f"unknown config key {where + '.' if where else ''}{unknown[0]} (known: {', '.join(sorted(names))})")
     kwargs = {k: _check(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+    for f in dataclasses.fields(cls):
+        options = f.metadata.get("choices")
+        if options and f.name in kwargs and kwargs[f.name] not in options:
+            raise ConfigError(f"{where + '.' if where else ''}{f.name}: {kwargs[f.name]!r} is not one of {', '.join(options)}")
     return cls(**kwargs)
 
 

@@ -54,10 +54,11 @@ def writable_folder(out: Path) -> Path:
     return out
 
 
-def load_for_sampling(checkpoints: Path, device: str, options: SamplingOptions) -> Pipeline:
+def load_for_sampling(checkpoints: str | Path, device: str, options: SamplingOptions) -> Pipeline:
     pipe = Pipeline.load(checkpoints, device)
-    if options.steps > len(pipe.decoder.ac):
-        raise UserError(f"--steps {options.steps} is more than the {len(pipe.decoder.ac)} diffusion steps of the model")
+    for stage, diffusion in (("prior", pipe.prior), ("decoder", pipe.decoder)):
+        if options.steps > len(diffusion.ac):
+            raise UserError(f"--steps {options.steps} is more than the {len(diffusion.ac)} diffusion steps of the {stage}")
     return pipe
 
 
@@ -65,7 +66,7 @@ def chain_length(pipe: Pipeline, options: SamplingOptions) -> int:
     return len(pipe.decoder.ac) if options.sampler == "ddpm" else options.steps
 
 
-def generate_to_folder(prompt: str, num_samples: int, checkpoints: Path, out: Optional[Path], options: SamplingOptions,
+def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, out: Optional[Path], options: SamplingOptions,
                        seed: int = 0, batch_size: int = 64, device: str = "auto", animate: bool = False,
                        progress: Optional[Callable[[int], Callable[[], None]]] = None) -> Path:
     """Write OUT/0000.png ... , OUT/grid.png (and OUT/denoise.gif); return OUT.
@@ -93,7 +94,7 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: Path, out: Op
     return out
 
 
-def vary_to_folder(image: Path, num_samples: int, checkpoints: Path, out: Optional[Path], options: SamplingOptions,
+def vary_to_folder(image: Path, num_samples: int, checkpoints: str | Path, out: Optional[Path], options: SamplingOptions,
                    seed: int = 0, device: str = "auto", batch_size: int = 64,
                    progress: Optional[Callable[[int], Callable[[], None]]] = None) -> Path:
     """Write variations of `image` as OUT/0000.png ... and OUT/grid.png (the source first)."""
@@ -110,7 +111,7 @@ def vary_to_folder(image: Path, num_samples: int, checkpoints: Path, out: Option
     return out
 
 
-def interpolate_to_folder(source: str, target: str, frames: int, checkpoints: Path, out: Optional[Path],
+def interpolate_to_folder(source: str, target: str, frames: int, checkpoints: str | Path, out: Optional[Path],
                           options: SamplingOptions, seed: int = 0, device: str = "auto",
                           progress: Optional[Callable[[int], Callable[[], None]]] = None) -> Path:
     """Write OUT/0000.png ... (in order from `source` to `target`), OUT/strip.png and OUT/interpolation.gif."""

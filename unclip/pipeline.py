@@ -8,10 +8,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from unclip.checkpoint import check_fingerprint, fingerprint, load_checkpoint
+from unclip.checkpoint import check_fingerprint, fingerprint, load_checkpoint, resolve_folder
 from unclip.config import ClipConfig, DecoderConfig, PriorConfig
 from unclip.diffusion.models import Diffusion
-from unclip.diffusion.sampling import classifier_free_guidance, sample
+from unclip.diffusion.sampling import sample
 from unclip.errors import CheckpointError, UserError
 from unclip.images import to_uint8
 from unclip.models.clip import CLIP
@@ -21,7 +21,9 @@ from unclip.tokenizer import Tokenizer
 from unclip.zeroshot import encode_images, encode_texts, load_images, model_device
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | torch.device) -> torch.device:
+    if isinstance(name, torch.device):
+        return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -31,8 +33,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_clip(folder: Path, device: str = "auto") -> tuple[CLIP, ClipConfig]:
-    model, cfg = load_checkpoint(folder, ClipConfig, lambda c: CLIP(c.model))
+def load_clip(folder: str | Path, device: str | torch.device = "auto") -> tuple[CLIP, ClipConfig]:
+    """A CLIP checkpoint folder, or a shipped pipeline's CLIP by name (`mnist`)."""
+    model, cfg = load_checkpoint(resolve_folder(folder, "clip"), ClipConfig, lambda c: CLIP(c.model))
     return model.to(resolve_device(device)).eval(), cfg
 
 
@@ -67,8 +70,15 @@ def embed_scale(dim: int) -> float:
 def text_condition(clip: CLIP, tokenizer: Tokenizer, captions: list[str]) -> tuple[torch.Tensor, ...]:
     """The prior's condition for captions: (scaled text embedding (B, D), token features (B, L, W), mask (B, L))."""
     emb, features, tokens = encode_texts(clip, tokenizer, captions)
-    length = int((tokens != 0).sum(1).max())  # trailing all-padding positions carry nothing: drop them
-    return emb * embed_scale(emb.shape[-1]), features[:, :length], (tokens != 0)[:, :length]
+    mask = token_mask(tokens)
+    length = int(mask.sum(1).max())  # positions after every caption's end carry nothing: drop them
+    return emb * embed_scale(emb.shape[-1]), features[:, :length], mask[:, :length]
+
+
+def token_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L) True up to and including each caption's end token, which has the largest id. Not `tokens != 0`:
+    id 0 is padding but also the BPE token of a "!" inside a word."""
+    return torch.arange(tokens.shape[1], device=tokens.device)[None] <= tokens.argmax(-1)[:, None]
 
 
 @dataclass
@@ -85,10 +95,9 @@ class Pipeline:
     device: torch.device
 
     @classmethod
-    def load(cls, folder: Path, device: str = "auto") -> "Pipeline":
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise CheckpointError(f"pipeline folder not found: {folder}")
+    def load(cls, folder: str | Path, device: str = "auto") -> "Pipeline":
+        """A pipeline folder, or a shipped pipeline by name (`mnist`)."""
+        folder = resolve_folder(folder)
         missing = [s for s in ("clip", "prior", "decoder") if not (folder / s).is_dir()]
         if missing:
             raise CheckpointError(f"{folder} lacks {', '.join(s + '/' for s in missing)} (a pipeline folder holds clip/, prior/ and decoder/)")
@@ -112,7 +121,7 @@ def sample_image_embeddings(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, 
     B, D = cond[0].shape
     cond_k = tuple(c.repeat_interleave(candidates, 0) for c in cond)
     noise = torch.randn((B * candidates, D), generator=generator, device=generator.device)
-    denoise = classifier_free_guidance(prior.x0, cond_k, guidance)
+    denoise = prior.denoiser(cond_k, guidance)
     emb = F.normalize(sample(sampler, denoise, noise, prior.ac, steps, generator=generator), dim=-1)
     emb = emb.view(B, candidates, D)
     best = (emb @ F.normalize(cond[0], dim=-1)[:, :, None]).squeeze(-1).argmax(1)  # (B,)
@@ -127,7 +136,7 @@ def decode(decoder: Diffusion, cfg: DecoderConfig, image_emb: torch.Tensor, samp
     if noise is None:
         shape = (image_emb.shape[0], m.image_channels, m.image_size, m.image_size)
         noise = torch.randn(shape, generator=generator, device=generator.device)
-    denoise = classifier_free_guidance(decoder.x0, (image_emb,), guidance)
+    denoise = decoder.denoiser((image_emb,), guidance)
     return sample(sampler, denoise, noise, decoder.ac, steps, generator=generator, callback=callback).clamp(-1, 1)
 
 

@@ -1,18 +1,21 @@
 """Captioned image datasets held in memory as one uint8 tensor (small data must not wait on a loader).
 
-`load_dataset("mnist" | "fashion-mnist" | "folder:PATH", split=...)` returns a `CaptionedImages`.
+`load_dataset("mnist" | "fashion-mnist" | "scenes" | "folder:PATH", split=...)` returns a `CaptionedImages`.
 Splits: `test` is the official test set (a caption folder has none, so its test split is the
-validation slice); `val` is a fixed held-out slice of train; `train` is the rest.
+validation slice); `val` is a fixed held-out slice of train; `train` is the rest. Scenes are drawn
+from the MNIST digits of the split (one scene per digit, a fixed seed per split).
 """
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from unclip.data.scene_captions import SceneCaptions
 from unclip.data.captions import FASHION_NAMES, FASHION_TEMPLATES, MNIST_NAMES, MNIST_TEMPLATES, LabelCaptions
 from unclip.errors import UserError
 from unclip.images import to_float
@@ -24,9 +27,8 @@ SPLITS = ("train", "val", "test")
 class CaptionedImages:
     images: torch.Tensor  # (N, C, H, W) uint8
     labels: Optional[torch.Tensor] = None  # (N,) class index, for labelled datasets
-    captioner: Optional[LabelCaptions] = None  # random captions from labels
+    captioner: Optional[LabelCaptions | SceneCaptions] = None  # random captions from labels (or scene ids)
     texts: Optional[list[str]] = None  # fixed captions (caption folders)
-    text_ids: Optional[torch.Tensor] = None  # (N,) index of each image's caption among the unique captions
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -41,21 +43,28 @@ class CaptionedImages:
             labels=None if self.labels is None else self.labels[idx],
             captioner=self.captioner,
             texts=None if self.texts is None else [self.texts[i] for i in idx.tolist()],
-            text_ids=None if self.text_ids is None else self.text_ids[idx],
         )
 
     def pixels(self, idx: torch.Tensor) -> torch.Tensor:
         """Images `idx` as floats in [-1, 1]."""
         return to_float(self.images[idx])
 
-    def captions(self, idx: torch.Tensor, generator: torch.Generator) -> list[str]:
+    def caption_keys(self, idx: torch.Tensor, seed: int) -> list[str]:
+        """One random key per example: a caption is a pure function of (seed, example), whichever process
+        or batch draws it (so N processes caption a batch exactly as one does, and resume redraws the same)."""
+        return [f"{seed}:{i}" for i in idx.tolist()]
+
+    def captions(self, idx: torch.Tensor, seed: int) -> list[str]:
         if self.captioner is not None:
-            return self.captioner.sample(self.labels[idx], generator)
+            return self.captioner.sample(self.labels[idx], self.caption_keys(idx, seed))
         return [self.texts[i] for i in idx.tolist()]
 
-    def groups(self, idx: torch.Tensor) -> torch.Tensor:
-        """Ids under which captions count as the same (positives for the contrastive loss)."""
-        return self.labels[idx] if self.labels is not None else self.text_ids[idx]
+    def groups(self, idx: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Ids under which examples count as the same (positives for the contrastive loss): the class
+        where there are classes, else the caption text (equal captions describe both images)."""
+        if self.class_names:
+            return self.labels[idx]
+        return torch.tensor([zlib.crc32(c.encode()) for c in captions], dtype=torch.long)
 
 
 def default_data_dir(name: str) -> Path:
@@ -78,7 +87,7 @@ def load_dataset(
     size: int = 28,
     val_size: int = 5000,
 ) -> CaptionedImages:
-    """Load `spec` (mnist | fashion-mnist | folder:PATH) at `channels` x `size` x `size`."""
+    """Load `spec` (mnist | fashion-mnist | scenes | folder:PATH) at `channels` x `size` x `size`."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     if spec in ("mnist", "fashion-mnist"):
@@ -89,6 +98,8 @@ def load_dataset(
         images, labels = load_idx_dataset(spec, folder, train=split != "test")
         data = CaptionedImages(images=images, labels=labels.long(), captioner=LabelCaptions(names, templates))
         data = _resize(data, channels, size)
+    elif spec == "scenes":
+        return _resize(_scenes(split, Path(data_dir) if data_dir else default_data_dir("mnist"), val_size), channels, size)
     elif spec.startswith("folder:"):
         from unclip.data.folder import load_caption_folder
 
@@ -96,10 +107,26 @@ def load_dataset(
         if split == "test":
             split = "val"
     else:
-        raise UserError(f"unknown dataset {spec!r}: use mnist, fashion-mnist or folder:PATH")
+        raise UserError(f"unknown dataset {spec!r}: use mnist, fashion-mnist, scenes or folder:PATH")
     if split == "test":
         return data
     return data.subset(split_indices(len(data), split, val_size))
+
+
+def _scenes(split: str, mnist_dir: Path, val_size: int) -> CaptionedImages:
+    from unclip.data.mnist import load_idx_dataset
+    from unclip.data.scenes import make_scenes
+
+    try:
+        images, labels = load_idx_dataset("mnist", mnist_dir, train=split != "test")
+    except UserError as e:
+        raise UserError(f"scenes are drawn from MNIST digits: {e}") from None
+    if split != "test":
+        keep = split_indices(len(images), split, val_size)
+        images, labels = images[keep], labels[keep]
+    seed = SPLITS.index(split) + 1
+    scenes, pixels = make_scenes(images, labels.long(), len(images), seed, allow_held_out=split == "test")
+    return CaptionedImages(images=pixels, labels=torch.arange(len(scenes)), captioner=SceneCaptions(scenes))
 
 
 def _resize(data: CaptionedImages, channels: int, size: int) -> CaptionedImages:

@@ -5,6 +5,8 @@ Drawing a fresh template and name per sample (and per epoch) makes the text enco
 """
 from __future__ import annotations
 
+import random
+
 import torch
 
 MNIST_NAMES = [
@@ -61,10 +63,10 @@ class LabelCaptions:
     def class_names(self) -> list[str]:
         return [n[0] for n in self.names]
 
-    def sample(self, labels: torch.Tensor, generator: torch.Generator) -> list[str]:
-        u = torch.rand(len(labels), 2, generator=generator).tolist()
+    def sample(self, labels: torch.Tensor, keys: list[str]) -> list[str]:
+        """A caption per label, its template and name drawn with `random.Random(key)`."""
         out = []
-        for label, (a, b) in zip(labels.tolist(), u):
-            names = self.names[label]
-            out.append(self.templates[int(a * len(self.templates))].format(names[int(b * len(names))]))
+        for label, key in zip(labels.tolist(), keys):
+            r = random.Random(key)
+            out.append(r.choice(self.templates).format(r.choice(self.names[label])))
         return out

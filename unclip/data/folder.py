@@ -66,7 +66,4 @@ def load_caption_folder(folder: Path, channels: int, size: int):
         log.warning("%s: skipped %d unreadable image(s)", folder, bad)
     if not images:
         raise UserError(f"{folder}: no usable image+caption pair ({bad} unreadable)")
-    unique = {t: i for i, t in enumerate(dict.fromkeys(texts))}
-    return CaptionedImages(
-        images=torch.stack(images), texts=texts, text_ids=torch.tensor([unique[t] for t in texts])
-    )
+    return CaptionedImages(images=torch.stack(images), texts=texts)

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from unclip.diffusion.gaussian import diffusion_loss, to_x0
+from unclip.diffusion.sampling import Denoiser, classifier_free_guidance
 from unclip.diffusion.schedule import alphas_cumprod
 
 
@@ -25,8 +26,16 @@ class Diffusion:
         return cls(net, alphas_cumprod(schedule, timesteps).to(device), prediction, clip_x0)
 
     def x0(self, x: torch.Tensor, t: torch.Tensor, cond: tuple, drop: torch.Tensor) -> torch.Tensor:
-        x0 = to_x0(self.net(x, t, *cond, drop), x, t, self.ac, self.prediction)
-        return x0.clamp(-self.clip_x0, self.clip_x0) if self.clip_x0 else x0
+        """The raw clean-data estimate (unclamped: guidance must see the predictions as they are)."""
+        return to_x0(self.net(x, t, *cond, drop), x, t, self.ac, self.prediction)
+
+    def denoiser(self, cond: tuple, guidance: float) -> Denoiser:
+        """The sampler's `denoise(x_t, t) -> x0`: classifier-free guidance over the raw predictions first,
+        clamping to the data range after (as diffusers' schedulers and Imagen's thresholding do)."""
+        guided = classifier_free_guidance(self.x0, cond, guidance)
+        if not self.clip_x0:
+            return guided
+        return lambda x, t: guided(x, t).clamp(-self.clip_x0, self.clip_x0)
 
     def loss(self, x0: torch.Tensor, cond: tuple, cond_drop: float, generator=None) -> torch.Tensor:
         """Training loss with the condition dropped for a `cond_drop` fraction of the batch."""

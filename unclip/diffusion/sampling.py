@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from unclip.diffusion.gaussian import expand, predict_eps, q_posterior
+from unclip.diffusion.gaussian import predict_eps, q_posterior
 from unclip.diffusion.schedule import spaced_timesteps
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

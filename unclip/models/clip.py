@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.config import ClipModelConfig
+from unclip.errors import ConfigError
 from unclip.tokenizer import VOCAB_SIZE
 
 
@@ -35,12 +36,34 @@ class ResBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(h)) + self.skip(x), inplace=True)
 
 
+class AttentionPool(nn.Module):
+    """CLIP's ResNet pooling (Radford et al. 2021, sec. 2.4): the mean feature attends to every position,
+    each carrying a learned positional embedding, so the embedding can say where things are."""
+
+    def __init__(self, c: int, positions: int, heads: int, out: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(positions + 1, c) / c**0.5)
+        self.attn = nn.MultiheadAttention(c, heads, batch_first=True)
+        self.proj = nn.Linear(c, out)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.flatten(2).transpose(1, 2)  # (B, HW, C)
+        x = torch.cat([x.mean(1, keepdim=True), x], 1) + self.pos  # (B, 1 + HW, C)
+        return self.proj(self.attn(x[:, :1], x, x, need_weights=False)[0][:, 0])  # (B, D)
+
+
 class ImageEncoder(nn.Module):
     def __init__(self, cfg: ClipModelConfig):
         super().__init__()
         w = cfg.image_widths
+        self.patch = cfg.image_patch
+        side = cfg.image_size // cfg.image_patch // 2 ** (len(w) - 1)
+        if side < 1 or cfg.image_size % cfg.image_patch:
+            raise ConfigError(f"CLIP image_size {cfg.image_size} is too small for image_patch {cfg.image_patch} "
+                              f"and {len(w)} levels (or not divisible by the patch)")
         self.stem = nn.Sequential(
-            nn.Conv2d(cfg.image_channels, w[0], 3, 1, 1, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU(inplace=True)
+            nn.Conv2d(cfg.image_channels * cfg.image_patch**2, w[0], 3, 1, 1, bias=False), nn.BatchNorm2d(w[0]),
+            nn.ReLU(inplace=True),
         )
         blocks, c = [], w[0]
         for level, width in enumerate(w):
@@ -48,11 +71,13 @@ class ImageEncoder(nn.Module):
                 blocks.append(ResBlock(c, width, stride=2 if level > 0 and b == 0 else 1))
                 c = width
         self.blocks = nn.Sequential(*blocks)
-        self.proj = nn.Linear(c, cfg.embed_dim)
+        attend = cfg.image_pool == "attention"
+        self.pool = AttentionPool(c, side * side, cfg.text_heads, cfg.embed_dim) if attend else None
+        self.proj = None if attend else nn.Linear(c, cfg.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(self.stem(x))  # (B, C, H', W')
-        return self.proj(h.mean((2, 3)))  # (B, D)
+        h = self.blocks(self.stem(F.pixel_unshuffle(x, self.patch)))  # (B, C, H', W')
+        return self.pool(h) if self.pool is not None else self.proj(h.mean((2, 3)))  # (B, D)
 
 
 class TextEncoder(nn.Module):
@@ -103,7 +128,8 @@ class CLIP(nn.Module):
         return self.encode_image(images), self.encode_text(tokens)[0], self.scale()
 
 
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor, groups: torch.Tensor,
+                     negatives: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE (open_clip's ClipLoss) with multi-positive targets.
 
     With class-level captions a batch of 256 MNIST images holds ~25 captions of each digit. The usual
@@ -112,10 +138,14 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: tor
     (same label, or the same caption text) is a positive, and the target is uniform over them; this is
     the supervised-contrastive soft target (Khosla et al. 2020), and it reduces to CLIP's loss when all
     groups are distinct.
+
+    `negatives` (B', D): extra texts that match no image (NegCLIP's hard negatives); they widen the
+    image-to-text softmax only.
     """
     logits = scale * image_emb @ text_emb.T  # (B, B)
     targets = (groups[:, None] == groups[None, :]).float()
     targets = targets / targets.sum(1, keepdim=True)  # symmetric positives, so rows of targets.T match too
-    loss_i = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+    wide = logits if negatives is None else torch.cat([logits, scale * image_emb @ negatives.T], 1)  # (B, B + B')
+    loss_i = torch.sum(-targets * F.log_softmax(wide, dim=1)[:, : logits.shape[1]], dim=1).mean()
     loss_t = torch.sum(-targets.T * F.log_softmax(logits.T, dim=1), dim=1).mean()
     return (loss_i + loss_t) / 2

@@ -1,0 +1,115 @@
+"""Scenes: the rendering contract an outside evaluator relies on, held-out pairs, captions that are true."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from unclip.data import load_dataset
+from unclip.data.scene_captions import TASKS, SceneCaptions, caption_with_negative, perturb, task_prompt, task_scene_args
+from unclip.data.scenes import GAP, HELD_OUT, PALETTE, make_scenes, relation_holds, sample_scene
+from unclip.errors import UserError
+
+
+def glyph_pool(n: int = 200):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8), torch.arange(n) % 10
+
+
+def test_scenes_keep_the_contract():
+    images, labels = glyph_pool()
+    scenes, pixels = make_scenes(images, labels, 300, seed=1, allow_held_out=False)
+    assert pixels.shape == (300, 3, 64, 64) and pixels.dtype == torch.uint8
+    for scene, image in zip(scenes, pixels):
+        assert 1 <= len(scene.objects) <= 4
+        inside = torch.zeros(64, 64, dtype=torch.bool)
+        for o in scene.objects:
+            assert 18 <= o.size <= 32 and 0 <= o.x <= 64 - o.size and 0 <= o.y <= 64 - o.size
+            assert (o.colour, o.digit) not in HELD_OUT
+            inside[o.y : o.y + o.size, o.x : o.x + o.size] = True
+        for a in scene.objects:  # boxes at least GAP px apart on one axis
+            for b in scene.objects:
+                if a is not b:
+                    gap_x = max(b.x - (a.x + a.size), a.x - (b.x + b.size))
+                    gap_y = max(b.y - (a.y + a.size), a.y - (b.y + b.size))
+                    assert max(gap_x, gap_y) >= GAP
+        assert image[:, ~inside].sum() == 0  # black outside the boxes
+        if scene.layout == "row":
+            assert relation_holds(scene.objects[0].centre, scene.objects[1].centre, "left")
+        if scene.layout == "column":
+            assert relation_holds(scene.objects[0].centre, scene.objects[1].centre, "above")
+    # a digit's pixels are its glyph times its palette colour: channel ratios follow the colour
+    o, image = scenes[0].objects[0], pixels[0]
+    box = image[:, o.y : o.y + o.size, o.x : o.x + o.size].float()
+    bright = box.max(0).values > 100
+    rgb = torch.tensor(PALETTE[o.colour]).float()
+    ratio = box[:, bright] / box[:, bright].max(0).values
+    torch.testing.assert_close(ratio.mean(1), rgb / rgb.max(), atol=0.03, rtol=0)
+
+
+def test_scenes_are_deterministic_and_test_holds_the_held_out_pairs():
+    images, labels = glyph_pool()
+    a, pa = make_scenes(images, labels, 50, seed=3, allow_held_out=False)
+    b, pb = make_scenes(images, labels, 50, seed=3, allow_held_out=False)
+    assert a == b and torch.equal(pa, pb)
+    rng = np.random.default_rng(0)
+    pairs = {(o.colour, o.digit) for _ in range(2000) for o in sample_scene(rng, allow_held_out=True).objects}
+    assert HELD_OUT <= pairs
+
+
+def test_training_captions_vary_and_hard_negatives_change_the_meaning():
+    images, labels = glyph_pool()
+    scenes, _ = make_scenes(images, labels, 200, seed=1, allow_held_out=False)
+    captioner = SceneCaptions(scenes)
+    idx = torch.arange(200)
+    a = captioner.sample(idx, [f"0:{i}" for i in range(200)])
+    assert a == captioner.sample(idx, [f"0:{i}" for i in range(200)])  # a pure function of the key
+    assert len(set(a)) > 150 and a != captioner.sample(idx, [f"1:{i}" for i in range(200)])
+    for scene, text in zip(scenes, a):  # every digit is named, as a word or a numeral
+        words = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9}
+        tokens = text.replace(",", " ").split()
+        named = {words.get(w.rstrip("s").replace("sixe", "six")) for w in tokens} | {int(w[0]) for w in tokens if w[0].isdigit()}
+        assert {o.digit for o in scene.objects} <= named, text
+    positives, negatives = captioner.sample_with_negatives(idx, [f"0:{i}" for i in range(200)])
+    assert positives == a and all(p != n for p, n in zip(positives, negatives))
+
+
+def test_each_kind_of_negative_changes_what_it_should():
+    r = random.Random(0)
+    scene = sample_scene(np.random.default_rng(5), True, n=2, layout="row", digits=[3, 7])
+    swapped = perturb(scene, "relation", r)
+    assert [o.digit for o in swapped.objects] == [7, 3] and swapped.objects[0].x == scene.objects[0].x
+    three = sample_scene(np.random.default_rng(5), True, n=3, digits=[4, 4, 4])
+    assert len(perturb(three, "count", r).objects) == 2 and perturb(scene, "count", r) is None
+    changed = perturb(scene, "digit", r)
+    assert sum(a.digit != b.digit for a, b in zip(scene.objects, changed.objects)) == 1
+    text, negative = caption_with_negative(scene, "k")
+    assert text != negative
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_task_prompts_are_met_by_the_scenes_they_describe(held_out):
+    rng, r = np.random.default_rng(0), random.Random(0)
+    for task in TASKS:
+        for _ in range(20):
+            scene = sample_scene(rng, True, **task_scene_args(task, r))
+            prompt, spec = task_prompt(task, scene, r, held_out)
+            found = [(o.digit, o.colour, o.centre) for o in scene.objects]
+            assert spec.met_by(found), (task, prompt)
+            assert not spec.met_by(found[:-1]) and not spec.met_by(found + found[:1])  # counts are exact
+            if spec.relation:  # the mirror image breaks the relation
+                assert not spec.met_by([(d, c, (64 - x, 64 - y)) for d, c, (x, y) in found])
+
+
+def test_scenes_need_the_mnist_files(tmp_path):
+    with pytest.raises(UserError, match="scenes are drawn from MNIST digits.*train-images-idx3-ubyte"):
+        load_dataset("scenes", "train", tmp_path / "empty")
+
+
+def test_scenes_from_the_mnist_files(mnist_dir):
+    train = load_dataset("scenes", "train", mnist_dir, channels=3, size=32, val_size=100)
+    test = load_dataset("scenes", "test", mnist_dir, channels=3, size=64)
+    assert train.images.shape == (900, 3, 32, 32) and test.images.shape == (200, 3, 64, 64)
+    assert train.class_names is None and len(set(train.captions(torch.arange(100), seed=0))) > 80

@@ -1,0 +1,269 @@
+"""A caption grammar for scenes: what, how many, which colour, how large, where; words and numerals.
+
+Training captions are drawn afresh per sample and step (`SceneCaptions.sample`): sometimes the full
+description of every object, sometimes a true partial one (only the digits, a count, one relation),
+so the text encoder has to learn words, not template ids. `HELD_OUT_FORMS` are phrasings that never
+appear in training; `task_prompt` writes the benchmark's prompts (GenEval's six tasks on digits)
+together with the `Spec` a generated image must meet.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from itertools import permutations
+from typing import Optional
+
+import torch
+
+from unclip.data.scenes import Scene, at_place, relation_holds
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+PLURALS = ["zeros", "ones", "twos", "threes", "fours", "fives", "sixes", "sevens", "eights", "nines"]
+COUNTS = {2: ["two", "2"], 3: ["three", "3"], 4: ["four", "4"]}
+PLACE_WORDS = {
+    "left": ["on the left", "at the left"], "right": ["on the right", "at the right"],
+    "top": ["at the top", "on top"], "bottom": ["at the bottom", "on the bottom"],
+    "centre": ["in the centre", "in the middle", "in the center"],
+    **{f"{v} {h}": [f"in the {v} {h} corner", f"in the {v} {h}", f"at the {v} {h}"]
+       for v in ("top", "bottom") for h in ("left", "right")},
+}
+# Phrasings kept out of training, to measure whether the text encoder generalises (issue: held-out phrasings).
+HELD_OUT_FORMS = {
+    "single": "there is {a}",
+    "colour": "{a} painted {c}",
+    "count": "exactly {k} {p}",
+    "two": "both {a} and {b}",
+    "position": "{a} placed {rel} {b}",
+    "attribution": "{a} painted {ca} and {b} painted {cb}",
+}
+REL_WORDS = {"left": ["to the left of", "left of"], "right": ["to the right of", "right of"],
+             "above": ["above", "over"], "below": ["below", "under", "beneath"]}
+HELD_OUT_REL = {"left": "to the left side of", "right": "to the right side of", "above": "higher than", "below": "lower than"}
+
+
+def noun(d: int, r: random.Random) -> str:
+    return r.choice([WORDS[d], str(d), WORDS[d], f"digit {d}"])
+
+
+def plural(d: int, r: random.Random) -> str:
+    return r.choice([PLURALS[d], f"{d}s"])
+
+
+def article(phrase: str) -> str:
+    """'a' or 'an' before a phrase: of our words only eight and 8 take 'an'."""
+    return ("an " if phrase.startswith(("eight", "8")) else "a ") + phrase
+
+
+def phrase(obj, r: random.Random, colour: bool, size: bool, place: Optional[str] = None) -> str:
+    """One object: 'a small red seven', 'a 7 in red', 'a seven coloured red at the top left'."""
+    n = noun(obj.digit, r)
+    size_word = obj.size_word if size else None
+    if size_word:
+        size_word = r.choice({"small": ["small", "tiny", "little"], "large": ["large", "big"]}[size_word])
+    if colour and r.random() < 0.3:
+        core = article(" ".join(w for w in (size_word, n) if w)) + r.choice([" in ", " coloured ", " colored "]) + obj.colour
+    else:
+        core = article(" ".join(w for w in (size_word, obj.colour if colour else None, n) if w))
+    return core + (" " + r.choice(PLACE_WORDS[place]) if place else "")
+
+
+def join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def counted(scene: Scene, r: random.Random, colour: bool) -> str:
+    """Every digit of the scene with its count: 'two sevens and a three', '3 red 6s'."""
+    groups: dict[int, list] = {}
+    for o in scene.objects:
+        groups.setdefault(o.digit, []).append(o)
+    parts = []
+    for d, objs in groups.items():
+        same = colour and len({o.colour for o in objs}) == 1
+        c = objs[0].colour + " " if same else ""
+        if len(objs) == 1:
+            parts.append(article(c + noun(d, r)))
+        elif len(objs) == 2 and r.random() < 0.25:
+            parts.append(f"a pair of {c}{PLURALS[d]}")
+        else:
+            parts.append(f"{r.choice(COUNTS[len(objs)])} {c}{plural(d, r)}")
+    r.shuffle(parts)
+    return join(parts)
+
+
+def caption(scene: Scene, r: random.Random) -> str:
+    """One random true caption of `scene` (the training distribution)."""
+    objs, kind = scene.objects, r.random()
+    colour, size = r.random() < 0.75, r.random() < 0.4
+    if len(objs) == 1:
+        place = scene.place if scene.place and r.random() < 0.75 else None
+        text = phrase(objs[0], r, colour, size, place)
+        return r.choice(["the " + text[text.index(" ") + 1:], text]) if kind < 0.2 else text
+    if kind < 0.25:
+        return counted(scene, r, colour)
+    if scene.layout in ("row", "column") and kind < 0.75:
+        a, b = objs if r.random() < 0.5 else objs[::-1]
+        rel = ("left" if a is objs[0] else "right") if scene.layout == "row" else ("above" if a is objs[0] else "below")
+        pa, pb = phrase(a, r, colour, size), phrase(b, r, colour, size)
+        if r.random() < 0.2:
+            first, second = (("on the left", "on the right") if scene.layout == "row" else ("at the top", "at the bottom"))
+            pa, pb = (phrase(objs[0], r, colour, size), phrase(objs[1], r, colour, size))
+            return f"{first} {pa}, {second} {pb}"
+        return f"{pa} {r.choice(REL_WORDS[rel])} {pb}"
+    if scene.layout == "grid" and kind < 0.75:
+        quadrants = [("top " if o.centre[1] < 32 else "bottom ") + ("left" if o.centre[0] < 32 else "right") for o in objs]
+        parts = [phrase(o, r, colour, size, q) for o, q in zip(objs, quadrants)]
+        return join(parts)
+    parts = [phrase(o, r, colour, size) for o in objs]
+    r.shuffle(parts)
+    return join(parts)
+
+
+class SceneCaptions:
+    """Random captions for scenes; the `labels` it is given are scene indices."""
+
+    class_names = None  # scenes have no classes: CLIP is validated by caption retrieval
+
+    def __init__(self, scenes: list[Scene]):
+        self.scenes = scenes
+
+    def sample(self, labels: torch.Tensor, keys: list[str]) -> list[str]:
+        return [caption(self.scenes[i], random.Random(key)) for i, key in zip(labels.tolist(), keys)]
+
+    def sample_with_negatives(self, labels: torch.Tensor, keys: list[str]) -> tuple[list[str], list[str]]:
+        """Captions (the same as `sample`'s) and, for each, a hard negative: the same words about a minimally
+        changed scene (NegCLIP)."""
+        pairs = [caption_with_negative(self.scenes[i], key) for i, key in zip(labels.tolist(), keys)]
+        return [p for p, _ in pairs], [n for _, n in pairs]
+
+
+# ---- prompts for the benchmark, each with what an image must show ----
+
+@dataclass
+class Spec:
+    """What a generated image must show: exactly these objects (digit, colour or None for any), and
+    optionally a relation between required objects i and j, or a named place for object 0."""
+
+    objects: list[tuple[int, Optional[str]]]
+    relation: Optional[tuple[int, str, int]] = None  # (i, left|right|above|below, j)
+    place: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def met_by(self, found: list[tuple[int, str, tuple[float, float]]]) -> bool:
+        """`found`: detected objects as (digit, colour, centre). Count, digits, colours, relation all match."""
+        if len(found) != len(self.objects):
+            return False
+        for order in permutations(range(len(found))):
+            pairs = [(self.objects[i], found[j]) for i, j in enumerate(order)]
+            if not all(d == fd and (c is None or c == fc) for (d, c), (fd, fc, _) in pairs):
+                continue
+            if self.relation:
+                i, rel, j = self.relation
+                if not relation_holds(found[order[i]][2], found[order[j]][2], rel):
+                    continue
+            if self.place and not at_place(found[order[0]][2], self.place):
+                continue
+            return True
+        return False
+
+
+TASKS = ("single", "two", "count", "colour", "position", "attribution")
+
+
+def task_scene_args(task: str, r: random.Random) -> dict:
+    """`sample_scene` arguments for a real scene of the kind `task` prompts for (the evaluator's ceiling)."""
+    a, b = r.sample(range(10), 2)
+    return {
+        "single": {"n": 1, "layout": "single"}, "colour": {"n": 1, "layout": "single"},
+        "two": {"n": 2, "digits": [a, b]}, "position": {"n": 2, "digits": [a, b]},
+        "attribution": {"n": 2, "digits": [a, b]},
+        "count": {"n": (k := r.choice([2, 3, 4])), "digits": [a] * k},
+    }[task]
+
+
+def task_prompt(task: str, scene: Scene, r: random.Random, held_out: bool = False) -> tuple[str, Spec]:
+    """The prompt of `task` that `scene` satisfies, and its Spec; `held_out` uses the unseen phrasing."""
+    objs = scene.objects
+    form = HELD_OUT_FORMS[task] if held_out else None
+    if task in ("single", "colour"):
+        o = objs[0]
+        if task == "single":
+            text = form.format(a=article(noun(o.digit, r))) if form else article(noun(o.digit, r))
+            return text, Spec([(o.digit, None)])
+        text = form.format(a=article(noun(o.digit, r)), c=o.colour) if form else phrase(o, r, colour=True, size=False)
+        return text, Spec([(o.digit, o.colour)])
+    if task == "count":
+        k, d = len(objs), objs[0].digit
+        text = form.format(k=r.choice(COUNTS[k]), p=plural(d, r)) if form else f"{r.choice(COUNTS[k])} {plural(d, r)}"
+        return text, Spec([(d, None)] * k)
+    a, b = objs
+    if task == "two":
+        pa, pb = article(noun(a.digit, r)), article(noun(b.digit, r))
+        return (form.format(a=pa, b=pb) if form else f"{pa} and {pb}"), Spec([(a.digit, None), (b.digit, None)])
+    if task == "attribution":
+        if form:
+            text = form.format(a=article(noun(a.digit, r)), ca=a.colour, b=article(noun(b.digit, r)), cb=b.colour)
+        else:
+            text = f"{phrase(a, r, True, False)} and {phrase(b, r, True, False)}"
+        return text, Spec([(a.digit, a.colour), (b.digit, b.colour)])
+    # position: the relation the layout guarantees, stated from either side
+    first, second = (a, b) if r.random() < 0.5 else (b, a)
+    horizontal = scene.layout == "row"
+    rel = ("left" if first is a else "right") if horizontal else ("above" if first is a else "below")
+    pa, pb = article(noun(first.digit, r)), article(noun(second.digit, r))
+    text = form.format(a=pa, rel=HELD_OUT_REL[rel], b=pb) if form else f"{pa} {r.choice(REL_WORDS[rel])} {pb}"
+    return text, Spec([(first.digit, None), (second.digit, None)], relation=(0, rel, 1))
+
+
+# ---- hard negatives (ARO-style): the same caption of a minimally changed scene ----
+
+NEGATIVES = ("colour", "relation", "digit", "count")
+
+
+def perturb(scene: Scene, kind: str, r: random.Random) -> Optional[Scene]:
+    """`scene` changed in one way a binding CLIP must notice, or None where `kind` does not apply:
+    colour: two different digits swap colours; relation: two different digits swap places; digit: one digit changes;
+    count: one object of an all-same-digit scene is dropped (or, from two, a third is added: layout 'list')."""
+    objs = list(scene.objects)
+    if kind in ("colour", "relation"):
+        pairs = [(i, j) for i in range(len(objs)) for j in range(i + 1, len(objs)) if objs[i].digit != objs[j].digit
+                 and (kind == "relation" or objs[i].colour != objs[j].colour)]
+        if not pairs:
+            return None
+        i, j = r.choice(pairs)
+        a, b = objs[i], objs[j]
+        if kind == "colour":
+            objs[i], objs[j] = replace(a, colour=b.colour), replace(b, colour=a.colour)
+        else:
+            objs[i], objs[j] = replace(b, size=a.size, x=a.x, y=a.y), replace(a, size=b.size, x=b.x, y=b.y)
+        return replace(scene, objects=tuple(objs))
+    if kind == "digit":
+        i = r.randrange(len(objs))
+        new = r.choice([d for d in range(10) if d != objs[i].digit])
+        objs[i] = replace(objs[i], digit=new)
+        return replace(scene, objects=tuple(objs))
+    if len(objs) < 2 or len({o.digit for o in objs}) != 1:
+        return None
+    if len(objs) > 2:
+        del objs[r.randrange(len(objs))]
+        return replace(scene, objects=tuple(objs))
+    return replace(scene, objects=(objs[0], replace(objs[0], colour=objs[1].colour), objs[1]), layout="list")
+
+
+PLACE_TERMS = ("left", "right", "above", "over", "under", "below", "beneath", "top", "bottom", "centre", "center",
+               "middle")
+
+
+def caption_with_negative(scene: Scene, seed: int | str) -> tuple[str, str]:
+    """A random caption and the same caption (same random choices) of a perturbed scene that means something
+    else. A swap of places only counts where the caption says where things are."""
+    r = random.Random(seed)
+    text = caption(scene, random.Random(seed))
+    kinds = [k for k in NEGATIVES if k != "digit" and (k != "relation" or any(w in text for w in PLACE_TERMS))]
+    r.shuffle(kinds)
+    for kind in [*kinds, "digit"]:  # a digit change always shows: every caption names every digit
+        other = perturb(scene, kind, r)
+        if other is not None:
+            negative = caption(other, random.Random(seed))
+            if negative != text:
+                return text, negative
+    return text, caption(perturb(scene, "digit", r), random.Random(seed))
