@@ -9,13 +9,13 @@ together with the `Spec` a generated image must meet.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from itertools import permutations
 from typing import Optional
 
 import torch
 
-from unclip.data.scenes import Scene, at_place, relation_holds
+from unclip.data.scenes import Scene, relation_holds
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PLURALS = ["zeros", "ones", "twos", "threes", "fours", "fives", "sixes", "sevens", "eights", "nines"]
@@ -141,12 +141,10 @@ class SceneCaptions:
 @dataclass
 class Spec:
     """What a generated image must show: exactly these objects (digit, colour or None for any), and
-    optionally a relation between required objects i and j, or a named place for object 0."""
+    optionally a relation between required objects i and j."""
 
     objects: list[tuple[int, Optional[str]]]
     relation: Optional[tuple[int, str, int]] = None  # (i, left|right|above|below, j)
-    place: Optional[str] = None
-    extra: dict = field(default_factory=dict)
 
     def met_by(self, found: list[tuple[int, str, tuple[float, float]]]) -> bool:
         """`found`: detected objects as (digit, colour, centre). Count, digits, colours, relation all match."""
@@ -160,8 +158,6 @@ class Spec:
                 i, rel, j = self.relation
                 if not relation_holds(found[order[i]][2], found[order[j]][2], rel):
                     continue
-            if self.place and not at_place(found[order[0]][2], self.place):
-                continue
             return True
         return False
 
