@@ -78,7 +78,7 @@ def progress_bar(description: str):
 
 # Options shared by the training commands.
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Stage or pipeline YAML; flags override it.")]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="mnist | fashion-mnist | folder:PATH")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="mnist | fashion-mnist | scenes | folder:PATH")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder of the IDX files.")]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1)]
 MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Overrides --epochs.")]
@@ -182,6 +182,24 @@ def decoder_train(
         console.print(f"pipeline saved to {out} (generate with: t2i generate --checkpoints {out} --prompt ...)")
 
 
+@command("upsampler-train")
+def upsampler_train(
+    pipeline: Annotated[Path, typer.Option("--pipeline", help="Pipeline folder with clip/ and decoder/; writes upsampler/.")],
+    config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
+    epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False,
+) -> None:
+    """DALL-E 2's cascade: a diffusion upsampler from the decoder's image size to the config's (64 by default)."""
+    from stages.distributed import is_main
+    from stages.upsampler import train_upsampler
+
+    flags = train_overrides(data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps,
+                            batch_size=batch_size, lr=lr, seed=seed, device=device)
+    last = train_upsampler(pipeline, config, flags, resume)
+    if not last.get("interrupted") and is_main():
+        console.print(f"upsampler saved to {pipeline / 'upsampler'}; t2i generate --checkpoints {pipeline} now runs it")
+
+
 @command("export")
 def export(
     checkpoints: Annotated[Path, typer.Option("--checkpoints", help="Trained pipeline folder.")],
@@ -205,17 +223,19 @@ SamplerOpt = Annotated[Optional[Sampler], typer.Option("--sampler", help="Defaul
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (ddpm always takes all).")]
 GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="Decoder guidance scale, 1 = none.")]
 PriorGuidanceOpt = Annotated[Optional[float], typer.Option("--prior-guidance", help="Prior guidance scale.")]
+UpsamplerStepsOpt = Annotated[Optional[int], typer.Option("--upsampler-steps", help="Upsampler sampling steps (pipelines with one).")]
 SampleDeviceOpt = Annotated[Device, typer.Option("--device")]
 
 
-def sampling_options(sampler: Sampler, steps, guidance, prior_guidance):
+def sampling_options(sampler: Sampler, steps, guidance, prior_guidance, upsampler_steps):
     """The library's default SamplingOptions with the flags that were given."""
     from dataclasses import replace
 
     from unclip.generation import check_options
     from unclip.pipeline import SamplingOptions
 
-    given = {"sampler": sampler.value if sampler else None, "steps": steps, "guidance": guidance, "prior_guidance": prior_guidance}
+    given = {"sampler": sampler.value if sampler else None, "steps": steps, "guidance": guidance,
+             "prior_guidance": prior_guidance, "upsampler_steps": upsampler_steps}
     options = replace(SamplingOptions(), **{k: v for k, v in given.items() if v is not None})
     check_options(options)
     return options
@@ -228,7 +248,7 @@ def generate(
     checkpoints: CheckpointsOpt = DEFAULT_PIPELINE,
     out: Annotated[Optional[Path], typer.Option("--out", help="Default: outputs/<prompt>/")] = None,
     seed: SeedSampleOpt = 0, sampler: SamplerOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
-    prior_guidance: PriorGuidanceOpt = None,
+    prior_guidance: PriorGuidanceOpt = None, upsampler_steps: UpsamplerStepsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images sampled at once.")] = 64,
     device: SampleDeviceOpt = Device.auto,
     animate: Annotated[bool, typer.Option("--animate", help="Also write denoise.gif of the sampling chain.")] = False,
@@ -236,7 +256,7 @@ def generate(
     """Text -> image: the prior turns the caption into a CLIP image embedding, the decoder draws it."""
     from unclip.generation import generate_to_folder
 
-    options = sampling_options(sampler, steps, guidance, prior_guidance)
+    options = sampling_options(sampler, steps, guidance, prior_guidance, upsampler_steps)
     with progress_bar("sampling") as bar:
         folder = generate_to_folder(prompt, num_samples, checkpoints, out, options, seed, batch_size, device.value,
                                     animate, progress=bar)
@@ -250,12 +270,12 @@ def vary(
     checkpoints: CheckpointsOpt = DEFAULT_PIPELINE,
     out: Annotated[Optional[Path], typer.Option("--out", help="Default: outputs/vary-<image name>/")] = None,
     seed: SeedSampleOpt = 0, sampler: SamplerOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
-    device: SampleDeviceOpt = Device.auto,
+    upsampler_steps: UpsamplerStepsOpt = None, device: SampleDeviceOpt = Device.auto,
 ) -> None:
     """Image variations: decode the image's CLIP embedding from fresh noise (same content, new details)."""
     from unclip.generation import vary_to_folder
 
-    options = sampling_options(sampler, steps, guidance, None)
+    options = sampling_options(sampler, steps, guidance, None, upsampler_steps)
     with progress_bar("sampling") as bar:
         folder = vary_to_folder(image, num_samples, checkpoints, out, options, seed, device.value, progress=bar)
     console.print(f"wrote {num_samples} variation(s) and grid.png to {folder}/")
@@ -269,12 +289,13 @@ def interpolate(
     checkpoints: CheckpointsOpt = DEFAULT_PIPELINE,
     out: Annotated[Optional[Path], typer.Option("--out", help="Default: outputs/<from>-to-<to>/")] = None,
     seed: SeedSampleOpt = 0, sampler: SamplerOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
-    prior_guidance: PriorGuidanceOpt = None, device: SampleDeviceOpt = Device.auto,
+    prior_guidance: PriorGuidanceOpt = None, upsampler_steps: UpsamplerStepsOpt = None,
+    device: SampleDeviceOpt = Device.auto,
 ) -> None:
     """Slerp between two CLIP image embeddings (of prompts, through the prior, or of images) and decode each frame."""
     from unclip.generation import interpolate_to_folder
 
-    options = sampling_options(sampler, steps, guidance, prior_guidance)
+    options = sampling_options(sampler, steps, guidance, prior_guidance, upsampler_steps)
     with progress_bar("sampling") as bar:
         folder = interpolate_to_folder(source, target, frames, checkpoints, out, options, seed, device.value, progress=bar)
     console.print(f"wrote {frames} frames, strip.png and interpolation.gif to {folder}/")

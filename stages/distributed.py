@@ -85,8 +85,9 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
         var = stats[C : 2 * C] / n - mean**2  # biased, as BatchNorm normalises
         with torch.no_grad():
             self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+            weight = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)  # cumulative
+            self.running_mean.lerp_(mean.detach(), weight)
+            self.running_var.lerp_(var.detach() * n / (n - 1), weight)
         shape = (1, C, 1, 1)
         x = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         return x * self.weight.view(shape) + self.bias.view(shape)

@@ -48,6 +48,8 @@ class Stage:
     # (example indices, step, the module to call: `model`, or its DDP wrapper) -> (loss, metrics)
     loss: Callable[[torch.Tensor, int, torch.nn.Module], tuple[torch.Tensor, dict]]
     validate: Optional[Callable[[torch.nn.Module], dict]] = None  # called with the model to ship, each epoch
+    # brings the model to ship up to date before it is validated or saved (CLIP: its BatchNorm statistics)
+    finalize: Optional[Callable[[torch.nn.Module], None]] = None
     sample: Optional[Callable[[torch.nn.Module, int, Path], None]] = None  # (model to ship, step, run folder)
     metrics_shown: list[str] = field(default_factory=lambda: ["loss"])
 
@@ -145,6 +147,8 @@ class Run:
 
     def save(self) -> None:
         """Every rank calls this (it holds collectives); rank 0 writes."""
+        if self.stage.finalize is not None:
+            self.stage.finalize(self.shipped)
         dist.broadcast_buffers(self.model)  # what rank 0 saves is what every rank holds
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         rngs = dist.gather_objects((torch.get_rng_state(), cuda_rng))  # the noise is drawn on the device
@@ -215,7 +219,10 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False) -> dict
                 stats = "  ".join(f"{k} {last[k]:.4g}" for k in stage.metrics_shown if k in last)
                 speed = f"{(run.step - step0) / (time.perf_counter() - t0):.1f} it/s"
                 progress.update(task, completed=run.step, stats=stats, speed=speed)
-                if main and stage.validate is not None and run.step % steps_per_epoch == 0:
+                end_of_epoch = run.step % steps_per_epoch == 0
+                if stage.finalize is not None and stage.validate is not None and end_of_epoch:
+                    stage.finalize(run.shipped)  # every rank: it may hold collectives (BatchNorm over ranks)
+                if main and stage.validate is not None and end_of_epoch:
                     val = {"step": run.step, "epoch": epoch, **stage.validate(run.shipped)}
                     log.write(json.dumps(val) + "\n")
                     progress.console.print(f"{stage.name} epoch {epoch}: " + "  ".join(

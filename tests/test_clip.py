@@ -69,3 +69,17 @@ def test_tiny_clip_learns_glyphs(mnist_dir, tmp_path):
     cfg = merge(ClipConfig(), {**TINY["clip"], "train": {**TINY["clip"]["train"], "data_dir": str(mnist_dir)}})
     last = fit(clip_stage(cfg), cfg.train, tmp_path)
     assert last["val_zero_shot"] >= 0.9, last
+
+
+def test_precise_batchnorm_recomputes_the_statistics_of_the_current_weights():
+    from stages.clip import precise_batchnorm
+
+    model = CLIP(merge(ClipConfig(), TINY["clip"]).model).eval()
+    x = torch.rand(32, 1, 28, 28) * 2 - 1
+    stem_conv, stem_norm = model.visual.stem[0], model.visual.stem[1]
+    stem_norm.running_mean.fill_(5.0)  # stale
+    precise_batchnorm(model, lambda: iter([x[:16], x[16:]]))
+    with torch.no_grad():
+        h = stem_conv(x)
+    torch.testing.assert_close(stem_norm.running_mean, h.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)  # both batches, equally
+    assert stem_norm.momentum == 0.1 and not model.training  # left as it was found

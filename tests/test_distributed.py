@@ -132,7 +132,9 @@ def test_two_processes_of_half_the_batch_train_clip_like_one(mnist_dir, tmp_path
               for w in (1, 2)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     stats = [k for k in one if "running" in k]
-    assert stats and all(torch.allclose(one[k], two[k], atol=1e-4) for k in stats)  # BatchNorm saw the same batch
+    # BatchNorm saw the same batches; its saved statistics are recomputed for the final weights (PreciseBN),
+    # so they differ as little as those weights do (below)
+    assert stats and all(torch.allclose(one[k], two[k], atol=1e-3) for k in stats)
     # Sums in another order differ in the last bits; Adam's first steps move a weight by about lr whatever the size
     # of its gradient, so a near-zero gradient's noise shows. Tolerance: all but 0.01% of weights within 1e-4.
     diffs = torch.cat([(one[k] - two[k]).abs().flatten() for k in one if one[k].is_floating_point()])

@@ -134,12 +134,14 @@ def check_fingerprint(stage_folder: Path, recorded: str, clip_print: str) -> Non
 
 def export_pipeline(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.float16) -> None:
     """Copy a pipeline folder's shippable files (`config.yaml` + `model.safetensors` of clip/, prior/,
-    decoder/), floating-point weights stored as `dtype`; training state, metrics and samples stay behind.
-    The CLIP fingerprint does not depend on storage precision, so the stages still recognise their CLIP."""
+    decoder/ and upsampler/ if any), floating-point weights stored as `dtype`; training state, metrics and
+    samples stay behind. The CLIP fingerprint does not depend on storage precision, so the stages still
+    recognise their CLIP."""
     for stage in ("clip", "prior", "decoder"):
         if not (Path(src) / stage / WEIGHTS_FILE).is_file():
             raise CheckpointError(f"{src} lacks {stage}/{WEIGHTS_FILE}")
-    for stage in ("clip", "prior", "decoder"):
+    optional = ["upsampler"] if (Path(src) / "upsampler" / WEIGHTS_FILE).is_file() else []
+    for stage in ("clip", "prior", "decoder", *optional):
         state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
                  for k, v in load_state(Path(src) / stage).items()}
         atomic_write(Path(dst) / stage / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))

@@ -103,8 +103,8 @@ class PriorConfig:
 class DecoderModelConfig:
     """Pixel-space U-Net conditioned on a CLIP image embedding."""
 
-    image_channels: int = 1
-    image_size: int = 28
+    image_channels: int = 1  # set from CLIP when training
+    image_size: Optional[int] = None  # None: what CLIP sees; smaller makes the base of a cascade (DALL-E 2: 64 of 1024)
     patch: int = 2  # pixels folded into channels before the first level (space-to-depth)
     widths: list[int] = field(default_factory=lambda: [32, 64])  # per resolution level
     blocks: int = 2  # residual blocks per level (the up path gets one more)
@@ -115,6 +115,10 @@ class DecoderModelConfig:
     prediction: str = choice("v", "x0", "eps")
     cond_drop: float = 0.1
     dropout: float = 0.0
+    # GLIDE's text conditioning, kept by DALL-E 2 (sec. 2.1): the caption's CLIP token features join the context
+    # the lowest-resolution attention reads; while training the caption alone is dropped `text_drop` of the time.
+    text_tokens: bool = False
+    text_drop: float = 0.5
 
 
 @dataclass
@@ -125,7 +129,34 @@ class DecoderConfig:
     clip_fingerprint: str = ""
 
 
-STAGES = {"clip": ClipConfig, "prior": PriorConfig, "decoder": DecoderConfig}
+@dataclass
+class UpsamplerModelConfig(DecoderModelConfig):
+    """A diffusion upsampler (Cascaded Diffusion Models, Ho et al. 2021; DALL-E 2's 64 -> 256 -> 1024):
+    the decoder's U-Net drawing `image_size` pixels, given the base image (`low_size`, set from the decoder
+    when training) upsampled and degraded. Like DALL-E 2's, it reads neither the caption nor CLIP.
+
+    Degradation while training (what makes it robust to the base decoder's mistakes): a Gaussian blur of
+    sigma drawn in [0, blur_max] px (DALL-E 2), then noise-conditioning augmentation: the low-resolution image
+    is diffused to a level s drawn in [0, aug_max] of the schedule, and s is an input. Sampling uses aug_level."""
+
+    image_size: int = 64
+    low_size: Optional[int] = None
+    patch: int = 4
+    widths: list[int] = field(default_factory=lambda: [64, 128])
+    cond_drop: float = 0.0  # no condition to drop: the low-resolution image is always given
+    blur_max: float = 1.0
+    aug_max: float = 0.3  # fraction of the timesteps
+    aug_level: float = 0.1  # the augmentation level applied (and told) at sampling
+
+
+@dataclass
+class UpsamplerConfig:
+    model: UpsamplerModelConfig = field(default_factory=UpsamplerModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=64, lr=1e-3, warmup_steps=200,
+                                                                   ema_decay=0.999, sample_every=1000))
+
+
+STAGES = {"clip": ClipConfig, "prior": PriorConfig, "decoder": DecoderConfig, "upsampler": UpsamplerConfig}
 T = TypeVar("T")
 
 

@@ -11,7 +11,7 @@ import torch
 from unclip.diffusion.sampling import SAMPLERS
 from unclip.errors import UserError
 from unclip.images import grid, save_gif, save_numbered, save_png
-from unclip.pipeline import Pipeline, SamplingOptions, embed_prompt_or_image, generate, interpolate, vary
+from unclip.pipeline import Pipeline, SamplingOptions, embed_prompt_or_image, generate, interpolate, steps_per_image, vary
 from unclip.zeroshot import load_images
 
 GRID_MAX = 1024  # images on the contact sheet; every sample is written as its own PNG regardless
@@ -38,8 +38,8 @@ def check_count(num_samples: int) -> None:
 def check_options(options: SamplingOptions) -> None:
     if options.sampler not in SAMPLERS:
         raise UserError(f"unknown --sampler {options.sampler!r}: use one of {', '.join(SAMPLERS)}")
-    if options.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {options.steps}")
+    if options.steps < 1 or options.upsampler_steps < 1:
+        raise UserError(f"--steps and --upsampler-steps must be at least 1, got {options.steps} and {options.upsampler_steps}")
     if options.guidance < 0 or options.prior_guidance < 0:
         raise UserError("--guidance and --prior-guidance must be >= 0 (1 means no guidance)")
 
@@ -59,11 +59,9 @@ def load_for_sampling(checkpoints: str | Path, device: str, options: SamplingOpt
     for stage, diffusion in (("prior", pipe.prior), ("decoder", pipe.decoder)):
         if options.steps > len(diffusion.ac):
             raise UserError(f"--steps {options.steps} is more than the {len(diffusion.ac)} diffusion steps of the {stage}")
+    if pipe.upsampler is not None and options.upsampler_steps > len(pipe.upsampler.ac):
+        raise UserError(f"--upsampler-steps {options.upsampler_steps} is more than the upsampler's {len(pipe.upsampler.ac)} diffusion steps")
     return pipe
-
-
-def chain_length(pipe: Pipeline, options: SamplingOptions) -> int:
-    return len(pipe.decoder.ac) if options.sampler == "ddpm" else options.steps
 
 
 def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, out: Optional[Path], options: SamplingOptions,
@@ -76,7 +74,7 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, o
     check_request(prompt, num_samples, options)
     pipe = load_for_sampling(checkpoints, device, options)
     out = writable_folder(Path(out) if out else Path("outputs") / slug(prompt))
-    on_step = progress(chain_length(pipe, options) * -(-num_samples // batch_size)) if progress else None
+    on_step = progress(steps_per_image(pipe, options) * -(-num_samples // batch_size)) if progress else None
     kept: list[torch.Tensor] = []
 
     def on_batch(start: int, images: torch.Tensor) -> None:
@@ -104,10 +102,11 @@ def vary_to_folder(image: Path, num_samples: int, checkpoints: str | Path, out: 
     m = pipe.clip_config.model
     source = load_images([Path(image)], m.image_channels, m.image_size)[0]
     out = writable_folder(Path(out) if out else Path("outputs") / f"vary-{slug(Path(image).stem)}")
-    on_step = progress(chain_length(pipe, options) * -(-num_samples // batch_size)) if progress else None
+    on_step = progress(steps_per_image(pipe, options) * -(-num_samples // batch_size)) if progress else None
     images = vary(pipe, source, num_samples, options, seed, batch_size, on_step)
     save_numbered(images, out)
-    save_png(grid(torch.cat([source[None], images])[:GRID_MAX]), out / "grid.png", scale=2)
+    shown = load_images([Path(image)], m.image_channels, pipe.image_size)  # the source beside them, at their size
+    save_png(grid(torch.cat([shown, images])[:GRID_MAX]), out / "grid.png", scale=2)
     return out
 
 
@@ -122,7 +121,7 @@ def interpolate_to_folder(source: str, target: str, frames: int, checkpoints: st
     out = writable_folder(Path(out) if out else Path("outputs") / f"{slug(Path(source).stem)}-to-{slug(Path(target).stem)}")
     a = embed_prompt_or_image(pipe, source, options, seed)
     b = embed_prompt_or_image(pipe, target, options, seed + 1)
-    images = interpolate(pipe, a, b, frames, options, seed, progress(chain_length(pipe, options)) if progress else None)
+    images = interpolate(pipe, a, b, frames, options, seed, progress(steps_per_image(pipe, options)) if progress else None)
     save_numbered(images, out)
     save_png(grid(images, ncol=frames), out / "strip.png", scale=2)
     save_gif(list(images), out / "interpolation.gif", scale=4, ms_per_frame=150)

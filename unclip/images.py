@@ -20,6 +20,14 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Float images (B, C, h, w) to size x size, bilinear (antialiased when shrinking)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=x.shape[-1] > size,
+                                           align_corners=False)
+
+
 def grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:
     """uint8 (B, C, H, W) -> one uint8 (C, H', W') contact sheet, `ncol` images a row."""
     B, C, H, W = images.shape

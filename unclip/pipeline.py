@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from unclip.checkpoint import check_fingerprint, fingerprint, load_checkpoint, resolve_folder
-from unclip.config import ClipConfig, DecoderConfig, PriorConfig
+from unclip.config import ClipConfig, DecoderConfig, PriorConfig, UpsamplerConfig
 from unclip.diffusion.models import Diffusion
 from unclip.diffusion.sampling import sample
 from unclip.errors import CheckpointError, UserError
@@ -17,6 +17,7 @@ from unclip.images import to_uint8
 from unclip.models.clip import CLIP
 from unclip.models.prior import DiffusionPrior
 from unclip.models.unet import UNet
+from unclip.models.upsampler import Upsampler, degrade, sampling_level
 from unclip.tokenizer import Tokenizer
 from unclip.zeroshot import encode_images, encode_texts, load_images, model_device
 
@@ -47,7 +48,13 @@ def load_prior(folder: Path, clip_cfg: ClipConfig, device: torch.device) -> tupl
 
 
 def load_decoder(folder: Path, clip_cfg: ClipConfig, device: torch.device) -> tuple[UNet, DecoderConfig]:
-    model, cfg = load_checkpoint(folder, DecoderConfig, lambda c: UNet(c.model, clip_cfg.model.embed_dim))
+    m = clip_cfg.model
+    model, cfg = load_checkpoint(folder, DecoderConfig, lambda c: UNet(c.model, m.embed_dim, text_width=m.text_width))
+    return model.to(device).eval(), cfg
+
+
+def load_upsampler(folder: Path, device: torch.device) -> tuple[Upsampler, UpsamplerConfig]:
+    model, cfg = load_checkpoint(folder, UpsamplerConfig, lambda c: Upsampler(c.model))
     return model.to(device).eval(), cfg
 
 
@@ -59,6 +66,11 @@ def prior_diffusion(prior: DiffusionPrior, cfg: PriorConfig, device: torch.devic
 def decoder_diffusion(decoder: UNet, cfg: DecoderConfig, device: torch.device) -> Diffusion:
     m = cfg.model
     return Diffusion.build(decoder, m.schedule, m.timesteps, m.prediction, device, clip_x0=1.0)
+
+
+def upsampler_diffusion(upsampler: Upsampler, cfg: UpsamplerConfig, device: torch.device) -> Diffusion:
+    m = cfg.model
+    return Diffusion.build(upsampler, m.schedule, m.timesteps, m.prediction, device, clip_x0=1.0)
 
 
 def embed_scale(dim: int) -> float:
@@ -83,7 +95,8 @@ def token_mask(tokens: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Pipeline:
-    """The three saved stages of an unCLIP pipeline folder (`clip/`, `prior/`, `decoder/`)."""
+    """The saved stages of an unCLIP pipeline folder: `clip/`, `prior/`, `decoder/` and, when the decoder
+    draws a smaller image than the pipeline's output, `upsampler/` (DALL-E 2's cascade)."""
 
     clip: CLIP
     clip_config: ClipConfig
@@ -93,6 +106,8 @@ class Pipeline:
     decoder_config: DecoderConfig
     tokenizer: Tokenizer
     device: torch.device
+    upsampler: Optional[Diffusion] = None
+    upsampler_config: Optional[UpsamplerConfig] = None
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto") -> "Pipeline":
@@ -108,8 +123,20 @@ class Pipeline:
         check_fingerprint(folder / "prior", prior_cfg.clip_fingerprint, print_)
         decoder, decoder_cfg = load_decoder(folder / "decoder", clip_cfg, dev)
         check_fingerprint(folder / "decoder", decoder_cfg.clip_fingerprint, print_)
-        return cls(clip, clip_cfg, prior_diffusion(prior, prior_cfg, dev), prior_cfg,
+        pipe = cls(clip, clip_cfg, prior_diffusion(prior, prior_cfg, dev), prior_cfg,
                    decoder_diffusion(decoder, decoder_cfg, dev), decoder_cfg, Tokenizer(clip_cfg.model.text_context), dev)
+        if (folder / "upsampler").is_dir():
+            upsampler, pipe.upsampler_config = load_upsampler(folder / "upsampler", dev)
+            low, base = pipe.upsampler_config.model.low_size, decoder_cfg.model.image_size
+            if low != base:
+                raise CheckpointError(f"{folder / 'upsampler'} upsamples {low}x{low} images, but the decoder draws {base}x{base}")
+            pipe.upsampler = upsampler_diffusion(upsampler, pipe.upsampler_config, dev)
+        return pipe
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images the pipeline draws (the upsampler's when there is one)."""
+        return (self.upsampler_config or self.decoder_config).model.image_size
 
 
 @torch.no_grad()
@@ -128,16 +155,74 @@ def sample_image_embeddings(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, 
     return emb[torch.arange(B), best]
 
 
+def decoder_condition(cfg: DecoderConfig, image_emb: torch.Tensor, text: Optional[tuple] = None) -> tuple:
+    """The decoder's condition: the image embeddings, and the caption's (token features (B, L, W), mask (B, L))
+    when the decoder reads text; without a caption (variations, interpolation) no token is shown."""
+    return (image_emb, *text) if text is not None and cfg.model.text_tokens else (image_emb,)
+
+
 @torch.no_grad()
 def decode(decoder: Diffusion, cfg: DecoderConfig, image_emb: torch.Tensor, sampler: str, steps: int, guidance: float,
-           generator: torch.Generator, callback=None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """CLIP image embeddings (B, D) -> images (B, C, H, W) in [-1, 1]."""
+           generator: torch.Generator, callback=None, noise: Optional[torch.Tensor] = None,
+           text: Optional[tuple] = None) -> torch.Tensor:
+    """CLIP image embeddings (B, D) (and, for decoders that read them, the captions' token features and mask
+    from `text_condition`) -> images (B, C, H, W) in [-1, 1]."""
     m = cfg.model
     if noise is None:
         shape = (image_emb.shape[0], m.image_channels, m.image_size, m.image_size)
         noise = torch.randn(shape, generator=generator, device=generator.device)
-    denoise = decoder.denoiser((image_emb,), guidance)
+    denoise = decoder.denoiser(decoder_condition(cfg, image_emb, text), guidance)
     return sample(sampler, denoise, noise, decoder.ac, steps, generator=generator, callback=callback).clamp(-1, 1)
+
+
+@torch.no_grad()
+def upsample(upsampler: Diffusion, cfg: UpsamplerConfig, low: torch.Tensor, sampler: str, steps: int,
+             generator: torch.Generator, callback=None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Base images (B, C, h, w) in [-1, 1] -> (B, C, H, W): the upsampler's chain, conditioned on the base image
+    upsampled and noised to the sampling augmentation level (Ho et al. 2021, sec. 4.2)."""
+    m = cfg.model
+    s = sampling_level(m, low.shape[0], low.device)
+    cond = degrade(low, m.image_size, s, upsampler.ac, generator=generator)
+    if noise is None:
+        noise = torch.randn(cond.shape, generator=generator, device=generator.device)
+    denoise = upsampler.denoiser((cond, s), 1.0)
+    return sample(sampler, denoise, noise, upsampler.ac, steps, generator=generator, callback=callback).clamp(-1, 1)
+
+
+@torch.no_grad()
+def decode_and_upsample(pipe: "Pipeline", image_emb: torch.Tensor, options: "SamplingOptions", generator: torch.Generator,
+                        callback=None, on_step=None, noise: Optional[torch.Tensor] = None,
+                        upsampler_noise: Optional[torch.Tensor] = None, text: Optional[tuple] = None) -> torch.Tensor:
+    """CLIP image embeddings (B, D) -> the pipeline's images (B, C, H, W) in [-1, 1]: the decoder, then the
+    upsampler when the pipeline has one. `callback` sees the decoder's chain; `on_step()` every step of both."""
+
+    def step(*args):
+        if callback:
+            callback(*args)
+        if on_step:
+            on_step()
+
+    x = decode(pipe.decoder, pipe.decoder_config, image_emb, options.sampler, options.steps, options.guidance,
+               generator, step, noise, text)
+    if pipe.upsampler is None:
+        return x
+    return upsample(pipe.upsampler, pipe.upsampler_config, x, options.sampler, options.upsampler_steps, generator,
+                    (lambda *_: on_step()) if on_step else None, upsampler_noise)
+
+
+def draw(pipe: "Pipeline", captions: list[str], options: "SamplingOptions", generator: torch.Generator,
+         callback=None, on_step=None) -> torch.Tensor:
+    """Captions -> images (B, C, H, W) in [-1, 1]: prior, decoder, upsampler."""
+    emb = sample_image_embeddings(pipe.clip, pipe.tokenizer, pipe.prior, captions, options.sampler, options.steps,
+                                  options.prior_guidance, generator, options.prior_candidates)
+    text = text_condition(pipe.clip, pipe.tokenizer, captions)[1:] if pipe.decoder_config.model.text_tokens else None
+    return decode_and_upsample(pipe, emb, options, generator, callback, on_step, text=text)
+
+
+def steps_per_image(pipe: "Pipeline", options: "SamplingOptions") -> int:
+    """Network calls of the decoder and upsampler chains for one batch (for progress bars)."""
+    chain = lambda d, n: len(d.ac) if options.sampler == "ddpm" else n  # noqa: E731
+    return chain(pipe.decoder, options.steps) + (chain(pipe.upsampler, options.upsampler_steps) if pipe.upsampler else 0)
 
 
 @dataclass
@@ -152,6 +237,7 @@ class SamplingOptions:
     guidance: float = 1.0  # decoder classifier-free guidance scale (1 = none)
     prior_guidance: float = 1.5
     prior_candidates: int = 1  # draws per caption, the one closest to the text embedding kept (DALL-E 2)
+    upsampler_steps: int = 10  # when the pipeline has an upsampler
 
 
 def generate(pipe: Pipeline, prompt: str, num_samples: int, options: SamplingOptions, seed: int = 0,
@@ -165,17 +251,12 @@ def generate(pipe: Pipeline, prompt: str, num_samples: int, options: SamplingOpt
     chain = []
     for start in range(0, num_samples, batch_size):
         b = min(batch_size, num_samples - start)
-        emb = sample_image_embeddings(pipe.clip, pipe.tokenizer, pipe.prior, [prompt] * b, options.sampler,
-                                      options.steps, options.prior_guidance, generator, options.prior_candidates)
 
         def callback(i, t, x, x0, first=start == 0):
             if record_chain and first:
                 chain.append(to_uint8(x0))
-            if on_step:
-                on_step()
 
-        images = decode(pipe.decoder, pipe.decoder_config, emb, options.sampler, options.steps, options.guidance,
-                        generator, callback)
+        images = draw(pipe, [prompt] * b, options, generator, callback, on_step)
         if on_batch:
             on_batch(start, to_uint8(images))
     return chain
@@ -213,9 +294,7 @@ def vary(pipe: Pipeline, image: torch.Tensor, num_samples: int, options: Samplin
     out = []
     for start in range(0, num_samples, batch_size):
         b = min(batch_size, num_samples - start)
-        x = decode(pipe.decoder, pipe.decoder_config, emb.expand(b, -1), options.sampler, options.steps,
-                   options.guidance, generator, callback=(lambda *_: on_step()) if on_step else None)
-        out.append(to_uint8(x))
+        out.append(to_uint8(decode_and_upsample(pipe, emb.expand(b, -1), options, generator, on_step=on_step)))
     return torch.cat(out)
 
 
@@ -225,12 +304,13 @@ def interpolate(pipe: Pipeline, a: torch.Tensor, b: torch.Tensor, frames: int, o
     """Decode `frames` points on the arc between unit image embeddings a and b (D,), every frame from the same
     starting noise so that only the content moves (DALL-E 2 sec. 3.2). Returns uint8 (frames, C, H, W)."""
     emb = slerp(a, b, torch.linspace(0, 1, frames, device=a.device))
-    m = pipe.decoder_config.model
     generator = torch.Generator(pipe.device).manual_seed(seed)
-    noise = torch.randn((1, m.image_channels, m.image_size, m.image_size), generator=generator, device=pipe.device)
-    x = decode(pipe.decoder, pipe.decoder_config, emb, options.sampler, options.steps, options.guidance, generator,
-               callback=(lambda *_: on_step()) if on_step else None, noise=noise.expand(frames, -1, -1, -1).clone())
-    return to_uint8(x)
+    shared = lambda size: torch.randn((1, pipe.decoder_config.model.image_channels, size, size), generator=generator,  # noqa: E731
+                                      device=pipe.device).expand(frames, -1, -1, -1).clone()
+    noise = shared(pipe.decoder_config.model.image_size)
+    upsampler_noise = shared(pipe.image_size) if pipe.upsampler else None
+    return to_uint8(decode_and_upsample(pipe, emb, options, generator, on_step=on_step, noise=noise,
+                                        upsampler_noise=upsampler_noise))
 
 
 def embed_prompt_or_image(pipe: Pipeline, source: str, options: SamplingOptions, seed: int = 0) -> torch.Tensor:

@@ -15,7 +15,7 @@ from unclip.diffusion.schedule import alphas_cumprod
 class Diffusion:
     """A network, its schedule and what it predicts."""
 
-    net: Callable  # net(x_t, t, *cond, drop) -> output
+    net: Callable  # net(x_t, t, *cond, drop=drop) -> output
     ac: torch.Tensor  # alphas_cumprod (T,)
     prediction: str  # eps | x0 | v
     clip_x0: Optional[float] = None  # clamp x0 estimates to [-c, c] (pixels), or None (embeddings)
@@ -27,7 +27,7 @@ class Diffusion:
 
     def x0(self, x: torch.Tensor, t: torch.Tensor, cond: tuple, drop: torch.Tensor) -> torch.Tensor:
         """The raw clean-data estimate (unclamped: guidance must see the predictions as they are)."""
-        return to_x0(self.net(x, t, *cond, drop), x, t, self.ac, self.prediction)
+        return to_x0(self.net(x, t, *cond, drop=drop), x, t, self.ac, self.prediction)
 
     def denoiser(self, cond: tuple, guidance: float) -> Denoiser:
         """The sampler's `denoise(x_t, t) -> x0`: classifier-free guidance over the raw predictions first,
@@ -40,4 +40,4 @@ class Diffusion:
     def loss(self, x0: torch.Tensor, cond: tuple, cond_drop: float, generator=None) -> torch.Tensor:
         """Training loss with the condition dropped for a `cond_drop` fraction of the batch."""
         drop = torch.rand(x0.shape[0], device=x0.device, generator=generator) < cond_drop
-        return diffusion_loss(lambda xt, t: self.net(xt, t, *cond, drop), x0, self.ac, self.prediction, generator)
+        return diffusion_loss(lambda xt, t: self.net(xt, t, *cond, drop=drop), x0, self.ac, self.prediction, generator)

@@ -8,6 +8,8 @@ the end: at 28x28 with patch 2 the network runs at 14x14 and 7x7.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,20 +57,27 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, C, H, W); context (B, K, C); context_mask (B, K) True where a context token may be read."""
         B, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.qkv(h).chunk(3, dim=-1)
         ck, cv = self.context_kv(context).chunk(2, dim=-1)  # (B, K, C)
         k, v = torch.cat([k, ck], 1), torch.cat([v, cv], 1)
         split = lambda z: z.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # noqa: E731
-        a = F.scaled_dot_product_attention(split(q), split(k), split(v))  # (B, heads, HW, C / heads)
+        mask = None
+        if context_mask is not None:
+            mask = torch.cat([torch.ones(B, H * W, dtype=torch.bool, device=x.device), context_mask], 1)[:, None, None]
+        a = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)  # (B, heads, HW, C / heads)
         a = a.transpose(1, 2).reshape(B, H * W, C)
         return x + self.out(a).transpose(1, 2).view(B, C, H, W)
 
 
 class UNet(nn.Module):
-    def __init__(self, cfg: DecoderModelConfig, embed_dim: int):
+    def __init__(self, cfg: DecoderModelConfig, embed_dim: int, image_inputs: int = 0, text_width: int = 0):
+        """`embed_dim`: the condition vector's size; `image_inputs`: channels of a conditioning image given
+        beside x_t (an upsampler's low-resolution image), 0 for none; `text_width`: the width of the caption's
+        token features when `cfg.text_tokens`."""
         super().__init__()
         self.config = cfg
         w = cfg.widths
@@ -77,11 +86,14 @@ class UNet(nn.Module):
         self.cond_in = nn.Linear(embed_dim, emb_dim)
         self.context_in = nn.Linear(embed_dim, cfg.context_tokens * w[-1])
         self.null_cond = nn.Parameter(torch.zeros(embed_dim))
+        self.text_in = nn.Linear(text_width, w[-1]) if cfg.text_tokens else None
+        if cfg.text_tokens and not text_width:
+            raise ConfigError("decoder text_tokens needs the width of CLIP's text features")
         if cfg.image_size % (cfg.patch * 2 ** (len(w) - 1)):
             raise ConfigError(f"decoder image_size {cfg.image_size} must be divisible by patch * 2^(levels - 1) "
                               f"= {cfg.patch * 2 ** (len(w) - 1)}")
         pixels = cfg.image_channels * cfg.patch**2
-        self.stem = nn.Conv2d(pixels, w[0], 3, padding=1)
+        self.stem = nn.Conv2d(pixels + image_inputs * cfg.patch**2, w[0], 3, padding=1)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         skips, c = [w[0]], w[0]
         for level, width in enumerate(w):
@@ -110,12 +122,22 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, image_embed: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-        """x: noised images (B, C, H, W); image_embed: CLIP image embeddings (B, D); drop (B,) True where the
-        condition is dropped. Returns the network output (eps, x0 or v, per the config) (B, C, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, image_embed: torch.Tensor, text_tokens: Optional[torch.Tensor] = None,
+                text_mask: Optional[torch.Tensor] = None, *, drop: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: noised images (B, C, H, W); image_embed: CLIP image embeddings (B, D); text_tokens (B, L, W) and
+        text_mask (B, L): the caption's CLIP token features and which to read (`text_tokens` configs; None: no caption);
+        drop (B,) True where every condition is dropped; image: the conditioning image (B, image_inputs, H, W).
+        Returns the network output (eps, x0 or v, per the config) (B, C, H, W)."""
+        if image is not None:
+            x = torch.cat([x, image], dim=1)
         cond = drop_condition(image_embed, self.null_cond, drop)
         emb = self.time(t) + self.cond_in(cond)  # (B, E)
         context = self.context_in(cond).view(x.shape[0], self.config.context_tokens, -1)  # (B, K, C_low)
+        context_mask = None
+        if self.text_in is not None and text_tokens is not None:
+            context = torch.cat([context, self.text_in(text_tokens)], 1)  # (B, K + L, C_low)
+            keep = torch.ones(context.shape[0], self.config.context_tokens, dtype=torch.bool, device=x.device)
+            context_mask = torch.cat([keep, text_mask & ~drop[:, None]], 1)
         h = self.stem(F.pixel_unshuffle(x, self.config.patch))  # (B, C p^2, H / p, W / p) -> (B, w0, ., .)
         hs = [h]
         for level, blocks in enumerate(self.down):
@@ -125,7 +147,7 @@ class UNet(nn.Module):
             if level < len(self.downsample):
                 h = self.downsample[level](h)
                 hs.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb), context), emb)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb), context, context_mask), emb)
         for level, blocks in enumerate(self.up):
             for block in blocks:
                 h = block(torch.cat([h, hs.pop()], dim=1), emb)

@@ -1,0 +1,237 @@
+"""The scenes benchmark: GenEval's six tasks on coloured digits, held-out pairs and phrasings, CLIP's hard
+negatives, the prior against its text baseline, and the time `t2i generate` takes.
+
+    python benchmarks/scenes.py --data-dir ../shared/data/mnist                      # the shipped pipeline
+    python benchmarks/scenes.py --data-dir DIR --checkpoints runs/scenes --out benchmarks/results/scenes-x
+    python benchmarks/scenes.py --data-dir DIR --only ceiling,negatives              # parts by name
+
+Prompts come from real test scenes (MNIST test digits): each task's prompt is what its scene satisfies,
+so the same evaluator (benchmarks/scene_eval.py) run on those real scenes gives the ceiling. A generated
+image scores 1 when the objects read from it match the prompt's Spec exactly: count, digits, colours named,
+relation named. Tasks sample seen colour-digit pairs; "held-out pairs" prompts name one of the ten pairs
+no training image shows; "held-out phrasings" states each task in words training never used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.judge import load_judge  # noqa: E402
+from benchmarks.scene_eval import read_scenes  # noqa: E402
+from unclip.data import default_data_dir, load_dataset  # noqa: E402
+from unclip.data.mnist import load_idx_dataset  # noqa: E402
+from unclip.data.scene_captions import NEGATIVES, PLACE_TERMS, TASKS, Spec, caption, perturb, task_prompt, task_scene_args  # noqa: E402
+from unclip.data.scenes import HELD_OUT, Scene, render, sample_scene  # noqa: E402
+from unclip.images import grid, save_png, to_uint8  # noqa: E402
+from unclip.models.clip import CLIP  # noqa: E402
+from unclip.pipeline import Pipeline, SamplingOptions, draw, load_clip, prior_cosine  # noqa: E402
+from unclip.tokenizer import Tokenizer  # noqa: E402
+from unclip.zeroshot import encode_images, encode_texts  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("ceiling", "generation", "negatives", "prior", "time")
+HELD_COLOUR = {d: c for c, d in HELD_OUT}
+
+
+class Glyphs:
+    """MNIST test digits to render scenes with, drawn by a seeded generator."""
+
+    def __init__(self, data_dir: str | None):
+        self.images, labels = load_idx_dataset("mnist", Path(data_dir) if data_dir else default_data_dir("mnist"), train=False)
+        self.by_digit = [torch.nonzero(labels == d).flatten() for d in range(10)]
+
+    def render(self, scene: Scene, rng: np.random.Generator) -> torch.Tensor:
+        picks = [self.by_digit[o.digit][rng.integers(len(self.by_digit[o.digit]))] for o in scene.objects]
+        return render(scene, [self.images[i, 0] for i in picks])
+
+
+def prompt_sets(glyphs: Glyphs, per_task: int) -> dict[str, list[tuple[str, Spec, torch.Tensor]]]:
+    """Per set, (prompt, Spec, the real scene it was written from)."""
+    sets: dict[str, list] = {}
+    for name in [*TASKS, "held-out pairs", "held-out phrasings"]:
+        items = []
+        for i in range(per_task):
+            r, rng = random.Random(f"{name}:{i}"), np.random.default_rng([len(items), len(name), i])
+            if name == "held-out phrasings":
+                task = TASKS[i % len(TASKS)]
+                scene = sample_scene(rng, False, **task_scene_args(task, r))
+                text, spec = task_prompt(task, scene, r, held_out=True)
+            elif name == "held-out pairs":  # colour and attribution prompts naming a pair no training image shows
+                task = ("colour", "attribution")[i % 2]
+                scene = sample_scene(rng, False, **task_scene_args(task, r))
+                first = scene.objects[0]
+                objects = (replace(first, colour=HELD_COLOUR[first.digit]), *scene.objects[1:])
+                scene = replace(scene, objects=objects)
+                text, spec = task_prompt(task, scene, r)
+            else:
+                scene = sample_scene(rng, False, **task_scene_args(name, r))
+                text, spec = task_prompt(name, scene, r)
+            items.append((text, spec, glyphs.render(scene, rng)))
+        sets[name] = items
+    return sets
+
+
+def score(judge, images: torch.Tensor, specs: list[Spec]) -> list[bool]:
+    return [spec.met_by(found) for spec, found in zip(specs, read_scenes(judge, images))]
+
+
+@torch.no_grad()
+def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: SamplingOptions, batch: int = 64) -> dict:
+    """Per set, uint8 images (prompts x per_prompt, 3, H, W), each prompt's images from its own seed."""
+    out = {}
+    for name, items in sets.items():
+        prompts = [text for text, _, _ in items for _ in range(per_prompt)]
+        images = []
+        for start in range(0, len(prompts), batch):
+            generator = torch.Generator(pipe.device).manual_seed(start)
+            images.append(to_uint8(draw(pipe, prompts[start : start + batch], options, generator)))
+        out[name] = torch.cat(images)
+        print(f"  generated {name}: {len(prompts)} images", flush=True)
+    return out
+
+
+@torch.no_grad()
+def hard_negatives(clip: CLIP, tokenizer: Tokenizer, glyphs: Glyphs, count: int) -> dict:
+    """ARO-style: for real test scenes, does CLIP rank the true caption above the same caption of the scene
+    changed in one way (colours swapped between digits, places swapped, one digit changed, the count changed)?"""
+    wins = {k: [] for k in NEGATIVES}
+    trues, negatives, images, kinds = [], [], [], []
+    for i in range(count):
+        rng, r = np.random.default_rng([7, i]), random.Random(f"negative:{i}")
+        scene = sample_scene(rng, True)
+        image = glyphs.render(scene, rng)
+        for kind in NEGATIVES:
+            seed = f"{i}:{kind}"
+            text = caption(scene, random.Random(seed))
+            other = perturb(scene, kind, r)
+            if other is None or (kind == "relation" and not any(w in text for w in PLACE_TERMS)):
+                continue
+            negative = caption(other, random.Random(seed))
+            if negative == text:  # the caption does not say what changed (no colours named, say)
+                continue
+            trues.append(text), negatives.append(negative), images.append(image), kinds.append(kind)
+    image_emb = encode_images(clip, torch.stack(images))
+    true_emb = encode_texts(clip, tokenizer, trues)[0]
+    negative_emb = encode_texts(clip, tokenizer, negatives)[0]
+    won = ((image_emb * true_emb).sum(-1) > (image_emb * negative_emb).sum(-1)).tolist()
+    for kind, w in zip(kinds, won):
+        wins[kind].append(w)
+    examples = {k: next((t, n) for t, n, kk in zip(trues, negatives, kinds) if kk == k) for k in NEGATIVES}
+    return {k: {"accuracy": sum(v) / len(v), "pairs": len(v), "example": examples[k]} for k, v in wins.items()}
+
+
+def time_generate(checkpoints: str, runs: int = 3) -> float:
+    """Median wall time of `t2i generate -n 16` from process start (a cold process, as a user runs it)."""
+    t2i = str(Path(sys.executable).parent / "t2i")
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(runs):
+            start = time.perf_counter()
+            subprocess.run([t2i, "generate", "--checkpoints", checkpoints, "--prompt", "a red 3 to the left of a blue 7",
+                            "-n", "16", "--device", "cpu", "--out", f"{tmp}/{i}"], check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def table(report: dict) -> list[str]:
+    lines = []
+    if "generation" in report or "ceiling" in report:
+        gen, ceil = report.get("generation", {}), report.get("ceiling", {})
+        lines += ["| task | generated | real scenes (ceiling) | prompts x images |", "| --- | --- | --- | --- |"]
+        for name in [*TASKS, "overall", "held-out pairs", "held-out phrasings"]:
+            g = f"{gen[name]:.3f}" if name in gen else "-"
+            c = f"{ceil[name]:.3f}" if name in ceil else "-"
+            lines.append(f"| {name} | {g} | {c} | {report.get('counts', {}).get(name, '-')} |")
+    if "negatives" in report:
+        lines += ["", "| CLIP hard negative | true caption ranked first | pairs | example (true / negative) |",
+                  "| --- | --- | --- | --- |"]
+        for kind, v in report["negatives"].items():
+            lines.append(f"| {kind} | {v['accuracy']:.3f} | {v['pairs']} | {v['example'][0]} / {v['example'][1]} |")
+    if "prior" in report:
+        p = report["prior"]
+        lines += ["", f"Prior: cosine to the true image embedding {p['prior_cosine']:.4f}, "
+                      f"the caption's text embedding {p['text_cosine']:.4f} (1,000 test scenes, one caption each)"]
+    if "time_16" in report:
+        lines += ["", f"`t2i generate -n 16`, from process start, median of 3: {report['time_16']:.2f} s"]
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=None, help="MNIST IDX files")
+    ap.add_argument("--checkpoints", default="scenes", help="pipeline folder or shipped name")
+    ap.add_argument("--clip", default=None, help="CLIP folder for the negatives (default: the pipeline's)")
+    ap.add_argument("--prompts", type=int, default=50, help="prompts a task (GenEval: >= 50)")
+    ap.add_argument("--per-prompt", type=int, default=4)
+    ap.add_argument("--negatives", type=int, default=2000, help="test scenes for the hard-negative table")
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
+    ap.add_argument("--upsampler-steps", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scenes")
+    args = ap.parse_args()
+    parts = set(args.only.split(","))
+    if parts - set(PARTS):
+        ap.error(f"unknown parts {parts - set(PARTS)}; use {PARTS}")
+    torch.manual_seed(0)
+    glyphs = Glyphs(args.data_dir)
+    judge = load_judge(args.data_dir)
+    sets = prompt_sets(glyphs, args.prompts)
+    report: dict = {"checkpoints": args.checkpoints, "counts": {}}
+    if "ceiling" in parts:
+        report["ceiling"] = {}
+        for name, items in sets.items():
+            report["ceiling"][name] = float(np.mean(score(judge, torch.stack([im for _, _, im in items]),
+                                                          [s for _, s, _ in items])))
+        report["ceiling"]["overall"] = float(np.mean([report["ceiling"][t] for t in TASKS]))
+    pipe = None
+    if parts & {"generation", "prior"}:
+        pipe = Pipeline.load(args.checkpoints, "cpu")
+    if "generation" in parts:
+        options = SamplingOptions()
+        if args.upsampler_steps is not None:
+            options = replace(options, upsampler_steps=args.upsampler_steps)
+        report["options"] = vars(options)
+        start = time.perf_counter()
+        images = generate_sets(pipe, sets, args.per_prompt, options)
+        report["generation_seconds"] = time.perf_counter() - start
+        report["generation"] = {}
+        for name, items in sets.items():
+            specs = [s for _, s, _ in items for _ in range(args.per_prompt)]
+            report["generation"][name] = float(np.mean(score(judge, images[name], specs)))
+            report["counts"][name] = f"{len(items)} x {args.per_prompt}"
+        report["generation"]["overall"] = float(np.mean([report["generation"][t] for t in TASKS]))
+        args.out.mkdir(parents=True, exist_ok=True)
+        gallery = torch.cat([images[t][: 2 * args.per_prompt] for t in TASKS])  # two prompts a task
+        save_png(grid(gallery, ncol=2 * args.per_prompt), args.out / "gallery.png", scale=2)
+        report["gallery_prompts"] = {t: [text for text, _, _ in sets[t][:2]] for t in TASKS}
+    if "negatives" in parts:
+        clip, cfg = load_clip(args.clip or (Path(args.checkpoints) / "clip" if Path(args.checkpoints).is_dir()
+                                            else args.checkpoints), "cpu")
+        report["negatives"] = hard_negatives(clip, Tokenizer(cfg.model.text_context), glyphs, args.negatives)
+    if "prior" in parts:
+        test = load_dataset("scenes", "test", args.data_dir, 3, pipe.clip_config.model.image_size)
+        idx = torch.arange(1000)
+        report["prior"] = prior_cosine(pipe.clip, pipe.tokenizer, pipe.prior, test.images[idx], test.captions(idx, seed=0))
+    if "time" in parts:
+        report["time_16"] = time_generate(args.checkpoints)
+    lines = table(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scenes.json").write_text(json.dumps(report, indent=2))
+    (args.out / "scenes.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

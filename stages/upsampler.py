@@ -1,0 +1,75 @@
+"""The cascade's last stage: a diffusion upsampler from the decoder's size to the pipeline's output size.
+
+It needs neither CLIP nor the captions (DALL-E 2's upsamplers are unconditional but for the low-resolution
+image), only the images: each training image shrunk to the decoder's size is its condition.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from stages.distributed import training_device
+from stages.stage_two import stage_config
+from stages.trainer import Stage, fit, seeded
+from unclip.checkpoint import CONFIG_FILE
+from unclip.config import ClipConfig, DecoderConfig, UpsamplerConfig, load_config
+from unclip.data import CaptionedImages, load_dataset
+from unclip.errors import CheckpointError, ConfigError
+from unclip.images import grid, resize, save_png, to_uint8
+from unclip.models.upsampler import Upsampler, degrade
+from unclip.pipeline import SamplingOptions, upsample, upsampler_diffusion
+
+SHOWN = 8  # validation images in the sample grid
+
+
+def upsampler_stage(cfg: UpsamplerConfig, data: CaptionedImages, val: CaptionedImages) -> Stage:
+    t, m = cfg.train, cfg.model
+    device = training_device(t.device)
+    model = seeded(t.seed, lambda: Upsampler(m)).to(device)
+    base = upsampler_diffusion(model, cfg, device)
+    levels = max(1, round(m.aug_max * m.timesteps))  # augmentation levels s drawn from [0, levels)
+
+    def loss(idx: torch.Tensor, step: int, module: torch.nn.Module):
+        x0 = data.pixels(idx).to(device)
+        s = torch.randint(0, levels, (len(idx),), device=device)
+        sigma = float(torch.rand(())) * m.blur_max
+        low = degrade(resize(x0, m.low_size), m.image_size, s, base.ac, sigma)
+        return replace(base, net=module).loss(x0, (low, s), m.cond_drop), {}
+
+    def sample(shipped: Upsampler, step: int, out: Path) -> None:
+        """Rows: the original, its low-resolution version (enlarged), then upsampled from that, three times."""
+        generator = torch.Generator(device).manual_seed(0)
+        idx = torch.arange(min(SHOWN, len(val)))
+        x0 = val.pixels(idx).to(device)
+        low = resize(x0, m.low_size)
+        options = SamplingOptions()
+        draws = [upsample(upsampler_diffusion(shipped, cfg, device), cfg, low, options.sampler, options.upsampler_steps,
+                          generator) for _ in range(3)]
+        enlarged = torch.nn.functional.interpolate(low, size=m.image_size, mode="nearest")
+        rows = torch.stack([x0, enlarged, *draws], 1).flatten(0, 1)
+        save_png(grid(to_uint8(rows), ncol=5), out / "samples" / f"grid_{step:07d}.png", scale=2)
+
+    return Stage("upsampler", model, cfg, len(data), loss, sample=sample)
+
+
+def train_upsampler(pipeline: Path, config_path: Optional[Path], flags: dict, resume: bool = False) -> dict:
+    """Train `pipeline/upsampler/` for the pipeline's decoder: from its size (`low_size`) to `image_size`,
+    on the data CLIP was trained on unless the config or flags say otherwise."""
+    pipeline = Path(pipeline)
+    for stage in ("clip", "decoder"):
+        if not (pipeline / stage / CONFIG_FILE).is_file():
+            raise CheckpointError(f"--pipeline {pipeline}: no {stage}/{CONFIG_FILE} (train CLIP and the decoder first)")
+    clip_cfg = load_config(ClipConfig, pipeline / "clip" / CONFIG_FILE)
+    decoder = load_config(DecoderConfig, pipeline / "decoder" / CONFIG_FILE).model
+    cfg = stage_config(UpsamplerConfig, "upsampler", clip_cfg, config_path, flags)
+    m, t = cfg.model, cfg.train
+    training_device(t.device)  # joins the process group (torchrun) before anything is built
+    m.image_channels, m.low_size = decoder.image_channels, decoder.image_size
+    if m.image_size <= m.low_size:
+        raise ConfigError(f"upsampler image_size {m.image_size} must be larger than the decoder's {m.low_size}")
+    data = load_dataset(t.data, "train", t.data_dir, m.image_channels, m.image_size, t.val_size)
+    val = load_dataset(t.data, "val", t.data_dir, m.image_channels, m.image_size, t.val_size)
+    return fit(upsampler_stage(cfg, data, val), t, pipeline / "upsampler", resume)

@@ -1,0 +1,129 @@
+"""DALL-E 2's cascade: a base decoder smaller than CLIP's images that also reads the caption (GLIDE's text
+conditioning), and a diffusion upsampler after it."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from tests.conftest import TINY
+from unclip.diffusion.schedule import alphas_cumprod
+from unclip.images import resize
+from unclip.models.upsampler import degrade
+
+runner = CliRunner()
+# CLIP sees 28x28; the decoder draws 16x16 and reads the caption's tokens, the upsampler draws 28x28.
+CASCADE = {
+    **TINY,
+    "decoder": {**TINY["decoder"], "model": {**TINY["decoder"]["model"], "image_size": 16, "text_tokens": True}},
+    "upsampler": {"model": {"image_size": 28, "patch": 2, "widths": [8, 16], "heads": 2, "context_tokens": 2,
+                            "timesteps": 50},
+                  "train": {"max_steps": 60, "batch_size": 20, "lr": 3e-3, "val_size": 100, "warmup_steps": 5,
+                            "ckpt_every": 30}},
+}
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def cascade(tiny_pipeline, tmp_path_factory) -> Path:
+    """The tiny pipeline's CLIP with a 16x16 prior + decoder and an upsampler to 28x28, through the CLI."""
+    root = tmp_path_factory.mktemp("cascade")
+    config = root / "cascade.yaml"
+    config.write_text(yaml.safe_dump(CASCADE))
+    r = run("decoder-train", "--clip", tiny_pipeline / "clip", "--config", config, "--out", root / "pipe")
+    assert r.exit_code == 0, r.output
+    r = run("upsampler-train", "--pipeline", root / "pipe", "--config", config)
+    assert r.exit_code == 0, r.output
+    return root / "pipe"
+
+
+def test_degrade_is_the_upsampled_image_at_level_zero_and_noise_at_the_top():
+    ac = alphas_cumprod("cosine", 1000)
+    low = torch.rand(4, 3, 8, 8) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    clean = degrade(low, 16, torch.zeros(4, dtype=torch.long), ac, generator=g)
+    assert clean.shape == (4, 3, 16, 16)
+    torch.testing.assert_close(clean, resize(low, 16), atol=0.05, rtol=0)  # sqrt(1 - ab_0) is about 0.01
+    noised = degrade(low, 16, torch.full((4,), 999), ac, generator=g)
+    corr = torch.corrcoef(torch.stack([noised.flatten(), resize(low, 16).flatten()]))[0, 1]
+    assert abs(corr) < 0.1 and 0.9 < noised.std() < 1.1
+    blurred = degrade(low, 16, torch.zeros(4, dtype=torch.long), ac, sigma=1.0, generator=g)
+    assert blurred.std() < clean.std() * 0.9  # a blur removes the high frequencies
+
+
+def test_the_decoder_reads_the_caption_tokens_it_is_shown_and_none_when_dropped():
+    from unclip.config import DecoderModelConfig
+    from unclip.models.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, text_tokens=True), 8, text_width=12)
+    for p in net.parameters():  # the output layers start at zero: give every weight a say
+        torch.nn.init.normal_(p, std=0.2)
+    x, t, emb = torch.randn(2, 1, 16, 16), torch.tensor([10, 500]), torch.randn(2, 8)
+    a, b = torch.randn(2, 5, 12), torch.randn(2, 5, 12)
+    shown, hidden = torch.ones(2, 5, dtype=torch.bool), torch.zeros(2, 5, dtype=torch.bool)
+    keep, drop = torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+    assert not torch.allclose(net(x, t, emb, a, shown, drop=keep), net(x, t, emb, b, shown, drop=keep))
+    torch.testing.assert_close(net(x, t, emb, a, hidden, drop=keep), net(x, t, emb, b, hidden, drop=keep))
+    torch.testing.assert_close(net(x, t, emb, a, shown, drop=drop), net(x, t, emb, b, shown, drop=drop))
+
+
+def test_the_cascade_draws_at_the_upsampler_size_reproducibly(cascade, tmp_path):
+    saved = yaml.safe_load((cascade / "upsampler" / "config.yaml").read_text())
+    assert saved["model"]["low_size"] == 16 and saved["model"]["image_channels"] == 1  # from the decoder
+    for name in ("a", "b"):
+        r = run("generate", "--checkpoints", cascade, "--prompt", "six", "-n", 3, "--steps", 3, "--upsampler-steps", 2,
+                "--out", tmp_path / name)
+        assert r.exit_code == 0, r.output
+    a = [Image.open(tmp_path / "a" / f"{i:04d}.png") for i in range(3)]
+    assert all(im.size == (28, 28) for im in a)
+    assert all(np.array_equal(np.asarray(x), np.asarray(Image.open(tmp_path / "b" / f"{i:04d}.png"))) for i, x in enumerate(a))
+    r = run("vary", tmp_path / "a" / "0000.png", "--checkpoints", cascade, "-n", 2, "--steps", 2, "--upsampler-steps", 2,
+            "--out", tmp_path / "v")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "v" / "0000.png").size == (28, 28)
+    r = run("interpolate", "--from", "one", "--to", "seven", "--frames", 3, "--checkpoints", cascade, "--steps", 2,
+            "--upsampler-steps", 2, "--out", tmp_path / "i")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "i" / "0002.png").size == (28, 28)
+
+
+def test_the_upsampler_loss_falls_and_samples_are_drawn(cascade):
+    losses = [json.loads(line)["loss"] for line in (cascade / "upsampler" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 60
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, (losses[:10], losses[-10:])
+    assert list((cascade / "upsampler" / "samples").glob("grid_*.png"))
+
+
+def test_without_the_upsampler_the_base_size_is_drawn(cascade, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(cascade, base, ignore=shutil.ignore_patterns("upsampler"))
+    r = run("generate", "--checkpoints", base, "--prompt", "six", "-n", 1, "--steps", 2, "--out", tmp_path / "g")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "g" / "0000.png").size == (16, 16)
+
+
+def test_cascade_errors_are_one_line(cascade, tiny_pipeline, tmp_path):
+    r = run("generate", "--checkpoints", cascade, "--prompt", "six", "--upsampler-steps", 0, "--out", tmp_path / "g")
+    assert r.exit_code == 1 and "--upsampler-steps must be at least 1" in r.output
+    r = run("generate", "--checkpoints", cascade, "--prompt", "six", "--upsampler-steps", 51, "--out", tmp_path / "g")
+    assert r.exit_code == 1 and "more than the upsampler's 50" in r.output
+    mixed = tmp_path / "mixed"  # a 28x28 decoder beside an upsampler of 16x16 images
+    shutil.copytree(tiny_pipeline, mixed, ignore=shutil.ignore_patterns("*.pt"))
+    shutil.copytree(cascade / "upsampler", mixed / "upsampler")
+    r = run("generate", "--checkpoints", mixed, "--prompt", "six", "--out", tmp_path / "g")
+    assert r.exit_code == 1 and "upsamples 16x16 images, but the decoder draws 28x28" in r.output
+    r = run("upsampler-train", "--pipeline", tmp_path / "nowhere")
+    assert r.exit_code == 1 and "no clip/config.yaml" in r.output
+    assert "Traceback" not in r.output

@@ -1,0 +1,50 @@
+"""A diffusion upsampler: DALL-E 2's cascade after Cascaded Diffusion Models (Ho et al. 2021).
+
+The decoder's U-Net, given the low-resolution image (upsampled to the output size) beside x_t. The
+conditioning image is degraded while training, so that the upsampler learns to fix what the base decoder
+gets wrong rather than copy it: a Gaussian blur (DALL-E 2 sec. D), then noise-conditioning augmentation,
+the image diffused to a level s that the network is told (CDM sec. 4.2).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torchvision.transforms.functional import gaussian_blur
+
+from unclip.config import UpsamplerModelConfig
+from unclip.diffusion.gaussian import q_sample
+from unclip.images import resize
+from unclip.models.layers import timestep_embedding
+from unclip.models.unet import UNet
+
+
+class Upsampler(nn.Module):
+    """net(x_t, t, low, s, drop): x_t (B, C, H, W), the degraded low-resolution image at H x W, its level s (B,)."""
+
+    def __init__(self, cfg: UpsamplerModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.level_dim = cfg.widths[0]
+        self.unet = UNet(cfg, self.level_dim, image_inputs=cfg.image_channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, low: torch.Tensor, s: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, timestep_embedding(s, self.level_dim), drop=drop, image=low)
+
+
+def degrade(low: torch.Tensor, size: int, s: torch.Tensor, ac: torch.Tensor, sigma: float = 0.0,
+            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The upsampler's condition: low-resolution images (B, C, h, w) in [-1, 1] upsampled to `size`, blurred
+    by `sigma` px (none at 0), then diffused to levels s (B,): sqrt(ab_s) z + sqrt(1 - ab_s) eps."""
+    z = resize(low, size)
+    if sigma > 0:
+        kernel = 2 * int(3 * sigma + 0.5) + 1
+        z = gaussian_blur(z, [kernel, kernel], [sigma, sigma])
+    eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    return q_sample(z, s, eps, ac)
+
+
+def sampling_level(cfg: UpsamplerModelConfig, batch: int, device: torch.device) -> torch.Tensor:
+    """The augmentation level s (B,) applied and told at sampling (`aug_level` of the timesteps)."""
+    return torch.full((batch,), round(cfg.aug_level * (cfg.timesteps - 1)), device=device, dtype=torch.long)
