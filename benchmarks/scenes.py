@@ -34,8 +34,8 @@ from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
 from unclip.data.scene_captions import NEGATIVES, PLACE_TERMS, TASKS, Spec, caption, perturb, task_prompt, task_scene_args  # noqa: E402
-from unclip.data.scenes import HELD_OUT, Scene, render, sample_scene  # noqa: E402
-from unclip.images import grid, save_png, to_uint8  # noqa: E402
+from unclip.data.scenes import HELD_OUT, SIZE, Scene, render, sample_scene  # noqa: E402
+from unclip.images import grid, resize, save_png, to_uint8  # noqa: E402
 from unclip.models.clip import CLIP  # noqa: E402
 from unclip.pipeline import Pipeline, SamplingOptions, draw, load_clip, prior_cosine  # noqa: E402
 from unclip.tokenizer import Tokenizer  # noqa: E402
@@ -58,8 +58,8 @@ class Glyphs:
         return render(scene, [self.images[i, 0] for i in picks])
 
 
-def prompt_sets(glyphs: Glyphs, per_task: int) -> dict[str, list[tuple[str, Spec, torch.Tensor]]]:
-    """Per set, (prompt, Spec, the real scene it was written from)."""
+def prompt_sets(glyphs: Glyphs, per_task: int, per_prompt: int) -> dict[str, list[tuple[str, Spec, torch.Tensor]]]:
+    """Per set, (prompt, Spec, `per_prompt` renderings (other MNIST glyphs) of the real scene it was written from)."""
     sets: dict[str, list] = {}
     for name in [*TASKS, "held-out pairs", "held-out phrasings"]:
         items = []
@@ -79,7 +79,7 @@ def prompt_sets(glyphs: Glyphs, per_task: int) -> dict[str, list[tuple[str, Spec
             else:
                 scene = sample_scene(rng, False, **task_scene_args(name, r))
                 text, spec = task_prompt(name, scene, r)
-            items.append((text, spec, glyphs.render(scene, rng)))
+            items.append((text, spec, torch.stack([glyphs.render(scene, rng) for _ in range(per_prompt)])))
         sets[name] = items
     return sets
 
@@ -90,14 +90,14 @@ def score(judge, images: torch.Tensor, specs: list[Spec]) -> list[bool]:
 
 @torch.no_grad()
 def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: SamplingOptions, batch: int = 64) -> dict:
-    """Per set, uint8 images (prompts x per_prompt, 3, H, W), each prompt's images from its own seed."""
+    """Per set, uint8 images (prompts x per_prompt, 3, 64, 64) (enlarged if the pipeline draws smaller)."""
     out = {}
     for name, items in sets.items():
         prompts = [text for text, _, _ in items for _ in range(per_prompt)]
         images = []
         for start in range(0, len(prompts), batch):
             generator = torch.Generator(pipe.device).manual_seed(start)
-            images.append(to_uint8(draw(pipe, prompts[start : start + batch], options, generator)))
+            images.append(to_uint8(resize(draw(pipe, prompts[start : start + batch], options, generator), SIZE)))
         out[name] = torch.cat(images)
         print(f"  generated {name}: {len(prompts)} images", flush=True)
     return out
@@ -179,6 +179,8 @@ def main() -> None:
     ap.add_argument("--negatives", type=int, default=2000, help="test scenes for the hard-negative table")
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
     ap.add_argument("--upsampler-steps", type=int, default=None)
+    ap.add_argument("--base-only", action="store_true",
+                    help="skip the upsampler: the decoder's images, enlarged bilinearly to 64x64, are scored")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scenes")
     args = ap.parse_args()
     parts = set(args.only.split(","))
@@ -187,22 +189,24 @@ def main() -> None:
     torch.manual_seed(0)
     glyphs = Glyphs(args.data_dir)
     judge = load_judge(args.data_dir)
-    sets = prompt_sets(glyphs, args.prompts)
+    sets = prompt_sets(glyphs, args.prompts, args.per_prompt)
     report: dict = {"checkpoints": args.checkpoints, "counts": {}}
     if "ceiling" in parts:
         report["ceiling"] = {}
         for name, items in sets.items():
-            report["ceiling"][name] = float(np.mean(score(judge, torch.stack([im for _, _, im in items]),
-                                                          [s for _, s, _ in items])))
+            real = torch.cat([im for _, _, im in items])
+            report["ceiling"][name] = float(np.mean(score(judge, real, [s for _, s, im in items for _ in im])))
         report["ceiling"]["overall"] = float(np.mean([report["ceiling"][t] for t in TASKS]))
     pipe = None
     if parts & {"generation", "prior"}:
         pipe = Pipeline.load(args.checkpoints, "cpu")
+        if args.base_only:
+            pipe.upsampler = pipe.upsampler_config = None
     if "generation" in parts:
         options = SamplingOptions()
         if args.upsampler_steps is not None:
             options = replace(options, upsampler_steps=args.upsampler_steps)
-        report["options"] = vars(options)
+        report["options"] = {**vars(options), "base_only": args.base_only}
         start = time.perf_counter()
         images = generate_sets(pipe, sets, args.per_prompt, options)
         report["generation_seconds"] = time.perf_counter() - start

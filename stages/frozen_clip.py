@@ -44,4 +44,7 @@ class FrozenClip:
     def fixed_captions(self, n: int = 10) -> Optional[list[str]]:
         """Prompts for sample grids: the class names, or the first distinct validation captions."""
         names = self.data.class_names
-        return names[:n] if names else list(dict.fromkeys(self.val.texts))[:n]
+        if names:
+            return names[:n]
+        captions = self.val.captions(torch.arange(min(4 * n, len(self.val))), seed=0)
+        return list(dict.fromkeys(captions))[:n]

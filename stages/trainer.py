@@ -201,7 +201,7 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False) -> dict
         run.restore()
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
-    log = open(run.out / METRICS_FILE, "a") if main else None
+    log = open(run.out / METRICS_FILE, "a", buffering=1) if main else None  # line-buffered: `tail -f` follows it
     last: dict = {}
     order, order_epoch = None, -1
     t0, step0 = time.perf_counter(), run.step

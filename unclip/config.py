@@ -142,7 +142,7 @@ class UpsamplerModelConfig(DecoderModelConfig):
     image_size: int = 64
     low_size: Optional[int] = None
     patch: int = 4
-    widths: list[int] = field(default_factory=lambda: [64, 128])
+    widths: list[int] = field(default_factory=lambda: [32, 64])  # a local task: a small network will do
     cond_drop: float = 0.0  # no condition to drop: the low-resolution image is always given
     blur_max: float = 1.0
     aug_max: float = 0.3  # fraction of the timesteps
