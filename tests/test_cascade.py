@@ -127,3 +127,14 @@ def test_cascade_errors_are_one_line(cascade, tiny_pipeline, tmp_path):
     r = run("upsampler-train", "--pipeline", tmp_path / "nowhere")
     assert r.exit_code == 1 and "no clip/config.yaml" in r.output
     assert "Traceback" not in r.output
+
+
+def test_our_gaussian_blur_is_torchvisions():
+    from torchvision.transforms.functional import gaussian_blur as torchvision_blur
+
+    from unclip.images import gaussian_blur
+
+    x = torch.rand(2, 3, 16, 16)
+    for sigma in (0.3, 0.7, 1.0):
+        kernel = 2 * int(3 * sigma + 0.5) + 1
+        torch.testing.assert_close(gaussian_blur(x, sigma), torchvision_blur(x, [kernel, kernel], [sigma, sigma]))

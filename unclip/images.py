@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from unclip.checkpoint import atomic_write
@@ -24,8 +25,19 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """Float images (B, C, h, w) to size x size, bilinear (antialiased when shrinking)."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
-    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=x.shape[-1] > size,
-                                           align_corners=False)
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=x.shape[-1] > size, align_corners=False)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Float images (B, C, H, W) blurred by a Gaussian of `sigma` px, separably, reflecting at the borders
+    (as torchvision's gaussian_blur, without importing torchvision: 1.2 s of every `t2i generate`)."""
+    radius = int(3 * sigma + 0.5)
+    k = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    w = torch.exp(-(k**2) / (2 * sigma**2))
+    w = w / w.sum()
+    C = x.shape[1]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), w.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), w.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
 
 
 def grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:

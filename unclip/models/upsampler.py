@@ -11,11 +11,10 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torchvision.transforms.functional import gaussian_blur
 
 from unclip.config import UpsamplerModelConfig
 from unclip.diffusion.gaussian import q_sample
-from unclip.images import resize
+from unclip.images import gaussian_blur, resize
 from unclip.models.layers import timestep_embedding
 from unclip.models.unet import UNet
 
@@ -39,8 +38,7 @@ def degrade(low: torch.Tensor, size: int, s: torch.Tensor, ac: torch.Tensor, sig
     by `sigma` px (none at 0), then diffused to levels s (B,): sqrt(ab_s) z + sqrt(1 - ab_s) eps."""
     z = resize(low, size)
     if sigma > 0:
-        kernel = 2 * int(3 * sigma + 0.5) + 1
-        z = gaussian_blur(z, [kernel, kernel], [sigma, sigma])
+        z = gaussian_blur(z, sigma)
     eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
     return q_sample(z, s, eps, ac)
 
