@@ -227,15 +227,15 @@ UpsamplerStepsOpt = Annotated[Optional[int], typer.Option("--upsampler-steps", h
 SampleDeviceOpt = Annotated[Device, typer.Option("--device")]
 
 
-def sampling_options(sampler: Sampler, steps, guidance, prior_guidance, upsampler_steps):
+def sampling_options(sampler: Sampler, steps, guidance, prior_guidance, upsampler_steps, strength=None):
     """The library's default SamplingOptions with the flags that were given."""
     from dataclasses import replace
 
-    from unclip.generation import check_options
+    from unclip.api import check_options
     from unclip.pipeline import SamplingOptions
 
     given = {"sampler": sampler.value if sampler else None, "steps": steps, "guidance": guidance,
-             "prior_guidance": prior_guidance, "upsampler_steps": upsampler_steps}
+             "prior_guidance": prior_guidance, "upsampler_steps": upsampler_steps, "strength": strength}
     options = replace(SamplingOptions(), **{k: v for k, v in given.items() if v is not None})
     check_options(options)
     return options
@@ -244,7 +244,7 @@ def sampling_options(sampler: Sampler, steps, guidance, prior_guidance, upsample
 @command("generate")
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", help="What to draw.")],
-    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Images to draw.")] = 16,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Images to draw.")] = 16,
     checkpoints: CheckpointsOpt = DEFAULT_PIPELINE,
     out: Annotated[Optional[Path], typer.Option("--out", help="Default: outputs/<prompt>/")] = None,
     seed: SeedSampleOpt = 0, sampler: SamplerOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
@@ -252,21 +252,26 @@ def generate(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images sampled at once.")] = 64,
     device: SampleDeviceOpt = Device.auto,
     animate: Annotated[bool, typer.Option("--animate", help="Also write denoise.gif of the sampling chain.")] = False,
+    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", help="What to steer away from.")] = None,
+    init_image: Annotated[Optional[Path], typer.Option("--init-image", help="Image-to-image (SDEdit): start from this image.")] = None,
+    strength: Annotated[Optional[float], typer.Option("--strength", help="With --init-image: 0 keeps the image, 1 ignores it.")] = None,
 ) -> None:
     """Text -> image: the prior turns the caption into a CLIP image embedding, the decoder draws it."""
     from unclip.generation import generate_to_folder
 
-    options = sampling_options(sampler, steps, guidance, prior_guidance, upsampler_steps)
+    if strength is not None and init_image is None:
+        raise UserError("--strength is for image-to-image: give the image with --init-image")
+    options = sampling_options(sampler, steps, guidance, prior_guidance, upsampler_steps, strength)
     with progress_bar("sampling") as bar:
         folder = generate_to_folder(prompt, num_samples, checkpoints, out, options, seed, batch_size, device.value,
-                                    animate, progress=bar)
+                                    animate, bar, negative_prompt, init_image)
     console.print(f"wrote {num_samples} image(s) and grid.png{' and denoise.gif' if animate else ''} to {folder}/")
 
 
 @command("vary")
 def vary(
     image: Annotated[Path, typer.Argument(help="Any image; converted to what the model expects.")],
-    num_samples: Annotated[int, typer.Option("--num-samples", "-n")] = 16,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1)] = 16,
     checkpoints: CheckpointsOpt = DEFAULT_PIPELINE,
     out: Annotated[Optional[Path], typer.Option("--out", help="Default: outputs/vary-<image name>/")] = None,
     seed: SeedSampleOpt = 0, sampler: SamplerOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.judge import DIGITS, load_judge, predict  # noqa: E402
 from unclip.data import load_dataset  # noqa: E402
 from unclip.images import grid, save_png  # noqa: E402
-from unclip.pipeline import Pipeline, SamplingOptions, embed_prompt_or_image, interpolate, vary  # noqa: E402
+from unclip.api import UnCLIPPipeline  # noqa: E402
+from unclip.pipeline import SamplingOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,14 +36,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     judge = load_judge(args.data_dir)
-    pipe = Pipeline.load(args.checkpoints, "cpu")
+    pipe = UnCLIPPipeline.from_pretrained(args.checkpoints, "cpu")
     options = SamplingOptions()
     test = load_dataset("mnist", "test", args.data_dir)
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: args.sources]
 
     same, rows = [], []
     for n, i in enumerate(idx.tolist()):
-        images = vary(pipe, test.images[i], args.variations, options, seed=n)
+        images = pipe.variations(test.images[i], args.variations, generator=pipe.generator(seed=n), output_type="uint8").images
         same.append((predict(judge, images) == test.labels[i]).float().mean().item())
         if n < 8:
             rows.append(torch.cat([test.images[i][None], images]))
@@ -53,9 +54,8 @@ def main() -> None:
         for b in range(10):
             if a == b:
                 continue
-            ea = embed_prompt_or_image(pipe, DIGITS[a], options, seed=a)
-            eb = embed_prompt_or_image(pipe, DIGITS[b], options, seed=100 + b)
-            frames = interpolate(pipe, ea, eb, args.frames, options, seed=a * 10 + b)
+            frames = pipe.interpolate(DIGITS[a], DIGITS[b], args.frames, generator=pipe.generator(seed=a * 10 + b),
+                                      output_type="uint8").images
             pred = predict(judge, frames)
             ends.append((pred[0].item() == a, pred[-1].item() == b))
             if (a, b) in ((1, 7), (3, 8), (0, 6), (4, 9)):

@@ -34,8 +34,9 @@ from benchmarks.judge import DIGITS, diversity, features_and_logits, frechet_dis
 from unclip.data import load_dataset  # noqa: E402
 from unclip.images import grid, save_png  # noqa: E402
 from unclip.images import to_uint8  # noqa: E402
-from unclip.pipeline import (Pipeline, SamplingOptions, decode, generate, prior_cosine,  # noqa: E402
-                             sample_image_embeddings)
+from unclip.api import UnCLIPPipeline  # noqa: E402
+from unclip.generation import generate_images  # noqa: E402
+from unclip.pipeline import Pipeline, SamplingOptions, decode, prior_cosine, sample_image_embeddings  # noqa: E402
 from unclip.zeroshot import encode_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,9 +46,7 @@ def draw(pipe: Pipeline, options: SamplingOptions, per_prompt: int, seed: int, b
     """uint8 (10, per_prompt, C, H, W): samples for each digit prompt."""
     out = []
     for k, word in enumerate(DIGITS):
-        images: list[torch.Tensor] = []
-        generate(pipe, word, per_prompt, options, seed + k, batch_size, on_batch=lambda s, x: images.append(x))
-        out.append(torch.cat(images))
+        out.append(generate_images(UnCLIPPipeline(pipe), word, per_prompt, options, seed + k, batch_size))
     return torch.stack(out)
 
 

@@ -116,7 +116,7 @@ def test_without_the_upsampler_the_base_size_is_drawn(cascade, tmp_path):
 
 def test_cascade_errors_are_one_line(cascade, tiny_pipeline, tmp_path):
     r = run("generate", "--checkpoints", cascade, "--prompt", "six", "--upsampler-steps", 0, "--out", tmp_path / "g")
-    assert r.exit_code == 1 and "--upsampler-steps must be at least 1" in r.output
+    assert r.exit_code == 1 and "upsampler steps must be at least 1" in r.output
     r = run("generate", "--checkpoints", cascade, "--prompt", "six", "--upsampler-steps", 51, "--out", tmp_path / "g")
     assert r.exit_code == 1 and "more than the upsampler's 50" in r.output
     mixed = tmp_path / "mixed"  # a 28x28 decoder beside an upsampler of 16x16 images

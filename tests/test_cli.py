@@ -99,8 +99,8 @@ BAD_GENERATE = [
     # (extra args, damage to the pipeline, expected message)
     (["--prompt", ""], None, "prompt is empty"),
     (["--prompt", "   "], None, "prompt is empty"),
-    (["--num-samples", "0"], None, "num-samples must be at least 1"),
-    (["--num-samples", "-3"], None, "num-samples must be at least 1"),
+    (["--num-samples", "0"], None, "Invalid value for '--num-samples'"),
+    (["--num-samples", "-3"], None, "Invalid value for '--num-samples'"),
     (["--num-samples", "many"], None, "Invalid value for '--num-samples'"),
     (["--steps", "0"], None, "steps must be at least 1"),
     (["--guidance", "-1"], None, "guidance"),

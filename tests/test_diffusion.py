@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from unclip.diffusion.gaussian import predict_eps, predict_x0, q_sample, to_x0, training_target, v_target, x0_from_v
-from unclip.diffusion.sampling import classifier_free_guidance, sample
+from unclip.diffusion.sampling import classifier_free_guidance, sample, sampler_timesteps
 from unclip.diffusion.models import Diffusion
 from unclip.diffusion.schedule import alphas_cumprod, spaced_timesteps
 
@@ -94,6 +94,37 @@ def test_guidance_extrapolates_from_unconditional_to_conditional():
     torch.testing.assert_close(out, torch.full((3, 2), 3.0))
     assert torch.equal(classifier_free_guidance(net_x0, cond, 1.0)(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)),
                        torch.ones(3, 2))
+    # A negative condition takes the unconditional half's place, undropped: x0 = n + 3 (c - n) = 1 + 3 (1 - (-1)).
+    calls.clear()
+    negative = classifier_free_guidance(net_x0, cond, 3.0, negative=(-torch.ones(3, 2),))
+    torch.testing.assert_close(negative(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)), torch.full((3, 2), 5.0))
+    assert calls == [6]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
+def test_image_to_image_chain_starts_partway(sampler):
+    """SDEdit: strength 0 returns the init, 1 is the plain chain from the same noise, and in between the chain
+    runs its last round(strength x n) steps from the init noised to the first of them."""
+    ac = alphas_cumprod("cosine", 20)
+    full = sampler_timesteps(sampler, 20, 8)
+    half = sampler_timesteps(sampler, 20, 8, 0.5)
+    assert half == full[len(full) // 2:] and half[-1] == 0 and sampler_timesteps(sampler, 20, 8, 0.0) == []
+    init, target = torch.full((2, 3), 0.5), torch.full((2, 3), -0.25)
+    seen = []
+
+    def denoise(x, t):
+        seen.append((int(t[0]), x.clone()))
+        return target
+
+    noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample(sampler, denoise, noise, ac, 8, init=init, strength=0.0), init) and not seen
+    out = sample(sampler, denoise, noise, ac, 8, generator=torch.Generator().manual_seed(1), init=init, strength=0.5)
+    torch.testing.assert_close(out, target)  # a denoiser that knows the answer lands on it
+    assert [t for t, _ in seen] == half
+    torch.testing.assert_close(seen[0][1], q_sample(init, torch.full((2,), half[0]), noise, ac))
+    seen.clear()
+    sample(sampler, denoise, noise, ac, 8, generator=torch.Generator().manual_seed(1), init=init, strength=1.0)
+    assert seen[0][0] == full[0] and torch.equal(seen[0][1], noise)  # strength 1: pure noise, the init unused
 
 
 def test_guidance_combines_raw_predictions_then_clamps():

@@ -1,4 +1,4 @@
-"""`t2i generate` as a library call: validate the request, sample batch by batch, write the files."""
+"""`t2i generate`, `vary` and `interpolate` as library calls: the Python API's images written to a folder."""
 from __future__ import annotations
 
 import os
@@ -8,14 +8,14 @@ from typing import Callable, Optional
 
 import torch
 
-from unclip.diffusion.sampling import SAMPLERS
+from unclip.api import UnCLIPPipeline, check_count
 from unclip.errors import UserError
-from unclip.images import grid, save_gif, save_numbered, save_png
-from unclip.pipeline import Pipeline, SamplingOptions, embed_prompt_or_image, generate, interpolate, steps_per_image, vary
-from unclip.zeroshot import load_images
+from unclip.images import grid, resize, save_gif, save_numbered, save_png, to_uint8
+from unclip.pipeline import SamplingOptions, steps_per_image
 
 GRID_MAX = 1024  # images on the contact sheet; every sample is written as its own PNG regardless
 GIF_FRAMES = 60
+Progress = Optional[Callable[[int], Callable[[], None]]]  # progress(total_steps) -> advance()
 
 
 def slug(prompt: str) -> str:
@@ -23,25 +23,9 @@ def slug(prompt: str) -> str:
     return s[:60] or "prompt"
 
 
-def check_request(prompt: str, num_samples: int, options: SamplingOptions) -> None:
-    if not prompt.strip():
-        raise UserError("--prompt is empty: say what to draw, e.g. --prompt six")
-    check_count(num_samples)
-    check_options(options)
-
-
-def check_count(num_samples: int) -> None:
-    if num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
-
-
-def check_options(options: SamplingOptions) -> None:
-    if options.sampler not in SAMPLERS:
-        raise UserError(f"unknown --sampler {options.sampler!r}: use one of {', '.join(SAMPLERS)}")
-    if options.steps < 1 or options.upsampler_steps < 1:
-        raise UserError(f"--steps and --upsampler-steps must be at least 1, got {options.steps} and {options.upsampler_steps}")
-    if options.guidance < 0 or options.prior_guidance < 0:
-        raise UserError("--guidance and --prior-guidance must be >= 0 (1 means no guidance)")
+def contact_sheet(images: torch.Tensor, ncol: Optional[int] = None) -> torch.Tensor:
+    """The grid.png of a run: its first GRID_MAX images (uint8 (B, C, H, W)) on one sheet."""
+    return grid(images[:GRID_MAX], ncol)
 
 
 def writable_folder(out: Path) -> Path:
@@ -54,37 +38,64 @@ def writable_folder(out: Path) -> Path:
     return out
 
 
-def load_for_sampling(checkpoints: str | Path, device: str, options: SamplingOptions) -> Pipeline:
-    pipe = Pipeline.load(checkpoints, device)
-    for stage, diffusion in (("prior", pipe.prior), ("decoder", pipe.decoder)):
-        if options.steps > len(diffusion.ac):
-            raise UserError(f"--steps {options.steps} is more than the {len(diffusion.ac)} diffusion steps of the {stage}")
-    if pipe.upsampler is not None and options.upsampler_steps > len(pipe.upsampler.ac):
-        raise UserError(f"--upsampler-steps {options.upsampler_steps} is more than the upsampler's {len(pipe.upsampler.ac)} diffusion steps")
-    return pipe
+def advance(progress: Progress, total: int):
+    """The API's `callback(step, total, x0)` driving a progress bar of `total` steps."""
+    if progress is None:
+        return None
+    tick = progress(total)
+    return lambda step, total, x0: tick()
+
+
+def generate_images(pipe: UnCLIPPipeline, prompt: str, num_samples: int, options: SamplingOptions, seed: int = 0,
+                    batch_size: int = 64, negative_prompt: Optional[str] = None, init_image=None,
+                    on_batch: Optional[Callable[[int, torch.Tensor], None]] = None, callback=None) -> torch.Tensor:
+    """`num_samples` uint8 images of `prompt`, batch by batch from one generator seeded with `seed`: what
+    `t2i generate` and the server's /api/generate draw. `on_batch(first_index, images)` sees each batch."""
+    check_count(num_samples, batch_size)
+    generator = pipe.generator(seed=seed)
+    out = []
+    for start in range(0, num_samples, batch_size):
+        images = pipe(prompt, negative_prompt, min(batch_size, num_samples - start), options.steps, options.guidance,
+                      options.prior_guidance, generator, "uint8", callback, init_image, options.strength,
+                      options.sampler, options.upsampler_steps, batch_size).images
+        if on_batch:
+            on_batch(start, images)
+        out.append(images)
+    return torch.cat(out)
 
 
 def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, out: Optional[Path], options: SamplingOptions,
                        seed: int = 0, batch_size: int = 64, device: str = "auto", animate: bool = False,
-                       progress: Optional[Callable[[int], Callable[[], None]]] = None) -> Path:
-    """Write OUT/0000.png ... , OUT/grid.png (and OUT/denoise.gif); return OUT.
-
-    `progress(total_steps)` may return a function called after every sampling step.
-    """
-    check_request(prompt, num_samples, options)
-    pipe = load_for_sampling(checkpoints, device, options)
+                       progress: Progress = None, negative_prompt: Optional[str] = None,
+                       init_image: Optional[Path] = None) -> Path:
+    """Write OUT/0000.png ... , OUT/grid.png (and OUT/denoise.gif of the first batch's chain); return OUT."""
+    if not prompt.strip():
+        raise UserError("--prompt is empty: say what to draw, e.g. --prompt six")
+    check_count(num_samples, batch_size)
+    pipe = UnCLIPPipeline.from_pretrained(checkpoints, device)
+    pipe.check(options)
+    if init_image is not None:
+        pipe.image(init_image)  # a missing or unreadable file fails before anything is written
     out = writable_folder(Path(out) if out else Path("outputs") / slug(prompt))
-    on_step = progress(steps_per_image(pipe, options) * -(-num_samples // batch_size)) if progress else None
-    kept: list[torch.Tensor] = []
+    strength = options.strength if init_image is not None else 1.0
+    batches = -(-num_samples // batch_size)
+    tick = advance(progress, steps_per_image(pipe.pipeline, options, strength) * batches)
+    chain: list[torch.Tensor] = []
+    first = [True]
 
-    def on_batch(start: int, images: torch.Tensor) -> None:
+    def callback(step, total, x0):
+        if tick:
+            tick(step, total, x0)
+        if animate and first[0]:  # the first batch's chain, at the output size
+            chain.append(to_uint8(resize(x0, pipe.image_size)))
+
+    def on_batch(start, images):
         save_numbered(images, out, start)
-        if sum(len(k) for k in kept) < GRID_MAX:
-            kept.append(images)
+        first[0] = False
 
-    chain = generate(pipe, prompt, num_samples, options, seed, batch_size, on_step, on_batch, record_chain=animate)
-    sheet = torch.cat(kept)[:GRID_MAX]
-    save_png(grid(sheet), out / "grid.png", scale=2)
+    sheet = generate_images(pipe, prompt, num_samples, options, seed, batch_size, negative_prompt, init_image,
+                            on_batch, callback)
+    save_png(contact_sheet(sheet), out / "grid.png", scale=2)
     if animate:
         stride = max(1, len(chain) // GIF_FRAMES)
         frames = chain[::stride] if (len(chain) - 1) % stride == 0 else chain[::stride] + chain[-1:]
@@ -93,35 +104,33 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, o
 
 
 def vary_to_folder(image: Path, num_samples: int, checkpoints: str | Path, out: Optional[Path], options: SamplingOptions,
-                   seed: int = 0, device: str = "auto", batch_size: int = 64,
-                   progress: Optional[Callable[[int], Callable[[], None]]] = None) -> Path:
+                   seed: int = 0, device: str = "auto", batch_size: int = 64, progress: Progress = None) -> Path:
     """Write variations of `image` as OUT/0000.png ... and OUT/grid.png (the source first)."""
-    check_count(num_samples)
-    check_options(options)
-    pipe = load_for_sampling(checkpoints, device, options)
-    m = pipe.clip_config.model
-    source = load_images([Path(image)], m.image_channels, m.image_size)[0]
+    check_count(num_samples, batch_size)
+    pipe = UnCLIPPipeline.from_pretrained(checkpoints, device)
+    pipe.check(options)
+    source = pipe.image(image)
     out = writable_folder(Path(out) if out else Path("outputs") / f"vary-{slug(Path(image).stem)}")
-    on_step = progress(steps_per_image(pipe, options) * -(-num_samples // batch_size)) if progress else None
-    images = vary(pipe, source, num_samples, options, seed, batch_size, on_step)
+    total = steps_per_image(pipe.pipeline, options) * -(-num_samples // batch_size)
+    images = pipe.variations(source, num_samples, options.steps, options.guidance, pipe.generator(seed=seed), "uint8",
+                             advance(progress, total), options.sampler, options.upsampler_steps, batch_size).images
     save_numbered(images, out)
-    shown = load_images([Path(image)], m.image_channels, pipe.image_size)  # the source beside them, at their size
-    save_png(grid(torch.cat([shown, images])[:GRID_MAX]), out / "grid.png", scale=2)
+    shown = pipe.image(image, pipe.image_size)[None]  # the source beside them, at their size
+    save_png(contact_sheet(torch.cat([shown, images])), out / "grid.png", scale=2)
     return out
 
 
 def interpolate_to_folder(source: str, target: str, frames: int, checkpoints: str | Path, out: Optional[Path],
-                          options: SamplingOptions, seed: int = 0, device: str = "auto",
-                          progress: Optional[Callable[[int], Callable[[], None]]] = None) -> Path:
+                          options: SamplingOptions, seed: int = 0, device: str = "auto", progress: Progress = None) -> Path:
     """Write OUT/0000.png ... (in order from `source` to `target`), OUT/strip.png and OUT/interpolation.gif."""
     if frames < 2:
         raise UserError(f"--frames must be at least 2, got {frames}")
-    check_options(options)
-    pipe = load_for_sampling(checkpoints, device, options)
+    pipe = UnCLIPPipeline.from_pretrained(checkpoints, device)
+    pipe.check(options)
     out = writable_folder(Path(out) if out else Path("outputs") / f"{slug(Path(source).stem)}-to-{slug(Path(target).stem)}")
-    a = embed_prompt_or_image(pipe, source, options, seed)
-    b = embed_prompt_or_image(pipe, target, options, seed + 1)
-    images = interpolate(pipe, a, b, frames, options, seed, progress(steps_per_image(pipe, options)) if progress else None)
+    images = pipe.interpolate(source, target, frames, options.steps, options.guidance, options.prior_guidance,
+                              pipe.generator(seed=seed), "uint8", advance(progress, steps_per_image(pipe.pipeline, options)),
+                              options.sampler, options.upsampler_steps).images
     save_numbered(images, out)
     save_png(grid(images, ncol=frames), out / "strip.png", scale=2)
     save_gif(list(images), out / "interpolation.gif", scale=4, ms_per_frame=150)

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from unclip.checkpoint import check_fingerprint, fingerprint, load_checkpoint, resolve_folder
 from unclip.config import ClipConfig, DecoderConfig, PriorConfig, UpsamplerConfig
 from unclip.diffusion.models import Diffusion
-from unclip.diffusion.sampling import sample
+from unclip.diffusion.sampling import sample, sampler_timesteps
 from unclip.errors import CheckpointError, UserError
-from unclip.images import to_uint8
+from unclip.images import resize
 from unclip.models.clip import CLIP
 from unclip.models.prior import DiffusionPrior
 from unclip.models.unet import UNet
 from unclip.models.upsampler import Upsampler, degrade, sampling_level
 from unclip.tokenizer import Tokenizer
-from unclip.zeroshot import encode_images, encode_texts, load_images, model_device
+from unclip.zeroshot import encode_images, encode_texts, model_device
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -139,16 +139,31 @@ class Pipeline:
         return (self.upsampler_config or self.decoder_config).model.image_size
 
 
+def prompt_conditions(clip: CLIP, tokenizer: Tokenizer, captions: list[str],
+                      negatives: Optional[list[str]] = None) -> tuple[tuple, Optional[tuple]]:
+    """`text_condition` of the captions and of their negative prompts (one each, or None), padded alike so
+    that classifier-free guidance can batch them together."""
+    cond = text_condition(clip, tokenizer, captions + (negatives or []))
+    if negatives is None:
+        return cond, None
+    if len(negatives) != len(captions):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(captions)} captions")
+    n = len(captions)
+    return tuple(c[:n] for c in cond), tuple(c[n:] for c in cond)
+
+
 @torch.no_grad()
 def sample_image_embeddings(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, captions: list[str], sampler: str,
-                            steps: int, guidance: float, generator: torch.Generator, candidates: int = 1) -> torch.Tensor:
+                            steps: int, guidance: float, generator: torch.Generator, candidates: int = 1,
+                            negatives: Optional[list[str]] = None) -> torch.Tensor:
     """Text -> unit-norm CLIP image embeddings (B, D) through the prior; of `candidates` draws per caption
-    the one most similar to the caption's text embedding is kept (DALL-E 2, sec. 2.2)."""
-    cond = text_condition(clip, tokenizer, captions)
+    the one most similar to the caption's text embedding is kept (DALL-E 2, sec. 2.2). With `negatives`,
+    guidance steers away from those captions instead of from no caption (Kandinsky 2.2's negative prompt)."""
+    cond, negative = prompt_conditions(clip, tokenizer, captions, negatives)
     B, D = cond[0].shape
-    cond_k = tuple(c.repeat_interleave(candidates, 0) for c in cond)
+    repeat = lambda c: tuple(x.repeat_interleave(candidates, 0) for x in c) if c is not None else None  # noqa: E731
     noise = torch.randn((B * candidates, D), generator=generator, device=generator.device)
-    denoise = prior.denoiser(cond_k, guidance)
+    denoise = prior.denoiser(repeat(cond), guidance, repeat(negative))
     emb = F.normalize(sample(sampler, denoise, noise, prior.ac, steps, generator=generator), dim=-1)
     emb = emb.view(B, candidates, D)
     best = (emb @ F.normalize(cond[0], dim=-1)[:, :, None]).squeeze(-1).argmax(1)  # (B,)
@@ -164,20 +179,26 @@ def decoder_condition(cfg: DecoderConfig, image_emb: torch.Tensor, text: Optiona
 @torch.no_grad()
 def decode(decoder: Diffusion, cfg: DecoderConfig, image_emb: torch.Tensor, sampler: str, steps: int, guidance: float,
            generator: torch.Generator, callback=None, noise: Optional[torch.Tensor] = None,
-           text: Optional[tuple] = None) -> torch.Tensor:
+           text: Optional[tuple] = None, negative: Optional[tuple] = None, init: Optional[torch.Tensor] = None,
+           strength: float = 1.0) -> torch.Tensor:
     """CLIP image embeddings (B, D) (and, for decoders that read them, the captions' token features and mask
-    from `text_condition`) -> images (B, C, H, W) in [-1, 1]."""
+    from `text_condition`) -> images (B, C, H, W) in [-1, 1]. `negative` is the condition guidance steers
+    away from (a negative prompt's `decoder_condition`); `init` images in [-1, 1] of any size and `strength`
+    make it image-to-image (SDEdit)."""
     m = cfg.model
     if noise is None:
         shape = (image_emb.shape[0], m.image_channels, m.image_size, m.image_size)
         noise = torch.randn(shape, generator=generator, device=generator.device)
-    denoise = decoder.denoiser(decoder_condition(cfg, image_emb, text), guidance)
-    return sample(sampler, denoise, noise, decoder.ac, steps, generator=generator, callback=callback).clamp(-1, 1)
+    denoise = decoder.denoiser(decoder_condition(cfg, image_emb, text), guidance, negative)
+    init = resize(init, m.image_size) if init is not None else None
+    return sample(sampler, denoise, noise, decoder.ac, steps, generator=generator, callback=callback, init=init,
+                  strength=strength).clamp(-1, 1)
 
 
 @torch.no_grad()
 def upsample(upsampler: Diffusion, cfg: UpsamplerConfig, low: torch.Tensor, sampler: str, steps: int,
-             generator: torch.Generator, callback=None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+             generator: torch.Generator, callback=None, noise: Optional[torch.Tensor] = None,
+             init: Optional[torch.Tensor] = None, strength: float = 1.0) -> torch.Tensor:
     """Base images (B, C, h, w) in [-1, 1] -> (B, C, H, W): the upsampler's chain, conditioned on the base image
     upsampled and noised to the sampling augmentation level (Ho et al. 2021, sec. 4.2)."""
     m = cfg.model
@@ -186,15 +207,20 @@ def upsample(upsampler: Diffusion, cfg: UpsamplerConfig, low: torch.Tensor, samp
     if noise is None:
         noise = torch.randn(cond.shape, generator=generator, device=generator.device)
     denoise = upsampler.denoiser((cond, s), 1.0)
-    return sample(sampler, denoise, noise, upsampler.ac, steps, generator=generator, callback=callback).clamp(-1, 1)
+    init = resize(init, m.image_size) if init is not None else None
+    return sample(sampler, denoise, noise, upsampler.ac, steps, generator=generator, callback=callback, init=init,
+                  strength=strength).clamp(-1, 1)
 
 
 @torch.no_grad()
 def decode_and_upsample(pipe: "Pipeline", image_emb: torch.Tensor, options: "SamplingOptions", generator: torch.Generator,
                         callback=None, on_step=None, noise: Optional[torch.Tensor] = None,
-                        upsampler_noise: Optional[torch.Tensor] = None, text: Optional[tuple] = None) -> torch.Tensor:
+                        upsampler_noise: Optional[torch.Tensor] = None, text: Optional[tuple] = None,
+                        negative: Optional[tuple] = None, init: Optional[torch.Tensor] = None,
+                        strength: float = 1.0) -> torch.Tensor:
     """CLIP image embeddings (B, D) -> the pipeline's images (B, C, H, W) in [-1, 1]: the decoder, then the
-    upsampler when the pipeline has one. `callback` sees the decoder's chain; `on_step()` every step of both."""
+    upsampler when the pipeline has one (for image-to-image, each starts from `init` at its own size).
+    `callback(i, t, x_t, x0)` sees both chains; `on_step()` is called after every step of both."""
 
     def step(*args):
         if callback:
@@ -203,26 +229,37 @@ def decode_and_upsample(pipe: "Pipeline", image_emb: torch.Tensor, options: "Sam
             on_step()
 
     x = decode(pipe.decoder, pipe.decoder_config, image_emb, options.sampler, options.steps, options.guidance,
-               generator, step, noise, text)
+               generator, step, noise, text, negative, init, strength)
     if pipe.upsampler is None:
         return x
     return upsample(pipe.upsampler, pipe.upsampler_config, x, options.sampler, options.upsampler_steps, generator,
-                    (lambda *_: on_step()) if on_step else None, upsampler_noise)
+                    step, upsampler_noise, init, strength)
 
 
 def draw(pipe: "Pipeline", captions: list[str], options: "SamplingOptions", generator: torch.Generator,
-         callback=None, on_step=None) -> torch.Tensor:
-    """Captions -> images (B, C, H, W) in [-1, 1]: prior, decoder, upsampler."""
-    emb = sample_image_embeddings(pipe.clip, pipe.tokenizer, pipe.prior, captions, options.sampler, options.steps,
-                                  options.prior_guidance, generator, options.prior_candidates)
-    text = text_condition(pipe.clip, pipe.tokenizer, captions)[1:] if pipe.decoder_config.model.text_tokens else None
-    return decode_and_upsample(pipe, emb, options, generator, callback, on_step, text=text)
+         callback=None, on_step=None, negatives: Optional[list[str]] = None, init: Optional[torch.Tensor] = None,
+         strength: float = 1.0) -> torch.Tensor:
+    """Captions -> images (B, C, H, W) in [-1, 1]: prior, decoder, upsampler.
+
+    Negative prompts (one per caption) work as in Kandinsky 2.2: the prior's guidance steers away from their
+    text condition, and the decoder's (when its guidance is not 1) away from their image embeddings."""
+    embed = lambda texts, neg: sample_image_embeddings(  # noqa: E731
+        pipe.clip, pipe.tokenizer, pipe.prior, texts, options.sampler, options.steps, options.prior_guidance,
+        generator, options.prior_candidates, neg)
+    emb = embed(captions, negatives)
+    cond, neg = prompt_conditions(pipe.clip, pipe.tokenizer, captions, negatives)
+    reads_text = pipe.decoder_config.model.text_tokens
+    negative = None
+    if negatives is not None and options.guidance != 1.0:
+        negative = decoder_condition(pipe.decoder_config, embed(negatives, None), neg[1:] if reads_text else None)
+    return decode_and_upsample(pipe, emb, options, generator, callback, on_step, text=cond[1:] if reads_text else None,
+                               negative=negative, init=init, strength=strength)
 
 
-def steps_per_image(pipe: "Pipeline", options: "SamplingOptions") -> int:
+def steps_per_image(pipe: "Pipeline", options: "SamplingOptions", strength: float = 1.0) -> int:
     """Network calls of the decoder and upsampler chains for one batch (for progress bars)."""
-    chain = lambda d, n: len(d.ac) if options.sampler == "ddpm" else n  # noqa: E731
-    return chain(pipe.decoder, options.steps) + (chain(pipe.upsampler, options.upsampler_steps) if pipe.upsampler else 0)
+    count = lambda d, n: len(sampler_timesteps(options.sampler, len(d.ac), n, strength))  # noqa: E731
+    return count(pipe.decoder, options.steps) + (count(pipe.upsampler, options.upsampler_steps) if pipe.upsampler else 0)
 
 
 @dataclass
@@ -238,28 +275,7 @@ class SamplingOptions:
     prior_guidance: float = 1.5
     prior_candidates: int = 1  # draws per caption, the one closest to the text embedding kept (DALL-E 2)
     upsampler_steps: int = 10  # when the pipeline has an upsampler
-
-
-def generate(pipe: Pipeline, prompt: str, num_samples: int, options: SamplingOptions, seed: int = 0,
-             batch_size: int = 64, on_step=None, on_batch=None, record_chain: bool = False):
-    """Draw `num_samples` images for `prompt`, batch by batch so memory stays bounded.
-
-    Calls `on_step()` after each sampling step and `on_batch(first_index, uint8 images)` after each batch.
-    Returns the chain of predicted x0 (a list of uint8 (b, C, H, W), first batch) when `record_chain`.
-    """
-    generator = torch.Generator(pipe.device).manual_seed(seed)
-    chain = []
-    for start in range(0, num_samples, batch_size):
-        b = min(batch_size, num_samples - start)
-
-        def callback(i, t, x, x0, first=start == 0):
-            if record_chain and first:
-                chain.append(to_uint8(x0))
-
-        images = draw(pipe, [prompt] * b, options, generator, callback, on_step)
-        if on_batch:
-            on_batch(start, to_uint8(images))
-    return chain
+    strength: float = 0.8  # image-to-image (SDEdit): how far an init image is noised, 0 (kept) to 1 (ignored)
 
 
 @torch.no_grad()
@@ -283,47 +299,3 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor
     if omega < 1e-4:  # (nearly) the same direction: the chord is the arc
         return F.normalize((1 - alpha) * a + alpha * b, dim=-1)
     return (torch.sin((1 - alpha) * omega) * a + torch.sin(alpha * omega) * b) / torch.sin(omega)
-
-
-@torch.no_grad()
-def vary(pipe: Pipeline, image: torch.Tensor, num_samples: int, options: SamplingOptions, seed: int = 0,
-         batch_size: int = 64, on_step=None) -> torch.Tensor:
-    """Variations of one uint8 image (C, H, W): decode its CLIP image embedding from fresh noise (DALL-E 2 sec. 3.1)."""
-    emb = encode_images(pipe.clip, image[None])
-    generator = torch.Generator(pipe.device).manual_seed(seed)
-    out = []
-    for start in range(0, num_samples, batch_size):
-        b = min(batch_size, num_samples - start)
-        out.append(to_uint8(decode_and_upsample(pipe, emb.expand(b, -1), options, generator, on_step=on_step)))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def interpolate(pipe: Pipeline, a: torch.Tensor, b: torch.Tensor, frames: int, options: SamplingOptions,
-                seed: int = 0, on_step=None) -> torch.Tensor:
-    """Decode `frames` points on the arc between unit image embeddings a and b (D,), every frame from the same
-    starting noise so that only the content moves (DALL-E 2 sec. 3.2). Returns uint8 (frames, C, H, W)."""
-    emb = slerp(a, b, torch.linspace(0, 1, frames, device=a.device))
-    generator = torch.Generator(pipe.device).manual_seed(seed)
-    shared = lambda size: torch.randn((1, pipe.decoder_config.model.image_channels, size, size), generator=generator,  # noqa: E731
-                                      device=pipe.device).expand(frames, -1, -1, -1).clone()
-    noise = shared(pipe.decoder_config.model.image_size)
-    upsampler_noise = shared(pipe.image_size) if pipe.upsampler else None
-    return to_uint8(decode_and_upsample(pipe, emb, options, generator, on_step=on_step, noise=noise,
-                                        upsampler_noise=upsampler_noise))
-
-
-def embed_prompt_or_image(pipe: Pipeline, source: str, options: SamplingOptions, seed: int = 0) -> torch.Tensor:
-    """A unit CLIP image embedding (D,) for a prompt (through the prior) or the path of an image file."""
-    path = Path(source)
-    if path.suffix.lower() in IMAGE_SUFFIXES or path.is_file():
-        image = load_images([path], pipe.clip_config.model.image_channels, pipe.clip_config.model.image_size)
-        return encode_images(pipe.clip, image)[0]
-    if not source.strip():
-        raise UserError("an empty prompt: give a caption or the path of an image")
-    generator = torch.Generator(pipe.device).manual_seed(seed)
-    return sample_image_embeddings(pipe.clip, pipe.tokenizer, pipe.prior, [source], options.sampler, options.steps,
-                                   options.prior_guidance, generator, options.prior_candidates)[0]
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -44,10 +44,15 @@ def read_pairs(folder: Path) -> list[tuple[str, str]]:
 def load_image(path: Path, channels: int, size: int) -> torch.Tensor:
     """Any image file as (channels, size, size) uint8: centre-cropped to a square, then resized."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im = im.convert("L" if channels == 1 else "RGB")
-        im = ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC)
-        array = np.asarray(im, dtype=np.uint8)
+        return pil_to_tensor(im, channels, size)
+
+
+def pil_to_tensor(im: Image.Image, channels: int, size: int) -> torch.Tensor:
+    """A PIL image of any mode and shape as (channels, size, size) uint8: centre-cropped to a square, then resized."""
+    im = ImageOps.exif_transpose(im)
+    im = im.convert("L" if channels == 1 else "RGB")
+    im = ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC)
+    array = np.asarray(im, dtype=np.uint8)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(array.copy())
 

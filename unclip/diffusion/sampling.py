@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from unclip.diffusion.gaussian import predict_eps, q_posterior
+from unclip.diffusion.gaussian import predict_eps, q_posterior, q_sample
 from unclip.diffusion.schedule import spaced_timesteps
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -24,19 +24,22 @@ def _t(x: torch.Tensor, t: int) -> torch.Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
-def classifier_free_guidance(net_x0: Callable, cond: tuple, scale: float) -> Denoiser:
+def classifier_free_guidance(net_x0: Callable, cond: tuple, scale: float, negative: Optional[tuple] = None) -> Denoiser:
     """Ho & Salimans 2022: x0 = x0_uncond + scale * (x0_cond - x0_uncond), both halves in one batch.
 
     `net_x0(x_t, t, cond, drop)` predicts x0 with the condition dropped where `drop` is True. Guiding x0
-    is the same as guiding eps, since at fixed x_t one is an affine function of the other.
+    is the same as guiding eps, since at fixed x_t one is an affine function of the other. With a `negative`
+    condition (a negative prompt's, shaped like `cond`) the unconditional half sees it instead of the dropped
+    condition, so guidance pushes away from it (as Kandinsky 2.2 and Stable Diffusion do).
     """
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         keep = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         if scale == 1.0:
             return net_x0(x, t, cond, keep)
-        both = net_x0(torch.cat([x, x]), torch.cat([t, t]), tuple(torch.cat([c, c]) for c in cond),
-                      torch.cat([keep, ~keep]))
+        other, drop = (cond, ~keep) if negative is None else (negative, keep)
+        both = net_x0(torch.cat([x, x]), torch.cat([t, t]), tuple(torch.cat([c, n]) for c, n in zip(cond, other)),
+                      torch.cat([keep, drop]))
         x0_cond, x0_uncond = both.chunk(2)
         return x0_uncond + scale * (x0_cond - x0_uncond)
 
@@ -44,9 +47,11 @@ def classifier_free_guidance(net_x0: Callable, cond: tuple, scale: float) -> Den
 
 
 @torch.no_grad()
-def sample_ddpm(denoise: Denoiser, x: torch.Tensor, ac: torch.Tensor, generator=None, callback: Callback = None) -> torch.Tensor:
-    """Ancestral sampling through every step, p(x_{t-1} | x_t) = q(x_{t-1} | x_t, x0_hat) (Ho et al. 2020, alg. 2)."""
-    for i, t in enumerate(range(len(ac) - 1, -1, -1)):
+def sample_ddpm(denoise: Denoiser, x: torch.Tensor, ac: torch.Tensor, timesteps: list[int], generator=None,
+                callback: Callback = None) -> torch.Tensor:
+    """Ancestral sampling, p(x_{t-1} | x_t) = q(x_{t-1} | x_t, x0_hat) (Ho et al. 2020, alg. 2), through
+    consecutive `timesteps` down to 0 (all T of them, or the last ones for image-to-image)."""
+    for i, t in enumerate(timesteps):
         x0 = denoise(x, _t(x, t))
         mean, var = q_posterior(x0, x, _t(x, t), ac)
         x = mean + var.sqrt() * _noise(x, generator) if t > 0 else x0
@@ -106,14 +111,33 @@ def sample_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, ac: torch.Tensor, timest
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 
 
+def sampler_timesteps(sampler: str, T: int, steps: int, strength: float = 1.0) -> list[int]:
+    """The timesteps a sampler visits: all T for ddpm, else `steps` spaced ones; for image-to-image only the
+    last round(strength x len) of them (SDEdit, Meng et al. 2022, as diffusers' img2img pipelines count)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be between 0 and 1, got {strength}")
+    full = list(range(T - 1, -1, -1)) if sampler == "ddpm" else spaced_timesteps(T, steps)
+    return full[len(full) - round(strength * len(full)):]
+
+
 def sample(sampler: str, denoise: Denoiser, noise: torch.Tensor, ac: torch.Tensor, steps: int, eta: float = 0.0,
-           generator=None, callback: Callback = None) -> torch.Tensor:
-    """Run `sampler` from `noise`; `steps` is ignored by ddpm, which always takes every step."""
+           generator=None, callback: Callback = None, init: Optional[torch.Tensor] = None,
+           strength: float = 1.0) -> torch.Tensor:
+    """Run `sampler` from `noise`; `steps` is ignored by ddpm, which always takes every step.
+
+    Image-to-image (SDEdit): with `init` data and `strength` < 1 the chain starts at its timestep t_s, from
+    x_{t_s} = q_sample(init, t_s, noise); strength 0 returns `init`, and strength 1 starts from pure noise
+    (the plain chain, so the init is ignored).
+    """
+    timesteps = sampler_timesteps(sampler, len(ac), steps, 1.0 if init is None else strength)
+    if init is not None and strength < 1.0:
+        if not timesteps:
+            return init
+        noise = q_sample(init, torch.full((init.shape[0],), timesteps[0], device=init.device), noise, ac)
     if sampler == "ddpm":
-        return sample_ddpm(denoise, noise, ac, generator, callback)
-    timesteps = spaced_timesteps(len(ac), steps)
+        return sample_ddpm(denoise, noise, ac, timesteps, generator, callback)
     if sampler == "ddim":
         return sample_ddim(denoise, noise, ac, timesteps, eta, generator, callback)
-    if sampler == "dpmpp":
-        return sample_dpmpp_2m(denoise, noise, ac, timesteps, generator, callback)
-    raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")
+    return sample_dpmpp_2m(denoise, noise, ac, timesteps, generator, callback)

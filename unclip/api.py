@@ -1,0 +1,243 @@
+"""The Python API, in diffusers' shape: `UnCLIPPipeline.from_pretrained("mnist")("six").images`.
+
+The CLI and the web server are thin callers of this class, so what they draw for a seed is what a script draws.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from unclip.data.folder import pil_to_tensor
+from unclip.diffusion.sampling import SAMPLERS
+from unclip.errors import UserError
+from unclip.images import to_float, to_pil, to_uint8
+from unclip.pipeline import (Pipeline, SamplingOptions, decode_and_upsample, draw, sample_image_embeddings, slerp,
+                             steps_per_image)
+from unclip.zeroshot import encode_images
+
+ImageInput = Union[str, Path, Image.Image, torch.Tensor]
+"""An image file's path, a PIL image, or a uint8 tensor (C, H, W); converted to what the model expects."""
+StepCallback = Callable[[int, int, torch.Tensor], None]
+"""`callback(step, total, x0)` after every denoising step: x0 is the current estimate (B, C, h, w) in [-1, 1]."""
+OUTPUT_TYPES = ("pil", "pt", "uint8")
+
+
+@dataclass
+class UnCLIPOutput:
+    """`images`: a list of PIL images ("pil"), or a (B, C, H, W) tensor, float in [0, 1] ("pt") or uint8."""
+
+    images: Union[list[Image.Image], torch.Tensor]
+
+
+def check_options(options: SamplingOptions) -> None:
+    if options.sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {options.sampler!r}: use one of {', '.join(SAMPLERS)}")
+    for name, steps in (("steps", options.steps), ("upsampler steps", options.upsampler_steps)):
+        if steps < 1:
+            raise UserError(f"{name} must be at least 1, got {steps}")
+    if options.guidance < 0 or options.prior_guidance < 0:
+        raise UserError("guidance scales must be >= 0 (1 means no guidance)")
+    if not 0.0 <= options.strength <= 1.0:
+        raise UserError(f"strength must be between 0 and 1, got {options.strength}")
+
+
+class UnCLIPPipeline:
+    """A loaded unCLIP pipeline (prior, decoder, upsampler if any, and their CLIP), called like diffusers' pipelines."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "mnist", device: str | torch.device = "auto") -> "UnCLIPPipeline":
+        """A shipped pipeline's name (`mnist`, `scenes`) or a pipeline folder; `device`: auto, cpu or cuda."""
+        return cls(Pipeline.load(name_or_path, device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.device
+
+    @property
+    def image_size(self) -> int:
+        return self.pipeline.image_size
+
+    def options(self, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                prior_guidance_scale: Optional[float] = None, sampler: Optional[str] = None,
+                upsampler_steps: Optional[int] = None, strength: Optional[float] = None) -> SamplingOptions:
+        """The library's default SamplingOptions with the settings given, checked against this pipeline."""
+        given = {"steps": num_inference_steps, "guidance": guidance_scale, "prior_guidance": prior_guidance_scale,
+                 "sampler": sampler, "upsampler_steps": upsampler_steps, "strength": strength}
+        return self.check(replace(SamplingOptions(), **{k: v for k, v in given.items() if v is not None}))
+
+    def check(self, options: SamplingOptions) -> SamplingOptions:
+        """`options` if they are valid for this pipeline; else a UserError saying what is wrong."""
+        check_options(options)
+        pipe = self.pipeline
+        for stage, diffusion in (("prior", pipe.prior), ("decoder", pipe.decoder)):
+            if options.steps > len(diffusion.ac):
+                raise UserError(f"steps {options.steps} is more than the {len(diffusion.ac)} diffusion steps of the {stage}")
+        if pipe.upsampler is not None and options.upsampler_steps > len(pipe.upsampler.ac):
+            raise UserError(f"upsampler steps {options.upsampler_steps} is more than the upsampler's "
+                            f"{len(pipe.upsampler.ac)} diffusion steps")
+        return options
+
+    def generator(self, generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> torch.Generator:
+        """The generator to draw with: the one given (on this pipeline's device), one seeded with `seed`, or
+        else one seeded from torch's global generator (so `torch.manual_seed` makes a call reproducible)."""
+        if generator is not None:
+            if generator.device.type != self.device.type:
+                raise UserError(f"the generator is on {generator.device}, the pipeline on {self.device}: "
+                                f"make it with torch.Generator({str(self.device)!r})")
+            return generator
+        if seed is None:
+            seed = int(torch.randint(2**62, ()).item())
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def image(self, image: ImageInput, size: Optional[int] = None) -> torch.Tensor:
+        """Any `ImageInput` as uint8 (C, size, size) with the pipeline's channels (default size: CLIP's)."""
+        channels = self.pipeline.clip_config.model.image_channels
+        size = size or self.pipeline.clip_config.model.image_size
+        if isinstance(image, torch.Tensor):
+            if image.dtype != torch.uint8 or image.ndim != 3:
+                raise UserError(f"an image tensor must be uint8 (C, H, W), got {image.dtype} {tuple(image.shape)}")
+            image = to_pil(image.cpu())
+        if isinstance(image, (str, Path)):
+            if not Path(image).is_file():
+                raise UserError(f"image not found: {image}")
+            try:
+                with Image.open(image) as im:
+                    return pil_to_tensor(im, channels, size)
+            except (UnidentifiedImageError, OSError, ValueError):
+                raise UserError(f"{image} is not an image this tool can read") from None
+        return pil_to_tensor(image, channels, size)
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, list[str]], negative_prompt: Union[None, str, list[str]] = None,
+                 num_images_per_prompt: int = 1, num_inference_steps: Optional[int] = None,
+                 guidance_scale: Optional[float] = None, prior_guidance_scale: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None, output_type: str = "pil",
+                 callback: Optional[StepCallback] = None, image: Optional[ImageInput] = None,
+                 strength: Optional[float] = None, sampler: Optional[str] = None,
+                 upsampler_steps: Optional[int] = None, batch_size: int = 64) -> UnCLIPOutput:
+        """Text -> images: the prior turns each prompt into CLIP image embeddings, the decoder (and upsampler)
+        draws them, `num_images_per_prompt` each, in batches of `batch_size`.
+
+        `negative_prompt`: what to steer away from (Kandinsky 2.2's way: the prior's and the decoder's
+        unconditional branches take it). `image` and `strength`: image-to-image (SDEdit); strength 0 returns
+        the image, 1 ignores it. Unset settings take `SamplingOptions`' defaults.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not p.strip() for p in prompts):
+            raise UserError("the prompt is empty: say what to draw, e.g. 'six'")
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        if negatives is not None and len(negatives) != len(prompts):
+            raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if negatives is not None and all(not n.strip() for n in negatives):
+            negatives = None  # an empty negative prompt is no negative prompt
+        check_count(num_images_per_prompt, batch_size, output_type)
+        options = self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, upsampler_steps, strength)
+        generator = self.generator(generator)
+        captions = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negs = [n for n in negatives for _ in range(num_images_per_prompt)] if negatives else None
+        init = to_float(self.image(image, self.image_size)).to(self.device)[None] if image is not None else None
+        strength = options.strength if init is not None else 1.0
+        step = Steps(callback, steps_per_image(self.pipeline, options, strength) * -(-len(captions) // batch_size))
+        out = []
+        for start in range(0, len(captions), batch_size):
+            part = slice(start, start + batch_size)
+            b = len(captions[part])
+            x = draw(self.pipeline, captions[part], options, generator, step if callback else None,
+                     negatives=negs[part] if negs else None,
+                     init=init.expand(b, -1, -1, -1) if init is not None else None, strength=strength)
+            out.append(to_uint8(x))
+        return output(torch.cat(out), output_type)
+
+    @torch.no_grad()
+    def variations(self, image: ImageInput, num_images: int = 4, num_inference_steps: Optional[int] = None,
+                   guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                   output_type: str = "pil", callback: Optional[StepCallback] = None, sampler: Optional[str] = None,
+                   upsampler_steps: Optional[int] = None, batch_size: int = 64) -> UnCLIPOutput:
+        """Variations of an image: its CLIP image embedding decoded from fresh noise (DALL-E 2 sec. 3.1)."""
+        check_count(num_images, batch_size, output_type)
+        options = self.options(num_inference_steps, guidance_scale, None, sampler, upsampler_steps)
+        generator = self.generator(generator)
+        emb = encode_images(self.pipeline.clip, self.image(image)[None])
+        step = Steps(callback, steps_per_image(self.pipeline, options) * -(-num_images // batch_size))
+        out = []
+        for start in range(0, num_images, batch_size):
+            b = min(batch_size, num_images - start)
+            x = decode_and_upsample(self.pipeline, emb.expand(b, -1), options, generator, step if callback else None)
+            out.append(to_uint8(x))
+        return output(torch.cat(out), output_type)
+
+    @torch.no_grad()
+    def interpolate(self, start: Union[str, ImageInput], end: Union[str, ImageInput], frames: int = 8,
+                    num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                    prior_guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                    output_type: str = "pil", callback: Optional[StepCallback] = None, sampler: Optional[str] = None,
+                    upsampler_steps: Optional[int] = None) -> UnCLIPOutput:
+        """`frames` images on the arc between the CLIP image embeddings of two prompts (through the prior) or
+        images, all from the same starting noise so that only the content moves (DALL-E 2 sec. 3.2)."""
+        if frames < 2:
+            raise UserError(f"frames must be at least 2, got {frames}")
+        check_count(frames, 1, output_type)
+        options = self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, upsampler_steps)
+        generator = self.generator(generator)
+        a, b = (self.embed(x, options, generator) for x in (start, end))
+        emb = slerp(a, b, torch.linspace(0, 1, frames, device=a.device))
+        pipe = self.pipeline
+        shared = lambda size: torch.randn((1, pipe.decoder_config.model.image_channels, size, size),  # noqa: E731
+                                          generator=generator, device=self.device).expand(frames, -1, -1, -1).clone()
+        noise = shared(pipe.decoder_config.model.image_size)
+        upsampler_noise = shared(pipe.image_size) if pipe.upsampler else None
+        step = Steps(callback, steps_per_image(pipe, options))
+        x = decode_and_upsample(pipe, emb, options, generator, step if callback else None, noise=noise,
+                                upsampler_noise=upsampler_noise)
+        return output(to_uint8(x), output_type)
+
+    def embed(self, source: Union[str, ImageInput], options: SamplingOptions, generator: torch.Generator) -> torch.Tensor:
+        """A unit CLIP image embedding (D,): of a prompt through the prior, or of an image (a path with an image
+        suffix or of an existing file counts as an image)."""
+        if isinstance(source, str) and not (Path(source).suffix.lower() in IMAGE_SUFFIXES or Path(source).is_file()):
+            if not source.strip():
+                raise UserError("an empty prompt: give a caption or the path of an image")
+            pipe = self.pipeline
+            return sample_image_embeddings(pipe.clip, pipe.tokenizer, pipe.prior, [source], options.sampler,
+                                           options.steps, options.prior_guidance, generator, options.prior_candidates)[0]
+        return encode_images(self.pipeline.clip, self.image(source)[None])[0]
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def check_count(num_images: int, batch_size: int = 1, output_type: str = "pil") -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise UserError(f"unknown output_type {output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")
+    if num_images < 1:
+        raise UserError(f"the number of images must be at least 1, got {num_images}")
+    if batch_size < 1:
+        raise UserError(f"the batch size must be at least 1, got {batch_size}")
+
+
+class Steps:
+    """The samplers' `callback(i, t, x_t, x0)` counted across chains and batches, as `callback(step, total, x0)`."""
+
+    def __init__(self, callback: Optional[StepCallback], total: int):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def __call__(self, i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        self.done += 1
+        if self.callback:
+            self.callback(self.done, self.total, x0)
+
+
+def output(images: torch.Tensor, output_type: str) -> UnCLIPOutput:
+    """uint8 (B, C, H, W) as the output type asked for."""
+    if output_type == "pil":
+        return UnCLIPOutput([to_pil(x) for x in images])
+    if output_type == "pt":
+        return UnCLIPOutput(images.float() / 255)
+    return UnCLIPOutput(images)
