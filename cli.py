@@ -306,5 +306,26 @@ def interpolate(
     console.print(f"wrote {frames} frames, strip.png and interpolation.gif to {folder}/")
 
 
+@command("serve")
+def serve(
+    host: Annotated[str, typer.Option("--host", help="127.0.0.1 keeps the page on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 7860,
+    checkpoints: Annotated[Optional[list[str]], typer.Option("--checkpoints", help="Pipeline folders to offer besides the shipped ones (repeatable; the first is the default).")] = None,
+    device: SampleDeviceOpt = Device.auto,
+    max_images: Annotated[int, typer.Option("--max-images", min=1, help="Most images one request may ask for.")] = 64,
+) -> None:
+    """A local web page (prompt, negative prompt, seed, steps, guidance; live denoising; variations on a click;
+    interpolation) and GET /api/generate for scripts."""
+    try:
+        import uvicorn
+
+        from server.app import create_app, pipeline_sources
+    except ImportError as e:
+        raise UserError(f"t2i serve needs the serve extra ({e.name} is missing): pip install -e \".[serve]\"") from None
+    app_ = create_app(pipeline_sources(checkpoints or []), device.value, max_images)
+    console.print(f"t2i serving on http://{host}:{port}/ (Ctrl-C stops)")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 if __name__ == "__main__":
     app()
