@@ -60,7 +60,8 @@ def test_ddpm_matches_diffusers():
     expected = x.clone()
     for t in ref.timesteps:
         expected = ref.step(toy_x0(expected, torch.full((2,), int(t))), int(t), expected, generator=g).prev_sample
-    ours = sample_ddpm(toy_x0, x, ref.alphas_cumprod.float(), torch.Generator().manual_seed(3))
+    ac = ref.alphas_cumprod.float()
+    ours = sample_ddpm(toy_x0, x, ac, list(range(len(ac) - 1, -1, -1)), torch.Generator().manual_seed(3))
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
 
