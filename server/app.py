@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
@@ -31,7 +32,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
-from unclip.api import UnCLIPPipeline
+from unclip.api import BATCH_SIZE, UnCLIPPipeline
 from unclip.checkpoint import shipped_pipelines
 from unclip.errors import UserError
 from unclip.generation import contact_sheet, generate_images
@@ -127,7 +128,7 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
     def generate(prompt: str, num_samples: int = Query(4, ge=1), seed: int = 0, steps: Optional[int] = Query(None, ge=1),
                  guidance: Optional[float] = Query(None, ge=0), prior_guidance: Optional[float] = Query(None, ge=0),
                  negative_prompt: Optional[str] = None, pipeline: Optional[str] = None,
-                 batch_size: int = Query(64, ge=1)) -> Response:
+                 batch_size: int = Query(BATCH_SIZE, ge=1)) -> Response:
         """The contact sheet of `num_samples` images as a PNG: `t2i generate`'s grid.png for the same settings."""
         try:
             limit(num_samples, "images")
@@ -153,19 +154,13 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
     return app
 
 
-class queued:
-    """Hold the compute lock, counting the requests that wait for it."""
-
-    def __init__(self, models: Models):
-        self.models = models
-
-    def __enter__(self):
-        self.models.waiting += 1
-        self.models.lock.acquire()
-        self.models.waiting -= 1
-
-    def __exit__(self, *exc):
-        self.models.lock.release()
+@contextmanager
+def queued(models: Models):
+    """Hold the compute lock, counting the requests that wait for it (for the page's "n ahead")."""
+    models.waiting += 1
+    with models.lock:
+        models.waiting -= 1
+        yield
 
 
 Job = Callable[[Callable], torch.Tensor]  # job(callback) -> uint8 images
@@ -181,7 +176,7 @@ def plan(models: Models, req: RunRequest, limit) -> Job:
         if not req.prompt.strip():
             raise UserError("the prompt is empty: say what to draw")
         init = read_data_url(req.image) if req.image else None
-        return lambda cb: generate_images(pipe, req.prompt, req.num_samples, options, req.seed, 64, req.negative_prompt,
+        return lambda cb: generate_images(pipe, req.prompt, req.num_samples, options, req.seed, BATCH_SIZE, req.negative_prompt,
                                           init, callback=cb)
     if req.mode == "vary":
         limit(req.num_samples, "images")

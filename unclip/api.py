@@ -24,6 +24,7 @@ ImageInput = Union[str, Path, Image.Image, torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
 """`callback(step, total, x0)` after every denoising step: x0 is the current estimate (B, C, h, w) in [-1, 1]."""
 OUTPUT_TYPES = ("pil", "pt", "uint8")
+BATCH_SIZE = 64  # images sampled at once: memory stays bounded however many are asked for
 
 
 @dataclass
@@ -121,7 +122,7 @@ class UnCLIPPipeline:
                  generator: Optional[torch.Generator] = None, output_type: str = "pil",
                  callback: Optional[StepCallback] = None, image: Optional[ImageInput] = None,
                  strength: Optional[float] = None, sampler: Optional[str] = None,
-                 upsampler_steps: Optional[int] = None, batch_size: int = 64) -> UnCLIPOutput:
+                 upsampler_steps: Optional[int] = None, batch_size: int = BATCH_SIZE) -> UnCLIPOutput:
         """Text -> images: the prior turns each prompt into CLIP image embeddings, the decoder (and upsampler)
         draws them, `num_images_per_prompt` each, in batches of `batch_size`.
 
@@ -149,7 +150,7 @@ class UnCLIPPipeline:
         for start in range(0, len(captions), batch_size):
             part = slice(start, start + batch_size)
             b = len(captions[part])
-            x = draw(self.pipeline, captions[part], options, generator, step if callback else None,
+            x = draw(self.pipeline, captions[part], options, generator, step,
                      negatives=negs[part] if negs else None,
                      init=init.expand(b, -1, -1, -1) if init is not None else None, strength=strength)
             out.append(to_uint8(x))
@@ -159,7 +160,7 @@ class UnCLIPPipeline:
     def variations(self, image: ImageInput, num_images: int = 4, num_inference_steps: Optional[int] = None,
                    guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
                    output_type: str = "pil", callback: Optional[StepCallback] = None, sampler: Optional[str] = None,
-                   upsampler_steps: Optional[int] = None, batch_size: int = 64) -> UnCLIPOutput:
+                   upsampler_steps: Optional[int] = None, batch_size: int = BATCH_SIZE) -> UnCLIPOutput:
         """Variations of an image: its CLIP image embedding decoded from fresh noise (DALL-E 2 sec. 3.1)."""
         check_count(num_images, batch_size, output_type)
         options = self.options(num_inference_steps, guidance_scale, None, sampler, upsampler_steps)
@@ -169,7 +170,7 @@ class UnCLIPPipeline:
         out = []
         for start in range(0, num_images, batch_size):
             b = min(batch_size, num_images - start)
-            x = decode_and_upsample(self.pipeline, emb.expand(b, -1), options, generator, step if callback else None)
+            x = decode_and_upsample(self.pipeline, emb.expand(b, -1), options, generator, step)
             out.append(to_uint8(x))
         return output(torch.cat(out), output_type)
 
@@ -194,7 +195,7 @@ class UnCLIPPipeline:
         noise = shared(pipe.decoder_config.model.image_size)
         upsampler_noise = shared(pipe.image_size) if pipe.upsampler else None
         step = Steps(callback, steps_per_image(pipe, options))
-        x = decode_and_upsample(pipe, emb, options, generator, step if callback else None, noise=noise,
+        x = decode_and_upsample(pipe, emb, options, generator, step, noise=noise,
                                 upsampler_noise=upsampler_noise)
         return output(to_uint8(x), output_type)
 

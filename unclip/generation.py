@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
-from unclip.api import UnCLIPPipeline, check_count
+from unclip.api import BATCH_SIZE, UnCLIPPipeline, check_count
 from unclip.errors import UserError
 from unclip.images import grid, resize, save_gif, save_numbered, save_png, to_uint8
 from unclip.pipeline import SamplingOptions, steps_per_image
@@ -47,7 +47,7 @@ def advance(progress: Progress, total: int):
 
 
 def generate_images(pipe: UnCLIPPipeline, prompt: str, num_samples: int, options: SamplingOptions, seed: int = 0,
-                    batch_size: int = 64, negative_prompt: Optional[str] = None, init_image=None,
+                    batch_size: int = BATCH_SIZE, negative_prompt: Optional[str] = None, init_image=None,
                     on_batch: Optional[Callable[[int, torch.Tensor], None]] = None, callback=None) -> torch.Tensor:
     """`num_samples` uint8 images of `prompt`, batch by batch from one generator seeded with `seed`: what
     `t2i generate` and the server's /api/generate draw. `on_batch(first_index, images)` sees each batch."""
@@ -65,7 +65,7 @@ def generate_images(pipe: UnCLIPPipeline, prompt: str, num_samples: int, options
 
 
 def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, out: Optional[Path], options: SamplingOptions,
-                       seed: int = 0, batch_size: int = 64, device: str = "auto", animate: bool = False,
+                       seed: int = 0, batch_size: int = BATCH_SIZE, device: str = "auto", animate: bool = False,
                        progress: Progress = None, negative_prompt: Optional[str] = None,
                        init_image: Optional[Path] = None) -> Path:
     """Write OUT/0000.png ... , OUT/grid.png (and OUT/denoise.gif of the first batch's chain); return OUT."""
@@ -104,7 +104,7 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, o
 
 
 def vary_to_folder(image: Path, num_samples: int, checkpoints: str | Path, out: Optional[Path], options: SamplingOptions,
-                   seed: int = 0, device: str = "auto", batch_size: int = 64, progress: Progress = None) -> Path:
+                   seed: int = 0, device: str = "auto", batch_size: int = BATCH_SIZE, progress: Progress = None) -> Path:
     """Write variations of `image` as OUT/0000.png ... and OUT/grid.png (the source first)."""
     check_count(num_samples, batch_size)
     pipe = UnCLIPPipeline.from_pretrained(checkpoints, device)

@@ -214,30 +214,23 @@ def upsample(upsampler: Diffusion, cfg: UpsamplerConfig, low: torch.Tensor, samp
 
 @torch.no_grad()
 def decode_and_upsample(pipe: "Pipeline", image_emb: torch.Tensor, options: "SamplingOptions", generator: torch.Generator,
-                        callback=None, on_step=None, noise: Optional[torch.Tensor] = None,
+                        callback=None, noise: Optional[torch.Tensor] = None,
                         upsampler_noise: Optional[torch.Tensor] = None, text: Optional[tuple] = None,
                         negative: Optional[tuple] = None, init: Optional[torch.Tensor] = None,
                         strength: float = 1.0) -> torch.Tensor:
     """CLIP image embeddings (B, D) -> the pipeline's images (B, C, H, W) in [-1, 1]: the decoder, then the
     upsampler when the pipeline has one (for image-to-image, each starts from `init` at its own size).
-    `callback(i, t, x_t, x0)` sees both chains; `on_step()` is called after every step of both."""
-
-    def step(*args):
-        if callback:
-            callback(*args)
-        if on_step:
-            on_step()
-
+    `callback(i, t, x_t, x0)` is called after every step of both chains."""
     x = decode(pipe.decoder, pipe.decoder_config, image_emb, options.sampler, options.steps, options.guidance,
-               generator, step, noise, text, negative, init, strength)
+               generator, callback, noise, text, negative, init, strength)
     if pipe.upsampler is None:
         return x
     return upsample(pipe.upsampler, pipe.upsampler_config, x, options.sampler, options.upsampler_steps, generator,
-                    step, upsampler_noise, init, strength)
+                    callback, upsampler_noise, init, strength)
 
 
 def draw(pipe: "Pipeline", captions: list[str], options: "SamplingOptions", generator: torch.Generator,
-         callback=None, on_step=None, negatives: Optional[list[str]] = None, init: Optional[torch.Tensor] = None,
+         callback=None, negatives: Optional[list[str]] = None, init: Optional[torch.Tensor] = None,
          strength: float = 1.0) -> torch.Tensor:
     """Captions -> images (B, C, H, W) in [-1, 1]: prior, decoder, upsampler.
 
@@ -252,7 +245,7 @@ def draw(pipe: "Pipeline", captions: list[str], options: "SamplingOptions", gene
     negative = None
     if negatives is not None and options.guidance != 1.0:
         negative = decoder_condition(pipe.decoder_config, embed(negatives, None), neg[1:] if reads_text else None)
-    return decode_and_upsample(pipe, emb, options, generator, callback, on_step, text=cond[1:] if reads_text else None,
+    return decode_and_upsample(pipe, emb, options, generator, callback, text=cond[1:] if reads_text else None,
                                negative=negative, init=init, strength=strength)
 
 
