@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -49,7 +50,7 @@ def command(name: str):
             try:
                 return fn(*args, **kwargs)
             except UserError as e:
-                console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+                console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
 
         return app.command(name)(run)
@@ -317,11 +318,12 @@ def serve(
     """A local web page (prompt, negative prompt, seed, steps, guidance; live denoising; variations on a click;
     interpolation) and GET /api/generate for scripts."""
     try:
+        import fastapi  # noqa: F401
         import uvicorn
-
-        from server.app import create_app, pipeline_sources
     except ImportError as e:
-        raise UserError(f"t2i serve needs the serve extra ({e.name} is missing): pip install -e \".[serve]\"") from None
+        raise UserError(f"t2i serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
+    from server.app import create_app, pipeline_sources
+
     app_ = create_app(pipeline_sources(checkpoints or []), device.value, max_images)
     console.print(f"t2i serving on http://{host}:{port}/ (Ctrl-C stops)")
     uvicorn.run(app_, host=host, port=port, log_level="warning")

@@ -108,5 +108,5 @@ def test_page_and_pipeline_list(client):
 def test_serve_offers_the_users_pipelines_then_the_shipped_ones_and_fails_fast(tmp_path):
     sources = pipeline_sources([str(tmp_path / "mine")])
     assert list(sources)[0] == "mine" and "mnist" in sources
-    r = runner.invoke(cli_app, ["serve", "--checkpoints", str(tmp_path / "nowhere")])
-    assert r.exit_code == 1 and "checkpoint folder not found" in r.output
+    r = runner.invoke(cli_app, ["serve", "--checkpoints", str(tmp_path / "[nowhere]")])
+    assert r.exit_code == 1 and "checkpoint folder not found" in r.output and "[nowhere]" in r.output  # not eaten as markup
