@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from unclip.data.folder import pil_to_tensor
 from unclip.diffusion.sampling import SAMPLERS
@@ -17,7 +17,7 @@ from unclip.errors import UserError
 from unclip.images import to_float, to_pil, to_uint8
 from unclip.pipeline import (Pipeline, SamplingOptions, decode_and_upsample, draw, sample_image_embeddings, slerp,
                              steps_per_image)
-from unclip.zeroshot import encode_images
+from unclip.zeroshot import encode_images, load_images
 
 ImageInput = Union[str, Path, Image.Image, torch.Tensor]
 """An image file's path, a PIL image, or a uint8 tensor (C, H, W); converted to what the model expects."""
@@ -106,13 +106,7 @@ class UnCLIPPipeline:
                 raise UserError(f"an image tensor must be uint8 (C, H, W), got {image.dtype} {tuple(image.shape)}")
             image = to_pil(image.cpu())
         if isinstance(image, (str, Path)):
-            if not Path(image).is_file():
-                raise UserError(f"image not found: {image}")
-            try:
-                with Image.open(image) as im:
-                    return pil_to_tensor(im, channels, size)
-            except (UnidentifiedImageError, OSError, ValueError):
-                raise UserError(f"{image} is not an image this tool can read") from None
+            return load_images([Path(image)], channels, size)[0]
         return pil_to_tensor(image, channels, size)
 
     @torch.no_grad()

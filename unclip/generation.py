@@ -74,8 +74,8 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, o
     check_count(num_samples, batch_size)
     pipe = UnCLIPPipeline.from_pretrained(checkpoints, device)
     pipe.check(options)
-    if init_image is not None:
-        pipe.image(init_image)  # a missing or unreadable file fails before anything is written
+    if init_image is not None:  # read once, at the output size; a bad file fails before anything is written
+        init_image = pipe.image(init_image, pipe.image_size)
     out = writable_folder(Path(out) if out else Path("outputs") / slug(prompt))
     strength = options.strength if init_image is not None else 1.0
     batches = -(-num_samples // batch_size)
