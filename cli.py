@@ -88,6 +88,7 @@ LrOpt = Annotated[Optional[float], typer.Option("--lr", min=0.0)]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
 DeviceOpt = Annotated[Optional[Device], typer.Option("--device")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run saved in the output folder.")]
+TensorboardOpt = Annotated[bool, typer.Option("--tensorboard", help="Also log to OUT/tensorboard (the tensorboard extra).")]
 
 
 def train_overrides(**flags) -> dict:
@@ -104,7 +105,7 @@ def clip_train(
     config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder: weights, metrics, resume state.")] = Path("runs/clip"),
     epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
-    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False,
+    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
 ) -> None:
     """Stage one: train CLIP contrastively on captioned images."""
     from stages.clip import train_clip
@@ -113,7 +114,7 @@ def clip_train(
 
     cfg = merge(load_config(ClipConfig, config), train_overrides(
         data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-        seed=seed, device=device))
+        seed=seed, device=device, tensorboard=tensorboard or None))
     last = train_clip(cfg, out, resume)
     if not last.get("interrupted") and is_main():
         console.print(f"CLIP saved to {out}" + (f" (val zero-shot {last['val_zero_shot']:.4f})" if "val_zero_shot" in last else ""))
@@ -170,14 +171,14 @@ def decoder_train(
     out: Annotated[Path, typer.Option("--out", help="Pipeline folder: prior/, decoder/ and a copy of clip/.")] = Path("runs/pipeline"),
     stage: Annotated[StageChoice, typer.Option("--stage")] = StageChoice.both,
     epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
-    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False,
+    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
 ) -> None:
     """Stage two: train the diffusion prior and/or the decoder against a frozen CLIP."""
     from stages.distributed import is_main
     from stages.stage_two import train_stage_two
 
     flags = train_overrides(data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps,
-                            batch_size=batch_size, lr=lr, seed=seed, device=device)
+                            batch_size=batch_size, lr=lr, seed=seed, device=device, tensorboard=tensorboard or None)
     stages = ["prior", "decoder"] if stage == StageChoice.both else [stage.value]
     if train_stage_two(clip, config, flags, out, stages, resume) and is_main():
         console.print(f"pipeline saved to {out} (generate with: t2i generate --checkpoints {out} --prompt ...)")
@@ -188,17 +189,114 @@ def upsampler_train(
     pipeline: Annotated[Path, typer.Option("--pipeline", help="Pipeline folder with clip/ and decoder/; writes upsampler/.")],
     config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
     epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
-    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False,
+    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
 ) -> None:
     """DALL-E 2's cascade: a diffusion upsampler from the decoder's image size to the config's (64 by default)."""
     from stages.distributed import is_main
     from stages.upsampler import train_upsampler
 
     flags = train_overrides(data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps,
-                            batch_size=batch_size, lr=lr, seed=seed, device=device)
+                            batch_size=batch_size, lr=lr, seed=seed, device=device, tensorboard=tensorboard or None)
     last = train_upsampler(pipeline, config, flags, resume)
     if not last.get("interrupted") and is_main():
         console.print(f"upsampler saved to {pipeline / 'upsampler'}; t2i generate --checkpoints {pipeline} now runs it")
+
+
+class TuneStage(str, Enum):
+    clip = "clip"
+    prior = "prior"
+    decoder = "decoder"
+    upsampler = "upsampler"
+
+
+@command("tune")
+def tune(
+    stage: Annotated[TuneStage, typer.Argument(help="The stage whose config is searched.")],
+    space: Annotated[Path, typer.Option("--space", help="YAML: dotted config field -> {low, high[, log, step]} or {choices}.")],
+    out: Annotated[Path, typer.Option("--out", help="Study folder: study.db, trial_NNN/, best.yaml.")],
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Trials to finish (or prune) in all; a rerun resumes.")] = 20,
+    config: ConfigOpt = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", min=0.0, help="Start no new trial after this many minutes.")] = None,
+    evaluate_best: Annotated[bool, typer.Option("--evaluate-best", help="Retrain the best config and score it on the test split.")] = False,
+    clip: Annotated[Optional[Path], typer.Option("--clip", help="prior, decoder: the trained CLIP folder.")] = None,
+    pipeline: Annotated[Optional[Path], typer.Option("--pipeline", help="upsampler: the pipeline folder.")] = None,
+    data: DataOpt = None, data_dir: DataDirOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None,
+    batch_size: BatchOpt = None, lr: LrOpt = None, seed: SeedOpt = None, device: DeviceOpt = None,
+) -> None:
+    """Search a stage's hyperparameters with Optuna on the validation split (median pruning, SQLite study)."""
+    from stages.tune import Interrupted, trial_values
+    from stages.tune import tune as run_tune
+
+    flags = train_overrides(data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps,
+                            batch_size=batch_size, lr=lr, seed=seed, device=device)
+    show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+
+    def on_trial(trial, objective, values) -> None:
+        value = f"{objective} {trial.value:.5g}" if trial.value is not None else trial.user_attrs.get("error", "")
+        console.print(f"trial {trial.number} {trial.state.name.lower()}: {value}  " + "  ".join(f"{k}={show(v)}" for k, v in values.items()),
+                      highlight=False)
+
+    try:
+        result = run_tune(stage.value, space, trials, out, config, flags, clip, pipeline, timeout, evaluate_best, on_trial)
+    except Interrupted as e:
+        console.print(f"interrupted: {e}")
+        raise typer.Exit(130) from None
+    table = Table(title=f"t2i tune {stage.value}: {len(result.trials)} trials in {out}")
+    names = list(result.space)
+    for col in ("trial", *names, result.objective or "value", "state", "seconds"):
+        table.add_column(col, justify="left" if col == "state" else "right")
+    for t in result.trials:
+        values = trial_values(t, result.space)
+        seconds = f"{t.duration.total_seconds():.1f}" if t.duration else ""
+        mark = " *" if result.best is not None and t.number == result.best.number else ""
+        table.add_row(str(t.number) + mark, *[show(values[n]) if n in values else "" for n in names],
+                      f"{t.value:.5g}" if t.value is not None else "", t.state.name.lower(), seconds)
+    Console().print(table)
+    if result.best is None:
+        console.print("no trial finished; nothing to report")
+        return
+    console.print(f"best: trial {result.best.number}, {result.objective} {result.best.value:.5g} ({result.direction}); "
+                  f"its config: {result.best_yaml} (use it with --config)")
+    if result.test is not None:
+        console.print("best config retrained, on the test split: " + "  ".join(
+            f"{k.removeprefix('val_')} {v:.5g}" for k, v in result.test.items()))
+
+
+@command("runs")
+def runs(folder: Annotated[Path, typer.Argument(help="A run, a pipeline folder, or a folder of runs.")] = Path("runs")) -> None:
+    """A table of the training runs under a folder: stage, steps, wall time, losses, whether it can be resumed."""
+    from stages.runs import find_runs, run_labels, summarize
+
+    found = find_runs(folder)
+    if not found:
+        raise UserError(f"no training runs (folders with metrics.jsonl) under {folder}")
+    table = Table(title=f"runs under {folder}")
+    for col in ("run", "stage", "steps", "wall time", "last loss", "best validation", "state"):
+        table.add_column(col, justify="right" if col in ("steps", "wall time", "last loss") else "left")
+    for path, label in zip(found, run_labels(found)):
+        r = summarize(path)
+        steps = f"{r.step:,}" + (f"/{r.total:,}" if r.total else "")
+        wall = "-" if r.seconds is None else f"{r.seconds:.1f}s" if r.seconds < 60 else \
+            f"{int(r.seconds // 3600)}h{int(r.seconds % 3600 // 60):02d}m" if r.seconds >= 3600 else \
+            f"{int(r.seconds // 60)}m{int(r.seconds % 60):02d}s"
+        best = f"{r.objective} {r.best:.4g} (step {r.best_step:,})" if r.best is not None else "-"
+        loss = f"{r.last_loss:.4g}" if r.last_loss is not None else "-"
+        table.add_row(label, r.stage, steps, wall, loss, best, r.state)
+    Console().print(table)
+
+
+@command("plot")
+def plot(
+    run_folders: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Runs, pipeline folders or folders of runs.")],
+    metric: Annotated[str, typer.Option("--metric", help="The training metric (loss, lr, grad_norm, acc, ...).")] = "loss",
+    x: Annotated[str, typer.Option("--x", help="step or time (wall minutes).")] = "step",
+    out: Annotated[Path, typer.Option("--out", help="The PNG written.")] = Path("plot.png"),
+    smooth: Annotated[float, typer.Option("--smooth", min=0.0, max=0.999, help="Exponential smoothing, as TensorBoard's.")] = 0.9,
+) -> None:
+    """Training and validation curves of one or several runs on one PNG (the plot extra: matplotlib)."""
+    from stages.runs import plot_runs
+
+    console.print(f"wrote {plot_runs(run_folders, metric, x, out, smooth)}")
 
 
 @command("export")

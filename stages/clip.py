@@ -23,11 +23,12 @@ def caption_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
-def clip_stage(cfg: ClipConfig) -> Stage:
+def clip_stage(cfg: ClipConfig, eval_split: str = "val") -> Stage:
+    """CLIP's stage, validated on `eval_split` (the test split only to report a finished search's winner)."""
     t, m = cfg.train, cfg.model
     device = dist.training_device(t.device)
     data = load_dataset(t.data, "train", t.data_dir, m.image_channels, m.image_size, t.val_size)
-    val = load_dataset(t.data, "val", t.data_dir, m.image_channels, m.image_size, t.val_size)
+    val = load_dataset(t.data, eval_split, t.data_dir, m.image_channels, m.image_size, t.val_size)
     model = seeded(t.seed, lambda: CLIP(m)).to(device)
     tokenizer = Tokenizer(m.text_context)
     if cfg.hard_negatives and not hasattr(data.captioner, "sample_with_negatives"):
@@ -74,7 +75,7 @@ def clip_stage(cfg: ClipConfig) -> Stage:
                                           for i in range(0, len(calibration), t.batch_size)))
 
     return Stage("clip", model, cfg, len(data), loss, validate=validate, finalize=finalize,
-                 metrics_shown=["loss", "acc"])
+                 metrics_shown=["loss", "acc"], objective="val_zero_shot" if val.class_names else "val_retrieval")
 
 
 @torch.no_grad()

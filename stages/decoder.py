@@ -9,47 +9,37 @@ import torch
 
 from stages.clip import caption_seed
 from stages.frozen_clip import FrozenClip
-from stages.trainer import Stage, fit, seeded
+from stages.samples import chain_recorder, save_sheet
+from stages.trainer import Stage, fit, held_out_loss, seeded
 from unclip.config import DecoderConfig
 from unclip.diffusion.models import Diffusion
-from unclip.images import grid, nearest_steps, resize, save_png, to_uint8
+from unclip.images import resize, to_uint8
 from unclip.models.unet import UNet
 from stages.distributed import training_device
 from unclip.pipeline import (SamplingOptions, decode, decoder_condition, decoder_diffusion, sample_image_embeddings,
                              text_condition)
 
-PER_PROMPT = 6
-
 
 def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, prior: Optional[Diffusion],
-                 step: int, out: Path) -> None:
-    """A grid for fixed prompts (through the prior when there is one; else reconstructions of validation
-    images, the originals in the first column) and a strip of the predicted x0 along one chain."""
+                 step: int, out: Path) -> torch.Tensor:
+    """The stage's sheet (stages/samples.py): a column per fixed prompt, drawn through the prior when there is one;
+    without one, reconstructions of validation images from their CLIP embeddings, the originals on top."""
     device = frozen.image_emb.device
     generator = torch.Generator(device).manual_seed(0)
     options = SamplingOptions()  # what `t2i generate` draws with
+    text, rows = None, []
     if prior is not None:
-        prompts = [p for p in frozen.fixed_captions() for _ in range(PER_PROMPT)]
+        prompts = frozen.fixed_captions()
         emb = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior, prompts, options.sampler, options.steps,
                                       options.prior_guidance, generator, options.prior_candidates)
         text = text_condition(frozen.clip, frozen.tokenizer, prompts)[1:] if cfg.model.text_tokens else None
-        originals = None
     else:
-        idx = torch.arange(min(10, len(frozen.val)))
-        originals = to_uint8(resize(frozen.val.pixels(idx), cfg.model.image_size))
-        emb = frozen.clip.encode_image(frozen.val.pixels(idx).to(device)).repeat_interleave(PER_PROMPT - 1, 0)
-        text = None
-    chain = []
-    keep = nearest_steps(options.steps)
-    record = lambda i, t, x, x0: chain.append(x0[:1]) if i in keep else None  # noqa: E731
-    images = to_uint8(decode(decoder, cfg, emb, options.sampler, options.steps, options.guidance, generator, record,
-                             text=text))
-    if originals is not None:
-        images = torch.cat([originals[:, None], images.view(len(originals), PER_PROMPT - 1, *images.shape[1:])], 1)
-        images = images.flatten(0, 1)
-    samples = out / "samples"
-    save_png(grid(images, ncol=PER_PROMPT), samples / f"grid_{step:07d}.png", scale=2)
-    save_png(grid(to_uint8(torch.cat(chain)), ncol=len(chain)), samples / f"denoise_{step:07d}.png", scale=2)
+        originals = frozen.val.pixels(torch.arange(min(10, len(frozen.val))))
+        emb = frozen.clip.encode_image(originals.to(device))
+        rows.append(to_uint8(resize(originals, cfg.model.image_size)))
+    callback, shots = chain_recorder(options.steps)
+    final = decode(decoder, cfg, emb, options.sampler, options.steps, options.guidance, generator, callback, text=text)
+    return save_sheet(rows + [to_uint8(x) for x in shots + [final]], out, step)
 
 
 def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffusion] = None) -> Stage:
@@ -72,10 +62,23 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
         cond = decoder_condition(cfg, frozen.image_emb[idx.to(device)], text)
         return replace(base, net=module).loss(x0, cond, m.cond_drop), {}
 
-    def sample(shipped: UNet, step: int, out: Path) -> None:
-        save_samples(frozen, decoder_diffusion(shipped, cfg, device), cfg, prior, step, out)
+    def validate(shipped: UNet) -> dict:
+        diffusion = decoder_diffusion(shipped.eval(), cfg, device)
 
-    return Stage("decoder", model, cfg, len(frozen.data), loss, sample=sample)
+        def batch_loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            pixels = frozen.val.pixels(idx).to(device)
+            text = text_condition(frozen.clip, frozen.tokenizer, frozen.val.captions(idx, seed=0))[1:] \
+                if m.text_tokens else None
+            cond = decoder_condition(cfg, frozen.clip.encode_image(pixels), text)
+            return diffusion.loss(resize(pixels, m.image_size), cond, 0.0, generator)
+
+        return {"val_loss": held_out_loss(batch_loss, len(frozen.val), t.batch_size, device)}
+
+    def sample(shipped: UNet, step: int, out: Path) -> torch.Tensor:
+        return save_samples(frozen, decoder_diffusion(shipped, cfg, device), cfg, prior, step, out)
+
+    return Stage("decoder", model, cfg, len(frozen.data), loss, validate=validate, sample=sample,
+                 metrics_shown=["loss", "val_loss"], objective="val_loss")
 
 
 def train_decoder(cfg: DecoderConfig, frozen: FrozenClip, out: Path, prior: Optional[Diffusion] = None,

@@ -5,14 +5,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from stages.clip import caption_seed
 from stages.frozen_clip import FrozenClip
+from stages.samples import chain_recorder, save_sheet
 from stages.trainer import Stage, fit, seeded
 from unclip.config import PriorConfig
 from unclip.models.prior import DiffusionPrior
 from stages.distributed import training_device
-from unclip.pipeline import embed_scale, prior_cosine, prior_diffusion, text_condition
+from unclip.images import to_uint8
+from unclip.pipeline import (SamplingOptions, embed_scale, prior_cosine, prior_diffusion, sample_image_embeddings,
+                             text_condition)
 
 
 def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
@@ -35,8 +39,21 @@ def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
         captions = val.captions(idx, seed=0)
         return prior_cosine(frozen.clip, frozen.tokenizer, prior_diffusion(shipped, cfg, device), val.images[idx], captions)
 
-    return Stage("prior", model, cfg, len(frozen.data), loss, validate=validate,
-                 metrics_shown=["loss", "prior_cosine"])
+    @torch.no_grad()
+    def sample(shipped: DiffusionPrior, step: int, out: Path) -> torch.Tensor:
+        """The prior draws embeddings, not pictures: each cell of its sheet is the training image whose CLIP
+        embedding is nearest to the embedding predicted (a column per fixed prompt)."""
+        options = SamplingOptions()  # what `t2i generate` draws with
+        callback, shots = chain_recorder(options.steps)
+        final = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior_diffusion(shipped, cfg, device),
+                                        frozen.fixed_captions(), options.sampler, options.steps,
+                                        options.prior_guidance, torch.Generator(device).manual_seed(0),
+                                        callback=callback)
+        nearest = lambda emb: frozen.data.pixels((F.normalize(emb, dim=-1) @ frozen.image_emb.T).argmax(1).cpu())  # noqa: E731
+        return save_sheet([to_uint8(nearest(e)) for e in shots + [final]], out, step)
+
+    return Stage("prior", model, cfg, len(frozen.data), loss, validate=validate, sample=sample,
+                 metrics_shown=["loss", "prior_cosine"], objective="prior_cosine")
 
 
 def train_prior(cfg: PriorConfig, frozen: FrozenClip, out: Path, resume: bool = False) -> dict:

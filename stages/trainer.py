@@ -26,12 +26,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from stages import distributed as dist
+from stages.samples import save_progress_gif
 from unclip.checkpoint import atomic_write, atomic_write_text, save_checkpoint
 from unclip.config import TrainConfig
 from unclip.errors import UserError
 
 STATE_FILE = "train_state.pt"
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = "metrics.jsonl"  # one JSON record a step ({"step", "time", "loss", ...}) and one a validation
+RUN_FILE = "run.json"  # the run at its last save: stage, step, total, time, finished, objective (t2i runs)
+MAXIMIZE = ("val_zero_shot", "val_retrieval", "prior_cosine")
+VAL_IMAGES = 512  # validation examples of a diffusion stage's validation loss
 console = Console(stderr=True)
 
 
@@ -50,14 +54,40 @@ class Stage:
     validate: Optional[Callable[[torch.nn.Module], dict]] = None  # called with the model to ship, each epoch
     # brings the model to ship up to date before it is validated or saved (CLIP: its BatchNorm statistics)
     finalize: Optional[Callable[[torch.nn.Module], None]] = None
-    sample: Optional[Callable[[torch.nn.Module, int, Path], None]] = None  # (model to ship, step, run folder)
+    # (model to ship, step, run folder) -> the sample sheet written (uint8 (C, H, W)), see stages/samples.py
+    sample: Optional[Callable[[torch.nn.Module, int, Path], torch.Tensor]] = None
     metrics_shown: list[str] = field(default_factory=lambda: ["loss"])
+    objective: Optional[str] = None  # the key of `validate`'s result that ranks runs (t2i runs, t2i tune)
+
+    @property
+    def direction(self) -> str:
+        return direction(self.objective)
+
+
+def direction(metric: Optional[str]) -> str:
+    """Whether a validation metric is better high (accuracies, cosines) or low (losses)."""
+    return "maximize" if metric in MAXIMIZE else "minimize"
 
 
 def seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Build a model under `seed`, so the same seed starts from the same weights."""
     torch.manual_seed(seed)
     return build()
+
+
+@torch.no_grad()
+def held_out_loss(batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor], available: int,
+                  batch_size: int, device: torch.device) -> float:
+    """The mean of `batch_loss(idx, generator)` over the first VAL_IMAGES of `available` validation examples,
+    batch by batch, with timesteps and noise from a fixed seed: a diffusion stage's validation loss, comparable
+    across epochs and runs."""
+    n = min(VAL_IMAGES, available)
+    generator = torch.Generator(device).manual_seed(0)
+    total = 0.0
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(n, start + batch_size))
+        total += batch_loss(idx, generator).item() * len(idx)
+    return total / n
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -105,12 +135,30 @@ def _progress() -> Progress:
     )
 
 
-def _rewind_metrics(path: Path, step: int) -> None:
-    """Keep only the records of steps up to `step`, so a resumed run logs every step once."""
+def _rewind_metrics(path: Path, step: int) -> float:
+    """Keep only the records of steps up to `step`, so a resumed run logs every step once; return the wall
+    time the run had trained by then (seconds), from which a resumed run counts on."""
     if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+        return 0.0
+    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in kept if r["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return max((r.get("time", 0.0) for r in kept), default=0.0)
+
+
+def write_run_file(out: Path, stage: Stage, step: int, total: int, seconds: float) -> None:
+    atomic_write_text(out / RUN_FILE, json.dumps({
+        "stage": stage.name, "step": step, "total": total, "time": round(seconds, 3), "finished": step >= total,
+        "objective": stage.objective, "direction": stage.direction if stage.objective else None}) + "\n")
+
+
+def tensorboard_writer(out: Path, step: int):
+    """A SummaryWriter in OUT/tensorboard (dropping what a resumed run logs again), or a clear error."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard extra: pip install -e '.[tensorboard]'") from None
+    return SummaryWriter(str(out / "tensorboard"), purge_step=step or None)
 
 
 class Run:
@@ -126,6 +174,7 @@ class Run:
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
         self.shipped = self.ema if self.ema is not None else self.model  # what `model.safetensors` holds
         self.step, self.saved_step = 0, None
+        self.elapsed = 0.0  # wall seconds trained before this process (a resumed run goes on counting)
         torch.manual_seed(cfg.seed + dist.rank())
 
     def restore(self) -> None:
@@ -143,7 +192,7 @@ class Run:
         if cuda_rng is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(cuda_rng, self.device)
         if dist.is_main():
-            _rewind_metrics(self.out / METRICS_FILE, self.step)
+            self.elapsed = _rewind_metrics(self.out / METRICS_FILE, self.step)
 
     def save(self) -> None:
         """Every rank calls this (it holds collectives); rank 0 writes."""
@@ -186,8 +235,12 @@ class Run:
         return out
 
 
-def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
-    """Train `stage` into the folder `out`; return the last logged metrics (with "interrupted" if stopped)."""
+def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False,
+        on_validate: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train `stage` into the folder `out`; return the last logged metrics (with "interrupted" if stopped).
+
+    The stage is validated at the end of every epoch and of the run; `on_validate(record)` sees each result
+    (t2i tune reports it to Optuna, whose pruner may stop the run by raising)."""
     run = Run(stage, cfg, out)
     world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
     per_rank = cfg.batch_size // world
@@ -202,9 +255,31 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False) -> dict
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
     log = open(run.out / METRICS_FILE, "a", buffering=1) if main else None  # line-buffered: `tail -f` follows it
+    board = tensorboard_writer(run.out, run.step) if main and cfg.tensorboard else None
     last: dict = {}
     order, order_epoch = None, -1
     t0, step0 = time.perf_counter(), run.step
+    seconds = lambda: run.elapsed + time.perf_counter() - t0  # noqa: E731
+
+    def record(entry: dict, kind: str) -> None:
+        log.write(json.dumps(entry) + "\n")
+        if board is not None:
+            for key, value in entry.items():
+                if key not in ("step", "epoch", "time") and isinstance(value, (int, float)):
+                    board.add_scalar(f"{stage.name}/{kind}/{key}", value, entry["step"])
+
+    def show_samples() -> None:
+        sheet = stage.sample(run.shipped, run.step, run.out)
+        if board is not None and sheet is not None:
+            board.add_image(f"{stage.name}/samples", sheet, run.step, dataformats="CHW")
+
+    def save() -> None:
+        if log:
+            log.flush()
+        run.save()
+        if main:
+            write_run_file(run.out, stage, run.step, total, seconds())
+
     try:
         with stop_on_signals() as flag, _progress() as progress:
             task = progress.add_task(stage.name, total=total, completed=run.step, stats="", speed="")
@@ -213,38 +288,41 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False) -> dict
                 if epoch != order_epoch:
                     order, order_epoch = epoch_order(cfg.seed, epoch, stage.num_examples), epoch
                 idx = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size][rank * per_rank : (rank + 1) * per_rank]
-                last = {**run.train_step(idx, total), "epoch": epoch}
+                last = {**run.train_step(idx, total), "epoch": epoch, "time": round(seconds(), 3)}
                 if log:
-                    log.write(json.dumps(last) + "\n")
+                    record(last, "train")
                 stats = "  ".join(f"{k} {last[k]:.4g}" for k in stage.metrics_shown if k in last)
                 speed = f"{(run.step - step0) / (time.perf_counter() - t0):.1f} it/s"
                 progress.update(task, completed=run.step, stats=stats, speed=speed)
-                end_of_epoch = run.step % steps_per_epoch == 0
-                if stage.finalize is not None and stage.validate is not None and end_of_epoch:
+                validating = stage.validate is not None and (run.step % steps_per_epoch == 0 or run.step == total)
+                if validating and stage.finalize is not None:
                     stage.finalize(run.shipped)  # every rank: it may hold collectives (BatchNorm over ranks)
-                if main and stage.validate is not None and end_of_epoch:
-                    val = {"step": run.step, "epoch": epoch, **stage.validate(run.shipped)}
-                    log.write(json.dumps(val) + "\n")
+                if main and validating:
+                    val = {"step": run.step, "epoch": epoch, "time": round(seconds(), 3), **stage.validate(run.shipped)}
+                    record(val, "val")
                     progress.console.print(f"{stage.name} epoch {epoch}: " + "  ".join(
-                        f"{k} {v:.4f}" for k, v in val.items() if k not in ("step", "epoch")))
+                        f"{k} {v:.4f}" for k, v in val.items() if k not in ("step", "epoch", "time")))
                     last.update(val)
+                    if on_validate is not None:
+                        on_validate(val)
                 if main and stage.sample is not None and cfg.sample_every and run.step % cfg.sample_every == 0 \
                         and run.step < total:
-                    stage.sample(run.shipped, run.step, run.out)
+                    show_samples()
                 stop = dist.any_rank(flag["stop"] is not None)
                 if run.step % cfg.ckpt_every == 0 or run.step == total or stop:
-                    if log:
-                        log.flush()
-                    run.save()
+                    save()
                 if stop:
                     progress.console.print(f"{flag['stop'] or 'stop'}: saved step {run.step} to {run.out}; "
                                            "continue with --resume")
                     return {**last, "interrupted": True}
         if run.step == step0:
-            run.save()  # resumed a finished run: make sure the shippable weights exist
+            save()  # resumed a finished run: make sure the shippable weights exist
         if main and stage.sample is not None:
-            stage.sample(run.shipped, run.step, run.out)
+            show_samples()
+            save_progress_gif(run.out)
     finally:
         if log:
             log.close()
+        if board is not None:
+            board.close()
     return last

@@ -13,16 +13,17 @@ import torch
 
 from stages.distributed import training_device
 from stages.stage_two import stage_config
-from stages.trainer import Stage, fit, seeded
+from stages.samples import chain_recorder, save_sheet
+from stages.trainer import Stage, fit, held_out_loss, seeded
 from unclip.checkpoint import CONFIG_FILE
 from unclip.config import ClipConfig, DecoderConfig, UpsamplerConfig, load_config
 from unclip.data import CaptionedImages, load_dataset
 from unclip.errors import CheckpointError, ConfigError
-from unclip.images import grid, resize, save_png, to_uint8
-from unclip.models.upsampler import Upsampler, degrade
+from unclip.images import resize, to_uint8
+from unclip.models.upsampler import Upsampler, degrade, sampling_level
 from unclip.pipeline import SamplingOptions, upsample, upsampler_diffusion
 
-SHOWN = 8  # validation images in the sample grid
+SHOWN = 8  # validation images in the sample sheet
 
 
 def upsampler_stage(cfg: UpsamplerConfig, data: CaptionedImages, val: CaptionedImages) -> Stage:
@@ -39,25 +40,40 @@ def upsampler_stage(cfg: UpsamplerConfig, data: CaptionedImages, val: CaptionedI
         low = degrade(resize(x0, m.low_size), m.image_size, s, base.ac, sigma)
         return replace(base, net=module).loss(x0, (low, s), m.cond_drop), {}
 
-    def sample(shipped: Upsampler, step: int, out: Path) -> None:
-        """Rows: the original, its low-resolution version (enlarged), then upsampled from that, three times."""
+    def validate(shipped: Upsampler) -> dict:
+        """The loss on validation images, conditioned as sampling conditions (no blur, level `aug_level`)."""
+        diffusion = upsampler_diffusion(shipped.eval(), cfg, device)
+
+        def batch_loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            x0 = val.pixels(idx).to(device)
+            s = sampling_level(m, len(idx), device)
+            low = degrade(resize(x0, m.low_size), m.image_size, s, diffusion.ac, generator=generator)
+            return diffusion.loss(x0, (low, s), 0.0, generator)
+
+        return {"val_loss": held_out_loss(batch_loss, len(val), t.batch_size, device)}
+
+    def sample(shipped: Upsampler, step: int, out: Path) -> torch.Tensor:
+        """The stage's sheet (stages/samples.py), a column per validation image: the original, its low-resolution
+        version enlarged, then the upsampler's chain from that."""
         generator = torch.Generator(device).manual_seed(0)
-        idx = torch.arange(min(SHOWN, len(val)))
-        x0 = val.pixels(idx).to(device)
+        x0 = val.pixels(torch.arange(min(SHOWN, len(val)))).to(device)
         low = resize(x0, m.low_size)
         options = SamplingOptions()
-        draws = [upsample(upsampler_diffusion(shipped, cfg, device), cfg, low, options.sampler, options.upsampler_steps,
-                          generator) for _ in range(3)]
+        callback, shots = chain_recorder(options.upsampler_steps)
+        final = upsample(upsampler_diffusion(shipped, cfg, device), cfg, low, options.sampler, options.upsampler_steps,
+                         generator, callback)
         enlarged = torch.nn.functional.interpolate(low, size=m.image_size, mode="nearest")
-        rows = torch.stack([x0, enlarged, *draws], 1).flatten(0, 1)
-        save_png(grid(to_uint8(rows), ncol=5), out / "samples" / f"grid_{step:07d}.png", scale=2)
+        return save_sheet([to_uint8(x) for x in [x0, enlarged, *shots, final]], out, step)
 
-    return Stage("upsampler", model, cfg, len(data), loss, sample=sample)
+    return Stage("upsampler", model, cfg, len(data), loss, validate=validate, sample=sample,
+                 metrics_shown=["loss", "val_loss"], objective="val_loss")
 
 
-def train_upsampler(pipeline: Path, config_path: Optional[Path], flags: dict, resume: bool = False) -> dict:
-    """Train `pipeline/upsampler/` for the pipeline's decoder: from its size (`low_size`) to `image_size`,
-    on the data CLIP was trained on unless the config or flags say otherwise."""
+def upsampler_setup(pipeline: Path, config_path: Optional[Path], flags: dict,
+                    eval_split: str = "val") -> tuple[UpsamplerConfig, CaptionedImages, CaptionedImages]:
+    """The config of `pipeline/upsampler/` for the pipeline's decoder: from its size (`low_size`) to `image_size`,
+    on the data CLIP was trained on unless the config or flags say otherwise; the training data and the split
+    it is validated on."""
     pipeline = Path(pipeline)
     for stage in ("clip", "decoder"):
         if not (pipeline / stage / CONFIG_FILE).is_file():
@@ -71,5 +87,10 @@ def train_upsampler(pipeline: Path, config_path: Optional[Path], flags: dict, re
     if m.image_size <= m.low_size:
         raise ConfigError(f"upsampler image_size {m.image_size} must be larger than the decoder's {m.low_size}")
     data = load_dataset(t.data, "train", t.data_dir, m.image_channels, m.image_size, t.val_size)
-    val = load_dataset(t.data, "val", t.data_dir, m.image_channels, m.image_size, t.val_size)
-    return fit(upsampler_stage(cfg, data, val), t, pipeline / "upsampler", resume)
+    val = load_dataset(t.data, eval_split, t.data_dir, m.image_channels, m.image_size, t.val_size)
+    return cfg, data, val
+
+
+def train_upsampler(pipeline: Path, config_path: Optional[Path], flags: dict, resume: bool = False) -> dict:
+    cfg, data, val = upsampler_setup(pipeline, config_path, flags)
+    return fit(upsampler_stage(cfg, data, val), cfg.train, Path(pipeline) / "upsampler", resume)

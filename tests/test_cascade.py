@@ -2,7 +2,6 @@
 conditioning), and a diffusion upsampler after it."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tests.conftest import TINY
 from unclip.diffusion.schedule import alphas_cumprod
 from unclip.images import resize
 from unclip.models.upsampler import degrade
+from stages.runs import read_metrics
 
 runner = CliRunner()
 # CLIP sees 28x28; the decoder draws 16x16 and reads the caption's tokens, the upsampler draws 28x28.
@@ -100,10 +100,10 @@ def test_the_cascade_draws_at_the_upsampler_size_reproducibly(cascade, tmp_path)
 
 
 def test_the_upsampler_loss_falls_and_samples_are_drawn(cascade):
-    losses = [json.loads(line)["loss"] for line in (cascade / "upsampler" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in read_metrics(cascade / "upsampler")[0]]
     assert len(losses) == 60
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, (losses[:10], losses[-10:])
-    assert list((cascade / "upsampler" / "samples").glob("grid_*.png"))
+    assert list((cascade / "upsampler" / "samples").glob("sheet_*.png"))
 
 
 def test_without_the_upsampler_the_base_size_is_drawn(cascade, tmp_path):

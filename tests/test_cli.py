@@ -1,7 +1,6 @@
 """The CLI end to end on a tiny pipeline trained in the test session, and every bad input it must refuse."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
+from stages.runs import read_metrics
 
 runner = CliRunner()
 
@@ -163,7 +163,7 @@ def test_flags_override_the_config_file_and_the_resolved_config_is_saved(mnist_d
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 3 and saved["train"]["lr"] == 0.01 and saved["train"]["batch_size"] == 50
     assert saved["model"]["text_width"] == 32 and saved["train"]["data_dir"] == str(mnist_dir)  # from the file / flag
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(tmp_path)[0]] == [1, 2, 3]
 
 
 def test_export_stores_half_precision_and_still_generates(tiny_pipeline, tmp_path):

@@ -1,7 +1,6 @@
 """torchrun-style data parallel training on CPU (gloo): two processes behave like one with the whole batch."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 
 from stages import distributed as dist
 from unclip.models.clip import contrastive_loss
+from stages.runs import read_metrics
 
 
 def free_port() -> int:
@@ -101,8 +101,8 @@ def test_two_processes_train_in_lockstep_and_write_one_checkpoint(kind, tiny_pip
         torch.testing.assert_close(a[k], b[k], msg=k)
     run = tmp_path / "run"
     names = sorted(p.name for p in run.iterdir() if p.is_file())
-    assert names == ["config.yaml", "metrics.jsonl", "model.safetensors", "train_state.pt"]
-    steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert names == ["config.yaml", "metrics.jsonl", "model.safetensors", "run.json", "train_state.pt"]
+    steps = read_metrics(run)[0]
     assert len(steps) == 4  # rank 0 alone logs
 
 
@@ -128,8 +128,7 @@ def test_two_processes_of_half_the_batch_train_clip_like_one(mnist_dir, tmp_path
     equivalence_worker(0, 1, 0, str(mnist_dir), str(tmp_path))
     mp.spawn(equivalence_worker, args=(2, free_port(), str(mnist_dir), str(tmp_path)), nprocs=2)
     one, two = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / f"run{w}" / "metrics.jsonl").read_text().splitlines()]
-              for w in (1, 2)]
+    losses = [[r["loss"] for r in read_metrics(tmp_path / f"run{w}")[0]] for w in (1, 2)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     stats = [k for k in one if "running" in k]
     # BatchNorm saw the same batches; its saved statistics are recomputed for the final weights (PreciseBN),

@@ -170,7 +170,9 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
     assert r.exit_code == 0, r.output
     r = run("decoder-train", "--clip", tmp_path / "clip", "--config", tmp_path / "scenes.yaml", "--out", tmp_path / "pipe")
     assert r.exit_code == 0, r.output
-    assert list((tmp_path / "pipe" / "decoder" / "samples").glob("grid_*.png"))
+    samples = tmp_path / "pipe" / "decoder" / "samples"
+    assert sorted(p.name for p in samples.glob("sheet_*.png")) == ["sheet_0000004.png", "sheet_0000008.png"]
+    assert Image.open(samples / "progress.gif").n_frames >= 2
     r = run("generate", "--checkpoints", tmp_path / "pipe", "--prompt", "a red blue seven left of a 3", "-n", 2,
             "--steps", 2, "--out", tmp_path / "g")
     assert r.exit_code == 0, r.output  # a contradictory prompt still draws

@@ -19,13 +19,13 @@ from stages.prior import prior_stage
 from stages.trainer import TrainingError, fit
 from unclip.config import DecoderConfig, PriorConfig, TrainConfig, merge
 from tests.conftest import TINY
+from stages.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def steps_logged(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
+    return [r["step"] for r in read_metrics(run)[0]]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -52,9 +52,16 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(mnist_dir, tiny_config,
     assert proc.returncode == 0, output
     stopped_at = torch.load(run / "train_state.pt", weights_only=False)["step"]
     assert 20 <= stopped_at < 40 and "--resume" in output
+    status = json.loads((run / "run.json").read_text())
+    assert (status["step"], status["total"], status["finished"], status["stage"]) == (stopped_at, 40, False, "clip")
     subprocess.run([*base, "--out", str(run), "--resume"], cwd=ROOT, env=env, check=True, capture_output=True)
     assert_same_weights(tmp_path / "whole", run)
     assert steps_logged(run) == list(range(1, 41))  # every step once
+    times = [r["time"] for r in read_metrics(run)[0]]  # wall time goes on counting from where the cut run stopped
+    assert times == sorted(times) and times[0] > 0 and times[stopped_at] >= times[stopped_at - 1]
+    status = json.loads((run / "run.json").read_text())
+    assert status["finished"] and status["step"] == 40 and status["time"] >= times[-1]
+    assert status["objective"] == "val_zero_shot" and status["direction"] == "maximize"
 
 
 def interrupt_at(stage, step: int):
@@ -127,5 +134,5 @@ def test_the_decoder_loss_falls(frozen, tmp_path):
     cfg = merge(DecoderConfig(), {**TINY["decoder"], "train": {**TINY["decoder"]["train"], "max_steps": 60,
                                                                 "ckpt_every": 60, "lr": 3e-3, "warmup_steps": 5}})
     fit(decoder_stage(cfg, frozen), cfg.train, tmp_path)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in read_metrics(tmp_path)[0]]
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, (losses[:10], losses[-10:])

@@ -44,6 +44,7 @@ class TrainConfig:
     log_every: int = 25
     ckpt_every: int = 500
     sample_every: int = 0  # 0: only at the end (stages that sample)
+    tensorboard: bool = False  # also log to OUT/tensorboard (the tensorboard extra)
 
 
 @dataclass

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from unclip.checkpoint import atomic_write
 
@@ -59,8 +61,12 @@ def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
     return pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST) if scale > 1 else pil
 
 
-def save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
-    atomic_write(Path(path), lambda tmp: to_pil(image, scale).save(tmp, format="PNG"))
+def save_png(image: torch.Tensor, path: Path, scale: int = 1, text: Optional[dict[str, str]] = None) -> None:
+    """uint8 (C, H, W) -> a PNG file, with `text` as tEXt chunks (PIL reads them back as `Image.text`)."""
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    atomic_write(Path(path), lambda tmp: to_pil(image, scale).save(tmp, format="PNG", pnginfo=info))
 
 
 def save_numbered(images: torch.Tensor, out: Path, start: int = 0) -> None:
@@ -74,10 +80,3 @@ def save_gif(frames: list[torch.Tensor], path: Path, scale: int = 1, ms_per_fram
     pils = [to_pil(f, scale) for f in frames] + [to_pil(frames[-1], scale)] * hold_last
     atomic_write(Path(path), lambda tmp: pils[0].save(tmp, format="GIF", save_all=True, append_images=pils[1:],
                                                      duration=ms_per_frame, loop=0))
-
-
-def nearest_steps(n_steps: int, wanted: int = 5) -> list[int]:
-    """`wanted` chain indices spread over a sampling chain of `n_steps` steps, the last included."""
-    return sorted({round(i * (n_steps - 1) / max(1, wanted - 1)) for i in range(wanted)})
-
-

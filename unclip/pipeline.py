@@ -155,16 +155,17 @@ def prompt_conditions(clip: CLIP, tokenizer: Tokenizer, captions: list[str],
 @torch.no_grad()
 def sample_image_embeddings(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, captions: list[str], sampler: str,
                             steps: int, guidance: float, generator: torch.Generator, candidates: int = 1,
-                            negatives: Optional[list[str]] = None) -> torch.Tensor:
+                            negatives: Optional[list[str]] = None, callback=None) -> torch.Tensor:
     """Text -> unit-norm CLIP image embeddings (B, D) through the prior; of `candidates` draws per caption
     the one most similar to the caption's text embedding is kept (DALL-E 2, sec. 2.2). With `negatives`,
-    guidance steers away from those captions instead of from no caption (Kandinsky 2.2's negative prompt)."""
+    guidance steers away from those captions instead of from no caption (Kandinsky 2.2's negative prompt).
+    `callback(i, t, x_t, x0)` sees every step of the chain."""
     cond, negative = prompt_conditions(clip, tokenizer, captions, negatives)
     B, D = cond[0].shape
     repeat = lambda c: tuple(x.repeat_interleave(candidates, 0) for x in c) if c is not None else None  # noqa: E731
     noise = torch.randn((B * candidates, D), generator=generator, device=generator.device)
     denoise = prior.denoiser(repeat(cond), guidance, repeat(negative))
-    emb = F.normalize(sample(sampler, denoise, noise, prior.ac, steps, generator=generator), dim=-1)
+    emb = F.normalize(sample(sampler, denoise, noise, prior.ac, steps, generator=generator, callback=callback), dim=-1)
     emb = emb.view(B, candidates, D)
     best = (emb @ F.normalize(cond[0], dim=-1)[:, :, None]).squeeze(-1).argmax(1)  # (B,)
     return emb[torch.arange(B), best]
