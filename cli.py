@@ -234,7 +234,7 @@ def tune(
     def on_trial(trial, objective, values) -> None:
         value = f"{objective} {trial.value:.5g}" if trial.value is not None else trial.user_attrs.get("error", "")
         console.print(f"trial {trial.number} {trial.state.name.lower()}: {value}  " + "  ".join(f"{k}={show(v)}" for k, v in values.items()),
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
 
     try:
         result = run_tune(stage.value, space, trials, out, config, flags, clip, pipeline, timeout, evaluate_best, on_trial)

@@ -1,8 +1,8 @@
 """Reading training runs back: `t2i runs` (what is under a folder) and `t2i plot` (curves of runs side by side).
 
 A run is a folder the training loop wrote: `metrics.jsonl` (a record a step, which holds "lr", and a record a
-validation, which does not), `run.json` (its state at the last save) and, until it is given up,
-`train_state.pt` (what `--resume` continues from).
+validation, which does not), `run.json` (how far it got, and the step it last saved) and `train_state.pt`
+(what `--resume` continues from).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class RunSummary:
     objective: Optional[str]
     best: Optional[float]  # of the objective over the run's validations
     best_step: Optional[int]
-    state: str  # finished | resumable | stopped (no state to resume) | unknown
+    state: str  # finished | resumable from STEP | stopped (nothing to resume) | unknown (a run from before run.json)
 
     @property
     def direction(self) -> str:
@@ -84,9 +84,9 @@ def summarize(run: Path) -> RunSummary:
     if status.get("finished"):
         state = "finished"
     elif (run / STATE_FILE).is_file():
-        state = "resumable" if status else "unknown"
+        state = f"resumable from {status['saved']:,}" if status.get("saved") is not None else "unknown"
     else:
-        state = "stopped"
+        state = "stopped"  # before its first checkpoint (a pruned trial, say): nothing to resume
     return RunSummary(
         path=run, stage=status.get("stage") or (run.name if run.name in STAGES else "?"),
         step=status.get("step", train[-1]["step"] if train else 0), total=status.get("total"),
@@ -122,6 +122,7 @@ def plot_runs(paths: list[Path], metric: str = "loss", x: str = "step", out: Pat
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         raise UserError("t2i plot needs matplotlib: pip install -e '.[plot]'") from None
     if x not in ("step", "time"):
@@ -157,6 +158,8 @@ def plot_runs(paths: list[Path], metric: str = "loss", x: str = "step", out: Pat
     axes[0, 0].set(title=f"training {metric} (smoothed {weight})", xlabel=xlabel, ylabel=metric)
     if "loss" in metric and all(v > 0 for train, _ in logs.values() for r in train if metric in r for v in [r[metric]]):
         axes[0, 0].set_yscale("log")
+        for axis in (axes[0, 0].yaxis.set_major_formatter, axes[0, 0].yaxis.set_minor_formatter):
+            axis(matplotlib.ticker.FormatStrFormatter("%.3g"))
     if has_val:
         axes[0, 1].set(title="validation", xlabel=xlabel)
         axes[0, 1].legend(fontsize=8)

@@ -33,7 +33,7 @@ from unclip.errors import UserError
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"  # one JSON record a step ({"step", "time", "loss", ...}) and one a validation
-RUN_FILE = "run.json"  # the run at its last save: stage, step, total, time, finished, objective (t2i runs)
+RUN_FILE = "run.json"  # stage, step, saved step, total, time, finished, objective: for t2i runs
 MAXIMIZE = ("val_zero_shot", "val_retrieval", "prior_cosine")
 VAL_IMAGES = 512  # validation examples of a diffusion stage's validation loss
 console = Console(stderr=True)
@@ -146,10 +146,12 @@ def _rewind_metrics(path: Path, step: int) -> float:
     return max((r.get("time", 0.0) for r in kept), default=0.0)
 
 
-def write_run_file(out: Path, stage: Stage, step: int, total: int, seconds: float) -> None:
+def write_run_file(out: Path, stage: Stage, step: int, saved: Optional[int], total: int, seconds: float) -> None:
+    """run.json: how far the run got (`step`), what `--resume` would continue from (`saved`), and its plan."""
     atomic_write_text(out / RUN_FILE, json.dumps({
-        "stage": stage.name, "step": step, "total": total, "time": round(seconds, 3), "finished": step >= total,
-        "objective": stage.objective, "direction": stage.direction if stage.objective else None}) + "\n")
+        "stage": stage.name, "step": step, "saved": saved, "total": total, "time": round(seconds, 3),
+        "finished": saved is not None and saved >= total, "objective": stage.objective,
+        "direction": stage.direction if stage.objective else None}) + "\n")
 
 
 def tensorboard_writer(out: Path, step: int):
@@ -273,12 +275,15 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False,
         if board is not None and sheet is not None:
             board.add_image(f"{stage.name}/samples", sheet, run.step, dataformats="CHW")
 
+    def status() -> None:
+        if main:
+            write_run_file(run.out, stage, run.step, run.saved_step, total, seconds())
+
     def save() -> None:
         if log:
             log.flush()
         run.save()
-        if main:
-            write_run_file(run.out, stage, run.step, total, seconds())
+        status()
 
     try:
         with stop_on_signals() as flag, _progress() as progress:
@@ -303,6 +308,7 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False,
                     progress.console.print(f"{stage.name} epoch {epoch}: " + "  ".join(
                         f"{k} {v:.4f}" for k, v in val.items() if k not in ("step", "epoch", "time")))
                     last.update(val)
+                    status()
                     if on_validate is not None:
                         on_validate(val)
                 if main and stage.sample is not None and cfg.sample_every and run.step % cfg.sample_every == 0 \

@@ -88,3 +88,22 @@ def test_caption_csv_and_bad_folders(tmp_path):
         load_dataset(f"folder:{tmp_path.parent}", "train")
     with pytest.raises(UserError, match="unknown dataset"):
         load_dataset("cifar", "train")
+
+
+def test_fashion_mnist_is_found_where_debian_installs_it(mnist_dir, tmp_path, monkeypatch):
+    """Without --data-dir: $T2I_DATA_DIR, then the per-user cache, then /usr/share/datasets/fashion-mnist."""
+    import shutil
+
+    import unclip.data as data
+
+    system, env = tmp_path / "usr-share", tmp_path / "env"
+    shutil.copytree(mnist_dir, system)  # the glyph files stand in for Fashion-MNIST's
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "fashion-mnist", system)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("T2I_DATA_DIR", str(env))
+    assert data.default_data_dir("fashion-mnist") == system
+    test = load_dataset("fashion-mnist", "test")
+    assert len(test) == 200 and test.class_names[0] == "t-shirt"
+    shutil.copytree(mnist_dir, env / "fashion-mnist")  # a copy of one's own comes first
+    assert data.default_data_dir("fashion-mnist") == env / "fashion-mnist"
+    assert data.default_data_dir("mnist") == env / "mnist"  # held nowhere: where a download would go

@@ -54,22 +54,23 @@ def test_validation_is_logged_apart_from_training_steps(tiny_pipeline):
     assert val and all("val_loss" in r and r["val_loss"] > 0 for r in val) and val[-1]["step"] == 8
     assert all("time" in r for r in train + val)
     status = json.loads((tiny_pipeline / "decoder" / "run.json").read_text())
-    assert status == {**status, "stage": "decoder", "step": 8, "total": 8, "finished": True, "objective": "val_loss",
-                      "direction": "minimize"}
+    assert status == {**status, "stage": "decoder", "step": 8, "saved": 8, "total": 8, "finished": True,
+                      "objective": "val_loss", "direction": "minimize"}
 
 
 def test_t2i_runs_tables_every_run_under_a_folder(tiny_pipeline, tmp_path):
     shutil.copytree(tiny_pipeline.parent, tmp_path / "runs")  # clip/ and pipe/ (whose clip/ is a copy, not a run)
     cut = tmp_path / "runs" / "pipe" / "decoder"
     status = json.loads((cut / "run.json").read_text())
-    (cut / "run.json").write_text(json.dumps({**status, "step": 4, "finished": False}))
+    (cut / "run.json").write_text(json.dumps({**status, "step": 6, "saved": 4, "finished": False}))
     r = runner.invoke(app, ["runs", str(tmp_path / "runs")], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     lines = {line.split("│")[1].strip(): line for line in r.output.splitlines() if line.count("│") > 3}
     assert set(lines) == {"clip", "pipe/prior", "pipe/decoder"}
     assert "finished" in lines["clip"] and "val_zero_shot" in lines["clip"] and "108/108" in lines["clip"]
     assert "prior_cosine" in lines["pipe/prior"] and "finished" in lines["pipe/prior"]
-    assert "resumable" in lines["pipe/decoder"] and "4/8" in lines["pipe/decoder"] and "val_loss" in lines["pipe/decoder"]
+    assert "resumable from 4" in lines["pipe/decoder"] and "6/8" in lines["pipe/decoder"]
+    assert "val_loss" in lines["pipe/decoder"]
     r = run("runs", tmp_path / "nothing")
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "no such folder" in r.output
 

@@ -53,7 +53,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(mnist_dir, tiny_config,
     stopped_at = torch.load(run / "train_state.pt", weights_only=False)["step"]
     assert 20 <= stopped_at < 40 and "--resume" in output
     status = json.loads((run / "run.json").read_text())
-    assert (status["step"], status["total"], status["finished"], status["stage"]) == (stopped_at, 40, False, "clip")
+    assert (status["saved"], status["total"], status["finished"], status["stage"]) == (stopped_at, 40, False, "clip")
     subprocess.run([*base, "--out", str(run), "--resume"], cwd=ROOT, env=env, check=True, capture_output=True)
     assert_same_weights(tmp_path / "whole", run)
     assert steps_logged(run) == list(range(1, 41))  # every step once

@@ -67,9 +67,19 @@ class CaptionedImages:
         return torch.tensor([zlib.crc32(c.encode()) for c in captions], dtype=torch.long)
 
 
+# Where a distribution installs a dataset: Debian's dataset-fashion-mnist package puts the four IDX files here.
+SYSTEM_DATA_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
+
+
 def default_data_dir(name: str) -> Path:
-    root = os.environ.get("T2I_DATA_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "t2i"
-    return Path(root) / name
+    """Where `--data NAME` looks without `--data-dir`: $T2I_DATA_DIR/NAME, then the per-user cache, then the
+    system's copy (SYSTEM_DATA_DIRS); the first that holds the training images, else the first (downloads go there)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "t2i"
+    env = os.environ.get("T2I_DATA_DIR")
+    candidates = [Path(env) / name] if env else []
+    candidates += [cache / name] + ([SYSTEM_DATA_DIRS[name]] if name in SYSTEM_DATA_DIRS else [])
+    held = lambda d: any((d / f"train-images-idx3-ubyte{ext}").is_file() for ext in ("", ".gz"))  # noqa: E731
+    return next((d for d in candidates if held(d)), candidates[0])
 
 
 def split_indices(n: int, split: str, val_size: int) -> torch.Tensor:
