@@ -120,6 +120,31 @@ def clip_train(
         console.print(f"CLIP saved to {out}" + (f" (val zero-shot {last['val_zero_shot']:.4f})" if "val_zero_shot" in last else ""))
 
 
+@command("clip-import")
+def clip_import(
+    open_clip: Annotated[str, typer.Option("--open-clip", help="An open_clip architecture (ViT-B-32) or a model-config JSON file.")],
+    weights: Annotated[Path, typer.Option("--weights", help="Its weights: a local .pt, .bin or .safetensors file.")],
+    out: Annotated[Path, typer.Option("--out", help="The CLIP stage folder written (config.yaml + model.safetensors).")],
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="The pipeline's image side (default: the model's input size).")] = None,
+    image_channels: Annotated[int, typer.Option("--image-channels", min=1, max=3, help="1 for grayscale data, 3 for colour.")] = 3,
+    template: Annotated[str, typer.Option("--template", help="Zero-shot prompt with {} for the class name.")] = "a photo of a {}",
+) -> None:
+    """Stage one from a pretrained open_clip model and a local weights file (no network): frozen, with its own
+    preprocessing and tokenizer; decoder-train, clip-eval, classify and generate use it like a trained CLIP."""
+    from unclip.checkpoint import save_checkpoint
+    from unclip.models.open_clip_import import import_open_clip
+
+    if image_channels == 2:
+        raise UserError("--image-channels: 1 (grayscale) or 3 (colour)")
+    model, cfg = import_open_clip(open_clip, weights, image_size, image_channels, template)
+    save_checkpoint(out, model, cfg)
+    m = cfg.model
+    params = sum(p.numel() for p in model.parameters())
+    console.print(f"imported {cfg.open_clip.name} ({params / 1e6:.1f}M parameters, embeddings {m.embed_dim}, "
+                  f"input {cfg.open_clip.image_size}px) to {out}; pipeline images {m.image_channels}x{m.image_size}px. "
+                  f"Next: t2i decoder-train --clip {out} --config YAML --out DIR", highlight=False)
+
+
 @command("clip-eval")
 def clip_eval(
     clip: Annotated[str, typer.Option("--clip", help="CLIP checkpoint folder, or a shipped pipeline's name.")] = DEFAULT_PIPELINE,

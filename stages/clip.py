@@ -26,6 +26,9 @@ def caption_seed(seed: int, step: int) -> int:
 def clip_stage(cfg: ClipConfig, eval_split: str = "val") -> Stage:
     """CLIP's stage, validated on `eval_split` (the test split only to report a finished search's winner)."""
     t, m = cfg.train, cfg.model
+    if cfg.open_clip is not None:
+        raise UserError("this CLIP config is an imported open_clip model, which stays frozen: train the prior and "
+                        "the decoder against it with t2i decoder-train --clip DIR")
     device = dist.training_device(t.device)
     data = load_dataset(t.data, "train", t.data_dir, m.image_channels, m.image_size, t.val_size)
     val = load_dataset(t.data, eval_split, t.data_dir, m.image_channels, m.image_size, t.val_size)

@@ -68,6 +68,21 @@ class ClipModelConfig:
 
 
 @dataclass
+class OpenClipConfig:
+    """A pretrained open_clip model as stage one (`t2i clip-import`), frozen: its architecture as open_clip's
+    model-config JSON files write it, and the preprocessing its vision tower was trained with. The stage's
+    `model` section then says what the pipeline's images are (`image_channels`, `image_size`) and what the
+    text tower gives the prior (`text_context`, `text_width`, `embed_dim`)."""
+
+    model: dict = field(default_factory=dict)  # embed_dim, vision_cfg, text_cfg, ...
+    name: str = ""  # the architecture name or JSON file it came from, for the record
+    image_size: int = 224  # the vision tower's input side
+    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])  # OpenAI's
+    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    interpolation: str = choice("bicubic", "bilinear")
+
+
+@dataclass
 class ClipConfig:
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, batch_size=256, lr=2e-3))
@@ -76,6 +91,7 @@ class ClipConfig:
     # NegCLIP (Yuksekgonul et al. 2023): each caption's minimally changed twin (colours swapped, places
     # swapped, a digit or the count changed) joins the batch as an extra negative text; scenes only.
     hard_negatives: bool = False
+    open_clip: Optional[OpenClipConfig] = None  # set by t2i clip-import: a pretrained open_clip model, frozen
 
 
 @dataclass
@@ -195,6 +211,10 @@ def _check(tp: Any, value: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is dict:  # free-form (an open_clip model config), checked by whoever reads it
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return value
     if tp in (str, bool):
         if not isinstance(value, tp):

@@ -34,9 +34,18 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
+def build_clip(cfg: ClipConfig) -> CLIP:
+    """Our CLIP, or a pretrained open_clip model imported by `t2i clip-import` (the same interface)."""
+    if cfg.open_clip is not None:
+        from unclip.models.open_clip_import import ImportedCLIP
+
+        return ImportedCLIP(cfg)
+    return CLIP(cfg.model)
+
+
 def load_clip(folder: str | Path, device: str | torch.device = "auto") -> tuple[CLIP, ClipConfig]:
     """A CLIP checkpoint folder, or a shipped pipeline's CLIP by name (`mnist`)."""
-    model, cfg = load_checkpoint(resolve_folder(folder, "clip"), ClipConfig, lambda c: CLIP(c.model))
+    model, cfg = load_checkpoint(resolve_folder(folder, "clip"), ClipConfig, build_clip)
     return model.to(resolve_device(device)).eval(), cfg
 
 
