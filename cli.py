@@ -79,7 +79,9 @@ def progress_bar(description: str):
 
 # Options shared by the training commands.
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Stage or pipeline YAML; flags override it.")]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="mnist | fashion-mnist | scenes | folder:PATH")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="mnist | fashion-mnist | scenes | folder:PATH | coco:ROOT | parquet:PATH | wds:PATTERN | prepared:FILE")]
+ImageColumnOpt = Annotated[Optional[str], typer.Option("--image-column", help="parquet: the image column (default image).")]
+TextColumnOpt = Annotated[Optional[str], typer.Option("--text-column", help="parquet: the caption column (default text).")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder of the IDX files.")]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1)]
 MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Overrides --epochs.")]
@@ -103,6 +105,7 @@ def train_overrides(**flags) -> dict:
 @command("clip-train")
 def clip_train(
     config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
+    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder: weights, metrics, resume state.")] = Path("runs/clip"),
     epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
     seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
@@ -113,11 +116,43 @@ def clip_train(
     from unclip.config import ClipConfig, load_config, merge
 
     cfg = merge(load_config(ClipConfig, config), train_overrides(
-        data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-        seed=seed, device=device, tensorboard=tensorboard or None))
+        data=data, data_dir=data_dir, image_column=image_column, text_column=text_column, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device, tensorboard=tensorboard or None))
     last = train_clip(cfg, out, resume)
     if not last.get("interrupted") and is_main():
         console.print(f"CLIP saved to {out}" + (f" (val zero-shot {last['val_zero_shot']:.4f})" if "val_zero_shot" in last else ""))
+
+
+@command("prepare")
+def prepare(
+    data: Annotated[str, typer.Option("--data", help="coco:ROOT | parquet:PATH | wds:PATTERN")],
+    out: Annotated[Path, typer.Option("--out", help="The file written (and FILE.json beside it); train with --data prepared:FILE.")],
+    size: Annotated[int, typer.Option("--size", min=8, help="Side of the square images stored.")] = 64,
+    channels: Annotated[int, typer.Option("--channels", min=1, max=3, help="3 (colour) or 1 (grey).")] = 3,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding processes.")] = 2,
+    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None,
+) -> None:
+    """Decode and resize a captioned source once into a memory-mapped uint8 file (training then reads rows, not JPEGs)."""
+    import time
+
+    from unclip.data.prepared import prepare as run_prepare
+    from unclip.data.sources import open_source, skip_summary
+
+    if channels == 2:
+        raise UserError("--channels: 1 (grey) or 3 (colour)")
+    if data.partition(":")[0] not in ("coco", "parquet", "wds"):
+        raise UserError(f"--data {data}: t2i prepare reads coco:ROOT, parquet:PATH or wds:PATTERN")
+    source = open_source(data, "train", channels, size, image_column or "image", text_column or "text")
+    start = time.perf_counter()
+    total = len(source) if hasattr(source, "__len__") else getattr(source, "count", None)
+    with Progress(TextColumn("[bold]preparing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("preparing", total=total)
+        meta = run_prepare(source, data, out, workers, lambda n: bar.advance(task, n))
+    seconds = time.perf_counter() - start
+    console.print(f"prepared {meta['count']:,} images of {channels}x{size}x{size} from {data} in {seconds:.1f} s "
+                  f"({meta['count'] / seconds:,.0f} images/s; skipped: {skip_summary(meta['skipped'])}) into {out} "
+                  f"({out.stat().st_size / 2**20:,.1f} MiB); train with --data prepared:{out}", highlight=False)
 
 
 @command("clip-import")
@@ -193,6 +228,7 @@ def classify(
 def decoder_train(
     clip: Annotated[Path, typer.Option("--clip", help="Trained CLIP folder (frozen here).")],
     config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
+    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Pipeline folder: prior/, decoder/ and a copy of clip/.")] = Path("runs/pipeline"),
     stage: Annotated[StageChoice, typer.Option("--stage")] = StageChoice.both,
     epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
@@ -202,8 +238,9 @@ def decoder_train(
     from stages.distributed import is_main
     from stages.stage_two import train_stage_two
 
-    flags = train_overrides(data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps,
-                            batch_size=batch_size, lr=lr, seed=seed, device=device, tensorboard=tensorboard or None)
+    flags = train_overrides(data=data, data_dir=data_dir, image_column=image_column, text_column=text_column,
+                            epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                            tensorboard=tensorboard or None)
     stages = ["prior", "decoder"] if stage == StageChoice.both else [stage.value]
     if train_stage_two(clip, config, flags, out, stages, resume) and is_main():
         console.print(f"pipeline saved to {out} (generate with: t2i generate --checkpoints {out} --prompt ...)")
@@ -213,6 +250,7 @@ def decoder_train(
 def upsampler_train(
     pipeline: Annotated[Path, typer.Option("--pipeline", help="Pipeline folder with clip/ and decoder/; writes upsampler/.")],
     config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
+    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None,
     epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
     seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
 ) -> None:
@@ -220,8 +258,9 @@ def upsampler_train(
     from stages.distributed import is_main
     from stages.upsampler import train_upsampler
 
-    flags = train_overrides(data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps,
-                            batch_size=batch_size, lr=lr, seed=seed, device=device, tensorboard=tensorboard or None)
+    flags = train_overrides(data=data, data_dir=data_dir, image_column=image_column, text_column=text_column,
+                            epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                            tensorboard=tensorboard or None)
     last = train_upsampler(pipeline, config, flags, resume)
     if not last.get("interrupted") and is_main():
         console.print(f"upsampler saved to {pipeline / 'upsampler'}; t2i generate --checkpoints {pipeline} now runs it")

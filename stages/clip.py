@@ -30,8 +30,9 @@ def clip_stage(cfg: ClipConfig, eval_split: str = "val") -> Stage:
         raise UserError("this CLIP config is an imported open_clip model, which stays frozen: train the prior and "
                         "the decoder against it with t2i decoder-train --clip DIR")
     device = dist.training_device(t.device)
-    data = load_dataset(t.data, "train", t.data_dir, m.image_channels, m.image_size, t.val_size)
-    val = load_dataset(t.data, eval_split, t.data_dir, m.image_channels, m.image_size, t.val_size)
+    columns = (t.image_column, t.text_column)
+    data = load_dataset(t.data, "train", t.data_dir, m.image_channels, m.image_size, t.val_size, columns)
+    val = load_dataset(t.data, eval_split, t.data_dir, m.image_channels, m.image_size, t.val_size, columns)
     model = seeded(t.seed, lambda: CLIP(m)).to(device)
     tokenizer = Tokenizer(m.text_context)
     if cfg.hard_negatives and not hasattr(data.captioner, "sample_with_negatives"):

@@ -35,8 +35,9 @@ class FrozenClip:
         clip, cfg = load_clip(clip_dir, device)
         clip.requires_grad_(False)
         m = cfg.model
-        data = load_dataset(train.data, "train", train.data_dir, m.image_channels, m.image_size, train.val_size)
-        val = load_dataset(train.data, "val", train.data_dir, m.image_channels, m.image_size, train.val_size)
+        columns = (train.image_column, train.text_column)
+        data = load_dataset(train.data, "train", train.data_dir, m.image_channels, m.image_size, train.val_size, columns)
+        val = load_dataset(train.data, "val", train.data_dir, m.image_channels, m.image_size, train.val_size, columns)
         log.info("embedding %d training images with CLIP", len(data))
         return cls(clip, Tokenizer(m.text_context), fingerprint(clip.state_dict()), data, val,
                    encode_images(clip, data.images))

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 STUDY_FILE = "study.db"
 BEST_FILE = "best.yaml"
 # The trials share their data (loaded, and for stage two embedded by CLIP, once), so these are not searched.
-SHARED = ("train.data", "train.data_dir", "train.val_size", "train.device")
+SHARED = ("train.data", "train.data_dir", "train.val_size", "train.device", "train.image_column", "train.text_column")
 DIRECTION = {"clip": "maximize", "prior": "maximize", "decoder": "minimize", "upsampler": "minimize"}
 
 
@@ -164,7 +164,8 @@ def stage_search(stage: str, config_path: Optional[Path], flags: dict, clip: Opt
             if split not in splits:
                 t, m = cfg.train, clip_cfg.model
                 splits[split] = replace(frozen, val=load_dataset(t.data, split, t.data_dir, m.image_channels,
-                                                                 m.image_size, t.val_size))
+                                                                 m.image_size, t.val_size,
+                                                                 (t.image_column, t.text_column)))
             return prior_stage(cfg, splits[split]) if stage == "prior" else decoder_stage(cfg, splits[split])
 
         return Search(stage, base, build)

@@ -86,8 +86,9 @@ def upsampler_setup(pipeline: Path, config_path: Optional[Path], flags: dict,
     m.image_channels, m.low_size = decoder.image_channels, decoder.image_size
     if m.image_size <= m.low_size:
         raise ConfigError(f"upsampler image_size {m.image_size} must be larger than the decoder's {m.low_size}")
-    data = load_dataset(t.data, "train", t.data_dir, m.image_channels, m.image_size, t.val_size)
-    val = load_dataset(t.data, eval_split, t.data_dir, m.image_channels, m.image_size, t.val_size)
+    columns = (t.image_column, t.text_column)
+    data = load_dataset(t.data, "train", t.data_dir, m.image_channels, m.image_size, t.val_size, columns)
+    val = load_dataset(t.data, eval_split, t.data_dir, m.image_channels, m.image_size, t.val_size, columns)
     return cfg, data, val
 
 

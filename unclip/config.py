@@ -27,8 +27,10 @@ def choice(default: str, *others: str):
 class TrainConfig:
     """What drives a training run; nothing here is needed to rebuild the model."""
 
-    data: str = "mnist"  # mnist | fashion-mnist | scenes | folder:PATH
+    data: str = "mnist"  # mnist | fashion-mnist | scenes | folder:PATH | coco:ROOT | parquet:PATH | wds:PATTERN | prepared:FILE
     data_dir: Optional[str] = None  # where IDX files live (default: the per-user cache)
+    image_column: str = "image"  # parquet: the columns of the images and the captions
+    text_column: str = "text"
     epochs: int = 4
     max_steps: Optional[int] = None  # overrides epochs when set
     batch_size: int = 256

@@ -7,6 +7,7 @@ from the MNIST digits of the split (one scene per digit, a fixed seed per split)
 """
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 from dataclasses import dataclass
@@ -16,18 +17,21 @@ from typing import Optional
 import torch
 
 from unclip.data.scene_captions import SceneCaptions
-from unclip.data.captions import FASHION_NAMES, FASHION_TEMPLATES, MNIST_NAMES, MNIST_TEMPLATES, LabelCaptions
+from unclip.data.captions import (FASHION_NAMES, FASHION_TEMPLATES, MNIST_NAMES, MNIST_TEMPLATES, LabelCaptions,
+                                  TextCaptions)
+from unclip.data.prepared import MappedImages, convert
 from unclip.errors import UserError
 from unclip.images import to_float
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class CaptionedImages:
-    images: torch.Tensor  # (N, C, H, W) uint8
+    images: torch.Tensor | MappedImages  # (N, C, H, W) uint8, in memory or (prepared sources) on disk
     labels: Optional[torch.Tensor] = None  # (N,) class index, for labelled datasets
-    captioner: Optional[LabelCaptions | SceneCaptions] = None  # random captions from labels (or scene ids)
+    captioner: Optional[LabelCaptions | SceneCaptions | TextCaptions] = None  # random captions from labels (or ids)
     texts: Optional[list[str]] = None  # fixed captions (caption folders)
 
     def __len__(self) -> int:
@@ -39,7 +43,7 @@ class CaptionedImages:
 
     def subset(self, idx: torch.Tensor) -> "CaptionedImages":
         return CaptionedImages(
-            images=self.images[idx],
+            images=self.images.take(idx) if isinstance(self.images, MappedImages) else self.images[idx],
             labels=None if self.labels is None else self.labels[idx],
             captioner=self.captioner,
             texts=None if self.texts is None else [self.texts[i] for i in idx.tolist()],
@@ -96,8 +100,10 @@ def load_dataset(
     channels: int = 1,
     size: int = 28,
     val_size: int = 5000,
+    columns: tuple[str, str] = ("image", "text"),
 ) -> CaptionedImages:
-    """Load `spec` (mnist | fashion-mnist | scenes | folder:PATH) at `channels` x `size` x `size`."""
+    """Load `spec` at `channels` x `size` x `size`: mnist | fashion-mnist | scenes | folder:PATH | coco:ROOT |
+    parquet:PATH (its image and text `columns`) | wds:PATTERN | prepared:FILE."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     if spec in ("mnist", "fashion-mnist"):
@@ -116,8 +122,20 @@ def load_dataset(
         data = load_caption_folder(Path(spec[len("folder:") :]), channels, size)
         if split == "test":
             split = "val"
+    elif spec.partition(":")[0] in ("coco", "parquet", "wds"):
+        data = _resize(load_source(spec, "test" if spec.startswith("coco:") and split == "test" else "train",
+                                   channels, size, columns), channels, size)
+        if split == "test" and not spec.startswith("coco:"):
+            split = "val"  # no test split of its own
+    elif spec.startswith("prepared:"):
+        from unclip.data.prepared import load_prepared
+
+        data = load_prepared(Path(spec[len("prepared:"):]), channels, size)
+        if split == "test":
+            split = "val"
     else:
-        raise UserError(f"unknown dataset {spec!r}: use mnist, fashion-mnist, scenes or folder:PATH")
+        raise UserError(f"unknown dataset {spec!r}: use mnist, fashion-mnist, scenes, folder:PATH, coco:ROOT, "
+                        "parquet:PATH, wds:PATTERN or prepared:FILE")
     if split == "test":
         return data
     return data.subset(split_indices(len(data), split, val_size))
@@ -140,11 +158,30 @@ def _scenes(split: str, mnist_dir: Path, val_size: int) -> CaptionedImages:
 
 
 def _resize(data: CaptionedImages, channels: int, size: int) -> CaptionedImages:
-    x = data.images
-    if x.shape[1] != channels:
-        x = x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else x.float().mean(1, keepdim=True).round().byte()
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
-        x = x.round().clamp(0, 255).byte()
-    data.images = x.contiguous()
+    data.images = convert(data.images, channels, size)
     return data
+
+
+_SOURCES: dict[tuple, CaptionedImages] = {}  # decoded once per process: train and val are slices of one decode
+
+
+def load_source(spec: str, split: str, channels: int, size: int, columns: tuple[str, str]) -> CaptionedImages:
+    """A COCO, parquet or webdataset source decoded into memory by DataLoader workers (for sources that fit;
+    `t2i prepare` writes larger ones to disk once). Decoded at the source's own channels, resized to `size`."""
+    key = (spec, split, channels, size, columns)
+    if key not in _SOURCES:
+        from unclip.data.sources import decode_source, open_source, skip_summary
+
+        source = open_source(spec, split, 3, size, *columns)
+        images, captions = [], []
+        for batch, caps in decode_source(source, workers=min(2, os.cpu_count() or 1)):
+            images.append(batch)
+            captions += caps
+        if not captions:
+            raise UserError(f"{spec}: no usable image (skipped: {skip_summary(source.skips)})")
+        if source.skips:
+            log.warning("%s: %d usable images, skipped %s", spec, len(captions), skip_summary(source.skips))
+        _SOURCES[key] = CaptionedImages(images=torch.cat(images), labels=torch.arange(len(captions)),
+                                        captioner=TextCaptions(captions))
+    cached = _SOURCES[key]
+    return CaptionedImages(cached.images, cached.labels, cached.captioner)

@@ -70,3 +70,16 @@ class LabelCaptions:
             r = random.Random(key)
             out.append(r.choice(self.templates).format(r.choice(self.names[label])))
         return out
+
+
+class TextCaptions:
+    """The captions each image came with (COCO has five): one drawn per sample with `random.Random(key)`.
+    Its `labels` are image indices into `options`."""
+
+    class_names = None
+
+    def __init__(self, options: list[list[str]]):
+        self.options = options
+
+    def sample(self, labels: torch.Tensor, keys: list[str]) -> list[str]:
+        return [random.Random(key).choice(self.options[i]) for i, key in zip(labels.tolist(), keys)]

@@ -1,0 +1,162 @@
+"""Users' own captioned data: COCO, Hugging Face parquet, webdataset shards, and `t2i prepare` + `prepared:`,
+each built here from drawn digits; every bad input one line or a counted skip."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from tests.conftest import TINY, draw_glyphs
+from unclip.data import load_dataset
+from unclip.errors import UserError
+
+pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed")
+pytest.importorskip("webdataset", reason="webdataset is not installed")
+import pyarrow as pa  # noqa: E402
+
+runner = CliRunner()
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def jpeg(digit: np.ndarray, colour=(255, 96, 32)) -> bytes:
+    """A glyph as a 40x30 colour JPEG (not square: the loader takes the centre)."""
+    image = Image.fromarray(digit).resize((40, 30)).convert("RGB")
+    tinted = Image.fromarray((np.asarray(image) * (np.array(colour) / 255)).astype(np.uint8))
+    buffer = io.BytesIO()
+    tinted.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def glyphs(n: int, seed: int):
+    images, labels = draw_glyphs(n, seed)
+    return [jpeg(im) for im in images], [f"an orange {WORDS[d]} number {i}" for i, d in enumerate(labels)]
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("coco")
+    for split, n, seed in (("train2017", 40, 0), ("val2017", 12, 1)):
+        (root / split).mkdir()
+        images, captions = glyphs(n, seed)
+        entries, annotations = [], []
+        for i, (data, caption) in enumerate(zip(images, captions)):
+            (root / split / f"{i:012d}.jpg").write_bytes(data)
+            entries.append({"id": i, "file_name": f"{i:012d}.jpg"})
+            annotations += [{"image_id": i, "id": 10 * i + k, "caption": f"{caption}, take {k}"} for k in range(5)]
+        entries.append({"id": 999, "file_name": "missing.jpg"})  # named, never written: skipped and counted
+        annotations.append({"image_id": 999, "id": 9999, "caption": "a ghost"})
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({"images": entries, "annotations": annotations}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def parquet(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("parquet")
+    images, captions = glyphs(30, 2)
+    for part, (lo, hi) in enumerate(((0, 16), (16, 30))):  # two files as `datasets` writes them, row groups of 8
+        table = pa.table({"img": [{"bytes": b, "path": f"{i}.jpg"} for i, b in zip(range(lo, hi), images[lo:hi])],
+                          "caption": captions[lo:hi]})
+        pq.write_table(table, folder / f"train-{part:05d}-of-00002.parquet", row_group_size=8)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shards")
+    images, captions = glyphs(30, 3)
+    for shard in range(3):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for i in range(shard * 10, shard * 10 + 10):
+                data = b"\xff\xd8 corrupt" if i == 7 else images[i]  # a corrupt member: skipped and counted
+                meta = (b"txt", captions[i].encode()) if i % 2 else (b"json", json.dumps({"caption": captions[i]}).encode())
+                for suffix, payload in (("jpg", data), (meta[0].decode(), meta[1])):
+                    info = tarfile.TarInfo(f"{i:06d}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return folder
+
+
+def test_coco_uses_all_five_captions_skips_missing_files_and_tests_on_val2017(coco):
+    train = load_dataset(f"coco:{coco}", "train", channels=3, size=32, val_size=4)
+    val = load_dataset(f"coco:{coco}", "val", channels=3, size=32, val_size=4)
+    test = load_dataset(f"coco:{coco}", "test", channels=3, size=32)
+    assert (len(train), len(val), len(test)) == (36, 4, 12)  # the missing image skipped; val2017 is the test split
+    assert train.images.shape[1:] == (3, 32, 32) and train.images.dtype == torch.uint8
+    drawn = {c for seed in range(40) for c in train.captions(torch.tensor([0]), seed)}
+    assert len(drawn) == 5 and all(c.endswith(f"take {k}") for c, k in zip(sorted(drawn), range(5)))
+    red, green = train.images[:, 0].float().mean(), train.images[:, 1].float().mean()
+    assert red > 1.5 * green  # colour kept: the glyphs are orange
+
+
+def test_parquet_with_named_columns_and_its_errors(parquet, tmp_path):
+    data = load_dataset(f"parquet:{parquet}", "train", channels=1, size=28, val_size=3, columns=("img", "caption"))
+    test = load_dataset(f"parquet:{parquet}", "test", channels=1, size=28, val_size=3, columns=("img", "caption"))
+    assert (len(data), len(test)) == (27, 3)  # no test split of its own: the validation slice
+    assert data.captions(torch.tensor([0]), 0)[0].startswith("an orange")
+    with pytest.raises(UserError, match=r"has no column 'image' \(its columns: img, caption\); name it with --image-column"):
+        load_dataset(f"parquet:{parquet}", "train", channels=1, size=28)
+    with pytest.raises(UserError, match="no .parquet file"):
+        load_dataset(f"parquet:{tmp_path}", "train")
+
+
+def test_shards_split_among_workers_once_each_and_count_a_corrupt_member(shards, caplog):
+    from unclip.data.sources import Shards, decode_source
+
+    for workers in (0, 2):
+        source = Shards(f"{shards}/{{00000..00002}}.tar", 3, 16)
+        captions = [c[0] for _, caps in decode_source(source, workers) for c in caps]
+        assert len(captions) == 29 and len(set(captions)) == 29  # every sample once, across workers too
+        assert source.skips == {"not a readable image (UnidentifiedImageError)": 1}
+    with pytest.raises(UserError, match="matches no shard"):
+        Shards(f"{shards}/{{00010..00012}}.tar")
+
+
+def test_prepare_then_train_from_the_memory_mapped_file(shards, tmp_path):
+    out = tmp_path / "scenes.u8"
+    r = run("prepare", "--data", f"wds:{shards}/{{00000..00002}}.tar", "--size", 32, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "prepared 29 images" in r.output and "1 not a readable image" in r.output
+    assert out.stat().st_size == 29 * 3 * 32 * 32 and json.loads((tmp_path / "scenes.u8.json").read_text())["count"] == 29
+    prepared = load_dataset(f"prepared:{out}", "train", channels=3, size=32, val_size=3)
+    memory = load_dataset(f"wds:{shards}/{{00000..00002}}.tar", "train", channels=3, size=32, val_size=3)
+    assert type(prepared.images).__name__ == "MappedImages" and len(prepared) == len(memory) == 27
+    idx = torch.tensor([5, 0, 26, 5])  # any order, repeats: rows read from disk as asked
+    assert torch.equal(prepared.images[idx], memory.images[idx])
+    assert prepared.captions(idx, 1) == memory.captions(idx, 1)
+    assert prepared.images[idx].shape == (4, 3, 32, 32)
+    grey = load_dataset(f"prepared:{out}", "val", channels=1, size=16, val_size=3)  # converted as read
+    assert grey.images[torch.arange(2)].shape == (2, 1, 16, 16)  # val: min(val_size, a tenth)
+    config = {"clip": {**TINY["clip"], "model": {**TINY["clip"]["model"], "image_channels": 3, "image_size": 32},
+                       "train": {**TINY["clip"]["train"], "val_size": 3, "batch_size": 8}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    r = run("clip-train", "--config", tmp_path / "c.yaml", "--data", f"prepared:{out}", "--max-steps", 4,
+            "--out", tmp_path / "clip")
+    assert r.exit_code == 0, r.output
+    assert "val_retrieval" in (tmp_path / "clip" / "metrics.jsonl").read_text()
+
+
+def test_bad_sources_are_one_line(coco, tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "captions_train2017.json").write_text("{broken")
+    for spec, message in [(f"coco:{tmp_path}", "does not parse as JSON"),
+                          (f"coco:{tmp_path / 'nothing'}", "no "),
+                          (f"wds:{tmp_path}/{{0..3}}.tar", "matches no shard"),
+                          (f"prepared:{tmp_path / 'none.u8'}", "no none.u8.json beside it")]:
+        r = run("clip-train", "--data", spec, "--max-steps", 1, "--out", tmp_path / "run")
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and message in r.output, (spec, r.output)
+    r = run("prepare", "--data", "mnist", "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "reads coco:ROOT, parquet:PATH or wds:PATTERN" in r.output

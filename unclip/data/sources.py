@@ -1,0 +1,230 @@
+"""Captioned pictures from where people keep them: COCO, Hugging Face parquet, webdataset shards.
+
+Each source is read record by record in DataLoader workers, which decode, centre-crop and resize the images
+(`decode_source`), so memory holds a batch at a time, never the source. What comes out is either kept in
+memory (`load_source`, small sources) or written once to a memory-mapped file (`t2i prepare`, then
+`--data prepared:FILE`: the usual cure for slow JPEG decoding on a small CPU). Records that cannot be used
+(an annotation naming a missing file, a corrupt image or tar member) are skipped and counted.
+
+- `coco:ROOT`: ROOT/annotations/captions_{train,val}2017.json with ROOT/{train,val}2017/*.jpg; val2017 is
+  the test split; every image keeps all its captions (one drawn per sample per epoch).
+- `parquet:PATH`: a .parquet file or a folder of them as Hugging Face `datasets` writes them: an image column
+  holding {bytes, path} structs (or raw bytes) and a text column (a string or a list of them); read with
+  pyarrow row group by row group, so a file larger than memory streams.
+- `wds:PATTERN`: webdataset tar shards (`shards/{00000..00123}.tar`), an image (.jpg, .jpeg, .png, .webp)
+  and a .txt caption or a .json holding "caption" or "text" per key; read with the webdataset library,
+  the shards split among the workers.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from unclip.errors import UserError
+
+log = logging.getLogger(__name__)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+Record = tuple[Optional[torch.Tensor], list[str], str]  # (uint8 image (C, S, S) or None if skipped, captions, why)
+
+
+def decode_image(data: bytes, channels: int, size: int) -> torch.Tensor:
+    """Encoded image bytes -> uint8 (channels, size, size): the centre square, resized (antialiased)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB" if channels == 3 else "L")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+        array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).reshape(size, size, channels).permute(2, 0, 1)
+
+
+def _record(data: Optional[bytes], captions: list[str], channels: int, size: int, name: str) -> Record:
+    if data is None:
+        return None, captions, f"{name}: no image"
+    if not captions:
+        return None, captions, f"{name}: no caption"
+    try:
+        return decode_image(data, channels, size), captions, ""
+    except Exception as e:  # PIL's errors for truncated or foreign bytes are many
+        return None, captions, f"{name}: not a readable image ({type(e).__name__})"
+
+
+@dataclass
+class Coco(torch.utils.data.Dataset):
+    """COCO captions, 2017 layout: one record per image with all its captions."""
+
+    root: Path
+    split: str  # train2017 | val2017
+    channels: int = 3
+    size: int = 64
+
+    def __post_init__(self):
+        path = self.root / "annotations" / f"captions_{self.split}.json"
+        try:
+            data = json.loads(path.read_text())
+            names = {im["id"]: im["file_name"] for im in data["images"]}
+            captions: dict[int, list[str]] = {}
+            for a in data["annotations"]:
+                captions.setdefault(a["image_id"], []).append(a["caption"].strip())
+        except FileNotFoundError:
+            raise UserError(f"coco:{self.root}: no {path} (the 2017 layout: annotations/captions_train2017.json "
+                            "beside train2017/)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} does not parse as JSON ({e})") from None
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{path} is not a COCO captions file (no {e})") from None
+        self.items = [(names[i], captions.get(i, [])) for i in sorted(names)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Record:
+        name, captions = self.items[i]
+        try:
+            data = (self.root / self.split / name).read_bytes()
+        except OSError:
+            return None, captions, f"{name}: missing"
+        return _record(data, captions, self.channels, self.size, name)
+
+
+def _worker_share(units: list) -> list:
+    """This DataLoader worker's share of `units` (shards, row groups): every n-th, none twice."""
+    info = torch.utils.data.get_worker_info()
+    return units if info is None else units[info.id :: info.num_workers]
+
+
+@dataclass
+class Parquet(torch.utils.data.IterableDataset):
+    path: Path
+    image_column: str = "image"
+    text_column: str = "text"
+    channels: int = 3
+    size: int = 64
+
+    def __post_init__(self):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError("parquet: sources need pyarrow: pip install -e '.[data]'") from None
+        files = sorted(self.path.rglob("*.parquet")) if self.path.is_dir() else [self.path]
+        if not files or not files[0].is_file():
+            raise UserError(f"parquet:{self.path}: no .parquet file there")
+        self.units = []
+        for f in files:
+            try:
+                meta = pq.ParquetFile(f)
+            except Exception as e:
+                raise UserError(f"{f}: not a parquet file ({type(e).__name__}: {e})") from None
+            columns = meta.schema_arrow.names
+            for c, flag in ((self.image_column, "--image-column"), (self.text_column, "--text-column")):
+                if c not in columns:
+                    raise UserError(f"{f} has no column {c!r} (its columns: {', '.join(columns)}); name it with {flag}")
+            self.units += [(f, g) for g in range(meta.num_row_groups)]
+        self.count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+    def __iter__(self) -> Iterator[Record]:
+        import pyarrow.parquet as pq
+
+        for f, group in _worker_share(self.units):
+            table = pq.ParquetFile(f).read_row_group(group, columns=[self.image_column, self.text_column])
+            for n, (image, text) in enumerate(zip(table.column(0).to_pylist(), table.column(1).to_pylist())):
+                data = image.get("bytes") if isinstance(image, dict) else image
+                captions = [text] if isinstance(text, str) else [t for t in (text or []) if isinstance(t, str)]
+                yield _record(data, [c.strip() for c in captions if c.strip()], self.channels, self.size,
+                              f"{f.name} row group {group} row {n}")
+
+
+def wds_captions(sample: dict) -> list[str]:
+    if "txt" in sample:
+        return [sample["txt"].decode("utf-8", "replace").strip()]
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return []
+        text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+        return [text] if isinstance(text, str) else [t for t in (text or []) if isinstance(t, str)]
+    return []
+
+
+@dataclass
+class Shards(torch.utils.data.IterableDataset):
+    pattern: str
+    channels: int = 3
+    size: int = 64
+
+    def __post_init__(self):
+        try:
+            from webdataset.shardlists import expand_urls
+        except ImportError:
+            raise UserError("wds: sources need webdataset: pip install -e '.[data]'") from None
+
+        self.shards = [s for s in expand_urls(self.pattern) if Path(s).is_file()]
+        if not self.shards:
+            raise UserError(f"wds:{self.pattern}: the pattern matches no shard file")
+
+    def __iter__(self) -> Iterator[Record]:
+        import webdataset as wds
+
+        def skipped(exn: Exception) -> bool:
+            log.warning("webdataset: %s: %s (the rest of that shard is skipped)", type(exn).__name__, exn)
+            return True
+
+        shards = _worker_share(self.shards)
+        if not shards:
+            return
+        dataset = wds.WebDataset(shards, shardshuffle=False, handler=skipped, nodesplitter=None,
+                                 workersplitter=None, empty_check=False)
+        for sample in dataset:
+            data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+            yield _record(data, [c for c in wds_captions(sample) if c], self.channels, self.size, sample["__key__"])
+
+
+def open_source(spec: str, split: str, channels: int, size: int, image_column: str = "image",
+                text_column: str = "text"):
+    """The dataset object of `spec` (coco:, parquet:, wds:) for `split`: "test" is COCO's val2017; the others
+    have no test split of their own (their caller carves val and test out of what they hold)."""
+    kind, _, where = spec.partition(":")
+    if kind == "coco":
+        return Coco(Path(where), "val2017" if split == "test" else "train2017", channels, size)
+    if kind == "parquet":
+        return Parquet(Path(where), image_column, text_column, channels, size)
+    if kind == "wds":
+        return Shards(where, channels, size)
+    raise UserError(f"unknown source {spec!r}")
+
+
+def _collate(batch: list[Record]) -> list[Record]:
+    return batch
+
+
+def decode_source(source, workers: int = 2, batch_size: int = 64,
+                  progress: Optional[Callable[[int], None]] = None) -> Iterator[tuple[torch.Tensor, list[list[str]]]]:
+    """Decode a source in `workers` processes; yield (uint8 images (B, C, S, S), their captions) batch by batch,
+    in an order fixed by the source and the number of workers. Skipped records are counted in `skips`."""
+    loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                                         persistent_workers=False, prefetch_factor=4 if workers else None)
+    source.skips = {}
+    for batch in loader:
+        kept = [(image, captions) for image, captions, why in batch if image is not None]
+        for _, _, why in batch:
+            if why:
+                reason = why.rsplit(": ", 1)[-1]
+                source.skips[reason] = source.skips.get(reason, 0) + 1
+                log.debug("skipped %s", why)
+        if progress is not None:
+            progress(len(batch))
+        if kept:
+            yield torch.stack([k[0] for k in kept]), [k[1] for k in kept]
+
+
+def skip_summary(skips: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(skips.items())) or "none"
