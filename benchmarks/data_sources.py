@@ -1,0 +1,194 @@
+"""Users' own data at scale: COCO, parquet and webdataset sources, `t2i prepare`, and what a 2-core CPU gets.
+
+From MNIST digits it writes (under --work, never committed) N 64x64 colour JPEGs three ways: a COCO 2017
+layout, Hugging Face-style parquet files and webdataset tar shards, with captions. Then it measures:
+
+- decoding each source in 2 DataLoader workers (images/s): what streaming JPEG costs;
+- `t2i prepare` of the shards into a memory-mapped file, and reading random training batches back from it;
+- the images per second one decoder training step consumes at 64x64 (the default decoder, batch 64), to
+  compare with what the loaders deliver;
+- the peak memory (RSS) of a process that reads every one of the N prepared images once in shuffled batches
+  (an epoch's worth), and of `t2i clip-train --data prepared:FILE` for a few hundred steps.
+
+    python benchmarks/data_sources.py --data-dir ../shared/data/mnist --images 100000
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from unclip.data.mnist import load_idx_dataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+PALETTE = {"red": (255, 48, 48), "green": (48, 224, 64), "blue": (64, 96, 255), "yellow": (255, 224, 32)}
+
+
+def synthetic(mnist_dir: Path, n: int):
+    """(JPEG bytes, caption) of n 64x64 colour digits: MNIST training digits enlarged and tinted."""
+    images, labels = load_idx_dataset("mnist", mnist_dir, train=True)
+    rng = np.random.default_rng(0)
+    names = list(PALETTE)
+    for i in range(n):
+        k = i % len(images)
+        colour = names[rng.integers(len(names))]
+        digit = Image.fromarray(images[k, 0].numpy()).resize((64, 64), Image.Resampling.BILINEAR)
+        rgb = (np.asarray(digit, dtype=np.float32)[..., None] * np.array(PALETTE[colour]) / 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
+        yield buffer.getvalue(), f"a {colour} {WORDS[int(labels[k])]}"
+
+
+def write_sources(work: Path, mnist_dir: Path, n: int, shard_size: int = 1000) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (work / "shards").mkdir(parents=True, exist_ok=True)
+    (work / "parquet").mkdir(exist_ok=True)
+    (work / "coco" / "train2017").mkdir(parents=True, exist_ok=True)
+    (work / "coco" / "annotations").mkdir(exist_ok=True)
+    images, annotations, rows = [], [], {"image": [], "text": []}
+    tar, part = None, 0
+    for i, (data, caption) in enumerate(synthetic(mnist_dir, n)):
+        if i % shard_size == 0:
+            if tar:
+                tar.close()
+            tar = tarfile.open(work / "shards" / f"{i // shard_size:05d}.tar", "w")
+        for suffix, payload in (("jpg", data), ("txt", caption.encode())):
+            info = tarfile.TarInfo(f"{i:08d}.{suffix}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        (work / "coco" / "train2017" / f"{i:012d}.jpg").write_bytes(data)
+        images.append({"id": i, "file_name": f"{i:012d}.jpg"})
+        annotations.append({"id": i, "image_id": i, "caption": caption})
+        rows["image"].append({"bytes": data, "path": f"{i}.jpg"})
+        rows["text"].append(caption)
+        if len(rows["text"]) == 10_000 or i == n - 1:
+            pq.write_table(pa.table(rows), work / "parquet" / f"train-{part:05d}.parquet", row_group_size=1000)
+            rows, part = {"image": [], "text": []}, part + 1
+    tar.close()
+    (work / "coco" / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return {"wds": f"wds:{work}/shards/{{00000..{(n - 1) // shard_size:05d}}}.tar", "parquet": f"parquet:{work}/parquet",
+            "coco": f"coco:{work}/coco"}
+
+
+def decode_rate(spec: str, workers: int) -> float:
+    from unclip.data.sources import decode_source, open_source
+
+    source = open_source(spec, "train", 3, 64)
+    start, count = time.perf_counter(), 0
+    for images, _ in decode_source(source, workers):
+        count += len(images)
+    return count / (time.perf_counter() - start)
+
+
+def prepared_rate(path: Path, batch: int = 64, batches: int = 300) -> float:
+    from unclip.data import load_dataset
+
+    data = load_dataset(f"prepared:{path}", "train", channels=3, size=64, val_size=5000)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    for b in range(batches):
+        data.pixels(order[b * batch : (b + 1) * batch])
+    return batch * batches / (time.perf_counter() - start)
+
+
+def decoder_rate(batch: int = 64, steps: int = 8) -> float:
+    """Images per second one training step of the default decoder at 64x64 RGB consumes (forward, backward, AdamW)."""
+    from unclip.config import DecoderConfig
+    from unclip.models.unet import UNet
+    from unclip.pipeline import decoder_diffusion
+
+    cfg = DecoderConfig()
+    cfg.model.image_channels, cfg.model.image_size = 3, 64
+    torch.manual_seed(0)
+    net = UNet(cfg.model, 128)
+    diffusion = decoder_diffusion(net, cfg, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    x0, emb = torch.rand(batch, 3, 64, 64) * 2 - 1, torch.nn.functional.normalize(torch.randn(batch, 128), dim=-1)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = diffusion.loss(x0, (emb,), 0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return batch / float(np.median(times[2:]))
+
+
+EPOCH_READ = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from unclip.data import load_dataset
+data = load_dataset("prepared:{path}", "train", channels=3, size=64, val_size=5000)
+order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))
+for b in range(0, len(data), 256):
+    data.pixels(order[b : b + 256])
+"""
+
+
+def peak_rss_mib(command: list[str]) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of a child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak < before:
+        raise RuntimeError("peak RSS of children went down")
+    return peak / 1024, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, required=True, help="MNIST IDX files")
+    parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/t2i-data-bench"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "data")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    specs = write_sources(args.work, args.data_dir, args.images)
+    report = {"images": args.images, "write_seconds": time.perf_counter() - start, "decode_images_per_s": {}}
+    print(f"wrote {args.images} images three ways in {report['write_seconds']:.0f} s", flush=True)
+    for name, spec in specs.items():
+        report["decode_images_per_s"][name] = decode_rate(spec, workers=2)
+        print(f"decode {name}: {report['decode_images_per_s'][name]:.0f} images/s", flush=True)
+    prepared = args.work / "prepared.u8"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cli", "prepare", "--data", specs["wds"], "--size", "64", "--out", str(prepared)],
+                   check=True, cwd=ROOT, capture_output=True)
+    report["prepare_seconds"] = time.perf_counter() - start
+    report["prepared_mib"] = prepared.stat().st_size / 2**20
+    report["prepared_images_per_s"] = prepared_rate(prepared)
+    report["decoder_step_images_per_s"] = decoder_rate()
+    print(f"prepare {report['prepare_seconds']:.0f} s; prepared reads {report['prepared_images_per_s']:.0f} images/s; "
+          f"a decoder step consumes {report['decoder_step_images_per_s']:.0f} images/s", flush=True)
+    rss, seconds = peak_rss_mib([sys.executable, "-c", EPOCH_READ.format(root=str(ROOT), path=str(prepared))])
+    report["epoch_read"] = {"peak_rss_mib": rss, "seconds": seconds}
+    config = args.work / "clip.yaml"
+    config.write_text("clip: {model: {image_channels: 3, image_size: 64, image_patch: 2}, train: {batch_size: 256, ckpt_every: 1000}}\n")
+    steps = 50
+    rss, seconds = peak_rss_mib([sys.executable, "-m", "cli", "clip-train", "--config", str(config), "--data",
+                                 f"prepared:{prepared}", "--max-steps", str(steps), "--out", str(args.work / "clip")])
+    report["clip_train"] = {"steps": steps, "batch": 256, "peak_rss_mib": rss, "seconds": seconds}
+    print(json.dumps(report, indent=1), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "data.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
