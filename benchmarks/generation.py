@@ -30,22 +30,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.judge import DIGITS, diversity, features_and_logits, frechet_distance, load_judge  # noqa: E402
+from benchmarks.judge import diversity, features_and_logits, frechet_distance, judge_accuracy, load_judge  # noqa: E402
 from unclip.data import load_dataset  # noqa: E402
 from unclip.images import grid, save_png  # noqa: E402
 from unclip.images import to_uint8  # noqa: E402
 from unclip.api import UnCLIPPipeline  # noqa: E402
 from unclip.generation import generate_images  # noqa: E402
 from unclip.pipeline import Pipeline, SamplingOptions, decode, prior_cosine, sample_image_embeddings  # noqa: E402
-from unclip.zeroshot import encode_images  # noqa: E402
+from unclip.zeroshot import dataset_class_names, encode_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def draw(pipe: Pipeline, options: SamplingOptions, per_prompt: int, seed: int, batch_size: int = 100) -> torch.Tensor:
-    """uint8 (10, per_prompt, C, H, W): samples for each digit prompt."""
+def draw(pipe: Pipeline, options: SamplingOptions, per_prompt: int, seed: int, prompts: list[str],
+         batch_size: int = 100) -> torch.Tensor:
+    """uint8 (10, per_prompt, C, H, W): samples for each class prompt ("zero" ... "nine", or "t-shirt" ...)."""
     out = []
-    for k, word in enumerate(DIGITS):
+    for k, word in enumerate(prompts):
         out.append(generate_images(UnCLIPPipeline(pipe), word, per_prompt, options, seed + k, batch_size))
     return torch.stack(out)
 
@@ -53,10 +54,10 @@ def draw(pipe: Pipeline, options: SamplingOptions, per_prompt: int, seed: int, b
 class Scorer:
     """Accuracy, Frechet distance and diversity of generated digits against real ones, in judge features."""
 
-    def __init__(self, judge, data_dir):
+    def __init__(self, judge, data_dir, dataset: str = "mnist"):
         self.judge = judge
-        self.test = load_dataset("mnist", "test", data_dir)
-        self.train = load_dataset("mnist", "train", data_dir, val_size=0)
+        self.test = load_dataset(dataset, "test", data_dir)
+        self.train = load_dataset(dataset, "train", data_dir, val_size=0)
         self.references: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
     def real(self, data, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +73,7 @@ class Scorer:
         return self.references[n]
 
     def __call__(self, samples: torch.Tensor) -> dict:
-        """samples: uint8 (10, per_prompt, C, H, W), row k drawn for the prompt DIGITS[k]."""
+        """samples: uint8 (10, per_prompt, C, H, W), row k drawn for the prompt of class k."""
         n = samples.shape[0] * samples.shape[1]
         feats, logits = features_and_logits(self.judge, samples.flatten(0, 1))
         per_prompt = (logits.argmax(-1).view(samples.shape[:2]) == torch.arange(10)[:, None]).float().mean(1)
@@ -99,7 +100,8 @@ def decoder_alone(pipe: Pipeline, score: "Scorer", options: SamplingOptions, per
 
 
 @torch.no_grad()
-def prior_spread(pipe: Pipeline, score: "Scorer", options: SamplingOptions, per_prompt: int, seed: int) -> dict:
+def prior_spread(pipe: Pipeline, score: "Scorer", options: SamplingOptions, per_prompt: int, seed: int,
+                 prompts: list[str]) -> dict:
     """The prior alone, in CLIP space: do its samples for "zero" ... "nine" spread as widely as the true image
     embeddings of each digit? Ratio of mean distances to the class centroid (1: as varied as real digits), and
     the Frechet distance to the test embeddings next to the same for training embeddings (the floor)."""
@@ -110,7 +112,7 @@ def prior_spread(pipe: Pipeline, score: "Scorer", options: SamplingOptions, per_
         return (e - e.mean(0)).norm(dim=-1).mean().item()
 
     sampled = []
-    for k, word in enumerate(DIGITS):
+    for k, word in enumerate(prompts):
         g = torch.Generator(pipe.device).manual_seed(seed + k)
         sampled.append(sample_image_embeddings(pipe.clip, pipe.tokenizer, pipe.prior, [word] * per_prompt,
                                                options.sampler, options.steps, options.prior_guidance, g,
@@ -158,7 +160,8 @@ def default_grid(d: SamplingOptions) -> list[SamplingOptions]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints" / "mnist")
-    ap.add_argument("--data-dir", default=None, help="folder of the MNIST IDX files")
+    ap.add_argument("--data-dir", default=None, help="folder of the dataset's IDX files")
+    ap.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"], help="what the pipeline draws")
     ap.add_argument("--per-prompt", type=int, default=100)
     ap.add_argument("--sweep-per-prompt", type=int, default=30)
     ap.add_argument("--ddpm-per-prompt", type=int, default=20, help="1000-step DDPM is slow: fewer samples")
@@ -174,12 +177,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
 
-    judge = load_judge(args.data_dir)
+    judge = load_judge(args.data_dir, args.dataset)
+    prompts = dataset_class_names(args.dataset)
     pipe = Pipeline.load(args.checkpoints, args.device)
     defaults = SamplingOptions()
-    report: dict = {"checkpoints": str(args.checkpoints), "defaults": vars(defaults)}
+    report: dict = {"checkpoints": str(args.checkpoints), "dataset": args.dataset, "prompts": prompts,
+                    "judge_test_accuracy": judge_accuracy(args.dataset), "defaults": vars(defaults)}
 
-    score = Scorer(judge, args.data_dir)
+    score = Scorer(judge, args.data_dir, args.dataset)
     if args.decoder_alone:
         result = decoder_alone(pipe, score, defaults, args.per_prompt, args.seed)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -188,16 +193,17 @@ def main() -> None:
               f"{result['frechet']:.2f} (floor {result['frechet_floor']:.2f}), diversity {result['diversity_ratio']:.3f}")
         return
     start = time.perf_counter()
-    samples = draw(pipe, defaults, args.per_prompt, args.seed)
+    samples = draw(pipe, defaults, args.per_prompt, args.seed, prompts)
     report["sampling_seconds"] = time.perf_counter() - start
     report["default"] = score(samples)
-    save_png(grid(samples[:, :10].flatten(0, 1), ncol=10), args.out / "digits.png", scale=2)
+    save_png(grid(samples[:, :10].flatten(0, 1), ncol=10), args.out / ("digits.png" if args.dataset == "mnist" else "samples.png"),
+             scale=2)
     test = score.test
 
     cap_idx = torch.arange(1000)
     captions = test.captions(cap_idx, seed=0)
     report["prior"] = prior_cosine(pipe.clip, pipe.tokenizer, pipe.prior, test.images[cap_idx], captions)
-    report["prior"].update(prior_spread(pipe, score, defaults, 200, args.seed))
+    report["prior"].update(prior_spread(pipe, score, defaults, 200, args.seed, prompts))
 
     if not args.no_timing:
         report["generate_six_64_seconds"] = timing(args.checkpoints)
@@ -208,7 +214,7 @@ def main() -> None:
         for options in grid_points:
             per = args.ddpm_per_prompt if options.sampler == "ddpm" else args.sweep_per_prompt
             t0 = time.perf_counter()
-            result = score(draw(pipe, options, per, args.seed))
+            result = score(draw(pipe, options, per, args.seed, prompts))
             seconds = time.perf_counter() - t0
             rows.append({**vars(options), "samples": 10 * per, **result, "seconds_per_64": seconds / (10 * per) * 64})
             logging.info("%s", rows[-1])
@@ -226,12 +232,14 @@ def markdown(r: dict, args) -> str:
         f"Defaults: sampler {d['sampler']}, {d['steps']} steps, guidance {d['guidance']}, "
         f"prior guidance {d['prior_guidance']}, {d['prior_candidates']} prior candidates; {args.per_prompt} samples a prompt.",
         "",
-        "| prompt | " + " | ".join(DIGITS) + " | mean |",
-        "| --- | " + " | ".join("---" for _ in DIGITS) + " | --- |",
+        "| prompt | " + " | ".join(r["prompts"]) + " | mean |",
+        "| --- | " + " | ".join("---" for _ in r["prompts"]) + " | --- |",
         "| accuracy | " + " | ".join(f"{a:.2f}" for a in r["default"]["per_prompt"]) + f" | **{r['default']['accuracy']:.4f}** |",
         "",
         "| figure | value |",
         "| --- | --- |",
+        f"| the judge's own accuracy on real test images | {r['judge_test_accuracy']:.4f} |",
+        f"| judged accuracy / the judge's own | {r['default']['accuracy'] / r['judge_test_accuracy']:.4f} |",
         f"| Frechet distance, generated vs real test (judge features) | {r['default']['frechet']:.2f} |",
         f"| floor: real train vs real test, same count | {r['default']['frechet_floor']:.2f} |",
         f"| ratio to the floor | {r['default']['frechet'] / r['default']['frechet_floor']:.2f} |",

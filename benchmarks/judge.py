@@ -1,4 +1,5 @@
-"""An independent MNIST classifier that judges generated digits, trained once and cached.
+"""An independent classifier that judges generated images (MNIST digits, or Fashion-MNIST's ten kinds of
+clothing), trained once per dataset and cached.
 
 Unrelated to CLIP: a plain supervised CNN (no text, no contrastive loss), trained on the real
 training set with small random shifts. Its penultimate features serve for the Frechet distance.
@@ -43,10 +44,10 @@ def _shift(x: torch.Tensor, g: torch.Generator, pixels: int = 2) -> torch.Tensor
     return padded[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
 
 
-def train_judge(data_dir: str, epochs: int = 3, seed: int = 0) -> Judge:
+def train_judge(data_dir: str, epochs: int = 3, seed: int = 0, dataset: str = "mnist") -> Judge:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    train = load_dataset("mnist", "train", data_dir, val_size=0)
+    train = load_dataset(dataset, "train", data_dir, val_size=0)
     model, n = Judge(), len(train)
     opt = torch.optim.AdamW(model.parameters(), 2e-3)
     steps = epochs * (n // 128)
@@ -64,21 +65,31 @@ def train_judge(data_dir: str, epochs: int = 3, seed: int = 0) -> Judge:
     return model.eval()
 
 
-def load_judge(data_dir: str) -> Judge:
-    """The cached judge, trained first if absent; its test accuracy is logged."""
-    path = CACHE / "judge.safetensors"
+def judge_files(dataset: str) -> tuple[Path, Path]:
+    stem = "judge" if dataset == "mnist" else f"judge-{dataset}"
+    return CACHE / f"{stem}.safetensors", CACHE / f"{stem}_accuracy.txt"
+
+
+def load_judge(data_dir: str, dataset: str = "mnist") -> Judge:
+    """The cached judge of `dataset`, trained first if absent; its test accuracy is logged and cached."""
+    path, accuracy = judge_files(dataset)
     model = Judge()
     if path.exists():
         model.load_state_dict(load_file(path))
         return model.eval()
-    model = train_judge(data_dir)
+    model = train_judge(data_dir, dataset=dataset)
     CACHE.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), path)
-    test = load_dataset("mnist", "test", data_dir)
+    test = load_dataset(dataset, "test", data_dir)
     acc = (predict(model, test.images) == test.labels).float().mean().item()
     log.info("judge test accuracy %.4f", acc)
-    (CACHE / "judge_accuracy.txt").write_text(f"{acc:.4f}\n")
+    accuracy.write_text(f"{acc:.4f}\n")
     return model.eval()
+
+
+def judge_accuracy(dataset: str = "mnist") -> float:
+    """The cached judge's accuracy on the real test images (the ceiling for judged accuracy)."""
+    return float(judge_files(dataset)[1].read_text())
 
 
 @torch.no_grad()
