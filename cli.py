@@ -132,7 +132,7 @@ def prepare(
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding processes.")] = 2,
     image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None,
 ) -> None:
-    """Decode and resize a captioned source once into a memory-mapped uint8 file (training then reads rows, not JPEGs)."""
+    """Decode and resize a captioned source once into a uint8 file on disk (training then reads rows, not JPEGs)."""
     import time
 
     from unclip.data.prepared import prepare as run_prepare

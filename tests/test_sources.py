@@ -133,7 +133,7 @@ def test_prepare_then_train_from_the_memory_mapped_file(shards, tmp_path):
     assert out.stat().st_size == 29 * 3 * 32 * 32 and json.loads((tmp_path / "scenes.u8.json").read_text())["count"] == 29
     prepared = load_dataset(f"prepared:{out}", "train", channels=3, size=32, val_size=3)
     memory = load_dataset(f"wds:{shards}/{{00000..00002}}.tar", "train", channels=3, size=32, val_size=3)
-    assert type(prepared.images).__name__ == "MappedImages" and len(prepared) == len(memory) == 27
+    assert type(prepared.images).__name__ == "StoredImages" and len(prepared) == len(memory) == 27
     idx = torch.tensor([5, 0, 26, 5])  # any order, repeats: rows read from disk as asked
     assert torch.equal(prepared.images[idx], memory.images[idx])
     assert prepared.captions(idx, 1) == memory.captions(idx, 1)

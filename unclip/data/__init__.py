@@ -19,7 +19,7 @@ import torch
 from unclip.data.scene_captions import SceneCaptions
 from unclip.data.captions import (FASHION_NAMES, FASHION_TEMPLATES, MNIST_NAMES, MNIST_TEMPLATES, LabelCaptions,
                                   TextCaptions)
-from unclip.data.prepared import MappedImages, convert
+from unclip.data.prepared import StoredImages, convert
 from unclip.errors import UserError
 from unclip.images import to_float
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CaptionedImages:
-    images: torch.Tensor | MappedImages  # (N, C, H, W) uint8, in memory or (prepared sources) on disk
+    images: torch.Tensor | StoredImages  # (N, C, H, W) uint8, in memory or (prepared sources) on disk
     labels: Optional[torch.Tensor] = None  # (N,) class index, for labelled datasets
     captioner: Optional[LabelCaptions | SceneCaptions | TextCaptions] = None  # random captions from labels (or ids)
     texts: Optional[list[str]] = None  # fixed captions (caption folders)
@@ -43,7 +43,7 @@ class CaptionedImages:
 
     def subset(self, idx: torch.Tensor) -> "CaptionedImages":
         return CaptionedImages(
-            images=self.images.take(idx) if isinstance(self.images, MappedImages) else self.images[idx],
+            images=self.images.take(idx) if isinstance(self.images, StoredImages) else self.images[idx],
             labels=None if self.labels is None else self.labels[idx],
             captioner=self.captioner,
             texts=None if self.texts is None else [self.texts[i] for i in idx.tolist()],

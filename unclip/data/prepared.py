@@ -1,9 +1,9 @@
-"""`t2i prepare`: a captioned source decoded once into a memory-mapped uint8 file; `--data prepared:FILE`.
+"""`t2i prepare`: a captioned source decoded once into a uint8 file on disk; `--data prepared:FILE`.
 
 FILE holds the images as raw uint8 (N, C, S, S); FILE.json beside it says N, C, S, the source, what was
-skipped and each image's captions. Training reads only the rows of each batch (the operating system pages
-them in and out), so a prepared source larger than memory trains in bounded memory, and a batch costs a copy,
-not a JPEG decode. The JSON is written last, so a FILE without it is an unfinished preparation.
+skipped and each image's captions. Training reads only the rows of each batch (the operating system caches
+them), so a prepared source larger than memory trains in bounded memory, and a batch costs a read, not a
+JPEG decode. The JSON is written last, so a FILE without it is an unfinished preparation.
 """
 from __future__ import annotations
 
@@ -32,13 +32,21 @@ def convert(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
     return x.contiguous()
 
 
-class MappedImages:
-    """Rows `index` of a memory-mapped uint8 array (N, C, S, S), read on demand and converted to `channels` x
-    `size`: what `CaptionedImages.images` holds for a prepared source (it indexes like a tensor)."""
+class StoredImages:
+    """Rows `index` of a prepared file of uint8 images (N, C, S, S), read on demand and converted to `channels` x
+    `size`: what `CaptionedImages.images` holds for a prepared source (it indexes like a tensor).
 
-    def __init__(self, array: np.ndarray, channels: int, size: int, index: Optional[torch.Tensor] = None):
-        self.array, self.channels, self.size = array, channels, size
-        self.index = torch.arange(len(array)) if index is None else index
+    Rows are read with `os.pread`, not through a memory map: a map counts every page it has touched (and the
+    kernel's read-ahead around it) in the process's RSS, which over an epoch grows to the file's size; reads
+    by offset leave the same pages in the operating system's cache, shared and reclaimable, and keep the
+    process at a batch."""
+
+    def __init__(self, path: Path, count: int, stored: tuple[int, int], channels: int, size: int,
+                 index: Optional[torch.Tensor] = None):
+        self.path, self.count, self.stored, self.channels, self.size = Path(path), count, stored, channels, size
+        self.index = torch.arange(count) if index is None else index
+        self._fd: Optional[int] = None
+        self._pid = -1
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -47,15 +55,26 @@ class MappedImages:
     def __len__(self) -> int:
         return len(self.index)
 
-    def take(self, idx: torch.Tensor) -> "MappedImages":
-        return MappedImages(self.array, self.channels, self.size, self.index[idx])
+    def take(self, idx: torch.Tensor) -> "StoredImages":
+        return StoredImages(self.path, self.count, self.stored, self.channels, self.size, self.index[idx])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None, "_pid": -1}  # a descriptor is per process
 
     def __getitem__(self, key) -> torch.Tensor:
-        rows = self.index[key].reshape(-1).numpy()
-        order = np.argsort(rows, kind="stable")  # read the file forwards
-        out = np.empty((len(rows), *self.array.shape[1:]), dtype=np.uint8)
-        out[order] = self.array[rows[order]]
-        return convert(torch.from_numpy(out), self.channels, self.size)
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        c, s = self.stored
+        row = c * s * s
+        rows = self.index[key].reshape(-1).tolist()
+        out = np.empty((len(rows), row), dtype=np.uint8)
+        for i in sorted(range(len(rows)), key=rows.__getitem__):  # forwards through the file
+            out[i] = np.frombuffer(os.pread(self._fd, row, rows[i] * row), dtype=np.uint8)
+        return convert(torch.from_numpy(out).view(len(rows), c, s, s), self.channels, self.size)
+
+    def __del__(self):
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
 
 
 def prepare(source, spec: str, out: Path, workers: int = 2, progress: Optional[Callable[[int], None]] = None) -> dict:
@@ -99,6 +118,5 @@ def load_prepared(path: Path, channels: int, size: int):
     shape = (meta["count"], meta["channels"], meta["size"], meta["size"])
     if not path.is_file() or path.stat().st_size != int(np.prod(shape)):
         raise UserError(f"prepared:{path}: the file does not hold the {shape} images its JSON names; prepare it again")
-    array = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
-    return CaptionedImages(images=MappedImages(array, channels, size), labels=torch.arange(meta["count"]),
-                           captioner=TextCaptions(meta["captions"]))
+    images = StoredImages(path, meta["count"], (meta["channels"], meta["size"]), channels, size)
+    return CaptionedImages(images=images, labels=torch.arange(meta["count"]), captioner=TextCaptions(meta["captions"]))

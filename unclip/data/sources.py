@@ -2,7 +2,7 @@
 
 Each source is read record by record in DataLoader workers, which decode, centre-crop and resize the images
 (`decode_source`), so memory holds a batch at a time, never the source. What comes out is either kept in
-memory (`load_source`, small sources) or written once to a memory-mapped file (`t2i prepare`, then
+memory (`load_source`, small sources) or written once to a uint8 file on disk (`t2i prepare`, then
 `--data prepared:FILE`: the usual cure for slow JPEG decoding on a small CPU). Records that cannot be used
 (an annotation naming a missing file, a corrupt image or tar member) are skipped and counted.
 
