@@ -137,21 +137,25 @@ class Parquet(torch.utils.data.IterableDataset):
             table = pq.ParquetFile(f).read_row_group(group, columns=[self.image_column, self.text_column])
             for n, (image, text) in enumerate(zip(table.column(0).to_pylist(), table.column(1).to_pylist())):
                 data = image.get("bytes") if isinstance(image, dict) else image
-                captions = [text] if isinstance(text, str) else [t for t in (text or []) if isinstance(t, str)]
-                yield _record(data, [c.strip() for c in captions if c.strip()], self.channels, self.size,
+                yield _record(data, as_captions(text), self.channels, self.size,
                               f"{f.name} row group {group} row {n}")
+
+
+def as_captions(value) -> list[str]:
+    """A caption field (a string, a list of them, or nothing) as a list of non-empty captions."""
+    texts = [value] if isinstance(value, str) else [t for t in value if isinstance(t, str)] if isinstance(value, list) else []
+    return [t.strip() for t in texts if t.strip()]
 
 
 def wds_captions(sample: dict) -> list[str]:
     if "txt" in sample:
-        return [sample["txt"].decode("utf-8", "replace").strip()]
+        return as_captions(sample["txt"].decode("utf-8", "replace"))
     if "json" in sample:
         try:
             meta = json.loads(sample["json"])
         except (json.JSONDecodeError, UnicodeDecodeError):
             return []
-        text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
-        return [text] if isinstance(text, str) else [t for t in (text or []) if isinstance(t, str)]
+        return as_captions(meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None)
     return []
 
 
@@ -185,7 +189,7 @@ class Shards(torch.utils.data.IterableDataset):
                                  workersplitter=None, empty_check=False)
         for sample in dataset:
             data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-            yield _record(data, [c for c in wds_captions(sample) if c], self.channels, self.size, sample["__key__"])
+            yield _record(data, wds_captions(sample), self.channels, self.size, sample["__key__"])
 
 
 def open_source(spec: str, split: str, channels: int, size: int, image_column: str = "image",
