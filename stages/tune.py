@@ -64,6 +64,16 @@ def field_type(cls: type, name: str) -> Any:
     return tp
 
 
+def as_number(value: Any) -> Any:
+    """PyYAML (YAML 1.1) reads 1e-4, without a dot, as a string: take it as the number it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def load_space(path: Path, base: Any) -> dict[str, dict]:
     """Read and check a search space against the stage config `base`, before any trial runs."""
     space = load_yaml(path)
@@ -87,7 +97,8 @@ def load_space(path: Path, base: Any) -> dict[str, dict]:
                 raise ConfigError(f"{where}: choices must be a non-empty list")
             values = spec["choices"]
         else:
-            low, high = spec["low"], spec["high"]
+            low, high = (as_number(spec[k]) for k in ("low", "high"))
+            spec["low"], spec["high"] = low, high
             if tp not in (int, float, Optional[int], Optional[float]):
                 raise ConfigError(f"{where}: a range needs a numeric field; give choices for it")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):

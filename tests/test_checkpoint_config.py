@@ -97,3 +97,14 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
+    """PyYAML reads `1e-4` as a string (YAML 1.1); a float field takes it as the number it means."""
+    from unclip.config import ClipConfig, load_config
+
+    (tmp_path / "c.yaml").write_text("clip: {train: {lr: 1e-4}}\n")
+    assert load_config(ClipConfig, tmp_path / "c.yaml").train.lr == 1e-4
+    (tmp_path / "c.yaml").write_text("clip: {train: {lr: fast}}\n")
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
+        load_config(ClipConfig, tmp_path / "c.yaml")

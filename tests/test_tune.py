@@ -41,6 +41,8 @@ def space(tmp_path) -> Path:
 
 
 def test_a_three_trial_study_writes_its_best_config_and_scores_it_on_test(space, tiny_config, mnist_dir, tmp_path):
+    space.write_text(space.read_text().replace("0.001", "1e-3").replace("0.01", "1e-2"))  # as the issue writes them
+    assert "1e-3" in space.read_text()
     out = tmp_path / "study"
     r = run("tune", "clip", "--space", space, "--trials", 3, "--out", out, "--config", tiny_config,
             "--data-dir", mnist_dir, "--max-steps", 10, "--evaluate-best")
