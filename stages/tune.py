@@ -212,6 +212,8 @@ def open_study(out: Path, stage: str, space: dict, seed: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's end is told by `on_trial`, errors included
+    if not (out / STUDY_FILE).exists() and any(out.glob("trial_*")):
+        raise UserError(f"{out} holds trial folders but no {STUDY_FILE} (removed?): give the search a new --out")
     out.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
         storage=f"sqlite:///{out / STUDY_FILE}", study_name=f"t2i-{stage}", load_if_exists=True,
@@ -232,7 +234,7 @@ def recover(study) -> None:
     interrupted trial not yet taken up again is queued with its parameters to continue from its folder."""
     from optuna.trial import TrialState
 
-    storage = study._storage
+    storage = study._storage  # Optuna's public Study API cannot change a trial that is not its own running one
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -273,7 +275,8 @@ def tune(stage: str, space_path: Path, trials: int, out: Path, config_path: Opti
     def objective(trial) -> float:
         values = suggest(trial, space, search.base)
         cfg = with_values(search.base, values)
-        folder = Path(trial.user_attrs.get("resume") or out / f"trial_{trial.number:03d}")
+        resumed = trial.user_attrs.get("resume")  # an interrupted trial's folder, taken up again (recover)
+        folder = Path(resumed or out / f"trial_{trial.number:03d}")
         trial.set_user_attr("folder", str(folder))
         built = search.build(cfg, "val")
         if found["objective"] is None:
@@ -286,7 +289,8 @@ def tune(stage: str, space_path: Path, trials: int, out: Path, config_path: Opti
                 raise optuna.TrialPruned()
 
         try:
-            last = fit(built, cfg.train, folder, resume=(folder / STATE_FILE).is_file(), on_validate=report)
+            last = fit(built, cfg.train, folder, resume=bool(resumed) and (folder / STATE_FILE).is_file(),
+                       on_validate=report)
         except UserError as e:  # the trial fails (a diverging lr, say) and the search goes on
             trial.set_user_attr("error", str(e))
             raise

@@ -63,6 +63,9 @@ def test_a_three_trial_study_writes_its_best_config_and_scores_it_on_test(space,
             "--data-dir", mnist_dir, "--max-steps", 10)
     assert r.exit_code == 0, r.output
     assert len(trials(out)) == 3
+    (out / "study.db").unlink()  # trial folders without their study are not taken for a new one's
+    r = run("tune", "clip", "--space", space, "--trials", 3, "--out", out, "--config", tiny_config, "--data-dir", mnist_dir)
+    assert r.exit_code == 1 and "holds trial folders but no study.db" in r.output
 
 
 def test_an_interrupted_study_resumes_when_the_command_is_run_again(space, tiny_config, mnist_dir, tmp_path):
