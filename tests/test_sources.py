@@ -160,3 +160,27 @@ def test_bad_sources_are_one_line(coco, tmp_path):
         assert r.exit_code == 1 and r.output.count("\n") == 1 and message in r.output, (spec, r.output)
     r = run("prepare", "--data", "mnist", "--out", tmp_path / "x")
     assert r.exit_code == 1 and "reads coco:ROOT, parquet:PATH or wds:PATTERN" in r.output
+
+
+def test_resume_on_a_prepared_source_continues_mid_epoch_exactly(shards, tmp_path):
+    """A run cut mid-epoch on prepared data and resumed ends with the uninterrupted run's weights: batches are
+    rows by index, so the epoch goes on where it stopped."""
+    from safetensors.torch import load_file
+
+    from stages.clip import clip_stage
+    from stages.trainer import fit
+    from tests.test_training import interrupt_at
+    from unclip.config import ClipConfig, merge
+
+    out = tmp_path / "p.u8"
+    assert run("prepare", "--data", f"wds:{shards}/{{00000..00002}}.tar", "--size", 16, "--out", out).exit_code == 0
+    cfg = merge(ClipConfig(), {**TINY["clip"], "model": {**TINY["clip"]["model"], "image_size": 16},
+                               "train": {**TINY["clip"]["train"], "data": f"prepared:{out}", "batch_size": 8,
+                                         "val_size": 3, "max_steps": 6, "ckpt_every": 2}})
+    fit(clip_stage(cfg), cfg.train, tmp_path / "whole")  # 27 images, 3 steps an epoch: 6 steps cross an epoch
+    last = fit(interrupt_at(clip_stage(cfg), 1), cfg.train, tmp_path / "cut")  # stops after step 2, mid-epoch
+    assert last["interrupted"] and last["step"] == 2
+    fit(clip_stage(cfg), cfg.train, tmp_path / "cut", resume=True)
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
