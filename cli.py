@@ -82,6 +82,8 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Stage or pi
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="mnist | fashion-mnist | scenes | folder:PATH | coco:ROOT | parquet:PATH | wds:PATTERN | prepared:FILE")]
 ImageColumnOpt = Annotated[Optional[str], typer.Option("--image-column", help="parquet: the image column (default image).")]
 TextColumnOpt = Annotated[Optional[str], typer.Option("--text-column", help="parquet: the caption column (default text).")]
+StreamOpt = Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="coco:, parquet:, wds: stream the training split rather than decode it into memory (default: stream above 2 GiB decoded).")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, help="Processes decoding a streamed source, per training process (default 2).")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder of the IDX files.")]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1)]
 MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Overrides --epochs.")]
@@ -105,7 +107,8 @@ def train_overrides(**flags) -> dict:
 @command("clip-train")
 def clip_train(
     config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
-    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None,
+    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None, stream: StreamOpt = None,
+    workers: WorkersOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder: weights, metrics, resume state.")] = Path("runs/clip"),
     epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
     seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
@@ -116,7 +119,8 @@ def clip_train(
     from unclip.config import ClipConfig, load_config, merge
 
     cfg = merge(load_config(ClipConfig, config), train_overrides(
-        data=data, data_dir=data_dir, image_column=image_column, text_column=text_column, epochs=epochs,
+        data=data, data_dir=data_dir, image_column=image_column, text_column=text_column, stream=stream,
+        workers=workers, epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device, tensorboard=tensorboard or None))
     last = train_clip(cfg, out, resume)
     if not last.get("interrupted") and is_main():
@@ -228,7 +232,8 @@ def classify(
 def decoder_train(
     clip: Annotated[Path, typer.Option("--clip", help="Trained CLIP folder (frozen here).")],
     config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
-    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None,
+    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None, stream: StreamOpt = None,
+    workers: WorkersOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Pipeline folder: prior/, decoder/ and a copy of clip/.")] = Path("runs/pipeline"),
     stage: Annotated[StageChoice, typer.Option("--stage")] = StageChoice.both,
     epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
@@ -239,7 +244,8 @@ def decoder_train(
     from stages.stage_two import train_stage_two
 
     flags = train_overrides(data=data, data_dir=data_dir, image_column=image_column, text_column=text_column,
-                            epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                            stream=stream, workers=workers, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                            lr=lr, seed=seed, device=device,
                             tensorboard=tensorboard or None)
     stages = ["prior", "decoder"] if stage == StageChoice.both else [stage.value]
     if train_stage_two(clip, config, flags, out, stages, resume) and is_main():
@@ -250,7 +256,8 @@ def decoder_train(
 def upsampler_train(
     pipeline: Annotated[Path, typer.Option("--pipeline", help="Pipeline folder with clip/ and decoder/; writes upsampler/.")],
     config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
-    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None,
+    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None, stream: StreamOpt = None,
+    workers: WorkersOpt = None,
     epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
     seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
 ) -> None:
@@ -259,7 +266,8 @@ def upsampler_train(
     from stages.upsampler import train_upsampler
 
     flags = train_overrides(data=data, data_dir=data_dir, image_column=image_column, text_column=text_column,
-                            epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                            stream=stream, workers=workers, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                            lr=lr, seed=seed, device=device,
                             tensorboard=tensorboard or None)
     last = train_upsampler(pipeline, config, flags, resume)
     if not last.get("interrupted") and is_main():

@@ -8,7 +8,8 @@ import torch
 from stages import distributed as dist
 from stages.trainer import Stage, fit, seeded
 from unclip.config import ClipConfig
-from unclip.data import load_dataset
+from unclip.data import CaptionedImages, load_split
+from unclip.data.stream import StreamedCaptions
 from unclip.errors import UserError
 from unclip.models.clip import CLIP, contrastive_loss
 from unclip.tokenizer import Tokenizer
@@ -30,28 +31,27 @@ def clip_stage(cfg: ClipConfig, eval_split: str = "val") -> Stage:
         raise UserError("this CLIP config is an imported open_clip model, which stays frozen: train the prior and "
                         "the decoder against it with t2i decoder-train --clip DIR")
     device = dist.training_device(t.device)
-    columns = (t.image_column, t.text_column)
-    data = load_dataset(t.data, "train", t.data_dir, m.image_channels, m.image_size, t.val_size, columns)
-    val = load_dataset(t.data, eval_split, t.data_dir, m.image_channels, m.image_size, t.val_size, columns)
+    data = load_split(t, "train", m.image_channels, m.image_size)
+    val = load_split(t, eval_split, m.image_channels, m.image_size)
     model = seeded(t.seed, lambda: CLIP(m)).to(device)
     tokenizer = Tokenizer(m.text_context)
     if cfg.hard_negatives and not hasattr(data.captioner, "sample_with_negatives"):
         raise UserError(f"hard_negatives needs captions that can be perturbed (--data scenes), not {t.data}")
 
-    def loss(idx: torch.Tensor, step: int, module: torch.nn.Module):
-        seed = caption_seed(t.seed, step)
+    def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
+        seed, n = caption_seed(t.seed, step), len(batch)
         if cfg.hard_negatives:
-            captions, negatives = data.captioner.sample_with_negatives(data.labels[idx], data.caption_keys(idx, seed))
+            captions, negatives = batch.captioner.sample_with_negatives(batch.labels, batch.caption_keys(torch.arange(n), seed))
             tokens = tokenizer(captions + negatives).to(device)
         else:
-            captions = data.captions(idx, seed)
+            captions = batch.captions(seed=seed)
             tokens = tokenizer(captions).to(device)
-        image_emb, text_emb, scale = module(data.pixels(idx).to(device), tokens)
-        text_emb, negative_emb = text_emb[: len(idx)], text_emb[len(idx):] if cfg.hard_negatives else None
+        image_emb, text_emb, scale = module(batch.pixels().to(device), tokens)
+        text_emb, negative_emb = text_emb[:n], text_emb[n:] if cfg.hard_negatives else None
         image_emb, text_emb = dist.all_gather_with_grad(image_emb), dist.all_gather_with_grad(text_emb)
         if negative_emb is not None:
             negative_emb = dist.all_gather_with_grad(negative_emb)
-        groups = dist.all_gather(data.groups(idx, captions).to(device))
+        groups = dist.all_gather(batch.groups(captions).to(device))
         value = contrastive_loss(image_emb, text_emb, scale, groups, negative_emb)
         with torch.no_grad():
             best = (image_emb @ text_emb.T).argmax(1)
@@ -72,13 +72,17 @@ def clip_stage(cfg: ClipConfig, eval_split: str = "val") -> Stage:
         best = (image_emb @ text_emb.T).argmax(1).cpu()
         return {"val_retrieval": torch.tensor([texts[i] == c for i, c in zip(best.tolist(), captions)]).float().mean().item()}
 
-    calibration = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[:PRECISE_BN_IMAGES]
+    calibration = None
 
     def finalize(model: CLIP) -> None:
-        precise_batchnorm(model, lambda: (data.pixels(calibration[i : i + t.batch_size]).to(device)
-                                          for i in range(0, len(calibration), t.batch_size)))
+        nonlocal calibration
+        if calibration is None:  # fixed training images: random ones in memory, a stream's first ones
+            calibration = data.load(data.n_val, PRECISE_BN_IMAGES) if isinstance(data, StreamedCaptions) else \
+                data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[:PRECISE_BN_IMAGES])
+        precise_batchnorm(model, lambda: (calibration.pixels(torch.arange(i, min(i + t.batch_size, len(calibration))))
+                                          .to(device) for i in range(0, len(calibration), t.batch_size)))
 
-    return Stage("clip", model, cfg, len(data), loss, validate=validate, finalize=finalize,
+    return Stage("clip", model, cfg, data, loss, validate=validate, finalize=finalize,
                  metrics_shown=["loss", "acc"], objective="val_zero_shot" if val.class_names else "val_retrieval")
 
 

@@ -12,6 +12,7 @@ from stages.frozen_clip import FrozenClip
 from stages.samples import chain_recorder, save_sheet
 from stages.trainer import Stage, fit, held_out_loss, seeded
 from unclip.config import DecoderConfig
+from unclip.data import CaptionedImages
 from unclip.diffusion.models import Diffusion
 from unclip.images import resize, to_uint8
 from unclip.models.unet import UNet
@@ -24,7 +25,7 @@ def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, pri
                  step: int, out: Path) -> torch.Tensor:
     """The stage's sheet (stages/samples.py): a column per fixed prompt, drawn through the prior when there is one;
     without one, reconstructions of validation images from their CLIP embeddings, the originals on top."""
-    device = frozen.image_emb.device
+    device = frozen.device
     generator = torch.Generator(device).manual_seed(0)
     options = SamplingOptions()  # what `t2i generate` draws with
     text, rows = None, []
@@ -52,14 +53,14 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
     model = seeded(t.seed, lambda: UNet(m, clip_m.embed_dim, text_width=clip_m.text_width)).to(device)
     base = decoder_diffusion(model, cfg, device)
 
-    def loss(idx: torch.Tensor, step: int, module: torch.nn.Module):
-        x0 = resize(frozen.data.pixels(idx).to(device), m.image_size)
+    def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
+        x0 = resize(batch.pixels().to(device), m.image_size)
         text = None
         if m.text_tokens:  # the captions CLIP and the prior saw for these images, dropped `text_drop` of the time
-            captions = frozen.data.captions(idx, caption_seed(t.seed, step))
+            captions = batch.captions(seed=caption_seed(t.seed, step))
             _, features, mask = text_condition(frozen.clip, frozen.tokenizer, captions)
-            text = (features, mask & (torch.rand(len(idx), device=device) >= m.text_drop)[:, None])
-        cond = decoder_condition(cfg, frozen.image_emb[idx.to(device)], text)
+            text = (features, mask & (torch.rand(len(batch), device=device) >= m.text_drop)[:, None])
+        cond = decoder_condition(cfg, frozen.embed(batch), text)
         return replace(base, net=module).loss(x0, cond, m.cond_drop), {}
 
     def validate(shipped: UNet) -> dict:
@@ -77,7 +78,7 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
     def sample(shipped: UNet, step: int, out: Path) -> torch.Tensor:
         return save_samples(frozen, decoder_diffusion(shipped, cfg, device), cfg, prior, step, out)
 
-    return Stage("decoder", model, cfg, len(frozen.data), loss, validate=validate, sample=sample,
+    return Stage("decoder", model, cfg, frozen.data, loss, validate=validate, sample=sample,
                  metrics_shown=["loss", "val_loss"], objective="val_loss")
 
 

@@ -10,7 +10,9 @@ import torch
 
 from unclip.checkpoint import fingerprint
 from unclip.config import TrainConfig
-from unclip.data import CaptionedImages, load_dataset
+from unclip.data import CaptionedImages, load_split
+from unclip.data.captions import TextCaptions
+from unclip.data.stream import StreamedCaptions
 from unclip.models.clip import CLIP
 from stages.distributed import training_device
 from unclip.pipeline import load_clip
@@ -25,9 +27,12 @@ class FrozenClip:
     clip: CLIP
     tokenizer: Tokenizer
     fingerprint: str
-    data: CaptionedImages  # train split at CLIP's resolution
+    data: CaptionedImages | StreamedCaptions  # train split at CLIP's resolution
     val: CaptionedImages
-    image_emb: torch.Tensor  # (N, D) unit-norm embeddings of `data`, on the device
+    device: torch.device
+    # (N, D) unit-norm embeddings of `data` in memory, on the device; a stream's are made as batches come
+    image_emb: Optional[torch.Tensor] = None
+    _captioned: Optional[tuple[CaptionedImages, torch.Tensor]] = None
 
     @classmethod
     def load(cls, clip_dir: Path, train: TrainConfig) -> "FrozenClip":
@@ -35,12 +40,43 @@ class FrozenClip:
         clip, cfg = load_clip(clip_dir, device)
         clip.requires_grad_(False)
         m = cfg.model
-        columns = (train.image_column, train.text_column)
-        data = load_dataset(train.data, "train", train.data_dir, m.image_channels, m.image_size, train.val_size, columns)
-        val = load_dataset(train.data, "val", train.data_dir, m.image_channels, m.image_size, train.val_size, columns)
-        log.info("embedding %d training images with CLIP", len(data))
-        return cls(clip, Tokenizer(m.text_context), fingerprint(clip.state_dict()), data, val,
-                   encode_images(clip, data.images))
+        data = load_split(train, "train", m.image_channels, m.image_size)
+        val = load_split(train, "val", m.image_channels, m.image_size)
+        frozen = cls(clip, Tokenizer(m.text_context), fingerprint(clip.state_dict()), data, val, device)
+        if isinstance(data, CaptionedImages):
+            log.info("embedding %d training images with CLIP", len(data))
+            frozen.image_emb = encode_images(clip, data.images)
+        return frozen
+
+    @torch.no_grad()
+    def embed(self, batch: CaptionedImages) -> torch.Tensor:
+        """The CLIP image embeddings of a training batch: looked up, or for a stream computed."""
+        if self.image_emb is not None:
+            return self.image_emb[batch.example_ids.to(self.device)]
+        return encode_images(self.clip, batch.images)
+
+    def captioned(self, workers: int = 2) -> tuple[CaptionedImages, torch.Tensor]:
+        """The prior's data: the training captions (without their images) and the images' embeddings. A stream
+        is read once for it, its units split among `workers` DataLoader processes."""
+        if self.image_emb is not None:
+            return self.data, self.image_emb
+        if self._captioned is None:
+            log.info("embedding the %d training images of %s with CLIP (one pass over the stream)",
+                     len(self.data), self.data.source.spec)
+            embeddings, captions = [], []
+            for images, caps in self.data.scan(workers):
+                embeddings.append(encode_images(self.clip, images))
+                captions += caps
+            self._captioned = (CaptionedImages(images=None, labels=torch.arange(len(captions)),
+                                               captioner=TextCaptions(captions)), torch.cat(embeddings))
+        return self._captioned
+
+    def gallery(self) -> tuple[CaptionedImages, torch.Tensor]:
+        """Images with their embeddings, to show the image nearest an embedding: the training images in memory,
+        else (a stream) the validation images."""
+        if self.image_emb is not None:
+            return self.data, self.image_emb
+        return self.val, encode_images(self.clip, self.val.images)
 
     def fixed_captions(self, n: int = 10) -> Optional[list[str]]:
         """Prompts for sample grids: the class names, or the first distinct validation captions."""

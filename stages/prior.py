@@ -12,6 +12,7 @@ from stages.frozen_clip import FrozenClip
 from stages.samples import chain_recorder, save_sheet
 from stages.trainer import Stage, fit, seeded
 from unclip.config import PriorConfig
+from unclip.data import CaptionedImages
 from unclip.models.prior import DiffusionPrior
 from stages.distributed import training_device
 from unclip.images import to_uint8
@@ -28,10 +29,12 @@ def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
     model = model.to(device)
     scale = embed_scale(clip_m.embed_dim)
     base = prior_diffusion(model, cfg, device)
+    data, image_emb = frozen.captioned(t.workers)
 
-    def loss(idx: torch.Tensor, step: int, module: torch.nn.Module):
-        cond = text_condition(frozen.clip, frozen.tokenizer, frozen.data.captions(idx, caption_seed(t.seed, step)))
-        return replace(base, net=module).loss(frozen.image_emb[idx.to(device)] * scale, cond, cfg.model.cond_drop), {}
+    def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
+        cond = text_condition(frozen.clip, frozen.tokenizer, batch.captions(seed=caption_seed(t.seed, step)))
+        x0 = image_emb[batch.example_ids.to(device)] * scale
+        return replace(base, net=module).loss(x0, cond, cfg.model.cond_drop), {}
 
     def validate(shipped: DiffusionPrior) -> dict:
         val = frozen.val
@@ -41,18 +44,19 @@ def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
 
     @torch.no_grad()
     def sample(shipped: DiffusionPrior, step: int, out: Path) -> torch.Tensor:
-        """The prior draws embeddings, not pictures: each cell of its sheet is the training image whose CLIP
-        embedding is nearest to the embedding predicted (a column per fixed prompt)."""
+        """The prior draws embeddings, not pictures: each cell of its sheet is the training image (a stream's:
+        validation image) whose CLIP embedding is nearest to the embedding predicted (a column per fixed prompt)."""
         options = SamplingOptions()  # what `t2i generate` draws with
         callback, shots = chain_recorder(options.steps)
         final = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior_diffusion(shipped, cfg, device),
                                         frozen.fixed_captions(), options.sampler, options.steps,
                                         options.prior_guidance, torch.Generator(device).manual_seed(0),
                                         callback=callback)
-        nearest = lambda emb: frozen.data.pixels((F.normalize(emb, dim=-1) @ frozen.image_emb.T).argmax(1).cpu())  # noqa: E731
+        images, embeddings = frozen.gallery()
+        nearest = lambda emb: images.pixels((F.normalize(emb, dim=-1) @ embeddings.T).argmax(1).cpu())  # noqa: E731
         return save_sheet([to_uint8(nearest(e)) for e in shots + [final]], out, step)
 
-    return Stage("prior", model, cfg, len(frozen.data), loss, validate=validate, sample=sample,
+    return Stage("prior", model, cfg, data, loss, validate=validate, sample=sample,
                  metrics_shown=["loss", "prior_cosine"], objective="prior_cosine")
 
 

@@ -49,9 +49,9 @@ def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, ou
         if train_prior(prior_cfg, frozen, out / "prior", resume).get("interrupted"):
             return False
     if (out / "prior" / WEIGHTS_FILE).is_file():
-        model, cfg = load_prior(out / "prior", clip_cfg, frozen.image_emb.device)
+        model, cfg = load_prior(out / "prior", clip_cfg, frozen.device)
         check_fingerprint(out / "prior", cfg.clip_fingerprint, frozen.fingerprint)
-        prior = prior_diffusion(model, cfg, frozen.image_emb.device)
+        prior = prior_diffusion(model, cfg, frozen.device)
     if "decoder" in stages:
         # `--resume` of a run stopped during the prior: the decoder has no state yet and starts afresh.
         resume = resume and (out / "decoder" / STATE_FILE).is_file()

@@ -1,10 +1,11 @@
 """The one training loop every stage shares: device, data order, LR schedule, EMA, progress, resume.
 
-A stage supplies a `Stage`: the module to train, a `loss(idx, step)` over example indices, and
-optional `validate()` / `sample(step)` hooks. The loop owns everything else, so exact resume,
+A stage supplies a `Stage`: the module to train, its training data, a `loss(batch, step)` over a batch of
+it, and optional `validate()` / `sample(step)` hooks. The loop owns everything else, so exact resume,
 signal handling and checkpointing are written once:
 
-- data order is a pure function of (seed, epoch) and the LR of the step, so nothing about them is saved;
+- data order is a pure function of (seed, epoch), or for a streamed source of (seed, step) (unclip/data/stream.py),
+  and the LR of the step, so nothing about them is saved;
 - `train_state.pt` holds the raw weights, EMA, optimizer, step and RNG states (CPU and CUDA), apart from the
   shippable `config.yaml` + `model.safetensors` (the EMA weights when EMA is on);
 - every file is written atomically; SIGINT/SIGTERM finish the current step, save and exit cleanly.
@@ -12,6 +13,7 @@ signal handling and checkpointing are written once:
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import signal
@@ -29,6 +31,8 @@ from stages import distributed as dist
 from stages.samples import save_progress_gif
 from unclip.checkpoint import atomic_write, atomic_write_text, save_checkpoint
 from unclip.config import TrainConfig
+from unclip.data import CaptionedImages
+from unclip.data.stream import StreamedCaptions
 from unclip.errors import UserError
 
 STATE_FILE = "train_state.pt"
@@ -48,9 +52,9 @@ class Stage:
     name: str
     model: torch.nn.Module  # what is optimised
     config: object  # the stage config saved beside the weights
-    num_examples: int
-    # (example indices, step, the module to call: `model`, or its DDP wrapper) -> (loss, metrics)
-    loss: Callable[[torch.Tensor, int, torch.nn.Module], tuple[torch.Tensor, dict]]
+    data: CaptionedImages | StreamedCaptions  # the training examples
+    # (a batch of `data`, this process's share, step, the module to call: `model`, or its DDP wrapper) -> (loss, metrics)
+    loss: Callable[[CaptionedImages, int, torch.nn.Module], tuple[torch.Tensor, dict]]
     validate: Optional[Callable[[torch.nn.Module], dict]] = None  # called with the model to ship, each epoch
     # brings the model to ship up to date before it is validated or saved (CLIP: its BatchNorm statistics)
     finalize: Optional[Callable[[torch.nn.Module], None]] = None
@@ -100,6 +104,23 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def batches(data: CaptionedImages | StreamedCaptions, cfg: TrainConfig, start: int, steps_per_epoch: int):
+    """This process's batches for the steps from `start` on: slices of a fresh permutation each epoch, or the
+    batches of a stream (their order a function of the seed and the step, so both resume exactly)."""
+    world, rank = dist.world_size(), dist.rank()
+    per_rank = cfg.batch_size // world
+    if isinstance(data, StreamedCaptions):
+        yield from data.batches(cfg.seed, start, per_rank, rank, world, cfg.workers)
+        return
+    order, order_epoch = None, -1
+    for step in itertools.count(start):
+        epoch, pos = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(cfg.seed, epoch, len(data)), epoch
+        idx = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size][rank * per_rank : (rank + 1) * per_rank]
+        yield data.subset(idx, batch=True)
 
 
 @torch.no_grad()
@@ -211,13 +232,13 @@ class Run:
         atomic_write(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
         save_checkpoint(self.out, self.shipped, self.stage.config)
 
-    def train_step(self, idx: torch.Tensor, total: int) -> dict:
-        """One optimisation step on the examples `idx`; returns the step's metrics."""
+    def train_step(self, batch: CaptionedImages, total: int) -> dict:
+        """One optimisation step on `batch`; returns the step's metrics."""
         cfg, lr = self.cfg, lr_at(self.step, total, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss, metrics = self.stage.loss(idx, self.step, self.ddp_model)
+        loss, metrics = self.stage.loss(batch, self.step, self.ddp_model)
         value = dist.mean(loss.detach()).item()  # the same on every rank, so all stop together
         if not math.isfinite(value):
             kept = (f"the checkpoint of step {self.saved_step} in {self.out} is intact" if self.saved_step is not None
@@ -244,13 +265,12 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False,
     The stage is validated at the end of every epoch and of the run; `on_validate(record)` sees each result
     (t2i tune reports it to Optuna, whose pruner may stop the run by raising)."""
     run = Run(stage, cfg, out)
-    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
-    per_rank = cfg.batch_size // world
-    if per_rank * world != cfg.batch_size:
+    world, main = dist.world_size(), dist.is_main()
+    if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
-    steps_per_epoch = stage.num_examples // cfg.batch_size
+    steps_per_epoch = len(stage.data) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"{stage.num_examples} training examples is fewer than one batch ({cfg.batch_size}); lower --batch-size")
+        raise UserError(f"{len(stage.data)} training examples is fewer than one batch ({cfg.batch_size}); lower --batch-size")
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     if resume:
         run.restore()
@@ -259,7 +279,7 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False,
     log = open(run.out / METRICS_FILE, "a", buffering=1) if main else None  # line-buffered: `tail -f` follows it
     board = tensorboard_writer(run.out, run.step) if main and cfg.tensorboard else None
     last: dict = {}
-    order, order_epoch = None, -1
+    stream = batches(stage.data, cfg, run.step, steps_per_epoch)
     t0, step0 = time.perf_counter(), run.step
     seconds = lambda: run.elapsed + time.perf_counter() - t0  # noqa: E731
 
@@ -289,11 +309,8 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False,
         with stop_on_signals() as flag, _progress() as progress:
             task = progress.add_task(stage.name, total=total, completed=run.step, stats="", speed="")
             while run.step < total:
-                epoch, pos = divmod(run.step, steps_per_epoch)
-                if epoch != order_epoch:
-                    order, order_epoch = epoch_order(cfg.seed, epoch, stage.num_examples), epoch
-                idx = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size][rank * per_rank : (rank + 1) * per_rank]
-                last = {**run.train_step(idx, total), "epoch": epoch, "time": round(seconds(), 3)}
+                epoch = run.step // steps_per_epoch
+                last = {**run.train_step(next(stream), total), "epoch": epoch, "time": round(seconds(), 3)}
                 if log:
                     record(last, "train")
                 stats = "  ".join(f"{k} {last[k]:.4g}" for k in stage.metrics_shown if k in last)
@@ -327,6 +344,7 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False,
             show_samples()
             save_progress_gif(run.out)
     finally:
+        stream.close()  # a stream's DataLoader workers stop here
         if log:
             log.close()
         if board is not None:

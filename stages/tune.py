@@ -28,7 +28,7 @@ import yaml
 from stages.trainer import STATE_FILE, Stage, fit
 from unclip.checkpoint import atomic_write_text, load_state
 from unclip.config import STAGES, ClipConfig, load_config, load_yaml, merge
-from unclip.data import load_dataset
+from unclip.data import load_split
 from unclip.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -173,10 +173,8 @@ def stage_search(stage: str, config_path: Optional[Path], flags: dict, clip: Opt
 
         def build(cfg, split: str) -> Stage:
             if split not in splits:
-                t, m = cfg.train, clip_cfg.model
-                splits[split] = replace(frozen, val=load_dataset(t.data, split, t.data_dir, m.image_channels,
-                                                                 m.image_size, t.val_size,
-                                                                 (t.image_column, t.text_column)))
+                m = clip_cfg.model
+                splits[split] = replace(frozen, val=load_split(cfg.train, split, m.image_channels, m.image_size))
             return prior_stage(cfg, splits[split]) if stage == "prior" else decoder_stage(cfg, splits[split])
 
         return Search(stage, base, build)

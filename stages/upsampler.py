@@ -17,7 +17,8 @@ from stages.samples import chain_recorder, save_sheet
 from stages.trainer import Stage, fit, held_out_loss, seeded
 from unclip.checkpoint import CONFIG_FILE
 from unclip.config import ClipConfig, DecoderConfig, UpsamplerConfig, load_config
-from unclip.data import CaptionedImages, load_dataset
+from unclip.data import CaptionedImages, load_split
+from unclip.data.stream import StreamedCaptions
 from unclip.errors import CheckpointError, ConfigError
 from unclip.images import resize, to_uint8
 from unclip.models.upsampler import Upsampler, degrade, sampling_level
@@ -26,16 +27,16 @@ from unclip.pipeline import SamplingOptions, upsample, upsampler_diffusion
 SHOWN = 8  # validation images in the sample sheet
 
 
-def upsampler_stage(cfg: UpsamplerConfig, data: CaptionedImages, val: CaptionedImages) -> Stage:
+def upsampler_stage(cfg: UpsamplerConfig, data: CaptionedImages | StreamedCaptions, val: CaptionedImages) -> Stage:
     t, m = cfg.train, cfg.model
     device = training_device(t.device)
     model = seeded(t.seed, lambda: Upsampler(m)).to(device)
     base = upsampler_diffusion(model, cfg, device)
     levels = max(1, round(m.aug_max * m.timesteps))  # augmentation levels s drawn from [0, levels)
 
-    def loss(idx: torch.Tensor, step: int, module: torch.nn.Module):
-        x0 = data.pixels(idx).to(device)
-        s = torch.randint(0, levels, (len(idx),), device=device)
+    def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
+        x0 = batch.pixels().to(device)
+        s = torch.randint(0, levels, (len(batch),), device=device)
         sigma = float(torch.rand(())) * m.blur_max
         low = degrade(resize(x0, m.low_size), m.image_size, s, base.ac, sigma)
         return replace(base, net=module).loss(x0, (low, s), m.cond_drop), {}
@@ -65,12 +66,12 @@ def upsampler_stage(cfg: UpsamplerConfig, data: CaptionedImages, val: CaptionedI
         enlarged = torch.nn.functional.interpolate(low, size=m.image_size, mode="nearest")
         return save_sheet([to_uint8(x) for x in [x0, enlarged, *shots, final]], out, step)
 
-    return Stage("upsampler", model, cfg, len(data), loss, validate=validate, sample=sample,
+    return Stage("upsampler", model, cfg, data, loss, validate=validate, sample=sample,
                  metrics_shown=["loss", "val_loss"], objective="val_loss")
 
 
 def upsampler_setup(pipeline: Path, config_path: Optional[Path], flags: dict,
-                    eval_split: str = "val") -> tuple[UpsamplerConfig, CaptionedImages, CaptionedImages]:
+                    eval_split: str = "val") -> tuple[UpsamplerConfig, CaptionedImages | StreamedCaptions, CaptionedImages]:
     """The config of `pipeline/upsampler/` for the pipeline's decoder: from its size (`low_size`) to `image_size`,
     on the data CLIP was trained on unless the config or flags say otherwise; the training data and the split
     it is validated on."""
@@ -86,10 +87,8 @@ def upsampler_setup(pipeline: Path, config_path: Optional[Path], flags: dict,
     m.image_channels, m.low_size = decoder.image_channels, decoder.image_size
     if m.image_size <= m.low_size:
         raise ConfigError(f"upsampler image_size {m.image_size} must be larger than the decoder's {m.low_size}")
-    columns = (t.image_column, t.text_column)
-    data = load_dataset(t.data, "train", t.data_dir, m.image_channels, m.image_size, t.val_size, columns)
-    val = load_dataset(t.data, eval_split, t.data_dir, m.image_channels, m.image_size, t.val_size, columns)
-    return cfg, data, val
+    return cfg, load_split(t, "train", m.image_channels, m.image_size), load_split(t, eval_split, m.image_channels,
+                                                                                  m.image_size)
 
 
 def train_upsampler(pipeline: Path, config_path: Optional[Path], flags: dict, resume: bool = False) -> dict:

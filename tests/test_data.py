@@ -70,7 +70,7 @@ def test_caption_folder_skips_a_corrupt_image(caption_folder, tmp_path, caplog):
     test = load_dataset(f"folder:{tmp_path}", "test", channels=1, size=28, val_size=5)
     assert len(data) + len(test) == 60  # 59 glyphs + the odd one; the test split is the validation slice
     assert data.images.shape[1:] == (1, 28, 28)
-    same = data.groups(torch.arange(len(data)), data.texts)
+    same = data.groups(data.texts)
     for i in range(len(data)):
         for j in range(len(data)):
             assert (same[i] == same[j]) == (data.texts[i] == data.texts[j])

@@ -3,6 +3,7 @@ each built here from drawn digits; every bad input one line or a counted skip.""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -162,9 +163,11 @@ def test_bad_sources_are_one_line(coco, tmp_path):
     assert r.exit_code == 1 and "reads coco:ROOT, parquet:PATH or wds:PATTERN" in r.output
 
 
-def test_resume_on_a_prepared_source_continues_mid_epoch_exactly(shards, tmp_path):
-    """A run cut mid-epoch on prepared data and resumed ends with the uninterrupted run's weights: batches are
-    rows by index, so the epoch goes on where it stopped."""
+@pytest.mark.parametrize("kind", ["prepared", "stream"])
+def test_resume_continues_mid_epoch_exactly(kind, shards, tmp_path):
+    """A run cut mid-epoch and resumed ends with the uninterrupted run's weights: a prepared source's batches are
+    rows by index, a stream's lanes start again at the batch they were to draw, so the epoch goes on where it
+    stopped."""
     from safetensors.torch import load_file
 
     from stages.clip import clip_stage
@@ -172,15 +175,73 @@ def test_resume_on_a_prepared_source_continues_mid_epoch_exactly(shards, tmp_pat
     from tests.test_training import interrupt_at
     from unclip.config import ClipConfig, merge
 
-    out = tmp_path / "p.u8"
-    assert run("prepare", "--data", f"wds:{shards}/{{00000..00002}}.tar", "--size", 16, "--out", out).exit_code == 0
+    pattern = f"wds:{shards}/{{00000..00002}}.tar"
+    data = {"data": pattern, "stream": True, "workers": 2}
+    if kind == "prepared":
+        out = tmp_path / "p.u8"
+        assert run("prepare", "--data", pattern, "--size", 16, "--out", out).exit_code == 0
+        data = {"data": f"prepared:{out}"}
     cfg = merge(ClipConfig(), {**TINY["clip"], "model": {**TINY["clip"]["model"], "image_size": 16},
-                               "train": {**TINY["clip"]["train"], "data": f"prepared:{out}", "batch_size": 8,
-                                         "val_size": 3, "max_steps": 6, "ckpt_every": 2}})
+                               "train": {**TINY["clip"]["train"], **data, "batch_size": 8, "val_size": 3,
+                                         "max_steps": 6, "ckpt_every": 2}})
     fit(clip_stage(cfg), cfg.train, tmp_path / "whole")  # 27 images, 3 steps an epoch: 6 steps cross an epoch
-    last = fit(interrupt_at(clip_stage(cfg), 1), cfg.train, tmp_path / "cut")  # stops after step 2, mid-epoch
-    assert last["interrupted"] and last["step"] == 2
+    last = fit(interrupt_at(clip_stage(cfg), 2), cfg.train, tmp_path / "cut")  # stops after step 3, mid-epoch
+    assert last["interrupted"] and last["step"] == 3  # odd: the resumed stream starts with its second lane
     fit(clip_stage(cfg), cfg.train, tmp_path / "cut", resume=True)
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_a_stream_deals_each_shard_to_one_lane_and_resumes_at_its_batch(shards):
+    """Three shards, three processes: each reads one shard (the held-out first records skipped), its records once
+    a cycle; a corrupt record is replaced in its batch and counted. With two workers, a stream started at step 3
+    draws what the stream from step 0 drew there."""
+    from unclip.data.stream import StreamedCaptions
+
+    spec = f"wds:{shards}/{{00000..00002}}.tar"
+    data = load_dataset(spec, "train", channels=3, size=16, val_size=3, stream=True)
+    val = load_dataset(spec, "val", channels=3, size=16, val_size=3, stream=True)
+    assert isinstance(data, StreamedCaptions) and len(data) == 27
+    assert val.ids.tolist() == [0, 1, 2] and val.images.shape == (3, 3, 16, 16)
+    ids = {rank: [i for b in itertools.islice(data.batches(0, 0, 5, rank=rank, world=3, workers=0), 2)
+                  for i in b.ids.tolist()] for rank in range(3)}
+    assert sorted(ids[1]) == list(range(10, 20)) and sorted(ids[2]) == list(range(20, 30))  # a cycle each
+    assert set(ids[0][:7]) == {3, 4, 5, 6, 8, 9} and all(3 <= i < 10 for i in ids[0])  # record 7 replaced
+    assert set(data.skips) == {"not a readable image (UnidentifiedImageError)"}
+    batches = list(itertools.islice(data.batches(seed=0, start_step=0, batch_size=5, workers=2), 6))
+    assert all(b.images.shape == (5, 3, 16, 16) for b in batches)
+    assert batches[1].captions(seed=0)[0].startswith("an orange")
+    later = list(itertools.islice(data.batches(seed=0, start_step=3, batch_size=5, workers=2), 3))
+    for a, b in zip(batches[3:], later):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.images, b.images)
+    with pytest.raises(UserError, match="cannot give each of 4 readers"):
+        next(data.batches(seed=0, start_step=0, batch_size=5, workers=4))
+
+
+def test_streamed_pipeline_trains_every_stage_from_the_cli(shards, tmp_path):
+    """clip-train, decoder-train (the prior reads the stream once for its embeddings) and upsampler-train on a
+    streamed source, end to end."""
+    spec = f"wds:{shards}/{{00000..00002}}.tar"
+    model = {**TINY["clip"]["model"], "image_channels": 3, "image_size": 16}
+    small = {"batch_size": 6, "val_size": 3, "warmup_steps": 1, "max_steps": 2}
+    config = {"clip": {**TINY["clip"], "model": model, "train": {**TINY["clip"]["train"], **small}},
+              "prior": {**TINY["prior"], "train": {**TINY["prior"]["train"], **small}},
+              "decoder": {**TINY["decoder"], "model": {**TINY["decoder"]["model"], "image_size": 8},
+                          "train": {**TINY["decoder"]["train"], **small}},
+              "upsampler": {"model": {"widths": [8, 16], "image_size": 16, "timesteps": 50}, "train": small}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    common = ["--config", tmp_path / "c.yaml", "--data", spec, "--stream", "--workers", 1]
+    r = run("clip-train", *common, "--out", tmp_path / "clip")
+    assert r.exit_code == 0, r.output
+    r = run("decoder-train", "--clip", tmp_path / "clip", *common, "--out", tmp_path / "pipe")
+    assert r.exit_code == 0, r.output
+    r = run("upsampler-train", "--pipeline", tmp_path / "pipe", *common)
+    assert r.exit_code == 0, r.output
+    for stage in ("prior", "decoder", "upsampler"):
+        assert json.loads((tmp_path / "pipe" / stage / "run.json").read_text())["finished"], stage
+    r = run("generate", "--checkpoints", tmp_path / "pipe", "--prompt", "an orange seven", "-n", 2,
+            "--out", tmp_path / "gen")
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "gen" / "grid.png") as grid:
+        assert grid.mode == "RGB"

@@ -31,6 +31,10 @@ class TrainConfig:
     data_dir: Optional[str] = None  # where IDX files live (default: the per-user cache)
     image_column: str = "image"  # parquet: the columns of the images and the captions
     text_column: str = "text"
+    # COCO, parquet, webdataset: stream the training split from the source (unclip/data/stream.py) rather than
+    # decode it into memory; None: stream when its decoded images would take more than 2 GiB
+    stream: Optional[bool] = None
+    workers: int = 2  # DataLoader processes decoding a streamed source, per training process
     epochs: int = 4
     max_steps: Optional[int] = None  # overrides epochs when set
     batch_size: int = 256

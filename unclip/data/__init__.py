@@ -1,6 +1,8 @@
-"""Captioned image datasets held in memory as one uint8 tensor (small data must not wait on a loader).
+"""Captioned image datasets held in memory as one uint8 tensor (small data must not wait on a loader), read
+from a prepared file by offset, or (the training split of a source larger than memory) streamed.
 
-`load_dataset("mnist" | "fashion-mnist" | "scenes" | "folder:PATH", split=...)` returns a `CaptionedImages`.
+`load_dataset("mnist" | "fashion-mnist" | "scenes" | "folder:PATH" | ..., split=...)` returns a
+`CaptionedImages`, or for a streamed training split a `StreamedCaptions` (unclip/data/stream.py).
 Splits: `test` is the official test set (a caption folder has none, so its test split is the
 validation slice); `val` is a fixed held-out slice of train; `train` is the rest. Scenes are drawn
 from the MNIST digits of the split (one scene per digit, a fixed seed per split).
@@ -20,6 +22,7 @@ from unclip.data.scene_captions import SceneCaptions
 from unclip.data.captions import (FASHION_NAMES, FASHION_TEMPLATES, MNIST_NAMES, MNIST_TEMPLATES, LabelCaptions,
                                   TextCaptions)
 from unclip.data.prepared import StoredImages, convert
+from unclip.config import TrainConfig
 from unclip.errors import UserError
 from unclip.images import to_float
 
@@ -29,45 +32,61 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CaptionedImages:
-    images: torch.Tensor | StoredImages  # (N, C, H, W) uint8, in memory or (prepared sources) on disk
+    # (N, C, H, W) uint8, in memory or (prepared sources) on disk; None where only the captions are kept
+    images: Optional[torch.Tensor | StoredImages]
     labels: Optional[torch.Tensor] = None  # (N,) class index, for labelled datasets
     captioner: Optional[LabelCaptions | SceneCaptions | TextCaptions] = None  # random captions from labels (or ids)
     texts: Optional[list[str]] = None  # fixed captions (caption folders)
+    ids: Optional[torch.Tensor] = None  # (N,) each example's index in the whole split (a batch's); None: 0..N-1
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.images) if self.images is not None else len(self.labels)
+
+    @property
+    def example_ids(self) -> torch.Tensor:
+        return self.ids if self.ids is not None else torch.arange(len(self))
 
     @property
     def class_names(self) -> Optional[list[str]]:
         return self.captioner.class_names if self.captioner else None
 
-    def subset(self, idx: torch.Tensor) -> "CaptionedImages":
+    def subset(self, idx: torch.Tensor, batch: bool = False) -> "CaptionedImages":
+        """Examples `idx` as a dataset of their own, or (`batch`) as a batch of this one: keeping their ids."""
+        images = self.images
+        if images is not None:
+            images = images.take(idx) if isinstance(images, StoredImages) else images[idx]
         return CaptionedImages(
-            images=self.images.take(idx) if isinstance(self.images, StoredImages) else self.images[idx],
+            images=images,
             labels=None if self.labels is None else self.labels[idx],
             captioner=self.captioner,
             texts=None if self.texts is None else [self.texts[i] for i in idx.tolist()],
+            ids=self.example_ids[idx] if batch else None,
         )
 
-    def pixels(self, idx: torch.Tensor) -> torch.Tensor:
-        """Images `idx` as floats in [-1, 1]."""
-        return to_float(self.images[idx])
+    def _all(self, idx: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.arange(len(self)) if idx is None else idx
+
+    def pixels(self, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Images `idx` (default: all) as floats in [-1, 1]."""
+        return to_float(self.images[self._all(idx)])
 
     def caption_keys(self, idx: torch.Tensor, seed: int) -> list[str]:
-        """One random key per example: a caption is a pure function of (seed, example), whichever process
+        """One random key per example: a caption is a pure function of (seed, example id), whichever process
         or batch draws it (so N processes caption a batch exactly as one does, and resume redraws the same)."""
-        return [f"{seed}:{i}" for i in idx.tolist()]
+        return [f"{seed}:{i}" for i in self.example_ids[idx].tolist()]
 
-    def captions(self, idx: torch.Tensor, seed: int) -> list[str]:
+    def captions(self, idx: Optional[torch.Tensor] = None, seed: int = 0) -> list[str]:
+        """A caption for each example `idx` (default: all), drawn with `seed`."""
+        idx = self._all(idx)
         if self.captioner is not None:
             return self.captioner.sample(self.labels[idx], self.caption_keys(idx, seed))
         return [self.texts[i] for i in idx.tolist()]
 
-    def groups(self, idx: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """Ids under which examples count as the same (positives for the contrastive loss): the class
-        where there are classes, else the caption text (equal captions describe both images)."""
+    def groups(self, captions: list[str], idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Ids under which examples `idx` (default: all) count as the same (positives for the contrastive loss):
+        the class where there are classes, else the caption text (equal captions describe both images)."""
         if self.class_names:
-            return self.labels[idx]
+            return self.labels[self._all(idx)]
         return torch.tensor([zlib.crc32(c.encode()) for c in captions], dtype=torch.long)
 
 
@@ -86,9 +105,14 @@ def default_data_dir(name: str) -> Path:
     return next((d for d in candidates if held(d)), candidates[0])
 
 
+def held_out(n: int, val_size: int) -> int:
+    """How many of `n` examples the validation split holds: `val_size`, at most a tenth."""
+    return min(val_size, n // 10)
+
+
 def split_indices(n: int, split: str, val_size: int) -> torch.Tensor:
     """A fixed permutation (seed 0, independent of the run's seed) carves validation out of train."""
-    val_size = min(val_size, n // 10)
+    val_size = held_out(n, val_size)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     return perm[:val_size].sort().values if split == "val" else perm[val_size:].sort().values
 
@@ -101,9 +125,12 @@ def load_dataset(
     size: int = 28,
     val_size: int = 5000,
     columns: tuple[str, str] = ("image", "text"),
-) -> CaptionedImages:
+    stream: Optional[bool] = None,
+):
     """Load `spec` at `channels` x `size` x `size`: mnist | fashion-mnist | scenes | folder:PATH | coco:ROOT |
-    parquet:PATH (its image and text `columns`) | wds:PATTERN | prepared:FILE."""
+    parquet:PATH (its image and text `columns`) | wds:PATTERN | prepared:FILE. The training split of a COCO,
+    parquet or webdataset source streams (a `StreamedCaptions`) when `stream` says so, or, left None, when its
+    decoded images would take more than STREAM_BYTES; its validation split is then its first records."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     if spec in ("mnist", "fashion-mnist"):
@@ -122,6 +149,14 @@ def load_dataset(
         data = load_caption_folder(Path(spec[len("folder:") :]), channels, size)
         if split == "test":
             split = "val"
+    elif spec.partition(":")[0] in ("coco", "parquet", "wds") and streamed(spec, split, channels, size, columns, stream):
+        from unclip.data.stream import StreamedCaptions
+
+        source = _open(spec, split, channels, size, columns)
+        if split == "test" and spec.startswith("coco:"):  # val2017, whole
+            return StreamedCaptions(source, 0).load(0, source.total)
+        data = StreamedCaptions(source, held_out(source.total, val_size))
+        return data if split == "train" else data.load(0, data.n_val)  # no test split of its own: val
     elif spec.partition(":")[0] in ("coco", "parquet", "wds"):
         data = _resize(load_source(spec, "test" if spec.startswith("coco:") and split == "test" else "train",
                                    channels, size, columns), channels, size)
@@ -163,6 +198,33 @@ def _resize(data: CaptionedImages, channels: int, size: int) -> CaptionedImages:
 
 
 _SOURCES: dict[tuple, CaptionedImages] = {}  # decoded once per process: train and val are slices of one decode
+_OPENED: dict[tuple, object] = {}  # opened (counted) once per process
+
+
+def _open(spec: str, split: str, channels: int, size: int, columns: tuple[str, str]):
+    """The `unclip.data.sources` object of a COCO, parquet or webdataset spec; COCO's test split is val2017."""
+    key = (spec, split == "test" and spec.startswith("coco:"), channels, size, columns)
+    if key not in _OPENED:
+        from unclip.data.sources import open_source
+
+        _OPENED[key] = open_source(spec, "test" if key[1] else "train", channels, size, *columns)
+    return _OPENED[key]
+
+
+def streamed(spec: str, split: str, channels: int, size: int, columns: tuple[str, str], stream: Optional[bool]) -> bool:
+    """Whether `load_dataset` streams this source: as `stream` says, else when it is larger than STREAM_BYTES."""
+    if stream is not None:
+        return stream
+    from unclip.data.stream import STREAM_BYTES
+
+    source = _open(spec, split, channels, size, columns)
+    return source.total * channels * size * size > STREAM_BYTES
+
+
+def load_split(train: TrainConfig, split: str, channels: int, size: int):
+    """`load_dataset` of a training config's data (`--data`, `--data-dir`, its columns, `--stream`)."""
+    return load_dataset(train.data, split, train.data_dir, channels, size, train.val_size,
+                        (train.image_column, train.text_column), train.stream)
 
 
 def load_source(spec: str, split: str, channels: int, size: int, columns: tuple[str, str]) -> CaptionedImages:
@@ -170,9 +232,9 @@ def load_source(spec: str, split: str, channels: int, size: int, columns: tuple[
     `t2i prepare` writes larger ones to disk once). Decoded at the source's own channels, resized to `size`."""
     key = (spec, split, channels, size, columns)
     if key not in _SOURCES:
-        from unclip.data.sources import decode_source, open_source, skip_summary
+        from unclip.data.sources import decode_source, skip_summary
 
-        source = open_source(spec, split, 3, size, *columns)
+        source = _open(spec, split, 3, size, columns)
         images, captions = [], []
         for batch, caps in decode_source(source, workers=min(2, os.cpu_count() or 1)):
             images.append(batch)

@@ -1,10 +1,13 @@
 """Captioned pictures from where people keep them: COCO, Hugging Face parquet, webdataset shards.
 
-Each source is read record by record in DataLoader workers, which decode, centre-crop and resize the images
-(`decode_source`), so memory holds a batch at a time, never the source. What comes out is either kept in
-memory (`load_source`, small sources) or written once to a uint8 file on disk (`t2i prepare`, then
-`--data prepared:FILE`: the usual cure for slow JPEG decoding on a small CPU). Records that cannot be used
-(an annotation naming a missing file, a corrupt image or tar member) are skipped and counted.
+A source is cut into units whose record counts are known before anything is decoded (COCO: runs of 1,000
+images, parquet: row groups, webdataset: shards, counted from the tar headers); `raw(unit)` reads a unit's
+records undecoded. DataLoader workers decode, centre-crop and resize them (`decode_source`), the units dealt
+among the workers, so memory holds a batch at a time, never the source. What comes out is kept in memory
+(`load_source`, small sources), written once to a uint8 file on disk (`t2i prepare`, then `--data
+prepared:FILE`: the usual cure for slow JPEG decoding on a small CPU), or streamed to training
+(unclip/data/stream.py). Records that cannot be used (an annotation naming a missing file, a corrupt image or
+tar member) are skipped and counted.
 
 - `coco:ROOT`: ROOT/annotations/captions_{train,val}2017.json with ROOT/{train,val}2017/*.jpg; val2017 is
   the test split; every image keeps all its captions (one drawn per sample per epoch).
@@ -12,14 +15,14 @@ memory (`load_source`, small sources) or written once to a uint8 file on disk (`
   holding {bytes, path} structs (or raw bytes) and a text column (a string or a list of them); read with
   pyarrow row group by row group, so a file larger than memory streams.
 - `wds:PATTERN`: webdataset tar shards (`shards/{00000..00123}.tar`), an image (.jpg, .jpeg, .png, .webp)
-  and a .txt caption or a .json holding "caption" or "text" per key; read with the webdataset library,
-  the shards split among the workers.
+  and a .txt caption or a .json holding "caption" or "text" per key; read with the webdataset library.
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -46,19 +49,49 @@ def decode_image(data: bytes, channels: int, size: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).reshape(size, size, channels).permute(2, 0, 1)
 
 
-def _record(data: Optional[bytes], captions: list[str], channels: int, size: int, name: str) -> Record:
-    if data is None:
+Raw = tuple[str, "bytes | Path | None", list[str]]  # (record name, encoded image or its file, captions): undecoded
+
+
+def decode_raw(raw: Raw, channels: int, size: int) -> Record:
+    """A raw record decoded, or (None, captions, why) when it cannot be used."""
+    name, payload, captions = raw
+    if payload is None:
         return None, captions, f"{name}: no image"
     if not captions:
         return None, captions, f"{name}: no caption"
+    try:
+        data = payload.read_bytes() if isinstance(payload, Path) else payload
+    except OSError:
+        return None, captions, f"{name}: missing"
     try:
         return decode_image(data, channels, size), captions, ""
     except Exception as e:  # PIL's errors for truncated or foreign bytes are many
         return None, captions, f"{name}: not a readable image ({type(e).__name__})"
 
 
+class Source:
+    """A captioned source cut into units (COCO: runs of images, parquet: row groups, webdataset: shards) whose
+    record counts are known before anything is decoded: `raw(u)` yields unit u's records undecoded, in a fixed
+    order. Units are what DataLoader workers and training processes split among themselves."""
+
+    channels: int
+    size: int
+    counts: list[int]  # records per unit
+    spec: str = ""  # as the user named it, for messages
+
+    def raw(self, unit: int) -> Iterator[Raw]:
+        raise NotImplementedError
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+COCO_UNIT = 1000  # images per COCO unit
+
+
 @dataclass
-class Coco(torch.utils.data.Dataset):
+class Coco(Source):
     """COCO captions, 2017 layout: one record per image with all its captions."""
 
     root: Path
@@ -82,27 +115,15 @@ class Coco(torch.utils.data.Dataset):
         except (KeyError, TypeError) as e:
             raise UserError(f"{path} is not a COCO captions file (no {e})") from None
         self.items = [(names[i], captions.get(i, [])) for i in sorted(names)]
+        self.counts = [len(self.items[i : i + COCO_UNIT]) for i in range(0, len(self.items), COCO_UNIT)]
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Record:
-        name, captions = self.items[i]
-        try:
-            data = (self.root / self.split / name).read_bytes()
-        except OSError:
-            return None, captions, f"{name}: missing"
-        return _record(data, captions, self.channels, self.size, name)
-
-
-def _worker_share(units: list) -> list:
-    """This DataLoader worker's share of `units` (shards, row groups): every n-th, none twice."""
-    info = torch.utils.data.get_worker_info()
-    return units if info is None else units[info.id :: info.num_workers]
+    def raw(self, unit: int) -> Iterator[Raw]:
+        for name, captions in self.items[unit * COCO_UNIT : (unit + 1) * COCO_UNIT]:
+            yield name, self.root / self.split / name, captions
 
 
 @dataclass
-class Parquet(torch.utils.data.IterableDataset):
+class Parquet(Source):
     path: Path
     image_column: str = "image"
     text_column: str = "text"
@@ -117,7 +138,7 @@ class Parquet(torch.utils.data.IterableDataset):
         files = sorted(self.path.rglob("*.parquet")) if self.path.is_dir() else [self.path]
         if not files or not files[0].is_file():
             raise UserError(f"parquet:{self.path}: no .parquet file there")
-        self.units = []
+        self.units, self.counts = [], []
         for f in files:
             try:
                 meta = pq.ParquetFile(f)
@@ -128,17 +149,16 @@ class Parquet(torch.utils.data.IterableDataset):
                 if c not in columns:
                     raise UserError(f"{f} has no column {c!r} (its columns: {', '.join(columns)}); name it with {flag}")
             self.units += [(f, g) for g in range(meta.num_row_groups)]
-        self.count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+            self.counts += [meta.metadata.row_group(g).num_rows for g in range(meta.num_row_groups)]
 
-    def __iter__(self) -> Iterator[Record]:
+    def raw(self, unit: int) -> Iterator[Raw]:
         import pyarrow.parquet as pq
 
-        for f, group in _worker_share(self.units):
-            table = pq.ParquetFile(f).read_row_group(group, columns=[self.image_column, self.text_column])
-            for n, (image, text) in enumerate(zip(table.column(0).to_pylist(), table.column(1).to_pylist())):
-                data = image.get("bytes") if isinstance(image, dict) else image
-                yield _record(data, as_captions(text), self.channels, self.size,
-                              f"{f.name} row group {group} row {n}")
+        f, group = self.units[unit]
+        table = pq.ParquetFile(f).read_row_group(group, columns=[self.image_column, self.text_column])
+        for n, (image, text) in enumerate(zip(table.column(0).to_pylist(), table.column(1).to_pylist())):
+            data = image.get("bytes") if isinstance(image, dict) else image
+            yield f"{f.name} row group {group} row {n}", data, as_captions(text)
 
 
 def as_captions(value) -> list[str]:
@@ -159,8 +179,28 @@ def wds_captions(sample: dict) -> list[str]:
     return []
 
 
+def shard_keys(path: str) -> int:
+    """The samples of a tar shard, counted from its member headers (the data is seeked over, not read), grouped
+    by key as webdataset groups them (the name up to the first dot of its last part)."""
+    keys, previous = 0, None
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition("/")
+                if "." not in base:
+                    continue  # webdataset skips a member without an extension
+                key = f"{folder}/{base.split('.', 1)[0]}"
+                if key != previous:
+                    keys, previous = keys + 1, key
+    except (tarfile.TarError, OSError) as e:
+        log.warning("%s: %s (counted %d samples before it)", path, e, keys)
+    return keys
+
+
 @dataclass
-class Shards(torch.utils.data.IterableDataset):
+class Shards(Source):
     pattern: str
     channels: int = 3
     size: int = 64
@@ -174,22 +214,34 @@ class Shards(torch.utils.data.IterableDataset):
         self.shards = [s for s in expand_urls(self.pattern) if Path(s).is_file()]
         if not self.shards:
             raise UserError(f"wds:{self.pattern}: the pattern matches no shard file")
+        self.counts = [shard_keys(s) for s in self.shards]
 
-    def __iter__(self) -> Iterator[Record]:
+    def raw(self, unit: int) -> Iterator[Raw]:
         import webdataset as wds
 
         def skipped(exn: Exception) -> bool:
             log.warning("webdataset: %s: %s (the rest of that shard is skipped)", type(exn).__name__, exn)
             return True
 
-        shards = _worker_share(self.shards)
-        if not shards:
-            return
-        dataset = wds.WebDataset(shards, shardshuffle=False, handler=skipped, nodesplitter=None,
+        dataset = wds.WebDataset([self.shards[unit]], shardshuffle=False, handler=skipped, nodesplitter=None,
                                  workersplitter=None, empty_check=False)
         for sample in dataset:
             data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-            yield _record(data, wds_captions(sample), self.channels, self.size, sample["__key__"])
+            yield sample["__key__"], data, wds_captions(sample)
+
+
+class Decoded(torch.utils.data.IterableDataset):
+    """A source's records decoded, unit by unit, the units dealt among DataLoader workers (none twice)."""
+
+    def __init__(self, source: Source):
+        self.source = source
+
+    def __iter__(self) -> Iterator[Record]:
+        info = torch.utils.data.get_worker_info()
+        units = range(len(self.source.counts))
+        for unit in units if info is None else units[info.id :: info.num_workers]:
+            for raw in self.source.raw(unit):
+                yield decode_raw(raw, self.source.channels, self.source.size)
 
 
 def open_source(spec: str, split: str, channels: int, size: int, image_column: str = "image",
@@ -198,32 +250,39 @@ def open_source(spec: str, split: str, channels: int, size: int, image_column: s
     have no test split of their own (their caller carves val and test out of what they hold)."""
     kind, _, where = spec.partition(":")
     if kind == "coco":
-        return Coco(Path(where), "val2017" if split == "test" else "train2017", channels, size)
-    if kind == "parquet":
-        return Parquet(Path(where), image_column, text_column, channels, size)
-    if kind == "wds":
-        return Shards(where, channels, size)
-    raise UserError(f"unknown source {spec!r}")
+        source = Coco(Path(where), "val2017" if split == "test" else "train2017", channels, size)
+    elif kind == "parquet":
+        source = Parquet(Path(where), image_column, text_column, channels, size)
+    elif kind == "wds":
+        source = Shards(where, channels, size)
+    else:
+        raise UserError(f"unknown source {spec!r}")
+    source.spec = spec
+    return source
 
 
 def _collate(batch: list[Record]) -> list[Record]:
     return batch
 
 
+def count_skip(skips: dict[str, int], why: str) -> None:
+    reason = why.rsplit(": ", 1)[-1]
+    skips[reason] = skips.get(reason, 0) + 1
+    log.debug("skipped %s", why)
+
+
 def decode_source(source, workers: int = 2, batch_size: int = 64,
                   progress: Optional[Callable[[int], None]] = None) -> Iterator[tuple[torch.Tensor, list[list[str]]]]:
     """Decode a source in `workers` processes; yield (uint8 images (B, C, S, S), their captions) batch by batch,
     in an order fixed by the source and the number of workers. Skipped records are counted in `skips`."""
-    loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+    loader = torch.utils.data.DataLoader(Decoded(source), batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                                          persistent_workers=False, prefetch_factor=4 if workers else None)
     source.skips = {}
     for batch in loader:
         kept = [(image, captions) for image, captions, why in batch if image is not None]
         for _, _, why in batch:
             if why:
-                reason = why.rsplit(": ", 1)[-1]
-                source.skips[reason] = source.skips.get(reason, 0) + 1
-                log.debug("skipped %s", why)
+                count_skip(source.skips, why)
         if progress is not None:
             progress(len(batch))
         if kept:
