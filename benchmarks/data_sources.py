@@ -8,15 +8,24 @@ layout, Hugging Face-style parquet files and webdataset tar shards, with caption
 - the images per second one decoder training step consumes at 64x64 (the default decoder, batch 64), to
   compare with what the loaders deliver;
 - the peak memory (RSS) of a process that reads every one of the N prepared images once in shuffled batches
-  (an epoch's worth), and of `t2i clip-train --data prepared:FILE` for a few hundred steps.
+  (an epoch's worth), and of `t2i clip-train --data prepared:FILE` for a few hundred steps;
+- streaming (`--stream`, unclip/data/stream.py): the images per second each source delivers to training
+  through 2 DataLoader workers, and the peak memory of the whole process tree (training process and its
+  workers; summed RSS, which counts the pages they share once per process, and summed PSS, which splits
+  them) while it streams an epoch of the N images, while `t2i clip-train --stream` trains, and while
+  `t2i decoder-train --stream` trains a 64x64 decoder.
 
-    python benchmarks/data_sources.py --data-dir ../shared/data/mnist --images 100000
+    python benchmarks/data_sources.py --data-dir ../shared/data/mnist --images 100000 [--only stream]
+
+`--only stream` measures streaming alone and updates those figures in the report; sources already written
+under --work for the same N are reused.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -105,6 +114,22 @@ def prepared_rate(path: Path, batch: int = 64, batches: int = 300) -> float:
     return batch * batches / (time.perf_counter() - start)
 
 
+def stream_rate(spec: str, batch: int = 64, batches: int = 300) -> float:
+    """Images per second a streamed source delivers to one training process through 2 DataLoader workers."""
+    import itertools
+
+    from unclip.data import load_dataset
+
+    data = load_dataset(spec, "train", channels=3, size=64, val_size=5000, stream=True)
+    stream = data.batches(seed=0, start_step=0, batch_size=batch, workers=2)
+    next(stream)  # the workers start
+    start = time.perf_counter()
+    count = sum(len(b) for b in itertools.islice(stream, batches))
+    seconds = time.perf_counter() - start
+    stream.close()
+    return count / seconds
+
+
 def decoder_rate(batch: int = 64, steps: int = 8) -> float:
     """Images per second one training step of the default decoder at 64x64 RGB consumes (forward, backward, AdamW)."""
     from unclip.config import DecoderConfig
@@ -140,6 +165,52 @@ for b in range(0, len(data), 256):
 """
 
 
+STREAM_EPOCH = """
+import itertools, sys, torch
+sys.path.insert(0, {root!r})
+from unclip.data import load_dataset
+data = load_dataset("{spec}", "train", channels=3, size=64, val_size=5000, stream=True)
+for batch in itertools.islice(data.batches(seed=0, start_step=0, batch_size=256, workers=2), len(data) // 256):
+    pass
+"""
+
+
+def tree_memory_mib(command: list[str]) -> dict:
+    """Peak summed RSS and summed PSS (MiB) of a command's whole process tree (DataLoader workers included),
+    sampled every 0.1 s from /proc, and its seconds."""
+    def tree(root: int) -> list[int]:
+        parents = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                parents[int(stat.parent.name)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+        found, frontier = [root], [root]
+        while frontier:
+            frontier = [pid for pid, parent in parents.items() if parent in frontier]
+            found += frontier
+        return found
+
+    def field(path: Path, name: str) -> int:
+        try:
+            return next(int(line.split()[1]) for line in path.read_text().splitlines() if line.startswith(name))
+        except (OSError, StopIteration):
+            return 0
+
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak_rss = peak_pss = 0
+    while process.poll() is None:
+        pids = tree(process.pid)
+        peak_rss = max(peak_rss, sum(field(Path(f"/proc/{p}/status"), "VmRSS:") for p in pids))
+        peak_pss = max(peak_pss, sum(field(Path(f"/proc/{p}/smaps_rollup"), "Pss:") for p in pids))
+        time.sleep(0.1)
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-2000:]}")
+    return {"peak_rss_mib": peak_rss / 1024, "peak_pss_mib": peak_pss / 1024, "seconds": time.perf_counter() - start}
+
+
 def peak_rss_mib(command: list[str]) -> tuple[float, float]:
     """(peak RSS in MiB, seconds) of a child process, measured by GNU time (RUSAGE_CHILDREN would report the
     largest of every child so far)."""
@@ -154,10 +225,21 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/t2i-data-bench"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "data")
+    parser.add_argument("--only", choices=["all", "stream"], default="all")
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
-    specs = write_sources(args.work, args.data_dir, args.images)
+    written = args.work / f"written-{args.images}"
+    specs = json.loads(written.read_text()) if written.is_file() else write_sources(args.work, args.data_dir, args.images)
+    written.write_text(json.dumps(specs))
+    config = args.work / "clip.yaml"
+    config.write_text("clip: {model: {image_channels: 3, image_size: 64, image_patch: 2}, train: {batch_size: 256, ckpt_every: 1000}}\n")
+    steps = 50
+    report_path = args.out / "data.json"
+    if args.only == "stream":
+        report = json.loads(report_path.read_text())
+        stream(report, specs, args, config, steps)
+        return save(report, args.out)
     report = {"images": args.images, "write_seconds": time.perf_counter() - start, "decode_images_per_s": {}}
     print(f"wrote {args.images} images three ways in {report['write_seconds']:.0f} s", flush=True)
     for name, spec in specs.items():
@@ -175,9 +257,6 @@ def main() -> None:
           f"a decoder step consumes {report['decoder_step_images_per_s']:.0f} images/s", flush=True)
     rss, seconds = peak_rss_mib([sys.executable, "-c", EPOCH_READ.format(root=str(ROOT), path=str(prepared))])
     report["epoch_read"] = {"peak_rss_mib": rss, "seconds": seconds}
-    config = args.work / "clip.yaml"
-    config.write_text("clip: {model: {image_channels: 3, image_size: 64, image_patch: 2}, train: {batch_size: 256, ckpt_every: 1000}}\n")
-    steps = 50
     rss, seconds = peak_rss_mib([sys.executable, "-m", "cli", "clip-train", "--config", str(config), "--data",
                                  f"prepared:{prepared}", "--max-steps", str(steps), "--out", str(args.work / "clip")])
     report["clip_train"] = {"steps": steps, "batch": 256, "peak_rss_mib": rss, "seconds": seconds}
@@ -188,9 +267,33 @@ def main() -> None:
     rss, seconds = peak_rss_mib([sys.executable, "-m", "cli", "clip-train", "--config", str(config), "--data",
                                  f"prepared:{small}", "--max-steps", str(steps), "--out", str(args.work / "clip-small")])
     report["clip_train_5000_images"] = {"steps": steps, "batch": 256, "peak_rss_mib": rss, "seconds": seconds}
+    stream(report, specs, args, config, steps)
+    save(report, args.out)
+
+
+def save(report: dict, out: Path) -> None:
     print(json.dumps(report, indent=1), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "data.json").write_text(json.dumps(report, indent=1) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+def stream(report: dict, specs: dict, args, config: Path, steps: int) -> None:
+    """The streaming figures, into `report`."""
+    for run in ("clip-stream", "pipe-stream"):
+        shutil.rmtree(args.work / run, ignore_errors=True)
+    report["stream_images_per_s"] = {name: stream_rate(spec) for name, spec in specs.items()}
+    print("streamed to training: " + ", ".join(f"{k} {v:.0f} images/s" for k, v in report["stream_images_per_s"].items()),
+          flush=True)
+    report["stream_epoch"] = tree_memory_mib([sys.executable, "-c", STREAM_EPOCH.format(root=str(ROOT), spec=specs["wds"])])
+    report["clip_train_stream"] = {"steps": steps, "batch": 256, **tree_memory_mib(
+        [sys.executable, "-m", "cli", "clip-train", "--config", str(config), "--data", specs["wds"], "--stream",
+         "--max-steps", str(steps), "--out", str(args.work / "clip-stream")])}
+    decoder_steps = 40
+    config.write_text(config.read_text() + "decoder: {train: {batch_size: 64, ckpt_every: 1000}}\n")
+    report["decoder_train_stream"] = {"steps": decoder_steps, "batch": 64, **tree_memory_mib(
+        [sys.executable, "-m", "cli", "decoder-train", "--clip", str(args.work / "clip-stream"), "--config", str(config),
+         "--data", specs["wds"], "--stream", "--stage", "decoder", "--max-steps", str(decoder_steps),
+         "--out", str(args.work / "pipe-stream")])}
 
 
 if __name__ == "__main__":
