@@ -245,3 +245,43 @@ def test_streamed_pipeline_trains_every_stage_from_the_cli(shards, tmp_path):
     assert r.exit_code == 0, r.output
     with Image.open(tmp_path / "gen" / "grid.png") as grid:
         assert grid.mode == "RGB"
+
+
+def stream_worker(rank: int, world: int, port: int, pattern: str, out: str) -> None:
+    import torch.distributed as td
+
+    from stages.clip import clip_stage
+    from stages.trainer import fit
+    from tests.test_distributed import join
+    from unclip.config import ClipConfig, merge
+
+    join(rank, world, port)
+    cfg = merge(ClipConfig(), {**TINY["clip"], "model": {**TINY["clip"]["model"], "image_size": 16},
+                               "train": {**TINY["clip"]["train"], "data": pattern, "stream": True, "workers": 0,
+                                         "batch_size": 8, "val_size": 3, "max_steps": 4}})
+    stage = clip_stage(cfg)
+    seen, inner = [], stage.loss
+
+    def loss(batch, step, module):
+        seen.extend(batch.ids.tolist())
+        return inner(batch, step, module)
+
+    stage.loss = loss
+    fit(stage, cfg.train, Path(out) / "run")
+    torch.save({"ids": seen, "weights": stage.model.state_dict()}, Path(out) / f"rank{rank}.pt")
+    td.destroy_process_group()
+
+
+def test_two_processes_stream_disjoint_shards_in_lockstep(shards, tmp_path):
+    """Under torchrun, each process streams its own lanes' shards (three shards, two lanes: 0 and 2, then 1)
+    and both end with the same weights."""
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import free_port
+
+    mp.spawn(stream_worker, args=(2, free_port(), f"wds:{shards}/{{00000..00002}}.tar", str(tmp_path)), nprocs=2)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert len(a["ids"]) == len(b["ids"]) == 16  # 4 steps of 4 examples each
+    assert all(3 <= i < 10 or 20 <= i < 30 for i in a["ids"]) and all(10 <= i < 20 for i in b["ids"])
+    for k in a["weights"]:
+        torch.testing.assert_close(a["weights"][k], b["weights"][k], msg=k)
