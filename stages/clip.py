@@ -41,7 +41,8 @@ def clip_stage(cfg: ClipConfig, eval_split: str = "val") -> Stage:
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
         seed, n = caption_seed(t.seed, step), len(batch)
         if cfg.hard_negatives:
-            captions, negatives = batch.captioner.sample_with_negatives(batch.labels, batch.caption_keys(torch.arange(n), seed))
+            keys = batch.caption_keys(torch.arange(n), seed)
+            captions, negatives = batch.captioner.sample_with_negatives(batch.labels, keys)
             tokens = tokenizer(captions + negatives).to(device)
         else:
             captions = batch.captions(seed=seed)
@@ -77,8 +78,11 @@ def clip_stage(cfg: ClipConfig, eval_split: str = "val") -> Stage:
     def finalize(model: CLIP) -> None:
         nonlocal calibration
         if calibration is None:  # fixed training images: random ones in memory, a stream's first ones
-            calibration = data.load(data.n_val, PRECISE_BN_IMAGES) if isinstance(data, StreamedCaptions) else \
-                data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[:PRECISE_BN_IMAGES])
+            if isinstance(data, StreamedCaptions):
+                calibration = data.load(data.n_val, PRECISE_BN_IMAGES)
+            else:
+                chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[:PRECISE_BN_IMAGES]
+                calibration = data.subset(chosen)
         precise_batchnorm(model, lambda: (calibration.pixels(torch.arange(i, min(i + t.batch_size, len(calibration))))
                                           .to(device) for i in range(0, len(calibration), t.batch_size)))
 

@@ -53,7 +53,7 @@ class Stage:
     model: torch.nn.Module  # what is optimised
     config: object  # the stage config saved beside the weights
     data: CaptionedImages | StreamedCaptions  # the training examples
-    # (a batch of `data`, this process's share, step, the module to call: `model`, or its DDP wrapper) -> (loss, metrics)
+    # (this process's batch of `data`, step, the module to call: `model`, or its DDP wrapper) -> (loss, metrics)
     loss: Callable[[CaptionedImages, int, torch.nn.Module], tuple[torch.Tensor, dict]]
     validate: Optional[Callable[[torch.nn.Module], dict]] = None  # called with the model to ship, each epoch
     # brings the model to ship up to date before it is validated or saved (CLIP: its BatchNorm statistics)
