@@ -393,23 +393,15 @@ SeedSampleOpt = Annotated[int, typer.Option("--seed", help="Same seed, same sett
 SamplerOpt = Annotated[Optional[Sampler], typer.Option("--sampler", help="Default: dpmpp.")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (ddpm always takes all).")]
 GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="Decoder guidance scale, 1 = none.")]
-PriorGuidanceOpt = Annotated[Optional[float], typer.Option("--prior-guidance", help="Prior guidance scale.")]
+PriorGuidanceOpt = Annotated[Optional[float], typer.Option("--prior-guidance", help="Prior guidance scale (default: the pipeline's).")]
 UpsamplerStepsOpt = Annotated[Optional[int], typer.Option("--upsampler-steps", help="Upsampler sampling steps (pipelines with one).")]
 SampleDeviceOpt = Annotated[Device, typer.Option("--device")]
 
 
-def sampling_options(sampler: Sampler, steps, guidance, prior_guidance, upsampler_steps, strength=None):
-    """The library's default SamplingOptions with the flags that were given."""
-    from dataclasses import replace
-
-    from unclip.api import check_options
-    from unclip.pipeline import SamplingOptions
-
-    given = {"sampler": sampler.value if sampler else None, "steps": steps, "guidance": guidance,
-             "prior_guidance": prior_guidance, "upsampler_steps": upsampler_steps, "strength": strength}
-    options = replace(SamplingOptions(), **{k: v for k, v in given.items() if v is not None})
-    check_options(options)
-    return options
+def sampling_settings(sampler: Sampler, steps, guidance, prior_guidance, upsampler_steps, strength=None) -> dict:
+    """The sampling flags given (None: the pipeline's default, from its sampling.yaml or the library's)."""
+    return {"sampler": sampler.value if sampler else None, "steps": steps, "guidance": guidance,
+            "prior_guidance": prior_guidance, "upsampler_steps": upsampler_steps, "strength": strength}
 
 
 @command("generate")
@@ -432,9 +424,9 @@ def generate(
 
     if strength is not None and init_image is None:
         raise UserError("--strength is for image-to-image: give the image with --init-image")
-    options = sampling_options(sampler, steps, guidance, prior_guidance, upsampler_steps, strength)
+    settings = sampling_settings(sampler, steps, guidance, prior_guidance, upsampler_steps, strength)
     with progress_bar("sampling") as bar:
-        folder = generate_to_folder(prompt, num_samples, checkpoints, out, options, seed, batch_size, device.value,
+        folder = generate_to_folder(prompt, num_samples, checkpoints, out, settings, seed, batch_size, device.value,
                                     animate, bar, negative_prompt, init_image)
     console.print(f"wrote {num_samples} image(s) and grid.png{' and denoise.gif' if animate else ''} to {folder}/")
 
@@ -451,9 +443,9 @@ def vary(
     """Image variations: decode the image's CLIP embedding from fresh noise (same content, new details)."""
     from unclip.generation import vary_to_folder
 
-    options = sampling_options(sampler, steps, guidance, None, upsampler_steps)
+    settings = sampling_settings(sampler, steps, guidance, None, upsampler_steps)
     with progress_bar("sampling") as bar:
-        folder = vary_to_folder(image, num_samples, checkpoints, out, options, seed, device.value, progress=bar)
+        folder = vary_to_folder(image, num_samples, checkpoints, out, settings, seed, device.value, progress=bar)
     console.print(f"wrote {num_samples} variation(s) and grid.png to {folder}/")
 
 
@@ -471,9 +463,9 @@ def interpolate(
     """Slerp between two CLIP image embeddings (of prompts, through the prior, or of images) and decode each frame."""
     from unclip.generation import interpolate_to_folder
 
-    options = sampling_options(sampler, steps, guidance, prior_guidance, upsampler_steps)
+    settings = sampling_settings(sampler, steps, guidance, prior_guidance, upsampler_steps)
     with progress_bar("sampling") as bar:
-        folder = interpolate_to_folder(source, target, frames, checkpoints, out, options, seed, device.value, progress=bar)
+        folder = interpolate_to_folder(source, target, frames, checkpoints, out, settings, seed, device.value, progress=bar)
     console.print(f"wrote {frames} frames, strip.png and interpolation.gif to {folder}/")
 
 

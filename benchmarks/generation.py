@@ -180,7 +180,7 @@ def main() -> None:
     judge = load_judge(args.data_dir, args.dataset)
     prompts = dataset_class_names(args.dataset)
     pipe = Pipeline.load(args.checkpoints, args.device)
-    defaults = SamplingOptions()
+    defaults = pipe.defaults  # the library's, or the pipeline's sampling.yaml
     report: dict = {"checkpoints": str(args.checkpoints), "dataset": args.dataset, "prompts": prompts,
                     "judge_test_accuracy": judge_accuracy(args.dataset), "defaults": vars(defaults)}
 

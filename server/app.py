@@ -33,11 +33,11 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from unclip.api import BATCH_SIZE, UnCLIPPipeline
-from unclip.checkpoint import shipped_pipelines
+from unclip.checkpoint import resolve_folder, shipped_pipelines
 from unclip.errors import UserError
 from unclip.generation import contact_sheet, generate_images
 from unclip.images import grid, to_pil, to_uint8
-from unclip.pipeline import SamplingOptions
+from unclip.pipeline import load_sampling
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
@@ -83,7 +83,7 @@ def read_data_url(url: str) -> Image.Image:
 
 
 class RunRequest(BaseModel):
-    """What the page asks for; settings left out take SamplingOptions' defaults."""
+    """What the page asks for; settings left out take the pipeline's sampling defaults."""
 
     mode: Literal["generate", "vary", "interpolate"] = "generate"
     pipeline: Optional[str] = None
@@ -117,12 +117,16 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
     def page() -> str:
         return PAGE.read_text()
 
+    def defaults(source: str | Path) -> dict:
+        d = load_sampling(resolve_folder(source))  # the folder's sampling.yaml, without loading its weights
+        return {"steps": d.steps, "guidance": d.guidance, "prior_guidance": d.prior_guidance, "strength": d.strength}
+
     @app.get("/api/pipelines")
     def pipelines() -> dict:
-        d = SamplingOptions()
-        return {"pipelines": list(sources), "max_images": max_images,
-                "defaults": {"steps": d.steps, "guidance": d.guidance, "prior_guidance": d.prior_guidance,
-                             "strength": d.strength}}
+        """The pipelines offered and each one's sampling defaults ("defaults": the first one's)."""
+        each = {name: defaults(source) for name, source in sources.items()}
+        return {"pipelines": list(sources), "max_images": max_images, "defaults": next(iter(each.values())),
+                "pipeline_defaults": each}
 
     @app.get("/api/generate", responses={200: {"content": {"image/png": {}}}})
     def generate(prompt: str, num_samples: int = Query(4, ge=1), seed: int = 0, steps: Optional[int] = Query(None, ge=1),

@@ -103,6 +103,7 @@ def test_page_and_pipeline_list(client):
     assert page.status_code == 200 and 'id="prompt"' in page.text and 'id="negative"' in page.text
     info = client.get("/api/pipelines").json()
     assert info["pipelines"] == ["tiny"] and info["defaults"]["steps"] == SamplingOptions().steps
+    assert info["pipeline_defaults"] == {"tiny": info["defaults"]}  # each pipeline's own (its sampling.yaml)
 
 
 def test_serve_offers_the_users_pipelines_then_the_shipped_ones_and_fails_fast(tmp_path):

@@ -68,10 +68,14 @@ class UnCLIPPipeline:
     def options(self, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                 prior_guidance_scale: Optional[float] = None, sampler: Optional[str] = None,
                 upsampler_steps: Optional[int] = None, strength: Optional[float] = None) -> SamplingOptions:
-        """The library's default SamplingOptions with the settings given, checked against this pipeline."""
-        given = {"steps": num_inference_steps, "guidance": guidance_scale, "prior_guidance": prior_guidance_scale,
-                 "sampler": sampler, "upsampler_steps": upsampler_steps, "strength": strength}
-        return self.check(replace(SamplingOptions(), **{k: v for k, v in given.items() if v is not None}))
+        """This pipeline's sampling defaults with the settings given, checked against it."""
+        return self.resolve({"steps": num_inference_steps, "guidance": guidance_scale, "prior_guidance": prior_guidance_scale,
+                             "sampler": sampler, "upsampler_steps": upsampler_steps, "strength": strength})
+
+    def resolve(self, settings: dict) -> SamplingOptions:
+        """This pipeline's sampling defaults (the library's, or its folder's sampling.yaml) with `settings`
+        (SamplingOptions fields; None: the default), checked against it."""
+        return self.check(replace(self.pipeline.defaults, **{k: v for k, v in settings.items() if v is not None}))
 
     def check(self, options: SamplingOptions) -> SamplingOptions:
         """`options` if they are valid for this pipeline; else a UserError saying what is wrong."""

@@ -95,6 +95,7 @@ def load_checkpoint(folder: Path, config_cls: type[T], build: Callable[[T], torc
     return model, config
 
 
+SAMPLING_FILE = "sampling.yaml"  # a pipeline folder's own sampling defaults (unclip.pipeline.load_sampling)
 SHIPPED_PACKAGE = "t2i_checkpoints"  # the repository's checkpoints/ folder, installed as package data
 
 
@@ -134,7 +135,7 @@ def check_fingerprint(stage_folder: Path, recorded: str, clip_print: str) -> Non
 
 def export_pipeline(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.float16) -> None:
     """Copy a pipeline folder's shippable files (`config.yaml` + `model.safetensors` of clip/, prior/,
-    decoder/ and upsampler/ if any), floating-point weights stored as `dtype`; training state, metrics and
+    decoder/ and upsampler/ if any, and its sampling.yaml if it has one), floating-point weights stored as `dtype`; training state, metrics and
     samples stay behind. The CLIP fingerprint does not depend on storage precision, so the stages still
     recognise their CLIP."""
     for stage in ("clip", "prior", "decoder"):
@@ -146,3 +147,5 @@ def export_pipeline(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.f
                  for k, v in load_state(Path(src) / stage).items()}
         atomic_write(Path(dst) / stage / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
         atomic_write_text(Path(dst) / stage / CONFIG_FILE, (Path(src) / stage / CONFIG_FILE).read_text())
+    if (Path(src) / SAMPLING_FILE).is_file():
+        atomic_write_text(Path(dst) / SAMPLING_FILE, (Path(src) / SAMPLING_FILE).read_text())

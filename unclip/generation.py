@@ -64,7 +64,7 @@ def generate_images(pipe: UnCLIPPipeline, prompt: str, num_samples: int, options
     return torch.cat(out)
 
 
-def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, out: Optional[Path], options: SamplingOptions,
+def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, out: Optional[Path], settings: dict,
                        seed: int = 0, batch_size: int = BATCH_SIZE, device: str = "auto", animate: bool = False,
                        progress: Progress = None, negative_prompt: Optional[str] = None,
                        init_image: Optional[Path] = None) -> Path:
@@ -73,7 +73,7 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, o
         raise UserError("--prompt is empty: say what to draw, e.g. --prompt six")
     check_count(num_samples, batch_size)
     pipe = UnCLIPPipeline.from_pretrained(checkpoints, device)
-    pipe.check(options)
+    options = pipe.resolve(settings)
     if init_image is not None:  # read once, at the output size; a bad file fails before anything is written
         init_image = pipe.image(init_image, pipe.image_size)
     out = writable_folder(Path(out) if out else Path("outputs") / slug(prompt))
@@ -103,12 +103,12 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, o
     return out
 
 
-def vary_to_folder(image: Path, num_samples: int, checkpoints: str | Path, out: Optional[Path], options: SamplingOptions,
+def vary_to_folder(image: Path, num_samples: int, checkpoints: str | Path, out: Optional[Path], settings: dict,
                    seed: int = 0, device: str = "auto", batch_size: int = BATCH_SIZE, progress: Progress = None) -> Path:
     """Write variations of `image` as OUT/0000.png ... and OUT/grid.png (the source first)."""
     check_count(num_samples, batch_size)
     pipe = UnCLIPPipeline.from_pretrained(checkpoints, device)
-    pipe.check(options)
+    options = pipe.resolve(settings)
     source = pipe.image(image)
     out = writable_folder(Path(out) if out else Path("outputs") / f"vary-{slug(Path(image).stem)}")
     total = steps_per_image(pipe.pipeline, options) * -(-num_samples // batch_size)
@@ -121,12 +121,12 @@ def vary_to_folder(image: Path, num_samples: int, checkpoints: str | Path, out: 
 
 
 def interpolate_to_folder(source: str, target: str, frames: int, checkpoints: str | Path, out: Optional[Path],
-                          options: SamplingOptions, seed: int = 0, device: str = "auto", progress: Progress = None) -> Path:
+                          settings: dict, seed: int = 0, device: str = "auto", progress: Progress = None) -> Path:
     """Write OUT/0000.png ... (in order from `source` to `target`), OUT/strip.png and OUT/interpolation.gif."""
     if frames < 2:
         raise UserError(f"--frames must be at least 2, got {frames}")
     pipe = UnCLIPPipeline.from_pretrained(checkpoints, device)
-    pipe.check(options)
+    options = pipe.resolve(settings)
     out = writable_folder(Path(out) if out else Path("outputs") / f"{slug(Path(source).stem)}-to-{slug(Path(target).stem)}")
     images = pipe.interpolate(source, target, frames, options.steps, options.guidance, options.prior_guidance,
                               pipe.generator(seed=seed), "uint8", advance(progress, steps_per_image(pipe.pipeline, options)),

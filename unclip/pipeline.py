@@ -1,18 +1,18 @@
 """The saved stages chained: load a pipeline folder; text -> image embedding -> image; variations, interpolation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from unclip.checkpoint import check_fingerprint, fingerprint, load_checkpoint, resolve_folder
-from unclip.config import ClipConfig, DecoderConfig, PriorConfig, UpsamplerConfig
+from unclip.checkpoint import SAMPLING_FILE, check_fingerprint, fingerprint, load_checkpoint, resolve_folder
+from unclip.config import ClipConfig, DecoderConfig, PriorConfig, UpsamplerConfig, load_yaml, merge
 from unclip.diffusion.models import Diffusion
 from unclip.diffusion.sampling import sample, sampler_timesteps
-from unclip.errors import CheckpointError, UserError
+from unclip.errors import CheckpointError, ConfigError, UserError
 from unclip.images import resize
 from unclip.models.clip import CLIP
 from unclip.models.prior import DiffusionPrior
@@ -103,6 +103,34 @@ def token_mask(tokens: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class SamplingOptions:
+    """Sampling settings; the defaults were chosen with benchmarks/generation.py (see the README's sweep):
+    on MNIST, prior guidance 1.5 trims the prior's rare off-class embeddings (accuracy 0.978 -> 0.995) and
+    even lowers the Frechet distance, where decoder guidance or best-of-N candidates cost more for less;
+    DPM-Solver++ at 10 steps is as good as 1000-step DDPM."""
+
+    sampler: str = "dpmpp"
+    steps: int = 10
+    guidance: float = 1.0  # decoder classifier-free guidance scale (1 = none)
+    prior_guidance: float = 1.5
+    prior_candidates: int = 1  # draws per caption, the one closest to the text embedding kept (DALL-E 2)
+    upsampler_steps: int = 10  # when the pipeline has an upsampler
+    strength: float = 0.8  # image-to-image (SDEdit): how far an init image is noised, 0 (kept) to 1 (ignored)
+
+
+def load_sampling(folder: Path) -> SamplingOptions:
+    """The sampling defaults of a pipeline folder: SamplingOptions with what its sampling.yaml sets, strictly (an
+    unknown key or a wrong type is a one-line error); the library's defaults where it has none."""
+    path = Path(folder) / SAMPLING_FILE
+    if not path.is_file():
+        return SamplingOptions()
+    try:
+        return merge(SamplingOptions(), load_yaml(path) or {})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+@dataclass
 class Pipeline:
     """The saved stages of an unCLIP pipeline folder: `clip/`, `prior/`, `decoder/` and, when the decoder
     draws a smaller image than the pipeline's output, `upsampler/` (DALL-E 2's cascade)."""
@@ -117,6 +145,7 @@ class Pipeline:
     device: torch.device
     upsampler: Optional[Diffusion] = None
     upsampler_config: Optional[UpsamplerConfig] = None
+    defaults: SamplingOptions = field(default_factory=SamplingOptions)  # the folder's sampling.yaml, if any
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto") -> "Pipeline":
@@ -133,7 +162,8 @@ class Pipeline:
         decoder, decoder_cfg = load_decoder(folder / "decoder", clip_cfg, dev)
         check_fingerprint(folder / "decoder", decoder_cfg.clip_fingerprint, print_)
         pipe = cls(clip, clip_cfg, prior_diffusion(prior, prior_cfg, dev), prior_cfg,
-                   decoder_diffusion(decoder, decoder_cfg, dev), decoder_cfg, Tokenizer(clip_cfg.model.text_context), dev)
+                   decoder_diffusion(decoder, decoder_cfg, dev), decoder_cfg, Tokenizer(clip_cfg.model.text_context), dev,
+                   defaults=load_sampling(folder))
         if (folder / "upsampler").is_dir():
             upsampler, pipe.upsampler_config = load_upsampler(folder / "upsampler", dev)
             low, base = pipe.upsampler_config.model.low_size, decoder_cfg.model.image_size
@@ -263,22 +293,6 @@ def steps_per_image(pipe: "Pipeline", options: "SamplingOptions", strength: floa
     """Network calls of the decoder and upsampler chains for one batch (for progress bars)."""
     count = lambda d, n: len(sampler_timesteps(options.sampler, len(d.ac), n, strength))  # noqa: E731
     return count(pipe.decoder, options.steps) + (count(pipe.upsampler, options.upsampler_steps) if pipe.upsampler else 0)
-
-
-@dataclass
-class SamplingOptions:
-    """Sampling settings; the defaults were chosen with benchmarks/generation.py (see the README's sweep):
-    on MNIST, prior guidance 1.5 trims the prior's rare off-class embeddings (accuracy 0.978 -> 0.995) and
-    even lowers the Frechet distance, where decoder guidance or best-of-N candidates cost more for less;
-    DPM-Solver++ at 10 steps is as good as 1000-step DDPM."""
-
-    sampler: str = "dpmpp"
-    steps: int = 10
-    guidance: float = 1.0  # decoder classifier-free guidance scale (1 = none)
-    prior_guidance: float = 1.5
-    prior_candidates: int = 1  # draws per caption, the one closest to the text embedding kept (DALL-E 2)
-    upsampler_steps: int = 10  # when the pipeline has an upsampler
-    strength: float = 0.8  # image-to-image (SDEdit): how far an init image is noised, 0 (kept) to 1 (ignored)
 
 
 @torch.no_grad()
