@@ -159,6 +159,8 @@ def test_bad_sources_are_one_line(coco, tmp_path):
                           (f"prepared:{tmp_path / 'none.u8'}", "no none.u8.json beside it")]:
         r = run("clip-train", "--data", spec, "--max-steps", 1, "--out", tmp_path / "run")
         assert r.exit_code == 1 and r.output.count("\n") == 1 and message in r.output, (spec, r.output)
+    r = run("clip-train", "--data", "mnist", "--stream", "--max-steps", 1, "--out", tmp_path / "run")
+    assert r.exit_code == 1 and "--stream is for coco:, parquet: and wds: sources, not mnist" in r.output
     r = run("prepare", "--data", "mnist", "--out", tmp_path / "x")
     assert r.exit_code == 1 and "reads coco:ROOT, parquet:PATH or wds:PATTERN" in r.output
 
@@ -248,11 +250,9 @@ def test_streamed_pipeline_trains_every_stage_from_the_cli(shards, tmp_path):
 
 
 def stream_worker(rank: int, world: int, port: int, pattern: str, out: str) -> None:
-    import torch.distributed as td
-
     from stages.clip import clip_stage
     from stages.trainer import fit
-    from tests.test_distributed import join
+    from tests.test_distributed import join, leave
     from unclip.config import ClipConfig, merge
 
     join(rank, world, port)
@@ -269,7 +269,7 @@ def stream_worker(rank: int, world: int, port: int, pattern: str, out: str) -> N
     stage.loss = loss
     fit(stage, cfg.train, Path(out) / "run")
     torch.save({"ids": seen, "weights": stage.model.state_dict()}, Path(out) / f"rank{rank}.pt")
-    td.destroy_process_group()
+    leave()
 
 
 def test_two_processes_stream_disjoint_shards_in_lockstep(shards, tmp_path):

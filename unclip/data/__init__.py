@@ -133,6 +133,8 @@ def load_dataset(
     decoded images would take more than STREAM_BYTES; its validation split is then its first records."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
+    if stream and spec.partition(":")[0] not in ("coco", "parquet", "wds"):
+        raise UserError(f"--stream is for coco:, parquet: and wds: sources, not {spec}")
     if spec in ("mnist", "fashion-mnist"):
         from unclip.data.mnist import load_idx_dataset
 
