@@ -135,8 +135,8 @@ def check_fingerprint(stage_folder: Path, recorded: str, clip_print: str) -> Non
 
 def export_pipeline(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.float16) -> None:
     """Copy a pipeline folder's shippable files (`config.yaml` + `model.safetensors` of clip/, prior/,
-    decoder/ and upsampler/ if any, and its sampling.yaml if it has one), floating-point weights stored as `dtype`; training state, metrics and
-    samples stay behind. The CLIP fingerprint does not depend on storage precision, so the stages still
+    decoder/ and upsampler/ if any, and its sampling.yaml if it has one), floating-point weights stored as
+    `dtype`; training state, metrics and samples stay behind. The CLIP fingerprint does not depend on storage precision, so the stages still
     recognise their CLIP."""
     for stage in ("clip", "prior", "decoder"):
         if not (Path(src) / stage / WEIGHTS_FILE).is_file():
