@@ -274,6 +274,33 @@ def upsampler_train(
         console.print(f"upsampler saved to {pipeline / 'upsampler'}; t2i generate --checkpoints {pipeline} now runs it")
 
 
+@command("distill")
+def distill(
+    pipeline: Annotated[str, typer.Option("--pipeline", help="The teacher: a pipeline folder or a shipped pipeline's name.")],
+    out: Annotated[Path, typer.Option("--out", help="The distilled pipeline folder written (rounds under OUT/distill/).")],
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="The distilled decoder's sampling steps (default 4).")] = None,
+    teacher_steps: Annotated[Optional[int], typer.Option("--teacher-steps", min=2, help="The teacher's DDIM steps, steps x 2^rounds (default 16).")] = None,
+    config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
+    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None, stream: StreamOpt = None,
+    workers: WorkersOpt = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Per round.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Per round; overrides --epochs.")] = None,
+    batch_size: BatchOpt = None, lr: LrOpt = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
+) -> None:
+    """Progressive distillation: a decoder that samples in a few DDIM steps, as a new pipeline folder."""
+    from stages.distill import distill as run_distill
+    from stages.distributed import is_main
+
+    flags = train_overrides(data=data, data_dir=data_dir, image_column=image_column, text_column=text_column,
+                            stream=stream, workers=workers, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                            lr=lr, seed=seed, device=device, tensorboard=tensorboard or None)
+    flags.update({k: v for k, v in (("steps", steps), ("teacher_steps", teacher_steps)) if v is not None})
+    last = run_distill(pipeline, out, config, flags, resume)
+    if not last.get("interrupted") and is_main():
+        console.print(f"distilled pipeline saved to {out} (t2i generate --checkpoints {out} --prompt ...)")
+
+
 class TuneStage(str, Enum):
     clip = "clip"
     prior = "prior"

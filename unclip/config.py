@@ -142,6 +142,8 @@ class DecoderModelConfig:
     # the lowest-resolution attention reads; while training the caption alone is dropped `text_drop` of the time.
     text_tokens: bool = False
     text_drop: float = 0.5
+    # set by t2i distill: the network samples with DDIM in exactly this many steps (a trailing chain); 0 = any
+    distilled_steps: int = 0
 
 
 @dataclass
@@ -181,7 +183,20 @@ class UpsamplerConfig:
                                                                    ema_decay=0.999, sample_every=1000))
 
 
-STAGES = {"clip": ClipConfig, "prior": PriorConfig, "decoder": DecoderConfig, "upsampler": UpsamplerConfig}
+@dataclass
+class DistillConfig:
+    """Progressive distillation of a pipeline's decoder (Salimans & Ho 2022): round after round a student, started
+    from its teacher's weights, learns to take in one DDIM step what the teacher takes in two, until it samples
+    in `steps`. `train` is each round's."""
+
+    teacher_steps: int = 16  # the first teacher's chain: the decoder's DDIM over trailing timesteps
+    steps: int = 4  # the last student's; teacher_steps / steps must be a power of two
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=128, lr=2e-4, warmup_steps=50,
+                                                                   ema_decay=0.999, ckpt_every=250))
+
+
+STAGES = {"clip": ClipConfig, "prior": PriorConfig, "decoder": DecoderConfig, "upsampler": UpsamplerConfig,
+          "distill": DistillConfig}
 T = TypeVar("T")
 
 

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from unclip.checkpoint import SAMPLING_FILE, check_fingerprint, fingerprint, load_checkpoint, resolve_folder
 from unclip.config import ClipConfig, DecoderConfig, PriorConfig, UpsamplerConfig, load_yaml, merge
 from unclip.diffusion.models import Diffusion
-from unclip.diffusion.sampling import sample, sampler_timesteps
 from unclip.errors import CheckpointError, ConfigError, UserError
 from unclip.images import resize
 from unclip.models.clip import CLIP
@@ -74,12 +73,14 @@ def prior_diffusion(prior: DiffusionPrior, cfg: PriorConfig, device: torch.devic
 
 def decoder_diffusion(decoder: UNet, cfg: DecoderConfig, device: torch.device) -> Diffusion:
     m = cfg.model
-    return Diffusion.build(decoder, m.schedule, m.timesteps, m.prediction, device, clip_x0=1.0)
+    return Diffusion.build(decoder, m.schedule, m.timesteps, m.prediction, device, clip_x0=1.0,
+                           distilled_steps=m.distilled_steps)
 
 
 def upsampler_diffusion(upsampler: Upsampler, cfg: UpsamplerConfig, device: torch.device) -> Diffusion:
     m = cfg.model
-    return Diffusion.build(upsampler, m.schedule, m.timesteps, m.prediction, device, clip_x0=1.0)
+    return Diffusion.build(upsampler, m.schedule, m.timesteps, m.prediction, device, clip_x0=1.0,
+                           distilled_steps=m.distilled_steps)
 
 
 def embed_scale(dim: int) -> float:
@@ -204,7 +205,7 @@ def sample_image_embeddings(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, 
     repeat = lambda c: tuple(x.repeat_interleave(candidates, 0) for x in c) if c is not None else None  # noqa: E731
     noise = torch.randn((B * candidates, D), generator=generator, device=generator.device)
     denoise = prior.denoiser(repeat(cond), guidance, repeat(negative))
-    emb = F.normalize(sample(sampler, denoise, noise, prior.ac, steps, generator=generator, callback=callback), dim=-1)
+    emb = F.normalize(prior.sample(sampler, denoise, noise, steps, generator=generator, callback=callback), dim=-1)
     emb = emb.view(B, candidates, D)
     best = (emb @ F.normalize(cond[0], dim=-1)[:, :, None]).squeeze(-1).argmax(1)  # (B,)
     return emb[torch.arange(B), best]
@@ -231,8 +232,8 @@ def decode(decoder: Diffusion, cfg: DecoderConfig, image_emb: torch.Tensor, samp
         noise = torch.randn(shape, generator=generator, device=generator.device)
     denoise = decoder.denoiser(decoder_condition(cfg, image_emb, text), guidance, negative)
     init = resize(init, m.image_size) if init is not None else None
-    return sample(sampler, denoise, noise, decoder.ac, steps, generator=generator, callback=callback, init=init,
-                  strength=strength).clamp(-1, 1)
+    return decoder.sample(sampler, denoise, noise, steps, generator=generator, callback=callback, init=init,
+                          strength=strength).clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -248,8 +249,8 @@ def upsample(upsampler: Diffusion, cfg: UpsamplerConfig, low: torch.Tensor, samp
         noise = torch.randn(cond.shape, generator=generator, device=generator.device)
     denoise = upsampler.denoiser((cond, s), 1.0)
     init = resize(init, m.image_size) if init is not None else None
-    return sample(sampler, denoise, noise, upsampler.ac, steps, generator=generator, callback=callback, init=init,
-                  strength=strength).clamp(-1, 1)
+    return upsampler.sample(sampler, denoise, noise, steps, generator=generator, callback=callback, init=init,
+                            strength=strength).clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -291,7 +292,7 @@ def draw(pipe: "Pipeline", captions: list[str], options: "SamplingOptions", gene
 
 def steps_per_image(pipe: "Pipeline", options: "SamplingOptions", strength: float = 1.0) -> int:
     """Network calls of the decoder and upsampler chains for one batch (for progress bars)."""
-    count = lambda d, n: len(sampler_timesteps(options.sampler, len(d.ac), n, strength))  # noqa: E731
+    count = lambda d, n: len(d.timesteps(options.sampler, n, strength))  # noqa: E731
     return count(pipe.decoder, options.steps) + (count(pipe.upsampler, options.upsampler_steps) if pipe.upsampler else 0)
 
 

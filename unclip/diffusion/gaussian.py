@@ -75,6 +75,21 @@ def q_posterior(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, ac: torch.T
     return mean, var
 
 
+def ddim_step(xt: torch.Tensor, x0: torch.Tensor, ab: torch.Tensor, ab_next: torch.Tensor,
+              sigma: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """The mean of DDIM's step from x_t (alpha-bar `ab`) to alpha-bar `ab_next` given an x0 estimate (Song et al.
+    2021, eq. 12): sqrt(ab_next) x0 + sqrt(1 - ab_next - sigma^2) eps_hat; deterministic when sigma = 0."""
+    eps = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+    return ab_next.sqrt() * x0 + (1 - ab_next - sigma**2).clamp(min=0).sqrt() * eps
+
+
+def ddim_x0_target(xt: torch.Tensor, x_next: torch.Tensor, ab: torch.Tensor, ab_next: torch.Tensor) -> torch.Tensor:
+    """The x0 with which one DDIM step from x_t lands exactly on x_next (Salimans & Ho 2022, alg. 2):
+    ddim_step solved for x0. With ab_next = 1 (clean data) it is x_next itself."""
+    r = ((1 - ab_next) / (1 - ab)).sqrt()
+    return (x_next - r * xt) / (ab_next.sqrt() - r * ab.sqrt())
+
+
 def diffusion_loss(
     net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x0: torch.Tensor,
@@ -87,3 +102,39 @@ def diffusion_loss(
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     xt = q_sample(x0, t, eps, ac)
     return torch.mean((net(xt, t) - training_target(x0, t, eps, ac, prediction)) ** 2)
+
+
+def progressive_distillation_loss(
+    student: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    teacher_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    ac: torch.Tensor,
+    grid: list[int],
+    prediction: str,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Progressive distillation (Salimans & Ho 2022, alg. 2): the student learns to take in one DDIM step what
+    the teacher takes in two.
+
+    `grid` is the teacher's chain (2n timesteps, T-1 first; the step after the last lands on clean data); the
+    student's is every other one. For x_t at a student timestep t = grid[2i], the teacher's two DDIM steps go
+    through grid[2i+1] to x_next at grid[2i+2] (or clean data); the target is the x0 with which a single DDIM
+    step from x_t lands on x_next, written as the student's own kind of target (v-loss = SNR+1 weighting in x0,
+    one of the paper's two choices). `teacher_x0(x_t, t)` is the teacher's (clamped) x0 estimate.
+    """
+    if len(grid) % 2:
+        raise ValueError(f"a teacher chain of {len(grid)} steps cannot be halved")
+    B = x0.shape[0]
+    i = 2 * torch.randint(0, len(grid) // 2, (B,), device=x0.device, generator=generator)
+    chain = torch.tensor(grid + [-1], device=x0.device)  # -1: clean data
+    t, mid, nxt = chain[i], chain[i + 1], chain[i + 2]
+    ab_ext = torch.cat([ac, torch.ones(1, device=ac.device, dtype=ac.dtype)])  # alpha-bar, 1 at index -1
+    ab, ab_mid, ab_next = (expand(ab_ext[s], x0) for s in (t, mid, nxt))
+    eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    xt = q_sample(x0, t, eps, ac)
+    with torch.no_grad():
+        x_mid = ddim_step(xt, teacher_x0(xt, t), ab, ab_mid)
+        x_next = ddim_step(x_mid, teacher_x0(x_mid, mid), ab_mid, ab_next)
+        x0_target = ddim_x0_target(xt, x_next, ab, ab_next)
+        target = training_target(x0_target, t, predict_eps(xt, t, x0_target, ac), ac, prediction)
+    return torch.mean((student(xt, t) - target) ** 2)

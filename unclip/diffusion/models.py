@@ -6,9 +6,9 @@ from typing import Callable, Optional
 
 import torch
 
-from unclip.diffusion.gaussian import diffusion_loss, to_x0
-from unclip.diffusion.sampling import Denoiser, classifier_free_guidance
-from unclip.diffusion.schedule import alphas_cumprod
+from unclip.diffusion.gaussian import diffusion_loss, progressive_distillation_loss, to_x0
+from unclip.diffusion.sampling import Denoiser, classifier_free_guidance, sample, sampler_timesteps
+from unclip.diffusion.schedule import alphas_cumprod, spaced_timesteps
 
 
 @dataclass
@@ -19,11 +19,28 @@ class Diffusion:
     ac: torch.Tensor  # alphas_cumprod (T,)
     prediction: str  # eps | x0 | v
     clip_x0: Optional[float] = None  # clamp x0 estimates to [-c, c] (pixels), or None (embeddings)
+    # a distilled network (t2i distill) samples with DDIM in exactly this many steps, the trailing chain it was
+    # distilled for, whatever sampler and steps are asked; 0: any sampler, any steps
+    distilled_steps: int = 0
 
     @classmethod
     def build(cls, net: Callable, schedule: str, timesteps: int, prediction: str, device: torch.device,
-              clip_x0: Optional[float] = None) -> "Diffusion":
-        return cls(net, alphas_cumprod(schedule, timesteps).to(device), prediction, clip_x0)
+              clip_x0: Optional[float] = None, distilled_steps: int = 0) -> "Diffusion":
+        return cls(net, alphas_cumprod(schedule, timesteps).to(device), prediction, clip_x0, distilled_steps)
+
+    def chain(self, sampler: str, steps: int) -> tuple[str, int, bool]:
+        """(sampler, steps, trailing) this network samples with when `sampler` and `steps` are asked for."""
+        return ("ddim", self.distilled_steps, True) if self.distilled_steps else (sampler, steps, False)
+
+    def sample(self, sampler: str, denoise: Denoiser, noise: torch.Tensor, steps: int, **kwargs) -> torch.Tensor:
+        """`unclip.diffusion.sampling.sample` over this schedule, along `chain(sampler, steps)`."""
+        sampler, steps, trailing = self.chain(sampler, steps)
+        return sample(sampler, denoise, noise, self.ac, steps, trailing=trailing, **kwargs)
+
+    def timesteps(self, sampler: str, steps: int, strength: float = 1.0) -> list[int]:
+        """The timesteps `sample` visits (its network calls)."""
+        sampler, steps, trailing = self.chain(sampler, steps)
+        return sampler_timesteps(sampler, len(self.ac), steps, strength, trailing)
 
     def x0(self, x: torch.Tensor, t: torch.Tensor, cond: tuple, drop: torch.Tensor) -> torch.Tensor:
         """The raw clean-data estimate (unclamped: guidance must see the predictions as they are)."""
@@ -42,3 +59,20 @@ class Diffusion:
         """Training loss with the condition dropped for a `cond_drop` fraction of the batch."""
         drop = torch.rand(x0.shape[0], device=x0.device, generator=generator) < cond_drop
         return diffusion_loss(lambda xt, t: self.net(xt, t, *cond, drop=drop), x0, self.ac, self.prediction, generator)
+
+    def distillation_loss(self, teacher: "Diffusion", x0: torch.Tensor, cond: tuple, cond_drop: float,
+                          generator=None) -> torch.Tensor:
+        """Progressive distillation of `teacher` (which samples in 2n steps) into this network (n steps): the
+        same condition, dropped alike for both (so the student's unconditional half is distilled too)."""
+        drop = torch.rand(x0.shape[0], device=x0.device, generator=generator) < cond_drop
+        teacher_steps = teacher.distilled_steps or 2 * self.distilled_steps
+        grid = spaced_timesteps(len(self.ac), teacher_steps, trailing=True)
+        if grid[::2] != spaced_timesteps(len(self.ac), self.distilled_steps, trailing=True):
+            raise ValueError(f"a chain of {self.distilled_steps} steps is not every other step of the teacher's {teacher_steps}")
+
+        def teacher_x0(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x0_hat = teacher.x0(xt, t, cond, drop)
+            return x0_hat.clamp(-teacher.clip_x0, teacher.clip_x0) if teacher.clip_x0 else x0_hat
+
+        return progressive_distillation_loss(lambda xt, t: self.net(xt, t, *cond, drop=drop), teacher_x0, x0, self.ac,
+                                             grid, self.prediction, generator)

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from unclip.diffusion.gaussian import predict_eps, q_posterior, q_sample
+from unclip.diffusion.gaussian import ddim_step, q_posterior, q_sample
 from unclip.diffusion.schedule import spaced_timesteps
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,13 +65,11 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, ac: torch.Tensor, timesteps:
                 generator=None, callback: Callback = None) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) along `timesteps`, ending at clean data; eta=1 is ancestral."""
     for i, t in enumerate(timesteps):
-        tt = _t(x, t)
-        x0 = denoise(x, tt)
-        eps = predict_eps(x, tt, x0, ac)
+        x0 = denoise(x, _t(x, t))
         ab = ac[t]
         ab_prev = ac[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones_like(ab)
         sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+        x = ddim_step(x, x0, ab, ab_prev, sigma)
         if eta > 0 and i + 1 < len(timesteps):
             x = x + sigma * _noise(x, generator)
         if callback:
@@ -111,27 +109,28 @@ def sample_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, ac: torch.Tensor, timest
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 
 
-def sampler_timesteps(sampler: str, T: int, steps: int, strength: float = 1.0) -> list[int]:
-    """The timesteps a sampler visits: all T for ddpm, else `steps` spaced ones; for image-to-image only the
-    last round(strength x len) of them (SDEdit, Meng et al. 2022, as diffusers' img2img pipelines count)."""
+def sampler_timesteps(sampler: str, T: int, steps: int, strength: float = 1.0, trailing: bool = False) -> list[int]:
+    """The timesteps a sampler visits: all T for ddpm, else `steps` spaced ones (`trailing`: see
+    spaced_timesteps); for image-to-image only the last round(strength x len) of them (SDEdit, Meng et al.
+    2022, as diffusers' img2img pipelines count)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be between 0 and 1, got {strength}")
-    full = list(range(T - 1, -1, -1)) if sampler == "ddpm" else spaced_timesteps(T, steps)
+    full = list(range(T - 1, -1, -1)) if sampler == "ddpm" else spaced_timesteps(T, steps, trailing)
     return full[len(full) - round(strength * len(full)):]
 
 
 def sample(sampler: str, denoise: Denoiser, noise: torch.Tensor, ac: torch.Tensor, steps: int, eta: float = 0.0,
            generator=None, callback: Callback = None, init: Optional[torch.Tensor] = None,
-           strength: float = 1.0) -> torch.Tensor:
+           strength: float = 1.0, trailing: bool = False) -> torch.Tensor:
     """Run `sampler` from `noise`; `steps` is ignored by ddpm, which always takes every step.
 
     Image-to-image (SDEdit): with `init` data and `strength` < 1 the chain starts at its timestep t_s, from
     x_{t_s} = q_sample(init, t_s, noise); strength 0 returns `init`, and strength 1 starts from pure noise
     (the plain chain, so the init is ignored).
     """
-    timesteps = sampler_timesteps(sampler, len(ac), steps, 1.0 if init is None else strength)
+    timesteps = sampler_timesteps(sampler, len(ac), steps, 1.0 if init is None else strength, trailing)
     if init is not None and strength < 1.0:
         if not timesteps:
             return init

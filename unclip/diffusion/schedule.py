@@ -33,10 +33,17 @@ def alphas_cumprod(name: str, T: int) -> torch.Tensor:
     return SCHEDULES[name](T)
 
 
-def spaced_timesteps(T: int, steps: int) -> list[int]:
-    """`steps` timesteps from T-1 down to 0, evenly spaced (the sampling chain of DDIM / DPM-Solver)."""
+def spaced_timesteps(T: int, steps: int, trailing: bool = False) -> list[int]:
+    """`steps` timesteps from T-1 down to 0, evenly spaced (the sampling chain of DDIM / DPM-Solver).
+
+    `trailing` spaces them as if the chain went one step further, to T-1 .. 0 in steps + 1 points, and drops
+    the last (Lin et al. 2024, "trailing" spacing): every call then makes a real jump, the last one from
+    about T / steps to clean data, and the chain of n steps is every other timestep of the chain of 2n,
+    which progressive distillation needs."""
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be between 1 and {T}, got {steps}")
+    if trailing:
+        return torch.linspace(T - 1, 0, steps + 1, dtype=torch.float64)[:-1].round().long().tolist()
     if steps == 1:
         return [T - 1]
     return torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()

@@ -1,0 +1,114 @@
+"""Progressive distillation: the math on Gaussian data with an exact teacher, and `t2i distill` end to end."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from cli import app
+from unclip.diffusion.gaussian import ddim_step, ddim_x0_target, progressive_distillation_loss, to_x0
+from unclip.diffusion.sampling import sample
+from unclip.diffusion.schedule import alphas_cumprod, spaced_timesteps
+from unclip.pipeline import Pipeline, SamplingOptions, steps_per_image
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("T", [50, 1000])
+def test_trailing_chains_nest_and_every_step_jumps(T):
+    for n in (1, 2, 4, 8):
+        chain = spaced_timesteps(T, n, trailing=True)
+        assert chain[0] == T - 1 and len(set(chain)) == n and min(chain) > 0  # no call spent at t = 0
+        assert spaced_timesteps(T, 2 * n, trailing=True)[::2] == chain
+
+
+def test_the_distillation_target_is_the_ddim_step_solved_for_x0():
+    g = torch.Generator().manual_seed(0)
+    xt, x0 = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    for ab, ab_next in ((0.01, 0.4), (0.5, 0.9), (0.3, 1.0)):
+        ab, ab_next = torch.tensor(ab), torch.tensor(ab_next)
+        torch.testing.assert_close(ddim_x0_target(xt, ddim_step(xt, x0, ab, ab_next), ab, ab_next), x0)
+
+
+def test_a_student_distilled_from_an_exact_teacher_matches_its_two_step_chain():
+    """Data N(mu, s^2): the exact denoiser is known, and a teacher's two DDIM steps are an affine map of x_t, so a
+    student affine in x_t at each of its timesteps can learn them exactly. After training on the loss alone, its
+    2-step chain lands where the teacher's 4-step chain does, from the same noise, though the teacher's own 2-step
+    chain lands elsewhere."""
+    T, n, D = 200, 2, 2
+    ac = alphas_cumprod("cosine", T)
+    mu, s = torch.tensor([1.5, -0.5]), 0.5
+
+    def teacher(xt, t):
+        ab = ac[t][:, None]
+        return mu + s**2 * ab.sqrt() / (ab * s**2 + 1 - ab) * (xt - ab.sqrt() * mu)
+
+    grid = spaced_timesteps(T, 2 * n, trailing=True)
+    index = {t: i for i, t in enumerate(grid[::2])}
+    scale = torch.nn.Parameter(torch.zeros(n, D))
+    shift = torch.nn.Parameter(torch.zeros(n, D))
+    student_v = lambda xt, t: (lambda i: scale[i] * xt + shift[i])(torch.tensor([index[int(u)] for u in t]))  # noqa: E731
+    opt = torch.optim.Adam([scale, shift], lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        x0 = mu + s * torch.randn(512, D, generator=g)
+        loss = progressive_distillation_loss(student_v, teacher, x0, ac, grid, "v", g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    noise = torch.randn(1000, D, generator=g)
+    with torch.no_grad():
+        student = sample("ddim", lambda x, t: to_x0(student_v(x, t), x, t, ac, "v"), noise, ac, n, trailing=True)
+    four = sample("ddim", teacher, noise, ac, 2 * n, trailing=True)
+    two = sample("ddim", teacher, noise, ac, n, trailing=True)
+    assert (student - four).abs().max() < 1e-3
+    assert (two - four).abs().max() > 0.1
+
+
+def test_distill_writes_a_pipeline_that_samples_in_its_own_steps(tiny_pipeline, mnist_dir, tmp_path):
+    """Two rounds (8 -> 4 -> 2) through the CLI: each a run folder, the last one the new pipeline's decoder, which
+    then takes 2 DDIM steps whatever sampler and steps are asked; --resume after the end redoes nothing."""
+    out = tmp_path / "fast"
+    args = ["distill", "--pipeline", tiny_pipeline, "--out", out, "--steps", 2, "--teacher-steps", 8,
+            "--data-dir", mnist_dir, "--max-steps", 3, "--batch-size", 20]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (out / "distill").iterdir()) == ["steps-2", "steps-4"]
+    saved = yaml.safe_load((out / "decoder" / "config.yaml").read_text())
+    assert saved["model"]["distilled_steps"] == 2 and saved["train"]["max_steps"] == 3
+    assert (out / "decoder" / "model.safetensors").read_bytes() == \
+        (out / "distill" / "steps-2" / "model.safetensors").read_bytes()
+    assert (out / "decoder" / "model.safetensors").read_bytes() != \
+        (tiny_pipeline / "decoder" / "model.safetensors").read_bytes()
+    pipe = Pipeline.load(out, "cpu")
+    assert pipe.decoder.timesteps("dpmpp", 10) == spaced_timesteps(50, 2, trailing=True)
+    assert steps_per_image(pipe, SamplingOptions(steps=7)) == 2
+    r = run("generate", "--checkpoints", out, "--prompt", "six", "-n", 2, "--steps", 7, "--out", tmp_path / "g")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "g" / "0001.png").exists()
+    before = (out / "decoder" / "model.safetensors").read_bytes()
+    r = run(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    assert (out / "decoder" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", 4, "--teacher-steps", 12], "teacher_steps (12) must be steps (4) times a power of two"),
+    (["--steps", 4, "--teacher-steps", 4], "teacher_steps (4) must be steps (4) times a power of two"),
+])
+def test_distill_refuses_bad_input_in_one_line(tiny_pipeline, mnist_dir, tmp_path, extra, message):
+    r = run("distill", "--pipeline", tiny_pipeline, "--out", tmp_path / "x", "--data-dir", mnist_dir, *extra)
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert message in r.output
+
+
+def test_distill_refuses_a_missing_pipeline_or_writing_over_its_teacher(tiny_pipeline, tmp_path):
+    r = run("distill", "--pipeline", tmp_path / "nothing", "--out", tmp_path / "x")
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    r = run("distill", "--pipeline", tiny_pipeline, "--out", tiny_pipeline)
+    assert r.exit_code == 1 and "--out must be a new folder" in r.output, r.output
