@@ -90,6 +90,7 @@ def test_distill_writes_a_pipeline_that_samples_in_its_own_steps(tiny_pipeline, 
     assert steps_per_image(pipe, SamplingOptions(steps=7)) == 2
     r = run("generate", "--checkpoints", out, "--prompt", "six", "-n", 2, "--steps", 7, "--out", tmp_path / "g")
     assert r.exit_code == 0, r.output
+    assert "the decoder is distilled: it samples its own 2 DDIM steps" in " ".join(r.output.split())
     assert (tmp_path / "g" / "0001.png").exists()
     before = (out / "decoder" / "model.safetensors").read_bytes()
     r = run(*args, "--resume")

@@ -4,6 +4,7 @@ The CLI and the web server are thin callers of this class, so what they draw for
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -18,6 +19,8 @@ from unclip.images import to_float, to_pil, to_uint8
 from unclip.pipeline import (Pipeline, SamplingOptions, decode_and_upsample, draw, sample_image_embeddings, slerp,
                              steps_per_image)
 from unclip.zeroshot import encode_images, load_images
+
+log = logging.getLogger(__name__)
 
 ImageInput = Union[str, Path, Image.Image, torch.Tensor]
 """An image file's path, a PIL image, or a uint8 tensor (C, H, W); converted to what the model expects."""
@@ -75,7 +78,12 @@ class UnCLIPPipeline:
     def resolve(self, settings: dict) -> SamplingOptions:
         """This pipeline's sampling defaults (the library's, or its folder's sampling.yaml) with `settings`
         (SamplingOptions fields; None: the default), checked against it."""
-        return self.check(replace(self.pipeline.defaults, **{k: v for k, v in settings.items() if v is not None}))
+        given = {k: v for k, v in settings.items() if v is not None}
+        distilled = self.pipeline.decoder.distilled_steps
+        if distilled and {"sampler", "steps"} & set(given):
+            log.info("the decoder is distilled: it samples its own %d DDIM steps; the sampler and steps asked for "
+                     "drive the prior", distilled)
+        return self.check(replace(self.pipeline.defaults, **given))
 
     def check(self, options: SamplingOptions) -> SamplingOptions:
         """`options` if they are valid for this pipeline; else a UserError saying what is wrong."""
