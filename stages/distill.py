@@ -4,7 +4,8 @@ in a few DDIM steps, written as a new pipeline folder.
 Round after round (teacher_steps -> teacher_steps / 2 -> ... -> steps), a student starts from its teacher's
 weights and learns to take in one DDIM step what the teacher takes in two; the loss is
 `unclip.diffusion.gaussian.progressive_distillation_loss`, the loop the one every stage trains with. The rounds
-are run folders under `OUT/distill/steps-N/` (each resumable, each a decoder folder of its own); `OUT` gets the
+are run folders under `OUT/distill/steps-N/` (each resumable, each a decoder folder of its own) beside the
+DistillConfig they ran with (`OUT/distill/config.yaml`); `OUT` gets the
 pipeline's CLIP, prior, upsampler and sampling.yaml and, as `decoder/`, the last student.
 """
 from __future__ import annotations
@@ -24,8 +25,9 @@ from stages.distributed import is_main, training_device
 from stages.frozen_clip import FrozenClip
 from stages.stage_two import stage_config
 from stages.trainer import RUN_FILE, STATE_FILE, Stage, fit, held_out_loss
-from unclip.checkpoint import CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, check_fingerprint, resolve_folder
-from unclip.config import ClipConfig, DecoderConfig, DistillConfig, load_config
+from unclip.checkpoint import (CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text, check_fingerprint,
+                               resolve_folder)
+from unclip.config import ClipConfig, DecoderConfig, DistillConfig, load_config, to_yaml
 from unclip.data import CaptionedImages
 from unclip.diffusion.models import Diffusion
 from unclip.errors import CheckpointError, ConfigError
@@ -118,6 +120,8 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
     prior = prior_diffusion(prior_net, prior_cfg, device)
     teacher = replace(decoder_diffusion(teacher_net.requires_grad_(False), teacher_cfg, device),
                       distilled_steps=cfg.teacher_steps)  # the first teacher's chain: DDIM, trailing
+    if is_main():  # what the rounds were asked to do, beside them
+        atomic_write_text(out / "distill" / CONFIG_FILE, to_yaml(cfg))
     last: dict = {}
     for n in rounds:
         folder = out / "distill" / f"steps-{n}"

@@ -78,7 +78,9 @@ def test_distill_writes_a_pipeline_that_samples_in_its_own_steps(tiny_pipeline, 
             "--data-dir", mnist_dir, "--max-steps", 3, "--batch-size", 20]
     r = run(*args)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (out / "distill").iterdir()) == ["steps-2", "steps-4"]
+    assert sorted(p.name for p in (out / "distill").iterdir()) == ["config.yaml", "steps-2", "steps-4"]
+    asked = yaml.safe_load((out / "distill" / "config.yaml").read_text())
+    assert (asked["teacher_steps"], asked["steps"], asked["train"]["max_steps"]) == (8, 2, 3)
     saved = yaml.safe_load((out / "decoder" / "config.yaml").read_text())
     assert saved["model"]["distilled_steps"] == 2 and saved["train"]["max_steps"] == 3
     assert (out / "decoder" / "model.safetensors").read_bytes() == \

@@ -126,6 +126,7 @@ def sample(sampler: str, denoise: Denoiser, noise: torch.Tensor, ac: torch.Tenso
            strength: float = 1.0, trailing: bool = False) -> torch.Tensor:
     """Run `sampler` from `noise`; `steps` is ignored by ddpm, which always takes every step.
 
+    `trailing` spaces the chain as a distilled network needs it (`spaced_timesteps`).
     Image-to-image (SDEdit): with `init` data and `strength` < 1 the chain starts at its timestep t_s, from
     x_{t_s} = q_sample(init, t_s, noise); strength 0 returns `init`, and strength 1 starts from pure noise
     (the plain chain, so the init is ignored).
