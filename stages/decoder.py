@@ -43,6 +43,27 @@ def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, pri
     return save_sheet(rows + [to_uint8(x) for x in shots + [final]], out, step)
 
 
+def training_example(frozen: FrozenClip, cfg: DecoderConfig, batch: CaptionedImages, step: int) -> tuple:
+    """(x0, condition) of a training batch: its images at the decoder's size, their CLIP embeddings and, for a
+    decoder that reads text, the captions' token features, the caption alone dropped `text_drop` of the time."""
+    m, device = cfg.model, frozen.device
+    x0 = resize(batch.pixels().to(device), m.image_size)
+    text = None
+    if m.text_tokens:  # the captions CLIP and the prior saw for these images
+        captions = batch.captions(seed=caption_seed(cfg.train.seed, step))
+        _, features, mask = text_condition(frozen.clip, frozen.tokenizer, captions)
+        text = (features, mask & (torch.rand(len(batch), device=device) >= m.text_drop)[:, None])
+    return x0, decoder_condition(cfg, frozen.embed(batch), text)
+
+
+def validation_example(frozen: FrozenClip, cfg: DecoderConfig, idx: torch.Tensor) -> tuple:
+    """(x0, condition) of validation examples `idx`: fixed captions, no caption dropped."""
+    pixels = frozen.val.pixels(idx).to(frozen.device)
+    text = text_condition(frozen.clip, frozen.tokenizer, frozen.val.captions(idx, seed=0))[1:] \
+        if cfg.model.text_tokens else None
+    return resize(pixels, cfg.model.image_size), decoder_condition(cfg, frozen.clip.encode_image(pixels), text)
+
+
 def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffusion] = None) -> Stage:
     t, m = cfg.train, cfg.model
     device = training_device(t.device)
@@ -54,24 +75,15 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
     base = decoder_diffusion(model, cfg, device)
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
-        x0 = resize(batch.pixels().to(device), m.image_size)
-        text = None
-        if m.text_tokens:  # the captions CLIP and the prior saw for these images, dropped `text_drop` of the time
-            captions = batch.captions(seed=caption_seed(t.seed, step))
-            _, features, mask = text_condition(frozen.clip, frozen.tokenizer, captions)
-            text = (features, mask & (torch.rand(len(batch), device=device) >= m.text_drop)[:, None])
-        cond = decoder_condition(cfg, frozen.embed(batch), text)
+        x0, cond = training_example(frozen, cfg, batch, step)
         return replace(base, net=module).loss(x0, cond, m.cond_drop), {}
 
     def validate(shipped: UNet) -> dict:
         diffusion = decoder_diffusion(shipped.eval(), cfg, device)
 
         def batch_loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-            pixels = frozen.val.pixels(idx).to(device)
-            text = text_condition(frozen.clip, frozen.tokenizer, frozen.val.captions(idx, seed=0))[1:] \
-                if m.text_tokens else None
-            cond = decoder_condition(cfg, frozen.clip.encode_image(pixels), text)
-            return diffusion.loss(resize(pixels, m.image_size), cond, 0.0, generator)
+            x0, cond = validation_example(frozen, cfg, idx)
+            return diffusion.loss(x0, cond, 0.0, generator)
 
         return {"val_loss": held_out_loss(batch_loss, len(frozen.val), t.batch_size, device)}
 

@@ -10,7 +10,6 @@ pipeline's CLIP, prior, upsampler and sampling.yaml and, as `decoder/`, the last
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import replace
@@ -19,21 +18,20 @@ from typing import Optional
 
 import torch
 
-from stages.clip import caption_seed
-from stages.decoder import save_samples
+from stages.decoder import save_samples, training_example, validation_example
 from stages.distributed import is_main, training_device
 from stages.frozen_clip import FrozenClip
 from stages.stage_two import stage_config
-from stages.trainer import RUN_FILE, STATE_FILE, Stage, fit, held_out_loss
+from stages.runs import run_status
+from stages.trainer import STATE_FILE, Stage, fit, held_out_loss
 from unclip.checkpoint import (CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text, check_fingerprint,
-                               resolve_folder)
+                               copy_stage, resolve_folder)
 from unclip.config import ClipConfig, DecoderConfig, DistillConfig, load_config, to_yaml
 from unclip.data import CaptionedImages
 from unclip.diffusion.models import Diffusion
 from unclip.errors import CheckpointError, ConfigError
-from unclip.images import resize
 from unclip.models.unet import UNet
-from unclip.pipeline import decoder_condition, decoder_diffusion, load_decoder, load_prior, prior_diffusion, text_condition
+from unclip.pipeline import decoder_diffusion, load_decoder, load_prior, prior_diffusion
 
 
 def round_steps(cfg: DistillConfig) -> list[int]:
@@ -54,27 +52,16 @@ def distill_stage(cfg: DistillConfig, student_cfg: DecoderConfig, teacher: Diffu
     model.load_state_dict(teacher.net.state_dict())
     base = decoder_diffusion(model, student_cfg, device)
 
-    def condition(emb: torch.Tensor, captions: list[str]) -> tuple:
-        text = None
-        if m.text_tokens:  # as the decoder was trained: the caption's tokens, dropped `text_drop` of the time
-            _, features, mask = text_condition(frozen.clip, frozen.tokenizer, captions)
-            text = (features, mask & (torch.rand(len(captions), device=device) >= m.text_drop)[:, None])
-        return decoder_condition(student_cfg, emb, text)
-
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
-        x0 = resize(batch.pixels().to(device), m.image_size)
-        cond = condition(frozen.embed(batch), batch.captions(seed=caption_seed(t.seed, step)))
+        x0, cond = training_example(frozen, student_cfg, batch, step)  # as the decoder was trained
         return replace(base, net=module).distillation_loss(teacher, x0, cond, m.cond_drop), {}
 
     def validate(shipped: UNet) -> dict:
         student = replace(base, net=shipped.eval())
 
         def batch_loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-            pixels = frozen.val.pixels(idx).to(device)
-            text = text_condition(frozen.clip, frozen.tokenizer, frozen.val.captions(idx, seed=0))[1:] \
-                if m.text_tokens else None
-            cond = decoder_condition(student_cfg, frozen.clip.encode_image(pixels), text)
-            return student.distillation_loss(teacher, resize(pixels, m.image_size), cond, 0.0, generator)
+            x0, cond = validation_example(frozen, student_cfg, idx)
+            return student.distillation_loss(teacher, x0, cond, 0.0, generator)
 
         return {"val_loss": held_out_loss(batch_loss, len(frozen.val), t.batch_size, device)}
 
@@ -83,17 +70,6 @@ def distill_stage(cfg: DistillConfig, student_cfg: DecoderConfig, teacher: Diffu
 
     return Stage("distill", model, student_cfg, frozen.data, loss, validate=validate, sample=sample,
                  metrics_shown=["loss", "val_loss"], objective="val_loss")
-
-
-def finished(folder: Path) -> bool:
-    run = folder / RUN_FILE
-    return run.is_file() and json.loads(run.read_text()).get("finished") and (folder / WEIGHTS_FILE).is_file()
-
-
-def copy_stage(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        shutil.copyfile(src / name, dst / name)
 
 
 def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags: dict, resume: bool = False) -> dict:
@@ -126,7 +102,7 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
     for n in rounds:
         folder = out / "distill" / f"steps-{n}"
         student_cfg = replace(teacher_cfg, model=replace(teacher_cfg.model, distilled_steps=n), train=cfg.train)
-        if not finished(folder):
+        if not (run_status(folder).get("finished") and (folder / WEIGHTS_FILE).is_file()):
             stage = distill_stage(cfg, student_cfg, teacher, frozen, prior)
             last = fit(stage, cfg.train, folder, resume and (folder / STATE_FILE).is_file())
             if last.get("interrupted"):

@@ -1,7 +1,6 @@
 """`t2i decoder-train`: the prior, then the decoder, against one frozen CLIP, into a pipeline folder."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +8,7 @@ from stages.decoder import train_decoder
 from stages.frozen_clip import FrozenClip
 from stages.prior import train_prior
 from stages.trainer import STATE_FILE
-from unclip.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_fingerprint
+from unclip.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_fingerprint, copy_stage
 from unclip.config import ClipConfig, DecoderConfig, PriorConfig, load_config, load_yaml, merge, stage_section
 from unclip.errors import CheckpointError
 from unclip.pipeline import load_prior, prior_diffusion
@@ -25,12 +24,8 @@ def stage_config(cls, stage: str, clip_cfg: ClipConfig, config_path: Optional[Pa
 
 def copy_clip(clip_dir: Path, out: Path) -> None:
     """Make `out` a complete pipeline folder by keeping the CLIP it was trained on beside it."""
-    target = out / "clip"
-    if target.resolve() == clip_dir.resolve():
-        return
-    target.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        shutil.copyfile(clip_dir / name, target / name)
+    if (out / "clip").resolve() != clip_dir.resolve():
+        copy_stage(clip_dir, out / "clip")
 
 
 def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, out: Path, stages: list[str],

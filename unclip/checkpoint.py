@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
@@ -131,6 +132,13 @@ def check_fingerprint(stage_folder: Path, recorded: str, clip_print: str) -> Non
             f"{clip_print}); retrain it with `t2i decoder-train --clip` on this CLIP"
         )
 
+
+
+def copy_stage(src: Path, dst: Path) -> None:
+    """Copy a stage folder's `config.yaml` and `model.safetensors` as they are (no training state)."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
 def export_pipeline(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.float16) -> None:

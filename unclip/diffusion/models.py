@@ -65,7 +65,7 @@ class Diffusion:
         """Progressive distillation of `teacher` (which samples in 2n steps) into this network (n steps): the
         same condition, dropped alike for both (so the student's unconditional half is distilled too)."""
         drop = torch.rand(x0.shape[0], device=x0.device, generator=generator) < cond_drop
-        teacher_steps = teacher.distilled_steps or 2 * self.distilled_steps
+        teacher_steps = teacher.distilled_steps  # the first teacher's is set to the chain it is distilled from
         grid = spaced_timesteps(len(self.ac), teacher_steps, trailing=True)
         if grid[::2] != spaced_timesteps(len(self.ac), self.distilled_steps, trailing=True):
             raise ValueError(f"a chain of {self.distilled_steps} steps is not every other step of the teacher's {teacher_steps}")
