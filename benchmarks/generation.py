@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -36,7 +37,10 @@ from unclip.images import grid, save_png  # noqa: E402
 from unclip.images import to_uint8  # noqa: E402
 from unclip.api import UnCLIPPipeline  # noqa: E402
 from unclip.generation import generate_images  # noqa: E402
-from unclip.pipeline import Pipeline, SamplingOptions, decode, prior_cosine, sample_image_embeddings  # noqa: E402
+from unclip.checkpoint import check_fingerprint, fingerprint  # noqa: E402
+from unclip.pipeline import (Pipeline, SamplingOptions, decode, load_clip, load_prior, load_sampling,  # noqa: E402
+                             prior_cosine, prior_diffusion, resolve_device, sample_image_embeddings)
+from unclip.tokenizer import Tokenizer  # noqa: E402
 from unclip.zeroshot import dataset_class_names, encode_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +130,25 @@ def prior_spread(pipe: Pipeline, score: "Scorer", options: SamplingOptions, per_
     }
 
 
+def score_prior_alone(args, prompts: list[str], judge) -> None:
+    """`--prior-alone`: the prior's figures of the report (cosine against the text baseline, spread, Frechet in
+    CLIP space) for a folder with clip/ and prior/ only, e.g. a `--stage prior` run; writes OUT/prior.json."""
+    device = resolve_device(args.device)
+    clip, clip_cfg = load_clip(args.checkpoints / "clip", device)
+    net, prior_cfg = load_prior(args.checkpoints / "prior", clip_cfg, device)
+    check_fingerprint(args.checkpoints / "prior", prior_cfg.clip_fingerprint, fingerprint(clip.state_dict()))
+    pipe = SimpleNamespace(clip=clip, tokenizer=Tokenizer(clip_cfg.model.text_context), device=device,
+                           prior=prior_diffusion(net, prior_cfg, device))
+    options = load_sampling(args.checkpoints)
+    score = Scorer(judge, args.data_dir, args.dataset)
+    idx = torch.arange(1000)
+    result = prior_cosine(clip, pipe.tokenizer, pipe.prior, score.test.images[idx], score.test.captions(idx, seed=0))
+    result.update(prior_spread(pipe, score, options, 200, args.seed, prompts))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "prior.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
 def timing(checkpoints: Path, runs: int = 3) -> list[float]:
     """Wall seconds of `t2i generate --prompt six --num-samples 64`, from process start to exit."""
     t2i = Path(sys.executable).parent / "t2i"
@@ -167,6 +190,8 @@ def main() -> None:
     ap.add_argument("--ddpm-per-prompt", type=int, default=20, help="1000-step DDPM is slow: fewer samples")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--decoder-alone", action="store_true", help="only score the decoder on true image embeddings")
+    ap.add_argument("--prior-alone", action="store_true",
+                    help="only score the prior, in CLIP space (CHECKPOINTS needs clip/ and prior/ only)")
     ap.add_argument("--grid", type=grid_point, nargs="*",
                     help="sweep only these SAMPLER:STEPS:GUIDANCE:CANDIDATES[:PRIOR_GUIDANCE]")
     ap.add_argument("--no-timing", action="store_true")
@@ -179,6 +204,8 @@ def main() -> None:
 
     judge = load_judge(args.data_dir, args.dataset)
     prompts = dataset_class_names(args.dataset)
+    if args.prior_alone:
+        return score_prior_alone(args, prompts, judge)
     pipe = Pipeline.load(args.checkpoints, args.device)
     defaults = pipe.defaults  # the library's, or the pipeline's sampling.yaml
     report: dict = {"checkpoints": str(args.checkpoints), "dataset": args.dataset, "prompts": prompts,

@@ -5,7 +5,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from stages.clip import caption_seed
 from stages.frozen_clip import FrozenClip
@@ -13,10 +12,10 @@ from stages.samples import chain_recorder, save_sheet
 from stages.trainer import Stage, fit, seeded
 from unclip.config import PriorConfig
 from unclip.data import CaptionedImages
-from unclip.models.prior import DiffusionPrior
+from unclip.models.prior import DiffusionPrior, residual_whitening
 from stages.distributed import training_device
 from unclip.images import to_uint8
-from unclip.pipeline import (SamplingOptions, embed_scale, prior_cosine, prior_diffusion, sample_image_embeddings,
+from unclip.pipeline import (SamplingOptions, prior_cosine, prior_diffusion, sample_image_embeddings,
                              text_condition)
 
 
@@ -27,13 +26,14 @@ def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
     cfg.clip_fingerprint = frozen.fingerprint
     model = seeded(t.seed, lambda: DiffusionPrior(cfg.model, clip_m.embed_dim, clip_m.text_width, clip_m.text_context))
     model = model.to(device)
-    scale = embed_scale(clip_m.embed_dim)
     base = prior_diffusion(model, cfg, device)
     data, image_emb = frozen.captioned(t.workers)
+    if cfg.model.whiten:  # (a resumed run's are then overwritten by the saved ones, which are the same)
+        model.set_whitening(*fit_whitening(frozen, data, image_emb, model.scale, t.seed))
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
         cond = text_condition(frozen.clip, frozen.tokenizer, batch.captions(seed=caption_seed(t.seed, step)))
-        x0 = image_emb[batch.example_ids.to(device)] * scale
+        x0 = model.encode(image_emb[batch.example_ids.to(device)])
         return replace(base, net=module).loss(x0, cond, cfg.model.cond_drop), {}
 
     def validate(shipped: DiffusionPrior) -> dict:
@@ -53,11 +53,22 @@ def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
                                         options.prior_guidance, torch.Generator(device).manual_seed(0),
                                         callback=callback)
         images, embeddings = frozen.gallery()
-        nearest = lambda emb: images.pixels((F.normalize(emb, dim=-1) @ embeddings.T).argmax(1).cpu())  # noqa: E731
-        return save_sheet([to_uint8(nearest(e)) for e in shots + [final]], out, step)
+        nearest = lambda emb: images.pixels((emb @ embeddings.T).argmax(1).cpu())  # noqa: E731
+        return save_sheet([to_uint8(nearest(e)) for e in [shipped.decode(s) for s in shots] + [final]], out, step)
 
     return Stage("prior", model, cfg, data, loss, validate=validate, sample=sample,
                  metrics_shown=["loss", "prior_cosine"], objective="prior_cosine")
+
+
+@torch.no_grad()
+def fit_whitening(frozen: FrozenClip, data: CaptionedImages, image_emb: torch.Tensor, scale: float, seed: int,
+                  n: int = 16_384) -> tuple[torch.Tensor, ...]:
+    """`residual_whitening` of up to `n` training examples (a fixed draw), each with one of its captions."""
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    captions = data.subset(idx, batch=True).captions(seed=caption_seed(seed, 0))
+    text = torch.cat([text_condition(frozen.clip, frozen.tokenizer, captions[i:i + 1024])[0]
+                      for i in range(0, len(captions), 1024)])
+    return residual_whitening(image_emb[idx.to(image_emb.device)] * scale, text)
 
 
 def train_prior(cfg: PriorConfig, frozen: FrozenClip, out: Path, resume: bool = False) -> dict:

@@ -4,14 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from stages.decoder import train_decoder
 from stages.frozen_clip import FrozenClip
 from stages.prior import train_prior
 from stages.trainer import STATE_FILE
-from unclip.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_fingerprint, copy_stage
+from stages.distributed import is_main
+from unclip.checkpoint import CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text, check_fingerprint, copy_stage
 from unclip.config import ClipConfig, DecoderConfig, PriorConfig, load_config, load_yaml, merge, stage_section
-from unclip.errors import CheckpointError
-from unclip.pipeline import load_prior, prior_diffusion
+from unclip.errors import CheckpointError, ConfigError
+from unclip.pipeline import SamplingOptions, load_prior, prior_diffusion
 
 
 def stage_config(cls, stage: str, clip_cfg: ClipConfig, config_path: Optional[Path], flags: dict):
@@ -35,6 +38,7 @@ def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, ou
     clip_cfg = load_config(ClipConfig, clip_dir / CONFIG_FILE) if (clip_dir / CONFIG_FILE).is_file() else None
     if clip_cfg is None:
         raise CheckpointError(f"--clip {clip_dir}: not a CLIP checkpoint folder (no {CONFIG_FILE})")
+    sampling = sampling_section(config_path)
     prior_cfg = stage_config(PriorConfig, "prior", clip_cfg, config_path, flags)
     decoder_cfg = stage_config(DecoderConfig, "decoder", clip_cfg, config_path, flags)
     frozen = FrozenClip.load(clip_dir, (prior_cfg if stages[0] == "prior" else decoder_cfg).train)
@@ -50,5 +54,20 @@ def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, ou
     if "decoder" in stages:
         # `--resume` of a run stopped during the prior: the decoder has no state yet and starts afresh.
         resume = resume and (out / "decoder" / STATE_FILE).is_file()
-        return not train_decoder(decoder_cfg, frozen, out / "decoder", prior, resume).get("interrupted")
+        if train_decoder(decoder_cfg, frozen, out / "decoder", prior, resume).get("interrupted"):
+            return False
+    if sampling and is_main():
+        atomic_write_text(out / SAMPLING_FILE, yaml.safe_dump(sampling, sort_keys=False))
     return True
+
+
+def sampling_section(config_path: Optional[Path]) -> Optional[dict]:
+    """A pipeline config's `sampling:` section (the defaults its recipe was judged with), checked against
+    SamplingOptions; `t2i decoder-train` writes it beside the stages as sampling.yaml."""
+    section = (load_yaml(config_path) or {}).get("sampling") if config_path is not None else None
+    if section:
+        try:
+            merge(SamplingOptions(), section)
+        except ConfigError as e:
+            raise ConfigError(f"{config_path}, sampling: {e}") from None
+    return section or None

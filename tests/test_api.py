@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from cli import app
 from tests.conftest import draw_glyphs
 from unclip import UnCLIPPipeline
 from unclip.errors import UserError
+from unclip.generation import generate_images
 from unclip.pipeline import SamplingOptions, steps_per_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +66,15 @@ def test_same_pixels_as_the_cli_and_batching_does_not_change_them(pipe, tiny_pip
     a = pipe("six", num_inference_steps=2, output_type="uint8").images
     torch.manual_seed(3)
     assert torch.equal(a, pipe("six", num_inference_steps=2, output_type="uint8").images)  # no generator: torch's seed
+
+
+def test_prior_candidates_reach_the_prior(pipe):
+    """generate_images (the CLI, the server, benchmarks/generation.py's sweep) passes every option, candidates too."""
+    one, two = (generate_images(pipe, "six", 4, replace(pipe.options(num_inference_steps=3), prior_candidates=c), seed=1)
+                for c in (1, 2))
+    assert not torch.equal(one, two)
+    assert torch.equal(two, pipe("six", num_images_per_prompt=4, num_inference_steps=3, generator=pipe.generator(seed=1),
+                                 output_type="uint8", prior_candidates=2).images)
 
 
 def test_callback_counts_every_denoising_step(pipe):

@@ -204,3 +204,23 @@ def test_a_pipeline_folder_carries_its_own_sampling_defaults(tiny_pipeline, tmp_
     r = run("generate", "--checkpoints", folder, *prompt, "--out", tmp_path / "c")
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
     assert "sampling.yaml: unknown config key stpes" in r.output
+
+
+def test_a_pipeline_config_may_carry_the_sampling_defaults_its_recipe_was_judged_with(tiny_pipeline, mnist_dir,
+                                                                                       tiny_config, tmp_path):
+    """A `sampling:` section of a pipeline config becomes OUT/sampling.yaml of `t2i decoder-train`; a bad key there
+    is a one-line error before anything trains."""
+    config = yaml.safe_load(tiny_config.read_text())
+    config["prior"]["model"]["whiten"] = True
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump({**config, "sampling": {"guidance": 1.5}}))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "sampling": {"guidence": 1.5}}))
+    common = ["--clip", tiny_pipeline / "clip", "--data-dir", mnist_dir, "--stage", "prior", "--max-steps", 2]
+    r = run("decoder-train", *common, "--config", tmp_path / "bad.yaml", "--out", tmp_path / "bad")
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "bad.yaml, sampling: unknown config key guidence" in r.output and not (tmp_path / "bad").exists()
+    r = run("decoder-train", *common, "--config", tmp_path / "good.yaml", "--out", tmp_path / "good")
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((tmp_path / "good" / "sampling.yaml").read_text()) == {"guidance": 1.5}
+    shutil.copytree(tiny_pipeline / "decoder", tmp_path / "good" / "decoder")  # the whitened prior in a pipeline
+    r = run("generate", "--checkpoints", tmp_path / "good", "--prompt", "six", "-n", 2, "--steps", 2, "--out", tmp_path / "g")
+    assert r.exit_code == 0, r.output

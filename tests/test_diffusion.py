@@ -8,6 +8,7 @@ from unclip.diffusion.gaussian import predict_eps, predict_x0, q_sample, to_x0, 
 from unclip.diffusion.sampling import classifier_free_guidance, sample, sampler_timesteps
 from unclip.diffusion.models import Diffusion
 from unclip.diffusion.schedule import alphas_cumprod, spaced_timesteps
+from unclip.models.prior import residual_whitening
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear"])
@@ -137,3 +138,18 @@ def test_guidance_combines_raw_predictions_then_clamps():
     assert torch.equal(decoder.x0(x, t, (torch.zeros(2, 4),), torch.zeros(2, dtype=torch.bool)), torch.full_like(x, 2.0))
     prior = Diffusion(net, alphas_cumprod("cosine", 10), "x0")  # embeddings: never clamped
     assert torch.equal(prior.denoiser((torch.zeros(2, 4),), 3.0)(x, t), torch.full_like(x, 6.0))
+
+
+def test_residual_whitening_makes_what_the_caption_leaves_open_white():
+    """x = text A + b + noise spread unevenly over rotated directions: after the whitening that noise has identity
+    covariance, and the coloring undoes the whitening."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(20_000, 6, generator=g)
+    A = torch.randn(6, 4, generator=g)
+    scales = torch.tensor([2.0, 0.5, 0.1, 0.05])
+    Q = torch.linalg.qr(torch.randn(4, 4, generator=g))[0]
+    x = text @ A + 3.0 + (torch.randn(20_000, 4, generator=g) * scales) @ Q.T
+    mean, whitening, coloring = residual_whitening(x, text)
+    residual = (x - text @ A - 3.0) @ whitening
+    torch.testing.assert_close(torch.cov(residual.T), torch.eye(4), atol=0.05, rtol=0)
+    torch.testing.assert_close(((x - mean) @ whitening) @ coloring + mean, x, atol=1e-3, rtol=1e-4)

@@ -70,10 +70,12 @@ class UnCLIPPipeline:
 
     def options(self, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                 prior_guidance_scale: Optional[float] = None, sampler: Optional[str] = None,
-                upsampler_steps: Optional[int] = None, strength: Optional[float] = None) -> SamplingOptions:
+                upsampler_steps: Optional[int] = None, strength: Optional[float] = None,
+                prior_candidates: Optional[int] = None) -> SamplingOptions:
         """This pipeline's sampling defaults with the settings given, checked against it."""
         return self.resolve({"steps": num_inference_steps, "guidance": guidance_scale, "prior_guidance": prior_guidance_scale,
-                             "sampler": sampler, "upsampler_steps": upsampler_steps, "strength": strength})
+                             "sampler": sampler, "upsampler_steps": upsampler_steps, "strength": strength,
+                             "prior_candidates": prior_candidates})
 
     def resolve(self, settings: dict) -> SamplingOptions:
         """This pipeline's sampling defaults (the library's, or its folder's sampling.yaml) with `settings`
@@ -128,13 +130,15 @@ class UnCLIPPipeline:
                  generator: Optional[torch.Generator] = None, output_type: str = "pil",
                  callback: Optional[StepCallback] = None, image: Optional[ImageInput] = None,
                  strength: Optional[float] = None, sampler: Optional[str] = None,
-                 upsampler_steps: Optional[int] = None, batch_size: int = BATCH_SIZE) -> UnCLIPOutput:
+                 upsampler_steps: Optional[int] = None, batch_size: int = BATCH_SIZE,
+                 prior_candidates: Optional[int] = None) -> UnCLIPOutput:
         """Text -> images: the prior turns each prompt into CLIP image embeddings, the decoder (and upsampler)
         draws them, `num_images_per_prompt` each, in batches of `batch_size`.
 
         `negative_prompt`: what to steer away from (Kandinsky 2.2's way: the prior's and the decoder's
         unconditional branches take it). `image` and `strength`: image-to-image (SDEdit); strength 0 returns
-        the image, 1 ignores it. Unset settings take `SamplingOptions`' defaults.
+        the image, 1 ignores it. `prior_candidates`: the prior's draws per image, the one nearest the prompt's
+        text embedding kept (DALL-E 2). Unset settings take the pipeline's defaults.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p.strip() for p in prompts):
@@ -145,7 +149,8 @@ class UnCLIPPipeline:
         if negatives is not None and all(not n.strip() for n in negatives):
             negatives = None  # an empty negative prompt is no negative prompt
         check_count(num_images_per_prompt, batch_size, output_type)
-        options = self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, upsampler_steps, strength)
+        options = self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, upsampler_steps, strength,
+                               prior_candidates)
         generator = self.generator(generator)
         captions = [p for p in prompts for _ in range(num_images_per_prompt)]
         negs = [n for n in negatives for _ in range(num_images_per_prompt)] if negatives else None

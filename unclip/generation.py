@@ -57,7 +57,7 @@ def generate_images(pipe: UnCLIPPipeline, prompt: str, num_samples: int, options
     for start in range(0, num_samples, batch_size):
         images = pipe(prompt, negative_prompt, min(batch_size, num_samples - start), options.steps, options.guidance,
                       options.prior_guidance, generator, "uint8", callback, init_image, options.strength,
-                      options.sampler, options.upsampler_steps, batch_size).images
+                      options.sampler, options.upsampler_steps, batch_size, options.prior_candidates).images
         if on_batch:
             on_batch(start, images)
         out.append(images)

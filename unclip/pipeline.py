@@ -14,7 +14,7 @@ from unclip.diffusion.models import Diffusion
 from unclip.errors import CheckpointError, ConfigError, UserError
 from unclip.images import resize
 from unclip.models.clip import CLIP
-from unclip.models.prior import DiffusionPrior
+from unclip.models.prior import DiffusionPrior, embed_scale
 from unclip.models.unet import UNet
 from unclip.models.upsampler import Upsampler, degrade, sampling_level
 from unclip.tokenizer import Tokenizer
@@ -81,11 +81,6 @@ def upsampler_diffusion(upsampler: Upsampler, cfg: UpsamplerConfig, device: torc
     m = cfg.model
     return Diffusion.build(upsampler, m.schedule, m.timesteps, m.prediction, device, clip_x0=1.0,
                            distilled_steps=m.distilled_steps)
-
-
-def embed_scale(dim: int) -> float:
-    """Unit-norm CLIP embeddings are scaled by sqrt(D) so each coordinate has about unit variance."""
-    return dim**0.5
 
 
 @torch.no_grad()
@@ -205,7 +200,7 @@ def sample_image_embeddings(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, 
     repeat = lambda c: tuple(x.repeat_interleave(candidates, 0) for x in c) if c is not None else None  # noqa: E731
     noise = torch.randn((B * candidates, D), generator=generator, device=generator.device)
     denoise = prior.denoiser(repeat(cond), guidance, repeat(negative))
-    emb = F.normalize(prior.sample(sampler, denoise, noise, steps, generator=generator, callback=callback), dim=-1)
+    emb = prior.net.decode(prior.sample(sampler, denoise, noise, steps, generator=generator, callback=callback))
     emb = emb.view(B, candidates, D)
     best = (emb @ F.normalize(cond[0], dim=-1)[:, :, None]).squeeze(-1).argmax(1)  # (B,)
     return emb[torch.arange(B), best]
