@@ -114,6 +114,8 @@ def kernel_variants(config: Path, repeats: int = 10) -> list[dict]:
                 for _ in range(3):
                     step()
                 warm = time.perf_counter() - warm
+                for _ in range(5):  # caches and allocator warm: the first variant timed is not the slower for it
+                    step()
                 start = time.perf_counter()
                 for _ in range(repeats):
                     step()

@@ -71,7 +71,8 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
     m.image_channels = clip_m.image_channels
     m.image_size = m.image_size or clip_m.image_size  # what CLIP sees, unless the decoder is a cascade's base
     cfg.clip_fingerprint = frozen.fingerprint
-    model = seeded(t.seed, lambda: UNet(m, clip_m.embed_dim, text_width=clip_m.text_width)).to(device)
+    model = seeded(t.seed, lambda: UNet(m, clip_m.embed_dim, text_width=clip_m.text_width))
+    model = model.to(device, memory_format=torch.channels_last)  # 1.07x a step on the CPU (README, "Throughput")
     base = decoder_diffusion(model, cfg, device)
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):

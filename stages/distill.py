@@ -48,7 +48,8 @@ def distill_stage(cfg: DistillConfig, student_cfg: DecoderConfig, teacher: Diffu
     """One round: the student (a copy of the teacher's network) learns the teacher's two-step chain in one step."""
     t, m = cfg.train, student_cfg.model
     device = teacher.ac.device
-    model = UNet(m, frozen.clip.config.embed_dim, text_width=frozen.clip.config.text_width).to(device)
+    model = UNet(m, frozen.clip.config.embed_dim, text_width=frozen.clip.config.text_width)
+    model = model.to(device, memory_format=torch.channels_last)  # as the decoder's
     model.load_state_dict(teacher.net.state_dict())
     base = decoder_diffusion(model, student_cfg, device)
 

@@ -30,7 +30,7 @@ SHOWN = 8  # validation images in the sample sheet
 def upsampler_stage(cfg: UpsamplerConfig, data: CaptionedImages | StreamedCaptions, val: CaptionedImages) -> Stage:
     t, m = cfg.train, cfg.model
     device = training_device(t.device)
-    model = seeded(t.seed, lambda: Upsampler(m)).to(device)
+    model = seeded(t.seed, lambda: Upsampler(m)).to(device, memory_format=torch.channels_last)  # as the decoder's
     base = upsampler_diffusion(model, cfg, device)
     levels = max(1, round(m.aug_max * m.timesteps))  # augmentation levels s drawn from [0, levels)
 

@@ -25,6 +25,14 @@ def test_tokenizer_pads_truncates_and_handles_any_text(caplog):
     assert long[0, -1] == 49407 and "truncated" in caplog.text
 
 
+def test_tokens_are_open_clips():
+    """The ids are open_clip.tokenize's (ours reuses the tokenizer its module builds, without the model zoo)."""
+    import open_clip
+
+    texts = ["a red 3 to the left of a blue 7", "six!", "Café &amp; déjà vu", "ñandú 六", "THREE  sevens\n"]
+    assert torch.equal(Tokenizer(16)(texts), open_clip.tokenize(texts, context_length=16))
+
+
 def test_loss_does_not_push_apart_captions_of_the_same_class():
     """Two images and two identical captions per class, classes well separated: nothing should move.
 

@@ -17,23 +17,21 @@ VOCAB_SIZE = 49408  # open_clip's BPE vocabulary, start and end tokens included;
 
 
 @lru_cache(maxsize=1)
-def _simple_tokenizer_class():
-    name = "open_clip.tokenizer"
-    if name in sys.modules:
-        return sys.modules[name].SimpleTokenizer
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("open_clip_torch is not installed: pip install -r requirements.txt")
-    path = f"{spec.submodule_search_locations[0]}/tokenizer.py"
-    module_spec = importlib.util.spec_from_file_location("_unclip_open_clip_tokenizer", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.SimpleTokenizer
-
-
-@lru_cache(maxsize=1)
 def _bpe():
-    return _simple_tokenizer_class()()
+    """open_clip's SimpleTokenizer with its defaults: the one its tokenizer module builds when it loads (building a
+    second would cost as much again, 0.1-0.2 s of every process's first caption)."""
+    name = "open_clip.tokenizer"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("open_clip_torch is not installed: pip install -r requirements.txt")
+        path = f"{spec.submodule_search_locations[0]}/tokenizer.py"
+        module_spec = importlib.util.spec_from_file_location("_unclip_open_clip_tokenizer", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    default = getattr(module, "_tokenizer", None)
+    return default if isinstance(default, module.SimpleTokenizer) else module.SimpleTokenizer()
 
 
 class Tokenizer:

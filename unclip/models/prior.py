@@ -87,13 +87,14 @@ def residual_whitening(x: torch.Tensor, text: torch.Tensor, floor: float = 1e-4)
 
     x (N, D) are image embeddings at the prior's scale, text (N, E) their captions' text embeddings. A ridge fit
     x ~ [text, 1] A leaves residuals of covariance U diag(lam) U^T (its eigenvalues floored at `floor` times the
-    largest); whitening = U diag(lam)^-1/2. For a class of digits that spreads 0.35 a coordinate, unevenly over
-    directions, the noise of a unit-variance diffusion then meets data of unit variance in every direction.
+    largest, or times x's variance a coordinate when the fit leaves almost nothing); whitening = U diag(lam)^-1/2.
+    For a class of digits that spreads 0.35 a coordinate, unevenly over directions, the noise of a unit-variance
+    diffusion then meets data of unit variance in every direction.
     """
     x, text = x.double(), text.double()
-    features = torch.cat([text, torch.ones(len(text), 1, dtype=text.dtype)], 1)
+    features = torch.cat([text, torch.ones(len(text), 1, dtype=text.dtype, device=text.device)], 1)
     gram = features.T @ features
-    ridge = 1e-3 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    ridge = 1e-3 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     residual = x - features @ torch.linalg.solve(gram + ridge, features.T @ x)
     lam, U = torch.linalg.eigh(residual.T @ residual / len(x))
     lam = lam.clamp(min=floor * max(lam.max().item(), x.var(0).mean().item()))
