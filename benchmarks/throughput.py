@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -86,7 +87,7 @@ def kernel_variants(config: Path, repeats: int = 10) -> list[dict]:
             net = DiffusionPrior(pri.model, D, clip.text_width, clip.text_context)
             x, cond, diffusion = prior_x, prior_cond, prior_diffusion(net, pri, cpu)
         if compiled:
-            diffusion = diffusion.__class__(**{**vars(diffusion), "net": torch.compile(net)})
+            diffusion = replace(diffusion, net=torch.compile(net))
         return net, diffusion, x, cond
 
     rows = []
