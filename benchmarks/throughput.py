@@ -30,6 +30,9 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stages.runs import read_metrics  # noqa: E402
 STAGES = ("clip", "prior", "decoder")
 
 
@@ -47,15 +50,13 @@ def overridden(config: Path, sets: list[str], folder: Path) -> Path:
 
 
 def steps_per_second(run: Path, skip: int) -> float:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    times = {r["step"]: r["time"] for r in records if "loss" in r}
+    times = {r["step"]: r["time"] for r in read_metrics(run)[0]}
     last = max(times)
     return (last - skip) / (times[last] - times[skip])
 
 
 def kernel_variants(config: Path, repeats: int = 10) -> list[dict]:
     """Milliseconds per training step of the decoder and the prior at the config's batch size, per variant."""
-    sys.path.insert(0, str(ROOT))
     from unclip.config import ClipConfig, DecoderConfig, PriorConfig, load_yaml, merge, stage_section
     from unclip.models.prior import DiffusionPrior
     from unclip.models.unet import UNet

@@ -25,14 +25,17 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stages.runs import read_metrics  # noqa: E402
 RECIPES = {"old (x0, not whitened)": {"prediction": "x0", "whiten": False},
            "new (v, whitened)": {"prediction": "v", "whiten": True}}
 
 
 def prior_minutes(pipeline: Path) -> float:
     """The prior's share of train_pipeline.py's prior+decoder process: its own training time from metrics.jsonl."""
-    records = [json.loads(line) for line in (pipeline / "prior" / "metrics.jsonl").read_text().splitlines()]
-    return max(r["time"] for r in records) / 60
+    steps, validations = read_metrics(pipeline / "prior")
+    return max(r["time"] for r in steps + validations) / 60
 
 
 def main() -> None:
@@ -46,11 +49,10 @@ def main() -> None:
     args = ap.parse_args()
     t2i = str(Path(sys.executable).parent / "t2i")
     data = ["--data-dir", args.data_dir] if args.data_dir else []
-    trained = json.loads((args.pipeline / "train.json").read_text())["train_seconds"] \
-        if (args.pipeline / "train.json").is_file() else None
-    if trained is None:
+    if not (args.pipeline / "train.json").is_file():
         sys.exit(f"{args.pipeline}/train.json is missing: train the pipeline with benchmarks/train_pipeline.py "
                  f"--run {args.pipeline} --out {args.pipeline.parent} first")
+    trained = json.loads((args.pipeline / "train.json").read_text())["train_seconds"]
     fixed = trained["clip"] / 60 + trained["prior+decoder"] / 60 - prior_minutes(args.pipeline)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

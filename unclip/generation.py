@@ -55,9 +55,11 @@ def generate_images(pipe: UnCLIPPipeline, prompt: str, num_samples: int, options
     generator = pipe.generator(seed=seed)
     out = []
     for start in range(0, num_samples, batch_size):
-        images = pipe(prompt, negative_prompt, min(batch_size, num_samples - start), options.steps, options.guidance,
-                      options.prior_guidance, generator, "uint8", callback, init_image, options.strength,
-                      options.sampler, options.upsampler_steps, batch_size, options.prior_candidates).images
+        images = pipe(prompt, negative_prompt, min(batch_size, num_samples - start), generator=generator,
+                      output_type="uint8", callback=callback, image=init_image, batch_size=batch_size,
+                      num_inference_steps=options.steps, guidance_scale=options.guidance,
+                      prior_guidance_scale=options.prior_guidance, strength=options.strength, sampler=options.sampler,
+                      upsampler_steps=options.upsampler_steps, prior_candidates=options.prior_candidates).images
         if on_batch:
             on_batch(start, images)
         out.append(images)
