@@ -62,12 +62,13 @@ def test_degrade_is_the_upsampled_image_at_level_zero_and_noise_at_the_top():
     assert blurred.std() < clean.std() * 0.9  # a blur removes the high frequencies
 
 
-def test_the_decoder_reads_the_caption_tokens_it_is_shown_and_none_when_dropped():
+@pytest.mark.parametrize("glide", [{}, {"text_layers": 1, "text_levels": [0, 1]}], ids=["clip-tokens", "own-encoder"])
+def test_the_decoder_reads_the_caption_tokens_it_is_shown_and_none_when_dropped(glide):
     from unclip.config import DecoderModelConfig
     from unclip.models.unet import UNet
 
     torch.manual_seed(0)
-    net = UNet(DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, text_tokens=True), 8, text_width=12)
+    net = UNet(DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, text_tokens=True, **glide), 8, text_width=12)
     for p in net.parameters():  # the output layers start at zero: give every weight a say
         torch.nn.init.normal_(p, std=0.2)
     x, t, emb = torch.randn(2, 1, 16, 16), torch.tensor([10, 500]), torch.randn(2, 8)
@@ -77,6 +78,57 @@ def test_the_decoder_reads_the_caption_tokens_it_is_shown_and_none_when_dropped(
     assert not torch.allclose(net(x, t, emb, a, shown, drop=keep), net(x, t, emb, b, shown, drop=keep))
     torch.testing.assert_close(net(x, t, emb, a, hidden, drop=keep), net(x, t, emb, b, hidden, drop=keep))
     torch.testing.assert_close(net(x, t, emb, a, shown, drop=drop), net(x, t, emb, b, shown, drop=drop))
+
+
+def test_new_text_layers_start_as_the_identity_so_a_fine_tuned_decoder_starts_where_it_was():
+    from dataclasses import replace
+
+    from unclip.config import DecoderModelConfig
+    from unclip.models.unet import UNet
+
+    torch.manual_seed(0)
+    cfg = DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, text_tokens=True)
+    old, new = UNet(cfg, 8, text_width=12), UNet(replace(cfg, text_layers=2, text_levels=[0, 1]), 8, text_width=12)
+    for p in old.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    missing = new.load_state_dict(old.state_dict(), strict=False).missing_keys
+    assert {k.split(".")[0] for k in missing} == {"reads", "text_encoder"}
+    x, t, emb, text = torch.randn(3, 1, 16, 16), torch.tensor([10, 500, 900]), torch.randn(3, 8), torch.randn(3, 5, 12)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)  # the last one dropped
+    out = new(x, t, emb, text, mask, drop=torch.zeros(3, dtype=torch.bool))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, old(x, t, emb, text, mask, drop=torch.zeros(3, dtype=torch.bool)))
+
+
+def test_text_layers_and_levels_are_checked_when_the_decoder_is_built():
+    from unclip.config import DecoderModelConfig
+    from unclip.errors import ConfigError
+    from unclip.models.unet import UNet
+
+    with pytest.raises(ConfigError, match="need text_tokens: true"):
+        UNet(DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, text_layers=1), 8)
+    with pytest.raises(ConfigError, match=r"text_levels \[2\] must be levels 0 to 1"):
+        UNet(DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, text_tokens=True, text_levels=[2]), 8, text_width=12)
+
+
+def test_init_fine_tunes_a_stage_from_saved_weights_and_new_layers_start_fresh(cascade, tmp_path):
+    from safetensors.torch import load_file
+
+    config = tmp_path / "glide.yaml"
+    glide = {**CASCADE["decoder"]["model"], "text_layers": 1, "text_levels": [0]}
+    config.write_text(yaml.safe_dump({**CASCADE, "decoder": {**CASCADE["decoder"], "model": glide}}))
+    r = run("decoder-train", "--clip", cascade / "clip", "--config", config, "--stage", "decoder", "--init", cascade,
+            "--max-steps", 1, "--lr", 0, "--out", tmp_path / "tuned")
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())  # rich wraps long lines
+    assert "decoder: starting from" in said and "new: reads, text_encoder" in said
+    before, after = load_file(cascade / "decoder" / "model.safetensors"), load_file(tmp_path / "tuned" / "decoder" / "model.safetensors")
+    assert set(before) < set(after)
+    for k, v in before.items():  # at lr 0 the step leaves the loaded weights as they were
+        torch.testing.assert_close(after[k], v)
+    r = run("decoder-train", "--clip", cascade / "clip", "--config", config, "--stage", "decoder",
+            "--init", cascade / "upsampler", "--max-steps", 1, "--out", tmp_path / "wrong")
+    assert r.exit_code == 1 and "does not fit this decoder" in r.output and "Traceback" not in r.output
 
 
 def test_the_cascade_draws_at_the_upsampler_size_reproducibly(cascade, tmp_path):

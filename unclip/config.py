@@ -51,6 +51,9 @@ class TrainConfig:
     ckpt_every: int = 500
     sample_every: int = 0  # 0: only at the end (stages that sample)
     tensorboard: bool = False  # also log to OUT/tensorboard (the tensorboard extra)
+    # fine-tuning: a stage folder (or a pipeline folder / shipped name holding one of this stage's name) whose
+    # weights start the run; layers it lacks (newly configured ones) start as they are built. Ignored by --resume.
+    init: Optional[str] = None
 
 
 @dataclass
@@ -147,6 +150,12 @@ class DecoderModelConfig:
     # the lowest-resolution attention reads; while training the caption alone is dropped `text_drop` of the time.
     text_tokens: bool = False
     text_drop: float = 0.5
+    # GLIDE trains its text encoder with the decoder: this many bidirectional Transformer layers over the token
+    # features (CLIP's are causal, so a word there cannot see the digit it describes after it); 0 reads them as they are.
+    text_layers: int = 0
+    # levels (0: the first, after the patch fold) whose every residual block is followed by a cross-attention from
+    # the pixels, each with a learned position, to the context: where the caption says what goes where.
+    text_levels: list[int] = field(default_factory=list)
     # set by t2i distill: the network samples with DDIM in exactly this many steps (a trailing chain); 0 = any
     distilled_steps: int = 0
 

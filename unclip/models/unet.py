@@ -45,32 +45,37 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention over pixels, with the conditioning tokens appended to the keys and values."""
+    """The pixels attend to the conditioning tokens and to each other (GLIDE). With `side`, a cross-attention
+    only: each pixel, told where it is by a learned positional embedding (side x side), reads the tokens; the
+    pixel-to-pixel part, which costs most above the lowest level, is left out."""
 
-    def __init__(self, c: int, heads: int, context_dim: int):
+    def __init__(self, c: int, heads: int, context_dim: int, side: int = 0):
         super().__init__()
         self.heads = heads
         self.norm = norm(c)
-        self.qkv = nn.Linear(c, 3 * c)
+        self.pos = nn.Parameter(torch.randn(1, c, side, side) * 0.02) if side else None
+        self.q = nn.Linear(c, c) if side else None
+        self.qkv = None if side else nn.Linear(c, 3 * c)
         self.context_kv = nn.Linear(context_dim, 2 * c)
         self.out = nn.Linear(c, c)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, C, H, W); context (B, K, C); context_mask (B, K) True where a context token may be read."""
+        """x (B, C, H, W); context (B, K, C_ctx); context_mask (B, K) True where a context token may be read."""
         B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = self.qkv(h).chunk(3, dim=-1)
-        ck, cv = self.context_kv(context).chunk(2, dim=-1)  # (B, K, C)
-        k, v = torch.cat([k, ck], 1), torch.cat([v, cv], 1)
+        k, v = self.context_kv(context).chunk(2, dim=-1)  # (B, K, C)
+        mask = None if context_mask is None else context_mask[:, None, None]
+        if self.q is not None:
+            q = self.q((self.norm(x) + self.pos).flatten(2).transpose(1, 2))  # (B, HW, C)
+        else:
+            q, pk, pv = self.qkv(self.norm(x).flatten(2).transpose(1, 2)).chunk(3, dim=-1)  # (B, HW, C) each
+            k, v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
+            if mask is not None:
+                mask = torch.cat([torch.ones(B, H * W, dtype=torch.bool, device=x.device), context_mask], 1)[:, None, None]
         split = lambda z: z.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # noqa: E731
-        mask = None
-        if context_mask is not None:
-            mask = torch.cat([torch.ones(B, H * W, dtype=torch.bool, device=x.device), context_mask], 1)[:, None, None]
         a = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)  # (B, heads, HW, C / heads)
-        a = a.transpose(1, 2).reshape(B, H * W, C)
-        return x + self.out(a).transpose(1, 2).view(B, C, H, W)
+        return x + self.out(a.transpose(1, 2).reshape(B, H * W, C)).transpose(1, 2).view(B, C, H, W)
 
 
 class UNet(nn.Module):
@@ -89,19 +94,33 @@ class UNet(nn.Module):
         self.text_in = nn.Linear(text_width, w[-1]) if cfg.text_tokens else None
         if cfg.text_tokens and not text_width:
             raise ConfigError("decoder text_tokens needs the width of CLIP's text features")
+        if (cfg.text_layers or cfg.text_levels) and not cfg.text_tokens:
+            raise ConfigError("decoder text_layers and text_levels need text_tokens: true")
+        if any(not 0 <= level < len(w) for level in cfg.text_levels):
+            raise ConfigError(f"decoder text_levels {cfg.text_levels} must be levels 0 to {len(w) - 1}")
+        layer = nn.TransformerEncoderLayer(w[-1], cfg.heads, 4 * w[-1], dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        for residual in (layer.self_attn.out_proj, layer.linear2):  # each layer starts as the identity, like the
+            nn.init.zeros_(residual.weight)                          # blocks here, so a decoder fine-tuned with
+            nn.init.zeros_(residual.bias)                            # new text layers starts as it was
+        self.text_encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False) if cfg.text_layers else None
         if cfg.image_size % (cfg.patch * 2 ** (len(w) - 1)):
             raise ConfigError(f"decoder image_size {cfg.image_size} must be divisible by patch * 2^(levels - 1) "
                               f"= {cfg.patch * 2 ** (len(w) - 1)}")
         pixels = cfg.image_channels * cfg.patch**2
         self.stem = nn.Conv2d(pixels + image_inputs * cfg.patch**2, w[0], 3, padding=1)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        self.reads = nn.ModuleDict()  # "down{level}_{block}" / "up{level}_{block}" -> a cross-Attention, at text_levels
+        side = (cfg.image_size or 0) // cfg.patch
         skips, c = [w[0]], w[0]
         for level, width in enumerate(w):
             blocks = nn.ModuleList()
-            for _ in range(cfg.blocks):
+            for b in range(cfg.blocks):
                 blocks.append(ResBlock(c, width, emb_dim, cfg.dropout))
                 c = width
                 skips.append(c)
+                if level in cfg.text_levels:
+                    self.reads[f"down{level}_{b}"] = Attention(c, cfg.heads, w[-1], side >> level)
             self.down.append(blocks)
             if level + 1 < len(w):
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
@@ -112,9 +131,11 @@ class UNet(nn.Module):
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for level, width in reversed(list(enumerate(w))):
             blocks = nn.ModuleList()
-            for _ in range(cfg.blocks + 1):
+            for b in range(cfg.blocks + 1):
                 blocks.append(ResBlock(c + skips.pop(), width, emb_dim, cfg.dropout))
                 c = width
+                if level in cfg.text_levels:
+                    self.reads[f"up{level}_{b}"] = Attention(c, cfg.heads, w[-1], side >> level)
             self.up.append(blocks)
             if level > 0:
                 self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
@@ -135,22 +156,29 @@ class UNet(nn.Module):
         context = self.context_in(cond).view(x.shape[0], self.config.context_tokens, -1)  # (B, K, C_low)
         context_mask = None
         if self.text_in is not None and text_tokens is not None:
-            context = torch.cat([context, self.text_in(text_tokens)], 1)  # (B, K + L, C_low)
+            text = self.text_in(text_tokens)  # (B, L, C_low)
+            if self.text_encoder is not None:  # a caption dropped whole still runs, unread: all-masked rows are NaN
+                text = self.text_encoder(text, src_key_padding_mask=~text_mask & text_mask.any(1, keepdim=True))
+            context = torch.cat([context, text], 1)  # (B, K + L, C_low)
             keep = torch.ones(context.shape[0], self.config.context_tokens, dtype=torch.bool, device=x.device)
             context_mask = torch.cat([keep, text_mask & ~drop[:, None]], 1)
+
+        def read(key: str, h: torch.Tensor) -> torch.Tensor:
+            return self.reads[key](h, context, context_mask) if key in self.reads else h
+
         h = self.stem(F.pixel_unshuffle(x, self.config.patch))  # (B, C p^2, H / p, W / p) -> (B, w0, ., .)
         hs = [h]
         for level, blocks in enumerate(self.down):
-            for block in blocks:
-                h = block(h, emb)
+            for b, block in enumerate(blocks):
+                h = read(f"down{level}_{b}", block(h, emb))
                 hs.append(h)
             if level < len(self.downsample):
                 h = self.downsample[level](h)
                 hs.append(h)
         h = self.mid2(self.mid_attn(self.mid1(h, emb), context, context_mask), emb)
-        for level, blocks in enumerate(self.up):
-            for block in blocks:
-                h = block(torch.cat([h, hs.pop()], dim=1), emb)
-            if level < len(self.upsample):
-                h = self.upsample[level](F.interpolate(h, scale_factor=2, mode="nearest"))
+        for i, blocks in enumerate(self.up):  # the levels from the lowest up
+            for b, block in enumerate(blocks):
+                h = read(f"up{len(self.up) - 1 - i}_{b}", block(torch.cat([h, hs.pop()], dim=1), emb))
+            if i < len(self.upsample):
+                h = self.upsample[i](F.interpolate(h, scale_factor=2, mode="nearest"))
         return F.pixel_shuffle(self.out(h), self.config.patch)  # (B, C, H, W)
