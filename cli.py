@@ -93,6 +93,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
 DeviceOpt = Annotated[Optional[Device], typer.Option("--device")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run saved in the output folder.")]
 TensorboardOpt = Annotated[bool, typer.Option("--tensorboard", help="Also log to OUT/tensorboard (the tensorboard extra).")]
+InitOpt = Annotated[Optional[str], typer.Option("--init", help="Fine-tune: start from this stage folder's weights (or a pipeline folder's, or a shipped pipeline's, stage of the same name); new layers start fresh.")]
 
 
 def train_overrides(**flags) -> dict:
@@ -112,6 +113,7 @@ def clip_train(
     out: Annotated[Path, typer.Option("--out", help="Run folder: weights, metrics, resume state.")] = Path("runs/clip"),
     epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
     seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
+    init: InitOpt = None,
 ) -> None:
     """Stage one: train CLIP contrastively on captioned images."""
     from stages.clip import train_clip
@@ -121,7 +123,7 @@ def clip_train(
     cfg = merge(load_config(ClipConfig, config), train_overrides(
         data=data, data_dir=data_dir, image_column=image_column, text_column=text_column, stream=stream,
         workers=workers, epochs=epochs,
-        max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device, tensorboard=tensorboard or None))
+        max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device, tensorboard=tensorboard or None, init=init))
     last = train_clip(cfg, out, resume)
     if not last.get("interrupted") and is_main():
         console.print(f"CLIP saved to {out}" + (f" (val zero-shot {last['val_zero_shot']:.4f})" if "val_zero_shot" in last else ""))
@@ -238,6 +240,7 @@ def decoder_train(
     stage: Annotated[StageChoice, typer.Option("--stage")] = StageChoice.both,
     epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
     seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
+    init: InitOpt = None,
 ) -> None:
     """Stage two: train the diffusion prior and/or the decoder against a frozen CLIP."""
     from stages.distributed import is_main
@@ -246,7 +249,7 @@ def decoder_train(
     flags = train_overrides(data=data, data_dir=data_dir, image_column=image_column, text_column=text_column,
                             stream=stream, workers=workers, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                             lr=lr, seed=seed, device=device,
-                            tensorboard=tensorboard or None)
+                            tensorboard=tensorboard or None, init=init)
     stages = ["prior", "decoder"] if stage == StageChoice.both else [stage.value]
     if train_stage_two(clip, config, flags, out, stages, resume) and is_main():
         console.print(f"pipeline saved to {out} (generate with: t2i generate --checkpoints {out} --prompt ...)")
@@ -260,6 +263,7 @@ def upsampler_train(
     workers: WorkersOpt = None,
     epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
     seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
+    init: InitOpt = None,
 ) -> None:
     """DALL-E 2's cascade: a diffusion upsampler from the decoder's image size to the config's (64 by default)."""
     from stages.distributed import is_main
@@ -268,7 +272,7 @@ def upsampler_train(
     flags = train_overrides(data=data, data_dir=data_dir, image_column=image_column, text_column=text_column,
                             stream=stream, workers=workers, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                             lr=lr, seed=seed, device=device,
-                            tensorboard=tensorboard or None)
+                            tensorboard=tensorboard or None, init=init)
     last = train_upsampler(pipeline, config, flags, resume)
     if not last.get("interrupted") and is_main():
         console.print(f"upsampler saved to {pipeline / 'upsampler'}; t2i generate --checkpoints {pipeline} now runs it")
@@ -287,6 +291,7 @@ def distill(
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Per round; overrides --epochs.")] = None,
     batch_size: BatchOpt = None, lr: LrOpt = None,
     seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
+    init: InitOpt = None,
 ) -> None:
     """Progressive distillation: a decoder that samples in a few DDIM steps, as a new pipeline folder."""
     from stages.distill import distill as run_distill
@@ -294,7 +299,7 @@ def distill(
 
     flags = train_overrides(data=data, data_dir=data_dir, image_column=image_column, text_column=text_column,
                             stream=stream, workers=workers, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                            lr=lr, seed=seed, device=device, tensorboard=tensorboard or None)
+                            lr=lr, seed=seed, device=device, tensorboard=tensorboard or None, init=init)
     flags.update({k: v for k, v in (("steps", steps), ("teacher_steps", teacher_steps)) if v is not None})
     last = run_distill(pipeline, out, config, flags, resume)
     if not last.get("interrupted") and is_main():

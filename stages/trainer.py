@@ -29,8 +29,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from stages import distributed as dist
 from stages.samples import save_progress_gif
-from unclip.checkpoint import atomic_write, atomic_write_text, save_checkpoint
-from unclip.config import TrainConfig
+from unclip.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_write, atomic_write_text, load_state, resolve_folder,
+                               save_checkpoint)
+from unclip.config import TrainConfig, load_yaml
 from unclip.data import CaptionedImages
 from unclip.data.stream import StreamedCaptions
 from unclip.errors import UserError
@@ -217,6 +218,29 @@ class Run:
         if dist.is_main():
             self.elapsed = _rewind_metrics(self.out / METRICS_FILE, self.step)
 
+    def initialize(self, spec: str) -> None:
+        """Start from the weights of the stage folder `spec` (TrainConfig.init). Its layers must have this
+        model's shapes; the model's layers it lacks keep their fresh weights and are listed."""
+        folder = resolve_folder(spec)
+        if (folder / self.stage.name / WEIGHTS_FILE).is_file():  # a pipeline folder: its stage of this name
+            folder = folder / self.stage.name
+        state, reference = load_state(folder), self.model.state_dict()
+        wrong = [k for k, v in state.items() if k not in reference or reference[k].shape != v.shape]
+        if wrong:
+            raise UserError(f"--init {spec}: {folder} does not fit this {self.stage.name} "
+                            f"({len(wrong)} tensors differ, e.g. {wrong[0]}); fine-tuning keeps the shapes")
+        recorded = (load_yaml(folder / CONFIG_FILE) or {}).get("clip_fingerprint") if (folder / CONFIG_FILE).is_file() else None
+        expected = getattr(self.stage.config, "clip_fingerprint", None)
+        if recorded and expected and recorded != expected:
+            raise UserError(f"--init {spec}: {folder} was trained against another CLIP (fingerprint {recorded}, "
+                            f"this run's is {expected})")
+        self.model.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items()}, strict=False)
+        if self.ema is not None:
+            self.ema.load_state_dict(self.model.state_dict())
+        fresh = sorted({k.split(".")[0] for k in reference.keys() - state.keys()})
+        if dist.is_main():
+            console.print(f"{self.stage.name}: starting from {folder}" + (f"; new: {', '.join(fresh)}" if fresh else ""))
+
     def save(self) -> None:
         """Every rank calls this (it holds collectives); rank 0 writes."""
         if self.stage.finalize is not None:
@@ -274,6 +298,8 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False,
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     if resume:
         run.restore()
+    elif cfg.init:
+        run.initialize(cfg.init)
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
     log = open(run.out / METRICS_FILE, "a", buffering=1) if main else None  # line-buffered: `tail -f` follows it
