@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,6 +38,7 @@ from unclip.data.scene_captions import NEGATIVES, PLACE_TERMS, TASKS, Spec, capt
 from unclip.data.scenes import HELD_OUT, SIZE, Scene, render, sample_scene  # noqa: E402
 from unclip.images import grid, resize, save_png, to_uint8  # noqa: E402
 from unclip.models.clip import CLIP  # noqa: E402
+from unclip.config import merge  # noqa: E402
 from unclip.pipeline import Pipeline, SamplingOptions, draw, load_clip, prior_cosine  # noqa: E402
 from unclip.tokenizer import Tokenizer  # noqa: E402
 from unclip.zeroshot import encode_images, encode_texts  # noqa: E402
@@ -178,7 +180,8 @@ def main() -> None:
     ap.add_argument("--per-prompt", type=int, default=4)
     ap.add_argument("--negatives", type=int, default=2000, help="test scenes for the hard-negative table")
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
-    ap.add_argument("--upsampler-steps", type=int, default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a sampling option over the pipeline's defaults (guidance=2, steps=20, upsampler_steps=20, ...)")
     ap.add_argument("--base-only", action="store_true",
                     help="skip the upsampler: the decoder's images, enlarged bilinearly to 64x64, are scored")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scenes")
@@ -203,9 +206,7 @@ def main() -> None:
         if args.base_only:
             pipe.upsampler = pipe.upsampler_config = None
     if "generation" in parts:
-        options = SamplingOptions()
-        if args.upsampler_steps is not None:
-            options = replace(options, upsampler_steps=args.upsampler_steps)
+        options = merge(pipe.defaults, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.overrides)})
         report["options"] = {**vars(options), "base_only": args.base_only}
         start = time.perf_counter()
         images = generate_sets(pipe, sets, args.per_prompt, options)
