@@ -39,7 +39,8 @@ from unclip.data.scenes import HELD_OUT, SIZE, Scene, render, sample_scene  # no
 from unclip.images import grid, resize, save_png, to_uint8  # noqa: E402
 from unclip.models.clip import CLIP  # noqa: E402
 from unclip.config import merge  # noqa: E402
-from unclip.pipeline import Pipeline, SamplingOptions, draw, load_clip, prior_cosine  # noqa: E402
+from unclip.pipeline import (Pipeline, SamplingOptions, decode_and_upsample, draw, load_clip, prior_cosine,  # noqa: E402
+                             prompt_conditions)
 from unclip.tokenizer import Tokenizer  # noqa: E402
 from unclip.zeroshot import encode_images, encode_texts  # noqa: E402
 
@@ -91,15 +92,27 @@ def score(judge, images: torch.Tensor, specs: list[Spec]) -> list[bool]:
 
 
 @torch.no_grad()
-def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: SamplingOptions, batch: int = 64) -> dict:
-    """Per set, uint8 images (prompts x per_prompt, 3, 64, 64) (enlarged if the pipeline draws smaller)."""
+def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: SamplingOptions, batch: int = 64,
+                  true_embeddings: bool = False) -> dict:
+    """Per set, uint8 images (prompts x per_prompt, 3, 64, 64) (enlarged if the pipeline draws smaller). With
+    `true_embeddings` the prior is bypassed: each sample is decoded from the CLIP image embedding of one
+    rendering of its prompt's real scene, with the caption (what a perfect prior would hand the decoder)."""
     out = {}
     for name, items in sets.items():
         prompts = [text for text, _, _ in items for _ in range(per_prompt)]
+        real = torch.cat([im for _, _, im in items])
         images = []
         for start in range(0, len(prompts), batch):
             generator = torch.Generator(pipe.device).manual_seed(start)
-            images.append(to_uint8(resize(draw(pipe, prompts[start : start + batch], options, generator), SIZE)))
+            captions = prompts[start : start + batch]
+            if true_embeddings:
+                cond, _ = prompt_conditions(pipe.clip, pipe.tokenizer, captions)
+                emb = encode_images(pipe.clip, real[start : start + batch])
+                drawn = decode_and_upsample(pipe, emb, options, generator,
+                                            text=cond[1:] if pipe.decoder_config.model.text_tokens else None)
+            else:
+                drawn = draw(pipe, captions, options, generator)
+            images.append(to_uint8(resize(drawn, SIZE)))
         out[name] = torch.cat(images)
         print(f"  generated {name}: {len(prompts)} images", flush=True)
     return out
@@ -151,12 +164,14 @@ def time_generate(checkpoints: str, runs: int = 3) -> float:
 def table(report: dict) -> list[str]:
     lines = []
     if "generation" in report or "ceiling" in report:
-        gen, ceil = report.get("generation", {}), report.get("ceiling", {})
-        lines += ["| task | generated | real scenes (ceiling) | prompts x images |", "| --- | --- | --- | --- |"]
+        gen, ceil, base = report.get("generation", {}), report.get("ceiling", {}), report.get("ceiling_base", {})
+        side = f"{report['base_size']}x{report['base_size']}" if "base_size" in report else "the base's size"
+        lines += [f"| task | generated | real scenes (ceiling) | real scenes at {side}, enlarged | prompts x images |",
+                  "| --- | --- | --- | --- | --- |"]
+        cell = lambda d, name: f"{d[name]:.3f}" if name in d else "-"  # noqa: E731
         for name in [*TASKS, "overall", "held-out pairs", "held-out phrasings"]:
-            g = f"{gen[name]:.3f}" if name in gen else "-"
-            c = f"{ceil[name]:.3f}" if name in ceil else "-"
-            lines.append(f"| {name} | {g} | {c} | {report.get('counts', {}).get(name, '-')} |")
+            lines.append(f"| {name} | {cell(gen, name)} | {cell(ceil, name)} | {cell(base, name)} | "
+                         f"{report.get('counts', {}).get(name, '-')} |")
     if "negatives" in report:
         lines += ["", "| CLIP hard negative | true caption ranked first | pairs | example (true / negative) |",
                   "| --- | --- | --- | --- |"]
@@ -184,6 +199,10 @@ def main() -> None:
                     help="a sampling option over the pipeline's defaults (guidance=2, steps=20, upsampler_steps=20, ...)")
     ap.add_argument("--base-only", action="store_true",
                     help="skip the upsampler: the decoder's images, enlarged bilinearly to 64x64, are scored")
+    ap.add_argument("--base-size", type=int, default=32,
+                    help="the ceiling also at this size: real scenes shrunk to it and enlarged (a base decoder's ceiling); 0: skip")
+    ap.add_argument("--true-embeddings", action="store_true",
+                    help="bypass the prior: decode the CLIP image embedding of each prompt's real scene (the prior's ceiling)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scenes")
     args = ap.parse_args()
     parts = set(args.only.split(","))
@@ -200,6 +219,13 @@ def main() -> None:
             real = torch.cat([im for _, _, im in items])
             report["ceiling"][name] = float(np.mean(score(judge, real, [s for _, s, im in items for _ in im])))
         report["ceiling"]["overall"] = float(np.mean([report["ceiling"][t] for t in TASKS]))
+        if args.base_size:  # the same real scenes shrunk to the base decoder's size and enlarged as --base-only does
+            shrunk = {name: to_uint8(resize(resize(torch.cat([im for _, _, im in items]).float() / 127.5 - 1,
+                                                   args.base_size), SIZE)) for name, items in sets.items()}
+            report["ceiling_base"] = {name: float(np.mean(score(judge, shrunk[name], [s for _, s, im in items for _ in im])))
+                                      for name, items in sets.items()}
+            report["ceiling_base"]["overall"] = float(np.mean([report["ceiling_base"][t] for t in TASKS]))
+            report["base_size"] = args.base_size
     pipe = None
     if parts & {"generation", "prior"}:
         pipe = Pipeline.load(args.checkpoints, "cpu")
@@ -207,9 +233,9 @@ def main() -> None:
             pipe.upsampler = pipe.upsampler_config = None
     if "generation" in parts:
         options = merge(pipe.defaults, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.overrides)})
-        report["options"] = {**vars(options), "base_only": args.base_only}
+        report["options"] = {**vars(options), "base_only": args.base_only, "true_embeddings": args.true_embeddings}
         start = time.perf_counter()
-        images = generate_sets(pipe, sets, args.per_prompt, options)
+        images = generate_sets(pipe, sets, args.per_prompt, options, true_embeddings=args.true_embeddings)
         report["generation_seconds"] = time.perf_counter() - start
         report["generation"] = {}
         for name, items in sets.items():
