@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -91,25 +92,29 @@ def score(judge, images: torch.Tensor, specs: list[Spec]) -> list[bool]:
     return [spec.met_by(found) for spec, found in zip(specs, read_scenes(judge, images))]
 
 
+def task_scores(judge, images: dict[str, torch.Tensor], specs: dict[str, list[Spec]]) -> dict[str, float]:
+    """Per set, the share of its images that meet their Spec; "overall" is the mean over GenEval's six tasks."""
+    out = {name: float(np.mean(score(judge, images[name], specs[name]))) for name in images}
+    return {**out, "overall": float(np.mean([out[t] for t in TASKS]))}
+
+
 @torch.no_grad()
 def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: SamplingOptions, batch: int = 64,
-                  true_embeddings: bool = False) -> dict:
+                  true_embeddings: Optional[dict[str, torch.Tensor]] = None) -> dict:
     """Per set, uint8 images (prompts x per_prompt, 3, 64, 64) (enlarged if the pipeline draws smaller). With
-    `true_embeddings` the prior is bypassed: each sample is decoded from the CLIP image embedding of one
-    rendering of its prompt's real scene, with the caption (what a perfect prior would hand the decoder)."""
+    `true_embeddings` (per set, the real renderings, one a sample) the prior is bypassed: each sample is decoded
+    from its rendering's CLIP image embedding, with the caption (what a perfect prior would hand the decoder)."""
     out = {}
     for name, items in sets.items():
         prompts = [text for text, _, _ in items for _ in range(per_prompt)]
-        real = torch.cat([im for _, _, im in items])
         images = []
         for start in range(0, len(prompts), batch):
             generator = torch.Generator(pipe.device).manual_seed(start)
             captions = prompts[start : start + batch]
-            if true_embeddings:
+            if true_embeddings is not None:  # the decoder's condition leaves the caption out if it reads none
                 cond, _ = prompt_conditions(pipe.clip, pipe.tokenizer, captions)
-                emb = encode_images(pipe.clip, real[start : start + batch])
-                drawn = decode_and_upsample(pipe, emb, options, generator,
-                                            text=cond[1:] if pipe.decoder_config.model.text_tokens else None)
+                emb = encode_images(pipe.clip, true_embeddings[name][start : start + batch])
+                drawn = decode_and_upsample(pipe, emb, options, generator, text=cond[1:])
             else:
                 drawn = draw(pipe, captions, options, generator)
             images.append(to_uint8(resize(drawn, SIZE)))
@@ -213,18 +218,13 @@ def main() -> None:
     judge = load_judge(args.data_dir)
     sets = prompt_sets(glyphs, args.prompts, args.per_prompt)
     report: dict = {"checkpoints": args.checkpoints, "counts": {}}
+    real = {name: torch.cat([im for _, _, im in items]) for name, items in sets.items()}  # per_prompt a prompt
+    specs = {name: [spec for _, spec, im in items for _ in im] for name, items in sets.items()}
     if "ceiling" in parts:
-        report["ceiling"] = {}
-        for name, items in sets.items():
-            real = torch.cat([im for _, _, im in items])
-            report["ceiling"][name] = float(np.mean(score(judge, real, [s for _, s, im in items for _ in im])))
-        report["ceiling"]["overall"] = float(np.mean([report["ceiling"][t] for t in TASKS]))
+        report["ceiling"] = task_scores(judge, real, specs)
         if args.base_size:  # the same real scenes shrunk to the base decoder's size and enlarged as --base-only does
-            shrunk = {name: to_uint8(resize(resize(torch.cat([im for _, _, im in items]).float() / 127.5 - 1,
-                                                   args.base_size), SIZE)) for name, items in sets.items()}
-            report["ceiling_base"] = {name: float(np.mean(score(judge, shrunk[name], [s for _, s, im in items for _ in im])))
-                                      for name, items in sets.items()}
-            report["ceiling_base"]["overall"] = float(np.mean([report["ceiling_base"][t] for t in TASKS]))
+            shrunk = {name: to_uint8(resize(resize(im.float() / 127.5 - 1, args.base_size), SIZE)) for name, im in real.items()}
+            report["ceiling_base"] = task_scores(judge, shrunk, specs)
             report["base_size"] = args.base_size
     pipe = None
     if parts & {"generation", "prior"}:
@@ -235,14 +235,10 @@ def main() -> None:
         options = merge(pipe.defaults, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.overrides)})
         report["options"] = {**vars(options), "base_only": args.base_only, "true_embeddings": args.true_embeddings}
         start = time.perf_counter()
-        images = generate_sets(pipe, sets, args.per_prompt, options, true_embeddings=args.true_embeddings)
+        images = generate_sets(pipe, sets, args.per_prompt, options, true_embeddings=real if args.true_embeddings else None)
         report["generation_seconds"] = time.perf_counter() - start
-        report["generation"] = {}
-        for name, items in sets.items():
-            specs = [s for _, s, _ in items for _ in range(args.per_prompt)]
-            report["generation"][name] = float(np.mean(score(judge, images[name], specs)))
-            report["counts"][name] = f"{len(items)} x {args.per_prompt}"
-        report["generation"]["overall"] = float(np.mean([report["generation"][t] for t in TASKS]))
+        report["generation"] = task_scores(judge, images, specs)
+        report["counts"] = {name: f"{len(items)} x {args.per_prompt}" for name, items in sets.items()}
         args.out.mkdir(parents=True, exist_ok=True)
         gallery = torch.cat([images[t][: 2 * args.per_prompt] for t in TASKS])  # two prompts a task
         save_png(grid(gallery, ncol=2 * args.per_prompt), args.out / "gallery.png", scale=2)

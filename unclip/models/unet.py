@@ -78,6 +78,17 @@ class Attention(nn.Module):
         return x + self.out(a.transpose(1, 2).reshape(B, H * W, C)).transpose(1, 2).view(B, C, H, W)
 
 
+def text_encoder(width: int, heads: int, layers: int) -> nn.TransformerEncoder:
+    """GLIDE's text encoder: bidirectional pre-norm Transformer layers, each starting as the identity (its
+    residual projections zero, like the blocks here), so a decoder fine-tuned with new text layers starts as it was."""
+    layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True)
+    for residual in (layer.self_attn.out_proj, layer.linear2):
+        nn.init.zeros_(residual.weight)
+        nn.init.zeros_(residual.bias)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)  # deep-copies the layer
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: DecoderModelConfig, embed_dim: int, image_inputs: int = 0, text_width: int = 0):
         """`embed_dim`: the condition vector's size; `image_inputs`: channels of a conditioning image given
@@ -98,12 +109,7 @@ class UNet(nn.Module):
             raise ConfigError("decoder text_layers and text_levels need text_tokens: true")
         if any(not 0 <= level < len(w) for level in cfg.text_levels):
             raise ConfigError(f"decoder text_levels {cfg.text_levels} must be levels 0 to {len(w) - 1}")
-        layer = nn.TransformerEncoderLayer(w[-1], cfg.heads, 4 * w[-1], dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        for residual in (layer.self_attn.out_proj, layer.linear2):  # each layer starts as the identity, like the
-            nn.init.zeros_(residual.weight)                          # blocks here, so a decoder fine-tuned with
-            nn.init.zeros_(residual.bias)                            # new text layers starts as it was
-        self.text_encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False) if cfg.text_layers else None
+        self.text_encoder = text_encoder(w[-1], cfg.heads, cfg.text_layers) if cfg.text_layers else None
         if cfg.image_size % (cfg.patch * 2 ** (len(w) - 1)):
             raise ConfigError(f"decoder image_size {cfg.image_size} must be divisible by patch * 2^(levels - 1) "
                               f"= {cfg.patch * 2 ** (len(w) - 1)}")
