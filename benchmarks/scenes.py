@@ -36,7 +36,7 @@ from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
 from unclip.data.scene_captions import NEGATIVES, PLACE_TERMS, TASKS, Spec, caption, perturb, task_prompt, task_scene_args  # noqa: E402
-from unclip.data.scenes import HELD_OUT, SIZE, Scene, render, sample_scene  # noqa: E402
+from unclip.data.scenes import HELD_OUT, SIZE, GlyphPool, Scene, sample_scene  # noqa: E402
 from unclip.images import grid, resize, save_png, to_uint8  # noqa: E402
 from unclip.models.clip import CLIP  # noqa: E402
 from unclip.config import merge  # noqa: E402
@@ -50,19 +50,17 @@ PARTS = ("ceiling", "generation", "negatives", "prior", "time")
 HELD_COLOUR = {d: c for c, d in HELD_OUT}
 
 
-class Glyphs:
-    """MNIST test digits to render scenes with, drawn by a seeded generator."""
-
-    def __init__(self, data_dir: str | None):
-        self.images, labels = load_idx_dataset("mnist", Path(data_dir) if data_dir else default_data_dir("mnist"), train=False)
-        self.by_digit = [torch.nonzero(labels == d).flatten() for d in range(10)]
-
-    def render(self, scene: Scene, rng: np.random.Generator) -> torch.Tensor:
-        picks = [self.by_digit[o.digit][rng.integers(len(self.by_digit[o.digit]))] for o in scene.objects]
-        return render(scene, [self.images[i, 0] for i in picks])
+def mnist_test_glyphs(data_dir: str | None) -> GlyphPool:
+    """MNIST's test digits, to render scenes with."""
+    return GlyphPool(*load_idx_dataset("mnist", Path(data_dir) if data_dir else default_data_dir("mnist"), train=False))
 
 
-def prompt_sets(glyphs: Glyphs, per_task: int, per_prompt: int) -> dict[str, list[tuple[str, Spec, torch.Tensor]]]:
+def draw_scene(glyphs: GlyphPool, scene: Scene, rng: np.random.Generator) -> torch.Tensor:
+    """`scene` drawn with glyphs picked by `rng`."""
+    return glyphs.render(scene, [glyphs.pick(o.digit, rng) for o in scene.objects])
+
+
+def prompt_sets(glyphs: GlyphPool, per_task: int, per_prompt: int) -> dict[str, list[tuple[str, Spec, torch.Tensor]]]:
     """Per set, (prompt, Spec, `per_prompt` renderings (other MNIST glyphs) of the real scene it was written from)."""
     sets: dict[str, list] = {}
     for name in [*TASKS, "held-out pairs", "held-out phrasings"]:
@@ -83,7 +81,7 @@ def prompt_sets(glyphs: Glyphs, per_task: int, per_prompt: int) -> dict[str, lis
             else:
                 scene = sample_scene(rng, False, **task_scene_args(name, r))
                 text, spec = task_prompt(name, scene, r)
-            items.append((text, spec, torch.stack([glyphs.render(scene, rng) for _ in range(per_prompt)])))
+            items.append((text, spec, torch.stack([draw_scene(glyphs, scene, rng) for _ in range(per_prompt)])))
         sets[name] = items
     return sets
 
@@ -124,7 +122,7 @@ def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: Sampling
 
 
 @torch.no_grad()
-def hard_negatives(clip: CLIP, tokenizer: Tokenizer, glyphs: Glyphs, count: int) -> dict:
+def hard_negatives(clip: CLIP, tokenizer: Tokenizer, glyphs: GlyphPool, count: int) -> dict:
     """ARO-style: for real test scenes, does CLIP rank the true caption above the same caption of the scene
     changed in one way (colours swapped between digits, places swapped, one digit changed, the count changed)?"""
     wins = {k: [] for k in NEGATIVES}
@@ -132,7 +130,7 @@ def hard_negatives(clip: CLIP, tokenizer: Tokenizer, glyphs: Glyphs, count: int)
     for i in range(count):
         rng, r = np.random.default_rng([7, i]), random.Random(f"negative:{i}")
         scene = sample_scene(rng, True)
-        image = glyphs.render(scene, rng)
+        image = draw_scene(glyphs, scene, rng)
         for kind in NEGATIVES:
             seed = f"{i}:{kind}"
             text = caption(scene, random.Random(seed))
@@ -214,7 +212,7 @@ def main() -> None:
     if parts - set(PARTS):
         ap.error(f"unknown parts {parts - set(PARTS)}; use {PARTS}")
     torch.manual_seed(0)
-    glyphs = Glyphs(args.data_dir)
+    glyphs = mnist_test_glyphs(args.data_dir)
     judge = load_judge(args.data_dir)
     sets = prompt_sets(glyphs, args.prompts, args.per_prompt)
     report: dict = {"checkpoints": args.checkpoints, "counts": {}}

@@ -9,9 +9,11 @@ from stages import distributed as dist
 from stages.trainer import Stage, fit, seeded
 from unclip.config import ClipConfig
 from unclip.data import CaptionedImages, load_split
+from unclip.data.prepared import convert
 from unclip.data.stream import StreamedCaptions
 from unclip.errors import UserError
 from unclip.models.clip import CLIP, contrastive_loss
+from unclip.images import to_float
 from unclip.tokenizer import Tokenizer
 from unclip.zeroshot import encode_images, encode_texts, zero_shot_accuracy
 
@@ -37,18 +39,23 @@ def clip_stage(cfg: ClipConfig, eval_split: str = "val") -> Stage:
     tokenizer = Tokenizer(m.text_context)
     if cfg.hard_negatives and not hasattr(data.captioner, "sample_with_negatives"):
         raise UserError(f"hard_negatives needs captions that can be perturbed (--data scenes), not {t.data}")
+    if cfg.hard_negative_images and not cfg.hard_negatives:
+        raise UserError("hard_negative_images draws the hard negatives' scenes: set hard_negatives too")
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
         seed, n = caption_seed(t.seed, step), len(batch)
-        if cfg.hard_negatives:
-            keys = batch.caption_keys(torch.arange(n), seed)
-            captions, negatives = batch.captioner.sample_with_negatives(batch.labels, keys)
-            tokens = tokenizer(captions + negatives).to(device)
+        pixels, negatives = batch.pixels(), None
+        if cfg.hard_negative_images:  # the twins are examples of their own: (scene, caption) and (twin, negative)
+            captions, negatives, twins = batch.captioner.twins(batch.labels, batch.caption_keys(torch.arange(n), seed))
+            pixels = torch.cat([pixels, to_float(convert(twins, m.image_channels, m.image_size))])
+            captions, negatives = captions + negatives, None
+        elif cfg.hard_negatives:
+            captions, negatives = batch.captioner.sample_with_negatives(batch.labels, batch.caption_keys(torch.arange(n), seed))
         else:
             captions = batch.captions(seed=seed)
-            tokens = tokenizer(captions).to(device)
-        image_emb, text_emb, scale = module(batch.pixels().to(device), tokens)
-        text_emb, negative_emb = text_emb[:n], text_emb[n:] if cfg.hard_negatives else None
+        tokens = tokenizer(captions + (negatives or [])).to(device)
+        image_emb, text_emb, scale = module(pixels.to(device), tokens)
+        text_emb, negative_emb = text_emb[: len(captions)], text_emb[len(captions) :] if negatives else None
         image_emb, text_emb = dist.all_gather_with_grad(image_emb), dist.all_gather_with_grad(text_emb)
         if negative_emb is not None:
             negative_emb = dist.all_gather_with_grad(negative_emb)

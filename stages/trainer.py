@@ -231,15 +231,15 @@ class Run:
                             f"({len(wrong)} tensors differ, e.g. {wrong[0]}); fine-tuning keeps the shapes")
         recorded = (load_yaml(folder / CONFIG_FILE) or {}).get("clip_fingerprint") if (folder / CONFIG_FILE).is_file() else None
         expected = getattr(self.stage.config, "clip_fingerprint", None)
-        if recorded and expected and recorded != expected:
-            raise UserError(f"--init {spec}: {folder} was trained against another CLIP (fingerprint {recorded}, "
-                            f"this run's is {expected})")
         self.model.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items()}, strict=False)
         if self.ema is not None:
             self.ema.load_state_dict(self.model.state_dict())
         fresh = sorted({k.split(".")[0] for k in reference.keys() - state.keys()})
         if dist.is_main():
             console.print(f"{self.stage.name}: starting from {folder}" + (f"; new: {', '.join(fresh)}" if fresh else ""))
+            if recorded and expected and recorded != expected:  # a CLIP retrained: what it draws carries over
+                console.print(f"{self.stage.name}: note: {folder} was trained against another CLIP (fingerprint "
+                              f"{recorded}, this run's is {expected}); it starts reading this one's embeddings as that one's")
 
     def save(self) -> None:
         """Every rank calls this (it holds collectives); rank 0 writes."""

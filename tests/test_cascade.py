@@ -112,7 +112,7 @@ def test_text_layers_and_levels_are_checked_when_the_decoder_is_built():
 
 
 def test_init_fine_tunes_a_stage_from_saved_weights_and_new_layers_start_fresh(cascade, tmp_path):
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     config = tmp_path / "glide.yaml"
     glide = {**CASCADE["decoder"]["model"], "text_layers": 1, "text_levels": [0]}
@@ -129,6 +129,14 @@ def test_init_fine_tunes_a_stage_from_saved_weights_and_new_layers_start_fresh(c
     r = run("decoder-train", "--clip", cascade / "clip", "--config", config, "--stage", "decoder",
             "--init", cascade / "upsampler", "--max-steps", 1, "--out", tmp_path / "wrong")
     assert r.exit_code == 1 and "does not fit this decoder" in r.output and "Traceback" not in r.output
+    other = tmp_path / "other-clip"  # a retrained CLIP: the decoder still starts from its weights, with a note
+    shutil.copytree(cascade / "clip", other)
+    weights = load_file(other / "model.safetensors")
+    save_file({**weights, "logit_scale": weights["logit_scale"] + 1}, other / "model.safetensors")
+    r = run("decoder-train", "--clip", other, "--config", config, "--stage", "decoder", "--init", cascade,
+            "--max-steps", 1, "--lr", 0, "--out", tmp_path / "moved")
+    assert r.exit_code == 0, r.output
+    assert "was trained against another CLIP" in " ".join(r.output.split())
 
 
 def test_the_cascade_draws_at_the_upsampler_size_reproducibly(cascade, tmp_path):

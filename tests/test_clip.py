@@ -91,3 +91,19 @@ def test_precise_batchnorm_recomputes_the_statistics_of_the_current_weights():
         h = stem_conv(x)
     torch.testing.assert_close(stem_norm.running_mean, h.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)  # both batches, equally
     assert stem_norm.momentum == 0.1 and not model.training  # left as it was found
+
+
+def test_image_layers_start_as_the_identity():
+    """CLIP's image_layers added to a trained tower (--init) change nothing until trained, then they do."""
+    cfg = merge(ClipConfig(), TINY["clip"]).model
+    plain = CLIP(cfg).eval()
+    cfg.image_layers = 1
+    layered = CLIP(cfg).eval()
+    missing, unexpected = layered.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and {k.split(".")[1] for k in missing} == {"layers", "layer_pos"}
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(layered.encode_image(x), plain.encode_image(x))
+        for p in [*layered.visual.layers.parameters(), layered.visual.layer_pos]:  # as if trained
+            p.add_(torch.randn_like(p) * 0.1)
+        assert (layered.encode_image(x) - plain.encode_image(x)).abs().max() > 1e-3

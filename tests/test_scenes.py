@@ -11,7 +11,7 @@ import torch
 
 from unclip.data import load_dataset
 from unclip.data.scene_captions import TASKS, SceneCaptions, caption_with_negative, perturb, task_prompt, task_scene_args
-from unclip.data.scenes import GAP, HELD_OUT, PALETTE, make_scenes, relation_holds, sample_scene
+from unclip.data.scenes import GAP, HELD_OUT, PALETTE, GlyphPool, make_scenes, relation_holds, sample_scene
 from unclip.errors import UserError
 
 
@@ -22,7 +22,7 @@ def glyph_pool(n: int = 200):
 
 def test_scenes_keep_the_contract():
     images, labels = glyph_pool()
-    scenes, pixels = make_scenes(images, labels, 300, seed=1, allow_held_out=False)
+    scenes, pixels, _ = make_scenes(images, labels, 300, seed=1, allow_held_out=False)
     assert pixels.shape == (300, 3, 64, 64) and pixels.dtype == torch.uint8
     for scene, image in zip(scenes, pixels):
         assert 1 <= len(scene.objects) <= 4
@@ -53,8 +53,8 @@ def test_scenes_keep_the_contract():
 
 def test_scenes_are_deterministic_and_test_holds_the_held_out_pairs():
     images, labels = glyph_pool()
-    a, pa = make_scenes(images, labels, 50, seed=3, allow_held_out=False)
-    b, pb = make_scenes(images, labels, 50, seed=3, allow_held_out=False)
+    a, pa, _ = make_scenes(images, labels, 50, seed=3, allow_held_out=False)
+    b, pb, _ = make_scenes(images, labels, 50, seed=3, allow_held_out=False)
     assert a == b and torch.equal(pa, pb)
     rng = np.random.default_rng(0)
     pairs = {(o.colour, o.digit) for _ in range(2000) for o in sample_scene(rng, allow_held_out=True).objects}
@@ -63,7 +63,7 @@ def test_scenes_are_deterministic_and_test_holds_the_held_out_pairs():
 
 def test_training_captions_vary_and_hard_negatives_change_the_meaning():
     images, labels = glyph_pool()
-    scenes, _ = make_scenes(images, labels, 200, seed=1, allow_held_out=False)
+    scenes, _, _ = make_scenes(images, labels, 200, seed=1, allow_held_out=False)
     captioner = SceneCaptions(scenes)
     idx = torch.arange(200)
     a = captioner.sample(idx, [f"0:{i}" for i in range(200)])
@@ -87,8 +87,37 @@ def test_each_kind_of_negative_changes_what_it_should():
     assert len(perturb(three, "count", r).objects) == 2 and perturb(scene, "count", r) is None
     changed = perturb(scene, "digit", r)
     assert sum(a.digit != b.digit for a, b in zip(scene.objects, changed.objects)) == 1
-    text, negative = caption_with_negative(scene, "k")
-    assert text != negative
+    text, negative, other = caption_with_negative(scene, "k")
+    assert text != negative and other != scene
+    pair = sample_scene(np.random.default_rng(5), True, n=2, digits=[4, 4])  # two 4s: a third can only be added
+    assert all(len(caption_with_negative(pair, f"k{i}", drawable=True)[2].objects) == 2 for i in range(20))
+
+
+def test_twins_draw_each_hard_negative_scene_with_the_glyphs_it_kept():
+    """NegCLIP's hard negative images: the twin image shows the perturbed scene (every object found with its colour
+    at its place, nothing on top of another), and an object that only moved or changed colour keeps its glyph."""
+    from benchmarks.scene_eval import detect
+    from tests.conftest import draw_glyphs
+
+    glyphs, labels = draw_glyphs(300, 3)
+    images, labels = torch.from_numpy(glyphs)[:, None], torch.from_numpy(labels).long()
+    scenes, pixels, picks = make_scenes(images, labels, 60, seed=4, allow_held_out=False)
+    captioner = SceneCaptions(scenes, GlyphPool(images, labels), picks)
+    idx, keys = torch.arange(60), [f"0:{i}" for i in range(60)]
+    texts, negatives, twins = captioner.twins(idx, keys)
+    assert texts == captioner.sample(idx, keys) and twins.shape == pixels.shape and twins.dtype == torch.uint8
+    torch.testing.assert_close(captioner.twins(idx, keys)[2], twins)  # a pure function of the key
+    for scene, key, negative, twin, found in zip(scenes, keys, negatives, twins, detect(twins)):
+        _, expected, other = caption_with_negative(scene, key, drawable=True)
+        assert negative == expected and len(found) == len(other.objects)
+        for obj in other.objects:
+            near = [c for _, c, xy in found if abs(xy[0] - obj.centre[0]) < obj.size / 2 and abs(xy[1] - obj.centre[1]) < obj.size / 2]
+            assert near == [obj.colour]
+            was = [o for o in scene.objects if o.digit == obj.digit and o.size == obj.size]
+            if len(was) == 1:  # the same glyph at the same size: the same grey, whatever the colour
+                box = lambda img, o: img[:, o.y : o.y + o.size, o.x : o.x + o.size].float().max(0).values / max(PALETTE[o.colour])
+                src = pixels[scenes.index(scene)]
+                assert (box(twin, obj) - box(src, was[0])).abs().max() < 0.02
 
 
 @pytest.mark.parametrize("held_out", [False, True])
@@ -123,7 +152,7 @@ def test_the_evaluator_finds_every_object_its_colour_and_centre():
     from tests.conftest import draw_glyphs
 
     glyphs, labels = draw_glyphs(300, 3)
-    scenes, pixels = make_scenes(torch.from_numpy(glyphs)[:, None], torch.from_numpy(labels).long(), 100, seed=4,
+    scenes, pixels, _ = make_scenes(torch.from_numpy(glyphs)[:, None], torch.from_numpy(labels).long(), 100, seed=4,
                                  allow_held_out=True)
     for scene, found in zip(scenes, detect(pixels)):
         assert len(found) == len(scene.objects)
@@ -149,7 +178,7 @@ def test_sample_grid_prompts_come_from_scene_captions(mnist_dir):
 
 
 def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mnist_dir, tmp_path):
-    """--data scenes end to end on tiny models: NegCLIP, then prior and a text-reading decoder with sample grids."""
+    """--data scenes end to end on tiny models: NegCLIP with twin images, then prior and a text-reading decoder with sample grids."""
     import yaml
     from typer.testing import CliRunner
 
@@ -158,8 +187,9 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
 
     config = {
         "clip": {**TINY["clip"], "model": {**TINY["clip"]["model"], "image_channels": 3, "image_size": 32,
-                                           "image_pool": "attention", "text_context": 32},
-                 "train": {**TINY["clip"]["train"], "data": "scenes", "epochs": 1}, "hard_negatives": True},
+                                           "image_pool": "attention", "image_layers": 1, "text_context": 32},
+                 "train": {**TINY["clip"]["train"], "data": "scenes", "epochs": 1}, "hard_negatives": True,
+                 "hard_negative_images": True},
         "prior": TINY["prior"],
         "decoder": {**TINY["decoder"], "model": {**TINY["decoder"]["model"], "text_tokens": True},
                     "train": {**TINY["decoder"]["train"], "sample_every": 4}},

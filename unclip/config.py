@@ -68,6 +68,10 @@ class ClipModelConfig:
     # mean: average the last feature map (loses where things are); attention: CLIP's ResNet pooling, the mean
     # feature querying every position through attention over a learned positional embedding
     image_pool: str = choice("mean", "attention")
+    # Transformer layers over the last feature map's positions, each given a learned positional embedding, before
+    # the pooling: they make features of what *and* where (a pooled sum of what-features and where-features cannot
+    # tell "a 3 left of a 7" from "a 7 left of a 3"). They start as the identity, so `--init` from a CLIP without them works.
+    image_layers: int = 0
     text_context: int = 16  # tokens, start and end included; longer captions are truncated
     text_width: int = 64
     text_layers: int = 2
@@ -100,6 +104,10 @@ class ClipConfig:
     # NegCLIP (Yuksekgonul et al. 2023): each caption's minimally changed twin (colours swapped, places
     # swapped, a digit or the count changed) joins the batch as an extra negative text; scenes only.
     hard_negatives: bool = False
+    # ... and each negative caption's scene, drawn, joins the batch as an example of its own (NegCLIP's hard negative
+    # images): the image tower too must then tell a scene from its twin (with text negatives alone both towers of the
+    # first scenes CLIP stayed bags of words: a scene and its colour-swapped twin at cosine 0.99). Needs hard_negatives.
+    hard_negative_images: bool = False
     open_clip: Optional[OpenClipConfig] = None  # set by t2i clip-import: a pretrained open_clip model, frozen
 
 

@@ -180,7 +180,7 @@ def load_dataset(
 
 def _scenes(split: str, mnist_dir: Path, val_size: int) -> CaptionedImages:
     from unclip.data.mnist import load_idx_dataset
-    from unclip.data.scenes import make_scenes
+    from unclip.data.scenes import GlyphPool, make_scenes
 
     try:
         images, labels = load_idx_dataset("mnist", mnist_dir, train=split != "test")
@@ -190,8 +190,9 @@ def _scenes(split: str, mnist_dir: Path, val_size: int) -> CaptionedImages:
         keep = split_indices(len(images), split, val_size)
         images, labels = images[keep], labels[keep]
     seed = SPLITS.index(split) + 1
-    scenes, pixels = make_scenes(images, labels.long(), len(images), seed, allow_held_out=split == "test")
-    return CaptionedImages(images=pixels, labels=torch.arange(len(scenes)), captioner=SceneCaptions(scenes))
+    scenes, pixels, picks = make_scenes(images, labels.long(), len(images), seed, allow_held_out=split == "test")
+    return CaptionedImages(images=pixels, labels=torch.arange(len(scenes)),
+                           captioner=SceneCaptions(scenes, GlyphPool(images, labels.long()), picks))
 
 
 def _resize(data: CaptionedImages, channels: int, size: int) -> CaptionedImages:

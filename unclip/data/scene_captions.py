@@ -9,13 +9,15 @@ together with the `Spec` a generated image must meet.
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass, replace
 from itertools import permutations
 from typing import Optional
 
+import numpy as np
 import torch
 
-from unclip.data.scenes import Scene, relation_holds
+from unclip.data.scenes import GlyphPool, Scene, relation_holds
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PLURALS = ["zeros", "ones", "twos", "threes", "fours", "fives", "sixes", "sevens", "eights", "nines"]
@@ -119,12 +121,13 @@ def caption(scene: Scene, r: random.Random) -> str:
 
 
 class SceneCaptions:
-    """Random captions for scenes; the `labels` it is given are scene indices."""
+    """Random captions for scenes; the `labels` it is given are scene indices. With the glyphs the scenes were
+    drawn with (`pool`, `picks`), it also draws each caption's hard negative scene (`twins`)."""
 
     class_names = None  # scenes have no classes: CLIP is validated by caption retrieval
 
-    def __init__(self, scenes: list[Scene]):
-        self.scenes = scenes
+    def __init__(self, scenes: list[Scene], pool: Optional[GlyphPool] = None, picks: Optional[list[list[int]]] = None):
+        self.scenes, self.pool, self.picks = scenes, pool, picks
 
     def sample(self, labels: torch.Tensor, keys: list[str]) -> list[str]:
         return [caption(self.scenes[i], random.Random(key)) for i, key in zip(labels.tolist(), keys)]
@@ -132,8 +135,20 @@ class SceneCaptions:
     def sample_with_negatives(self, labels: torch.Tensor, keys: list[str]) -> tuple[list[str], list[str]]:
         """Captions (the same as `sample`'s) and, for each, a hard negative: the same words about a minimally
         changed scene (NegCLIP)."""
-        pairs = [caption_with_negative(self.scenes[i], key) for i, key in zip(labels.tolist(), keys)]
+        pairs = [caption_with_negative(self.scenes[i], key)[:2] for i, key in zip(labels.tolist(), keys)]
         return [p for p, _ in pairs], [n for _, n in pairs]
+
+    def twins(self, labels: torch.Tensor, keys: list[str]) -> tuple[list[str], list[str], torch.Tensor]:
+        """Captions (as `sample`'s), their hard negatives, and the negatives' scenes drawn, uint8 (B, 3, 64, 64):
+        each example's minimally changed twin, a pair of its own (NegCLIP's hard negative images)."""
+        if self.pool is None or self.picks is None:
+            raise ValueError("twins need the glyphs the scenes were drawn with")
+        texts, negatives, images = [], [], []
+        for i, key in zip(labels.tolist(), keys):
+            text, negative, other = caption_with_negative(self.scenes[i], key, drawable=True)
+            picks = twin_glyphs(self.scenes[i], self.picks[i], other, self.pool, np.random.default_rng(zlib.crc32(key.encode())))
+            texts.append(text), negatives.append(negative), images.append(self.pool.render(other, picks))
+        return texts, negatives, torch.stack(images)
 
 
 # ---- prompts for the benchmark, each with what an image must show ----
@@ -249,17 +264,29 @@ PLACE_TERMS = ("left", "right", "above", "over", "under", "below", "beneath", "t
                "middle")
 
 
-def caption_with_negative(scene: Scene, seed: int | str) -> tuple[str, str]:
-    """A random caption and the same caption (same random choices) of a perturbed scene that means something
-    else. A swap of places only counts where the caption says where things are."""
+def caption_with_negative(scene: Scene, seed: int | str, drawable: bool = False) -> tuple[str, str, Scene]:
+    """A random caption, the same caption (same random choices) of a perturbed scene that means something
+    else, and that scene. A swap of places only counts where the caption says where things are. `drawable`:
+    only perturbations that render as they read (not the count's third digit added on top of the first)."""
     r = random.Random(seed)
     text = caption(scene, random.Random(seed))
-    kinds = [k for k in NEGATIVES if k != "digit" and (k != "relation" or any(w in text for w in PLACE_TERMS))]
+    kinds = [k for k in NEGATIVES if k != "digit" and (k != "relation" or any(w in text for w in PLACE_TERMS))
+             and not (drawable and k == "count" and len(scene.objects) == 2)]
     r.shuffle(kinds)
     for kind in [*kinds, "digit"]:  # a digit change always shows: every caption names every digit
         other = perturb(scene, kind, r)
         if other is not None:
             negative = caption(other, random.Random(seed))
             if negative != text:
-                return text, negative
-    return text, caption(perturb(scene, "digit", r), random.Random(seed))
+                return text, negative, other
+    other = perturb(scene, "digit", r)
+    return text, caption(other, random.Random(seed)), other
+
+
+def twin_glyphs(scene: Scene, picks: list[int], other: Scene, pool: GlyphPool, rng: np.random.Generator) -> list[int]:
+    """Glyphs to draw `other` (a perturbation of `scene`, drawn with `picks`) with: an object keeps the glyph of
+    the object it was (same digit and box, else the same digit, as when two swap places); a new digit gets a new one."""
+    keep = {(o.digit, o.x, o.y): g for o, g in zip(scene.objects, picks)}
+    by_digit = {o.digit: g for o, g in zip(scene.objects, picks)}
+    return [keep.get((o.digit, o.x, o.y), by_digit.get(o.digit)) if o.digit in by_digit else pool.pick(o.digit, rng)
+            for o in other.objects]

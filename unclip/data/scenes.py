@@ -146,17 +146,31 @@ def render(scene: Scene, glyphs: list[torch.Tensor]) -> torch.Tensor:
     return canvas.round().clamp(0, 255).to(torch.uint8)
 
 
+class GlyphPool:
+    """MNIST glyphs by digit, to draw scenes with; a glyph is an index into `images` (N, 1, 28, 28)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images = images
+        self.by_digit = [torch.nonzero(labels == d).flatten() for d in range(10)]
+
+    def pick(self, digit: int, rng: np.random.Generator) -> int:
+        """A random glyph of `digit` (-1, a blank, where the pool has none)."""
+        pool = self.by_digit[digit]
+        return int(pool[rng.integers(len(pool))]) if len(pool) else -1
+
+    def render(self, scene: Scene, picks: list[int]) -> torch.Tensor:
+        return render(scene, [self.images[i, 0] if i >= 0 else torch.zeros(28, 28, dtype=torch.uint8) for i in picks])
+
+
 def make_scenes(images: torch.Tensor, labels: torch.Tensor, count: int, seed: int, allow_held_out: bool,
-                **fixed) -> tuple[list[Scene], torch.Tensor]:
+                **fixed) -> tuple[list[Scene], torch.Tensor, list[list[int]]]:
     """`count` scenes drawn with glyphs from `images` (N, 1, 28, 28) of the right `labels`; deterministic
-    for `seed`. Returns (scenes, uint8 images (count, 3, 64, 64))."""
-    rng = np.random.default_rng(seed)
-    by_digit = [torch.nonzero(labels == d).flatten() for d in range(10)]
-    scenes, out = [], torch.zeros(count, 3, SIZE, SIZE, dtype=torch.uint8)
+    for `seed`. Returns (scenes, uint8 images (count, 3, 64, 64), each scene's glyphs as indices into `images`)."""
+    rng, pool = np.random.default_rng(seed), GlyphPool(images, labels)
+    scenes, out, picks = [], torch.zeros(count, 3, SIZE, SIZE, dtype=torch.uint8), []
     for i in range(count):
         scene = sample_scene(rng, allow_held_out, **fixed)
-        pool = [by_digit[o.digit] for o in scene.objects]
-        glyphs = [images[p[rng.integers(len(p))], 0] if len(p) else torch.zeros(28, 28, dtype=torch.uint8) for p in pool]
-        out[i] = render(scene, glyphs)
+        picks.append([pool.pick(o.digit, rng) for o in scene.objects])
+        out[i] = pool.render(scene, picks[-1])
         scenes.append(scene)
-    return scenes, out
+    return scenes, out, picks

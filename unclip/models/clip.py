@@ -12,6 +12,7 @@ from torch import nn
 
 from unclip.config import ClipModelConfig
 from unclip.errors import ConfigError
+from unclip.models.layers import identity_transformer
 from unclip.tokenizer import VOCAB_SIZE
 
 
@@ -71,12 +72,17 @@ class ImageEncoder(nn.Module):
                 blocks.append(ResBlock(c, width, stride=2 if level > 0 and b == 0 else 1))
                 c = width
         self.blocks = nn.Sequential(*blocks)
+        self.layers = identity_transformer(c, cfg.text_heads, cfg.image_layers) if cfg.image_layers else None
+        self.layer_pos = nn.Parameter(torch.zeros(side * side, c)) if cfg.image_layers else None
         attend = cfg.image_pool == "attention"
         self.pool = AttentionPool(c, side * side, cfg.text_heads, cfg.embed_dim) if attend else None
         self.proj = None if attend else nn.Linear(c, cfg.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.blocks(self.stem(F.pixel_unshuffle(x, self.patch)))  # (B, C, H', W')
+        if self.layers is not None:
+            tokens = self.layers(h.flatten(2).transpose(1, 2) + self.layer_pos)  # (B, H'W', C)
+            h = tokens.transpose(1, 2).reshape(h.shape)
         return self.pool(h) if self.pool is not None else self.proj(h.mean((2, 3)))  # (B, D)
 
 

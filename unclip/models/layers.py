@@ -1,4 +1,4 @@
-"""Layers shared by the prior and the decoder."""
+"""Layers shared by the stages."""
 from __future__ import annotations
 
 import math
@@ -29,3 +29,15 @@ class TimestepMLP(nn.Sequential):
 def drop_condition(cond: torch.Tensor, null: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     """Swap in the learned `null` condition where `drop` (B,) is True (classifier-free guidance)."""
     return torch.where(drop.view(-1, *([1] * (cond.ndim - 1))), null.to(cond.dtype).expand_as(cond), cond)
+
+
+def identity_transformer(width: int, heads: int, layers: int) -> nn.TransformerEncoder:
+    """Bidirectional pre-norm Transformer layers, each starting as the identity (its residual projections zero),
+    so a model fine-tuned with new layers (`--init`) starts as it was: GLIDE's text encoder in the decoder, the
+    layers over the image tower's feature map in CLIP."""
+    layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True)
+    for residual in (layer.self_attn.out_proj, layer.linear2):
+        nn.init.zeros_(residual.weight)
+        nn.init.zeros_(residual.bias)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)  # deep-copies the layer

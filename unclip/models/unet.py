@@ -16,7 +16,7 @@ from torch import nn
 
 from unclip.config import DecoderModelConfig
 from unclip.errors import ConfigError
-from unclip.models.layers import TimestepMLP, drop_condition
+from unclip.models.layers import TimestepMLP, drop_condition, identity_transformer
 
 
 def norm(c: int) -> nn.GroupNorm:
@@ -78,17 +78,6 @@ class Attention(nn.Module):
         return x + self.out(a.transpose(1, 2).reshape(B, H * W, C)).transpose(1, 2).view(B, C, H, W)
 
 
-def text_encoder(width: int, heads: int, layers: int) -> nn.TransformerEncoder:
-    """GLIDE's text encoder: bidirectional pre-norm Transformer layers, each starting as the identity (its
-    residual projections zero, like the blocks here), so a decoder fine-tuned with new text layers starts as it was."""
-    layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
-                                       norm_first=True)
-    for residual in (layer.self_attn.out_proj, layer.linear2):
-        nn.init.zeros_(residual.weight)
-        nn.init.zeros_(residual.bias)
-    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)  # deep-copies the layer
-
-
 class UNet(nn.Module):
     def __init__(self, cfg: DecoderModelConfig, embed_dim: int, image_inputs: int = 0, text_width: int = 0):
         """`embed_dim`: the condition vector's size; `image_inputs`: channels of a conditioning image given
@@ -109,7 +98,7 @@ class UNet(nn.Module):
             raise ConfigError("decoder text_layers and text_levels need text_tokens: true")
         if any(not 0 <= level < len(w) for level in cfg.text_levels):
             raise ConfigError(f"decoder text_levels {cfg.text_levels} must be levels 0 to {len(w) - 1}")
-        self.text_encoder = text_encoder(w[-1], cfg.heads, cfg.text_layers) if cfg.text_layers else None
+        self.text_encoder = identity_transformer(w[-1], cfg.heads, cfg.text_layers) if cfg.text_layers else None
         if cfg.image_size % (cfg.patch * 2 ** (len(w) - 1)):
             raise ConfigError(f"decoder image_size {cfg.image_size} must be divisible by patch * 2^(levels - 1) "
                               f"= {cfg.patch * 2 ** (len(w) - 1)}")
