@@ -169,3 +169,23 @@ def test_the_decoder_loss_falls(frozen, tmp_path):
     fit(decoder_stage(cfg, frozen), cfg.train, tmp_path)
     losses = [r["loss"] for r in read_metrics(tmp_path)[0]]
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, (losses[:10], losses[-10:])
+
+
+def test_the_prior_reads_out_exactly_what_its_whole_transformer_computes():
+    """The prior computes its last layer for the readout position alone: the same output as the whole stack."""
+    from unclip.config import PriorModelConfig
+    from unclip.models.prior import DiffusionPrior
+
+    prior = DiffusionPrior(PriorModelConfig(width=32, layers=3, heads=4), 16, 24, 10)
+    g = torch.Generator().manual_seed(0)
+    x, text, tokens = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g), torch.randn(5, 7, 24, generator=g)
+    mask = torch.arange(7)[None] < torch.tensor([3, 7, 5, 2, 4])[:, None]
+    t, drop = torch.tensor([0, 10, 500, 999, 3]), torch.tensor([False, False, True, False, False])
+    seq = {}  # the sequence the first layer is given
+    prior.transformer.layers[0].register_forward_pre_hook(lambda m, a, kw: seq.update(x=a[0], pad=kw["src_key_padding_mask"]), with_kwargs=True)
+    for mode in (prior.train, prior.eval):
+        mode()
+        with torch.no_grad():
+            out = prior(x, t, text, tokens, mask, drop)
+            whole = prior.transformer(seq["x"], src_key_padding_mask=seq["pad"])[:, -1]
+        torch.testing.assert_close(out, prior.out(whole), atol=1e-5, rtol=1e-5)
