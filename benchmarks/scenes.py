@@ -35,8 +35,9 @@ from benchmarks.judge import load_judge  # noqa: E402
 from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
-from unclip.data.scene_captions import NEGATIVES, PLACE_TERMS, TASKS, Spec, caption, perturb, task_prompt, task_scene_args  # noqa: E402
-from unclip.data.scenes import HELD_OUT, SIZE, GlyphPool, Scene, sample_scene  # noqa: E402
+from unclip.data.scene_captions import (NEGATIVES, PLACE_TERMS, TASKS, Spec, caption, perturb, task_prompt,  # noqa: E402
+                                        task_scene_args, twin_glyphs)
+from unclip.data.scenes import HELD_OUT, SIZE, GlyphPool, sample_scene  # noqa: E402
 from unclip.images import grid, resize, save_png, to_uint8  # noqa: E402
 from unclip.models.clip import CLIP  # noqa: E402
 from unclip.config import merge  # noqa: E402
@@ -53,11 +54,6 @@ HELD_COLOUR = {d: c for c, d in HELD_OUT}
 def mnist_test_glyphs(data_dir: str | None) -> GlyphPool:
     """MNIST's test digits, to render scenes with."""
     return GlyphPool(*load_idx_dataset("mnist", Path(data_dir) if data_dir else default_data_dir("mnist"), train=False))
-
-
-def draw_scene(glyphs: GlyphPool, scene: Scene, rng: np.random.Generator) -> torch.Tensor:
-    """`scene` drawn with glyphs picked by `rng`."""
-    return glyphs.render(scene, [glyphs.pick(o.digit, rng) for o in scene.objects])
 
 
 def prompt_sets(glyphs: GlyphPool, per_task: int, per_prompt: int) -> dict[str, list[tuple[str, Spec, torch.Tensor]]]:
@@ -81,7 +77,8 @@ def prompt_sets(glyphs: GlyphPool, per_task: int, per_prompt: int) -> dict[str, 
             else:
                 scene = sample_scene(rng, False, **task_scene_args(name, r))
                 text, spec = task_prompt(name, scene, r)
-            items.append((text, spec, torch.stack([draw_scene(glyphs, scene, rng) for _ in range(per_prompt)])))
+            items.append((text, spec, torch.stack([glyphs.render(scene, [glyphs.pick(o.digit, rng) for o in scene.objects])
+                                                  for _ in range(per_prompt)])))
         sets[name] = items
     return sets
 
@@ -124,13 +121,15 @@ def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: Sampling
 @torch.no_grad()
 def hard_negatives(clip: CLIP, tokenizer: Tokenizer, glyphs: GlyphPool, count: int) -> dict:
     """ARO-style: for real test scenes, does CLIP rank the true caption above the same caption of the scene
-    changed in one way (colours swapped between digits, places swapped, one digit changed, the count changed)?"""
-    wins = {k: [] for k in NEGATIVES}
-    trues, negatives, images, kinds = [], [], [], []
+    changed in one way (colours swapped between digits, places swapped, one digit changed, the count changed)?
+    And, the other way round, the true scene above that changed scene drawn with the same glyphs (where it can be
+    drawn: not a third digit added on top of the first)?"""
+    trues, negatives, images, twins, kinds = [], [], [], [], []
     for i in range(count):
         rng, r = np.random.default_rng([7, i]), random.Random(f"negative:{i}")
         scene = sample_scene(rng, True)
-        image = draw_scene(glyphs, scene, rng)
+        picks = [glyphs.pick(o.digit, rng) for o in scene.objects]
+        image = glyphs.render(scene, picks)
         for kind in NEGATIVES:
             seed = f"{i}:{kind}"
             text = caption(scene, random.Random(seed))
@@ -140,15 +139,24 @@ def hard_negatives(clip: CLIP, tokenizer: Tokenizer, glyphs: GlyphPool, count: i
             negative = caption(other, random.Random(seed))
             if negative == text:  # the caption does not say what changed (no colours named, say)
                 continue
-            trues.append(text), negatives.append(negative), images.append(image), kinds.append(kind)
+            drawable = len(other.objects) <= len(scene.objects)
+            twin = glyphs.render(other, twin_glyphs(scene, picks, other, glyphs, np.random.default_rng([8, i]))) if drawable else None
+            trues.append(text), negatives.append(negative), images.append(image), twins.append(twin), kinds.append(kind)
     image_emb = encode_images(clip, torch.stack(images))
     true_emb = encode_texts(clip, tokenizer, trues)[0]
     negative_emb = encode_texts(clip, tokenizer, negatives)[0]
-    won = ((image_emb * true_emb).sum(-1) > (image_emb * negative_emb).sum(-1)).tolist()
-    for kind, w in zip(kinds, won):
-        wins[kind].append(w)
-    examples = {k: next((t, n) for t, n, kk in zip(trues, negatives, kinds) if kk == k) for k in NEGATIVES}
-    return {k: {"accuracy": sum(v) / len(v), "pairs": len(v), "example": examples[k]} for k, v in wins.items()}
+    drawn = [k for k, t in enumerate(twins) if t is not None]
+    twin_emb = encode_images(clip, torch.stack([twins[k] for k in drawn]))
+    won_text = ((image_emb * true_emb).sum(-1) > (image_emb * negative_emb).sum(-1)).tolist()
+    won_image = dict(zip(drawn, ((image_emb[drawn] * true_emb[drawn]).sum(-1) > (twin_emb * true_emb[drawn]).sum(-1)).tolist()))
+    report = {}
+    for kind in NEGATIVES:
+        mine = [k for k, kk in enumerate(kinds) if kk == kind]
+        pictured = [won_image[k] for k in mine if k in won_image]
+        report[kind] = {"accuracy": float(np.mean([won_text[k] for k in mine])), "pairs": len(mine),
+                        "image_accuracy": float(np.mean(pictured)), "image_pairs": len(pictured),
+                        "example": (trues[mine[0]], negatives[mine[0]])}
+    return report
 
 
 def time_generate(checkpoints: str, runs: int = 3) -> float:
@@ -176,10 +184,11 @@ def table(report: dict) -> list[str]:
             lines.append(f"| {name} | {cell(gen, name)} | {cell(ceil, name)} | {cell(base, name)} | "
                          f"{report.get('counts', {}).get(name, '-')} |")
     if "negatives" in report:
-        lines += ["", "| CLIP hard negative | true caption ranked first | pairs | example (true / negative) |",
-                  "| --- | --- | --- | --- |"]
+        lines += ["", "| CLIP hard negative | true caption ranked first | pairs | true scene ranked first (the caption "
+                  "against the changed scene drawn) | pairs | example (true / negative) |", "| --- | --- | --- | --- | --- | --- |"]
         for kind, v in report["negatives"].items():
-            lines.append(f"| {kind} | {v['accuracy']:.3f} | {v['pairs']} | {v['example'][0]} / {v['example'][1]} |")
+            lines.append(f"| {kind} | {v['accuracy']:.3f} | {v['pairs']} | {v['image_accuracy']:.3f} | {v['image_pairs']} | "
+                         f"{v['example'][0]} / {v['example'][1]} |")
     if "prior" in report:
         p = report["prior"]
         lines += ["", f"Prior: cosine to the true image embedding {p['prior_cosine']:.4f}, "
@@ -215,7 +224,7 @@ def main() -> None:
     glyphs = mnist_test_glyphs(args.data_dir)
     judge = load_judge(args.data_dir)
     sets = prompt_sets(glyphs, args.prompts, args.per_prompt)
-    report: dict = {"checkpoints": args.checkpoints, "counts": {}}
+    report: dict = {"checkpoints": args.checkpoints, "clip": args.clip or args.checkpoints, "counts": {}}
     real = {name: torch.cat([im for _, _, im in items]) for name, items in sets.items()}  # per_prompt a prompt
     specs = {name: [spec for _, spec, im in items for _ in im] for name, items in sets.items()}
     if "ceiling" in parts:

@@ -84,11 +84,18 @@ class DiffusionPrior(nn.Module):
 
 
 def readout(layer: nn.TransformerEncoderLayer, seq: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """The last position's output (B, w) of a pre-norm `layer` over `seq` (B, N, w): the layer computed for that
-    position alone (the others' outputs are never read), a fifth of the prior's sampling time on the CPU."""
-    keys = layer.norm1(seq)
-    q = seq[:, -1:] + layer.self_attn(keys[:, -1:], keys, keys, key_padding_mask=pad, need_weights=False)[0]
-    return (q + layer.linear2(layer.activation(layer.linear1(layer.norm2(q)))))[:, 0]
+    """The last position's output (B, w) of a pre-norm `layer` over `seq` (B, N, w) with padding `pad` (B, N): the
+    layer computed for that position alone (the others' outputs are never read), a quarter of the prior's sampling
+    time on the CPU. Its attention is written out: nn.MultiheadAttention's first cross-attention call in a process
+    costs 0.4 s on the CPU."""
+    attn, x = layer.self_attn, layer.norm1(seq)
+    width, heads = x.shape[-1], attn.num_heads
+    q = F.linear(x[:, -1:], attn.in_proj_weight[:width], attn.in_proj_bias[:width])
+    k, v = F.linear(x, attn.in_proj_weight[width:], attn.in_proj_bias[width:]).chunk(2, -1)
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731  (B, heads, n, w / heads)
+    h = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=~pad[:, None, None])  # (B, heads, 1, .)
+    h = seq[:, -1] + attn.out_proj(h.flatten(1))  # (B, w)
+    return h + layer.linear2(layer.activation(layer.linear1(layer.norm2(h))))
 
 
 def residual_whitening(x: torch.Tensor, text: torch.Tensor, floor: float = 1e-4) -> tuple[torch.Tensor, ...]:
