@@ -36,7 +36,7 @@ from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
 from unclip.data.scene_captions import (NEGATIVES, PLACE_TERMS, TASKS, Spec, caption, perturb, task_prompt,  # noqa: E402
-                                        task_scene_args, twin_glyphs)
+                                        stacks, task_scene_args, twin_glyphs)
 from unclip.data.scenes import HELD_OUT, SIZE, GlyphPool, sample_scene  # noqa: E402
 from unclip.images import grid, resize, save_png, to_uint8  # noqa: E402
 from unclip.models.clip import CLIP  # noqa: E402
@@ -77,8 +77,7 @@ def prompt_sets(glyphs: GlyphPool, per_task: int, per_prompt: int) -> dict[str, 
             else:
                 scene = sample_scene(rng, False, **task_scene_args(name, r))
                 text, spec = task_prompt(name, scene, r)
-            items.append((text, spec, torch.stack([glyphs.render(scene, [glyphs.pick(o.digit, rng) for o in scene.objects])
-                                                  for _ in range(per_prompt)])))
+            items.append((text, spec, torch.stack([glyphs.render(scene, glyphs.picks(scene, rng)) for _ in range(per_prompt)])))
         sets[name] = items
     return sets
 
@@ -128,7 +127,7 @@ def hard_negatives(clip: CLIP, tokenizer: Tokenizer, glyphs: GlyphPool, count: i
     for i in range(count):
         rng, r = np.random.default_rng([7, i]), random.Random(f"negative:{i}")
         scene = sample_scene(rng, True)
-        picks = [glyphs.pick(o.digit, rng) for o in scene.objects]
+        picks = glyphs.picks(scene, rng)
         image = glyphs.render(scene, picks)
         for kind in NEGATIVES:
             seed = f"{i}:{kind}"
@@ -139,8 +138,8 @@ def hard_negatives(clip: CLIP, tokenizer: Tokenizer, glyphs: GlyphPool, count: i
             negative = caption(other, random.Random(seed))
             if negative == text:  # the caption does not say what changed (no colours named, say)
                 continue
-            drawable = len(other.objects) <= len(scene.objects)
-            twin = glyphs.render(other, twin_glyphs(scene, picks, other, glyphs, np.random.default_rng([8, i]))) if drawable else None
+            twin = None if stacks(scene, kind) else glyphs.render(other, twin_glyphs(scene, picks, other, glyphs,
+                                                                                     np.random.default_rng([8, i])))
             trues.append(text), negatives.append(negative), images.append(image), twins.append(twin), kinds.append(kind)
     image_emb = encode_images(clip, torch.stack(images))
     true_emb = encode_texts(clip, tokenizer, trues)[0]

@@ -45,12 +45,13 @@ def clip_stage(cfg: ClipConfig, eval_split: str = "val") -> Stage:
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
         seed, n = caption_seed(t.seed, step), len(batch)
         pixels, negatives = batch.pixels(), None
+        keys = batch.caption_keys(torch.arange(n), seed) if cfg.hard_negatives else None
         if cfg.hard_negative_images:  # the twins are examples of their own: (scene, caption) and (twin, negative)
-            captions, negatives, twins = batch.captioner.twins(batch.labels, batch.caption_keys(torch.arange(n), seed))
+            captions, negatives, twins = batch.captioner.twins(batch.labels, keys)
             pixels = torch.cat([pixels, to_float(convert(twins, m.image_channels, m.image_size))])
             captions, negatives = captions + negatives, None
         elif cfg.hard_negatives:
-            captions, negatives = batch.captioner.sample_with_negatives(batch.labels, batch.caption_keys(torch.arange(n), seed))
+            captions, negatives = batch.captioner.sample_with_negatives(batch.labels, keys)
         else:
             captions = batch.captions(seed=seed)
         tokens = tokenizer(captions + (negatives or [])).to(device)

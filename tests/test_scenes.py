@@ -22,7 +22,7 @@ def glyph_pool(n: int = 200):
 
 def test_scenes_keep_the_contract():
     images, labels = glyph_pool()
-    scenes, pixels, _ = make_scenes(images, labels, 300, seed=1, allow_held_out=False)
+    scenes, pixels, _ = make_scenes(GlyphPool(images, labels), 300, seed=1, allow_held_out=False)
     assert pixels.shape == (300, 3, 64, 64) and pixels.dtype == torch.uint8
     for scene, image in zip(scenes, pixels):
         assert 1 <= len(scene.objects) <= 4
@@ -53,8 +53,8 @@ def test_scenes_keep_the_contract():
 
 def test_scenes_are_deterministic_and_test_holds_the_held_out_pairs():
     images, labels = glyph_pool()
-    a, pa, _ = make_scenes(images, labels, 50, seed=3, allow_held_out=False)
-    b, pb, _ = make_scenes(images, labels, 50, seed=3, allow_held_out=False)
+    a, pa, _ = make_scenes(GlyphPool(images, labels), 50, seed=3, allow_held_out=False)
+    b, pb, _ = make_scenes(GlyphPool(images, labels), 50, seed=3, allow_held_out=False)
     assert a == b and torch.equal(pa, pb)
     rng = np.random.default_rng(0)
     pairs = {(o.colour, o.digit) for _ in range(2000) for o in sample_scene(rng, allow_held_out=True).objects}
@@ -63,7 +63,7 @@ def test_scenes_are_deterministic_and_test_holds_the_held_out_pairs():
 
 def test_training_captions_vary_and_hard_negatives_change_the_meaning():
     images, labels = glyph_pool()
-    scenes, _, _ = make_scenes(images, labels, 200, seed=1, allow_held_out=False)
+    scenes, _, _ = make_scenes(GlyphPool(images, labels), 200, seed=1, allow_held_out=False)
     captioner = SceneCaptions(scenes)
     idx = torch.arange(200)
     a = captioner.sample(idx, [f"0:{i}" for i in range(200)])
@@ -101,8 +101,9 @@ def test_twins_draw_each_hard_negative_scene_with_the_glyphs_it_kept():
 
     glyphs, labels = draw_glyphs(300, 3)
     images, labels = torch.from_numpy(glyphs)[:, None], torch.from_numpy(labels).long()
-    scenes, pixels, picks = make_scenes(images, labels, 60, seed=4, allow_held_out=False)
-    captioner = SceneCaptions(scenes, GlyphPool(images, labels), picks)
+    pool = GlyphPool(images, labels)
+    scenes, pixels, picks = make_scenes(pool, 60, seed=4, allow_held_out=False)
+    captioner = SceneCaptions(scenes, pool, picks)
     idx, keys = torch.arange(60), [f"0:{i}" for i in range(60)]
     texts, negatives, twins = captioner.twins(idx, keys)
     assert texts == captioner.sample(idx, keys) and twins.shape == pixels.shape and twins.dtype == torch.uint8
@@ -152,8 +153,8 @@ def test_the_evaluator_finds_every_object_its_colour_and_centre():
     from tests.conftest import draw_glyphs
 
     glyphs, labels = draw_glyphs(300, 3)
-    scenes, pixels, _ = make_scenes(torch.from_numpy(glyphs)[:, None], torch.from_numpy(labels).long(), 100, seed=4,
-                                 allow_held_out=True)
+    scenes, pixels, _ = make_scenes(GlyphPool(torch.from_numpy(glyphs)[:, None], torch.from_numpy(labels).long()), 100, seed=4,
+                                    allow_held_out=True)
     for scene, found in zip(scenes, detect(pixels)):
         assert len(found) == len(scene.objects)
         for obj in scene.objects:  # each object has one detection of its colour, centred within its box

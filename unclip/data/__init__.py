@@ -190,9 +190,9 @@ def _scenes(split: str, mnist_dir: Path, val_size: int) -> CaptionedImages:
         keep = split_indices(len(images), split, val_size)
         images, labels = images[keep], labels[keep]
     seed = SPLITS.index(split) + 1
-    scenes, pixels, picks = make_scenes(images, labels.long(), len(images), seed, allow_held_out=split == "test")
-    return CaptionedImages(images=pixels, labels=torch.arange(len(scenes)),
-                           captioner=SceneCaptions(scenes, GlyphPool(images, labels.long()), picks))
+    pool = GlyphPool(images, labels.long())
+    scenes, pixels, picks = make_scenes(pool, len(images), seed, allow_held_out=split == "test")
+    return CaptionedImages(images=pixels, labels=torch.arange(len(scenes)), captioner=SceneCaptions(scenes, pool, picks))
 
 
 def _resize(data: CaptionedImages, channels: int, size: int) -> CaptionedImages:

@@ -264,6 +264,12 @@ PLACE_TERMS = ("left", "right", "above", "over", "under", "below", "beneath", "t
                "middle")
 
 
+def stacks(scene: Scene, kind: str) -> bool:
+    """Whether `perturb(scene, kind)` adds a digit on top of the first (the count of two of a digit made three): a
+    scene that reads as it should but cannot be drawn."""
+    return kind == "count" and len(scene.objects) == 2
+
+
 def caption_with_negative(scene: Scene, seed: int | str, drawable: bool = False) -> tuple[str, str, Scene]:
     """A random caption, the same caption (same random choices) of a perturbed scene that means something
     else, and that scene. A swap of places only counts where the caption says where things are. `drawable`:
@@ -271,7 +277,7 @@ def caption_with_negative(scene: Scene, seed: int | str, drawable: bool = False)
     r = random.Random(seed)
     text = caption(scene, random.Random(seed))
     kinds = [k for k in NEGATIVES if k != "digit" and (k != "relation" or any(w in text for w in PLACE_TERMS))
-             and not (drawable and k == "count" and len(scene.objects) == 2)]
+             and not (drawable and stacks(scene, k))]
     r.shuffle(kinds)
     for kind in [*kinds, "digit"]:  # a digit change always shows: every caption names every digit
         other = perturb(scene, kind, r)

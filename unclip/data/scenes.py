@@ -158,19 +158,23 @@ class GlyphPool:
         pool = self.by_digit[digit]
         return int(pool[rng.integers(len(pool))]) if len(pool) else -1
 
+    def picks(self, scene: Scene, rng: np.random.Generator) -> list[int]:
+        """A random glyph for each object of `scene`."""
+        return [self.pick(o.digit, rng) for o in scene.objects]
+
     def render(self, scene: Scene, picks: list[int]) -> torch.Tensor:
         return render(scene, [self.images[i, 0] if i >= 0 else torch.zeros(28, 28, dtype=torch.uint8) for i in picks])
 
 
-def make_scenes(images: torch.Tensor, labels: torch.Tensor, count: int, seed: int, allow_held_out: bool,
+def make_scenes(pool: GlyphPool, count: int, seed: int, allow_held_out: bool,
                 **fixed) -> tuple[list[Scene], torch.Tensor, list[list[int]]]:
-    """`count` scenes drawn with glyphs from `images` (N, 1, 28, 28) of the right `labels`; deterministic
-    for `seed`. Returns (scenes, uint8 images (count, 3, 64, 64), each scene's glyphs as indices into `images`)."""
-    rng, pool = np.random.default_rng(seed), GlyphPool(images, labels)
+    """`count` scenes drawn with glyphs from `pool`; deterministic for `seed`. Returns (scenes, uint8 images
+    (count, 3, 64, 64), each scene's glyphs as indices into the pool's images)."""
+    rng = np.random.default_rng(seed)
     scenes, out, picks = [], torch.zeros(count, 3, SIZE, SIZE, dtype=torch.uint8), []
     for i in range(count):
         scene = sample_scene(rng, allow_held_out, **fixed)
-        picks.append([pool.pick(o.digit, rng) for o in scene.objects])
+        picks.append(pool.picks(scene, rng))
         out[i] = pool.render(scene, picks[-1])
         scenes.append(scene)
     return scenes, out, picks
