@@ -425,15 +425,19 @@ SeedSampleOpt = Annotated[int, typer.Option("--seed", help="Same seed, same sett
 SamplerOpt = Annotated[Optional[Sampler], typer.Option("--sampler", help="Default: dpmpp.")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (ddpm always takes all).")]
 GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="Decoder guidance scale, 1 = none.")]
+TextGuidanceOpt = Annotated[Optional[float], typer.Option(
+    "--text-guidance", help="Decoders that read the caption: its own guidance scale, --guidance then the image embedding's.")]
 PriorGuidanceOpt = Annotated[Optional[float], typer.Option("--prior-guidance", help="Prior guidance scale (default: the pipeline's).")]
 UpsamplerStepsOpt = Annotated[Optional[int], typer.Option("--upsampler-steps", help="Upsampler sampling steps (pipelines with one).")]
 SampleDeviceOpt = Annotated[Device, typer.Option("--device")]
 
 
-def sampling_settings(sampler: Sampler, steps, guidance, prior_guidance, upsampler_steps, strength=None) -> dict:
+def sampling_settings(sampler: Sampler, steps, guidance, prior_guidance, upsampler_steps, strength=None,
+                      text_guidance=None) -> dict:
     """The sampling flags given (None: the pipeline's default, from its sampling.yaml or the library's)."""
     return {"sampler": sampler.value if sampler else None, "steps": steps, "guidance": guidance,
-            "prior_guidance": prior_guidance, "upsampler_steps": upsampler_steps, "strength": strength}
+            "prior_guidance": prior_guidance, "upsampler_steps": upsampler_steps, "strength": strength,
+            "text_guidance": text_guidance}
 
 
 @command("generate")
@@ -443,7 +447,8 @@ def generate(
     checkpoints: CheckpointsOpt = DEFAULT_PIPELINE,
     out: Annotated[Optional[Path], typer.Option("--out", help="Default: outputs/<prompt>/")] = None,
     seed: SeedSampleOpt = 0, sampler: SamplerOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
-    prior_guidance: PriorGuidanceOpt = None, upsampler_steps: UpsamplerStepsOpt = None,
+    text_guidance: TextGuidanceOpt = None, prior_guidance: PriorGuidanceOpt = None,
+    upsampler_steps: UpsamplerStepsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images sampled at once.")] = 64,
     device: SampleDeviceOpt = Device.auto,
     animate: Annotated[bool, typer.Option("--animate", help="Also write denoise.gif of the sampling chain.")] = False,
@@ -456,7 +461,7 @@ def generate(
 
     if strength is not None and init_image is None:
         raise UserError("--strength is for image-to-image: give the image with --init-image")
-    settings = sampling_settings(sampler, steps, guidance, prior_guidance, upsampler_steps, strength)
+    settings = sampling_settings(sampler, steps, guidance, prior_guidance, upsampler_steps, strength, text_guidance)
     with progress_bar("sampling") as bar:
         folder = generate_to_folder(prompt, num_samples, checkpoints, out, settings, seed, batch_size, device.value,
                                     animate, bar, negative_prompt, init_image)

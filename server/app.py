@@ -93,6 +93,7 @@ class RunRequest(BaseModel):
     seed: int = 0
     steps: Optional[int] = Field(None, ge=1)
     guidance: Optional[float] = Field(None, ge=0)
+    text_guidance: Optional[float] = Field(None, ge=0)  # decoders that read the caption
     prior_guidance: Optional[float] = Field(None, ge=0)
     image: Optional[str] = None  # a data URL: the source of a variation, or the init image of image-to-image
     strength: Optional[float] = Field(None, ge=0, le=1)
@@ -119,7 +120,8 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
 
     def defaults(source: str | Path) -> dict:
         d = load_sampling(resolve_folder(source))  # the folder's sampling.yaml, without loading its weights
-        return {"steps": d.steps, "guidance": d.guidance, "prior_guidance": d.prior_guidance, "strength": d.strength}
+        return {"steps": d.steps, "guidance": d.guidance, "text_guidance": d.text_guidance, "prior_guidance": d.prior_guidance,
+                "strength": d.strength}
 
     @app.get("/api/pipelines")
     def pipelines() -> dict:
@@ -131,6 +133,7 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
     @app.get("/api/generate", responses={200: {"content": {"image/png": {}}}})
     def generate(prompt: str, num_samples: int = Query(4, ge=1), seed: int = 0, steps: Optional[int] = Query(None, ge=1),
                  guidance: Optional[float] = Query(None, ge=0), prior_guidance: Optional[float] = Query(None, ge=0),
+                 text_guidance: Optional[float] = Query(None, ge=0),
                  negative_prompt: Optional[str] = None, pipeline: Optional[str] = None,
                  batch_size: int = Query(BATCH_SIZE, ge=1)) -> Response:
         """The contact sheet of `num_samples` images as a PNG: `t2i generate`'s grid.png for the same settings."""
@@ -140,7 +143,7 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
                 raise UserError("the prompt is empty: say what to draw, e.g. prompt=six")
             with queued(models):
                 pipe = models.get(pipeline)
-                options = pipe.options(steps, guidance, prior_guidance)
+                options = pipe.options(steps, guidance, prior_guidance, text_guidance_scale=text_guidance)
                 images = generate_images(pipe, prompt, num_samples, options, seed, batch_size, negative_prompt)
         except UserError as e:
             raise HTTPException(400, str(e)) from None
@@ -173,7 +176,8 @@ Job = Callable[[Callable], torch.Tensor]  # job(callback) -> uint8 images
 def plan(models: Models, req: RunRequest, limit) -> Job:
     """Check a request completely (a 400 comes before any event) and return the work it asks for."""
     pipe = models.get(req.pipeline)
-    options = pipe.options(req.steps, req.guidance, req.prior_guidance, strength=req.strength)
+    options = pipe.options(req.steps, req.guidance, req.prior_guidance, strength=req.strength,
+                           text_guidance_scale=req.text_guidance)
     generator = lambda: pipe.generator(seed=req.seed)  # noqa: E731
     if req.mode == "generate":
         limit(req.num_samples, "images")

@@ -159,6 +159,25 @@ def test_the_cascade_draws_at_the_upsampler_size_reproducibly(cascade, tmp_path)
     assert Image.open(tmp_path / "i" / "0002.png").size == (28, 28)
 
 
+def test_text_guidance_scales_the_caption_apart_from_the_image_embedding(cascade, tiny_pipeline, tmp_path):
+    def draw(name, *flags, pipeline=cascade):
+        r = run("generate", "--checkpoints", pipeline, "--prompt", "a six", "-n", 2, "--steps", 3, "--upsampler-steps", 1,
+                "--guidance", 2, *flags, "--out", tmp_path / name)
+        assert r.exit_code == 0, r.output
+        return [np.asarray(Image.open(tmp_path / name / f"{i:04d}.png")) for i in range(2)]
+
+    plain, same, apart = draw("plain"), draw("same", "--text-guidance", 2), draw("apart", "--text-guidance", 5)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, same))  # one scale for both: plain guidance
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, apart))
+    defaults = tmp_path / "defaults"  # a pipeline's default, as the flag sets it
+    shutil.copytree(cascade, defaults)
+    (defaults / "sampling.yaml").write_text("text_guidance: 5\n")
+    assert all(np.array_equal(a, b) for a, b in zip(apart, draw("default", pipeline=defaults)))
+    r = run("generate", "--checkpoints", tiny_pipeline, "--prompt", "six", "--text-guidance", 3, "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "text guidance is for decoders that read the caption" in r.output
+    assert "Traceback" not in r.output
+
+
 def test_the_upsampler_loss_falls_and_samples_are_drawn(cascade):
     losses = [r["loss"] for r in read_metrics(cascade / "upsampler")[0]]
     assert len(losses) == 60

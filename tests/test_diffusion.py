@@ -102,6 +102,26 @@ def test_guidance_extrapolates_from_unconditional_to_conditional():
     assert calls == [6]
 
 
+def test_an_inner_condition_takes_its_own_scale_and_the_outer_scale_the_rest():
+    calls = []
+
+    def net_x0(x, t, cond, drop):  # x0 is the condition's first value, 0 when dropped
+        calls.append(x.shape[0])
+        return torch.where(drop[:, None], torch.zeros_like(x), cond[0])
+
+    x, t = torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)
+    cond, inner = (torch.ones(3, 2),), (torch.full((3, 2), 0.5),)
+    # x0 = uncond + s_inner (inner - uncond) + s (cond - inner) = 0 + 2 * 0.5 + 4 * 0.5
+    out = classifier_free_guidance(net_x0, cond, 4.0, inner=(inner, 2.0))(x, t)
+    assert calls == [9]  # the three branches in one batch
+    torch.testing.assert_close(out, torch.full((3, 2), 3.0))
+    # one scale for both is plain guidance at that scale
+    torch.testing.assert_close(classifier_free_guidance(net_x0, cond, 3.0, inner=(inner, 3.0))(x, t),
+                               classifier_free_guidance(net_x0, cond, 3.0)(x, t))
+    # the inner scale alone (outer 1) guides only the inner part: 0 + 3 * 0.5 + 1 * 0.5
+    torch.testing.assert_close(classifier_free_guidance(net_x0, cond, 1.0, inner=(inner, 3.0))(x, t), torch.full((3, 2), 2.0))
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
 def test_image_to_image_chain_starts_partway(sampler):
     """SDEdit: strength 0 returns the init, 1 is the plain chain from the same noise, and in between the chain

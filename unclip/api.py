@@ -43,7 +43,7 @@ def check_options(options: SamplingOptions) -> None:
     for name, steps in (("steps", options.steps), ("upsampler steps", options.upsampler_steps)):
         if steps < 1:
             raise UserError(f"{name} must be at least 1, got {steps}")
-    if options.guidance < 0 or options.prior_guidance < 0:
+    if min(options.guidance, options.prior_guidance, options.text_guidance or 0) < 0:
         raise UserError("guidance scales must be >= 0 (1 means no guidance)")
     if not 0.0 <= options.strength <= 1.0:
         raise UserError(f"strength must be between 0 and 1, got {options.strength}")
@@ -71,11 +71,11 @@ class UnCLIPPipeline:
     def options(self, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                 prior_guidance_scale: Optional[float] = None, sampler: Optional[str] = None,
                 upsampler_steps: Optional[int] = None, strength: Optional[float] = None,
-                prior_candidates: Optional[int] = None) -> SamplingOptions:
+                prior_candidates: Optional[int] = None, text_guidance_scale: Optional[float] = None) -> SamplingOptions:
         """This pipeline's sampling defaults with the settings given, checked against it."""
         return self.resolve({"steps": num_inference_steps, "guidance": guidance_scale, "prior_guidance": prior_guidance_scale,
                              "sampler": sampler, "upsampler_steps": upsampler_steps, "strength": strength,
-                             "prior_candidates": prior_candidates})
+                             "prior_candidates": prior_candidates, "text_guidance": text_guidance_scale})
 
     def resolve(self, settings: dict) -> SamplingOptions:
         """This pipeline's sampling defaults (the library's, or its folder's sampling.yaml) with `settings`
@@ -91,6 +91,9 @@ class UnCLIPPipeline:
         """`options` if they are valid for this pipeline; else a UserError saying what is wrong."""
         check_options(options)
         pipe = self.pipeline
+        if options.text_guidance is not None and not pipe.decoder_config.model.text_tokens:
+            raise UserError("text guidance is for decoders that read the caption; this pipeline's reads only the "
+                            "image embedding: use guidance")
         for stage, diffusion in (("prior", pipe.prior), ("decoder", pipe.decoder)):
             if options.steps > len(diffusion.ac):
                 raise UserError(f"steps {options.steps} is more than the {len(diffusion.ac)} diffusion steps of the {stage}")
@@ -131,14 +134,16 @@ class UnCLIPPipeline:
                  callback: Optional[StepCallback] = None, image: Optional[ImageInput] = None,
                  strength: Optional[float] = None, sampler: Optional[str] = None,
                  upsampler_steps: Optional[int] = None, batch_size: int = BATCH_SIZE,
-                 prior_candidates: Optional[int] = None) -> UnCLIPOutput:
+                 prior_candidates: Optional[int] = None, text_guidance_scale: Optional[float] = None) -> UnCLIPOutput:
         """Text -> images: the prior turns each prompt into CLIP image embeddings, the decoder (and upsampler)
         draws them, `num_images_per_prompt` each, in batches of `batch_size`.
 
         `negative_prompt`: what to steer away from (Kandinsky 2.2's way: the prior's and the decoder's
         unconditional branches take it). `image` and `strength`: image-to-image (SDEdit); strength 0 returns
         the image, 1 ignores it. `prior_candidates`: the prior's draws per image, the one nearest the prompt's
-        text embedding kept (DALL-E 2). Unset settings take the pipeline's defaults.
+        text embedding kept (DALL-E 2). `text_guidance_scale` (decoders that read the caption): the caption's own
+        guidance over the image embedding's, which `guidance_scale` then sets alone. Unset settings take the
+        pipeline's defaults.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p.strip() for p in prompts):
@@ -150,7 +155,7 @@ class UnCLIPPipeline:
             negatives = None  # an empty negative prompt is no negative prompt
         check_count(num_images_per_prompt, batch_size, output_type)
         options = self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, upsampler_steps, strength,
-                               prior_candidates)
+                               prior_candidates, text_guidance_scale)
         generator = self.generator(generator)
         captions = [p for p in prompts for _ in range(num_images_per_prompt)]
         negs = [n for n in negatives for _ in range(num_images_per_prompt)] if negatives else None

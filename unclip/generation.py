@@ -59,7 +59,8 @@ def generate_images(pipe: UnCLIPPipeline, prompt: str, num_samples: int, options
                       output_type="uint8", callback=callback, image=init_image, batch_size=batch_size,
                       num_inference_steps=options.steps, guidance_scale=options.guidance,
                       prior_guidance_scale=options.prior_guidance, strength=options.strength, sampler=options.sampler,
-                      upsampler_steps=options.upsampler_steps, prior_candidates=options.prior_candidates).images
+                      upsampler_steps=options.upsampler_steps, prior_candidates=options.prior_candidates,
+                      text_guidance_scale=options.text_guidance).images
         if on_batch:
             on_batch(start, images)
         out.append(images)

@@ -108,6 +108,9 @@ class SamplingOptions:
     sampler: str = "dpmpp"
     steps: int = 10
     guidance: float = 1.0  # decoder classifier-free guidance scale (1 = none)
+    # decoders that read the caption: the scale from the image embedding alone to it with the caption, `guidance`
+    # then scaling only the image embedding's part (InstructPix2Pix's two scales); None: one scale, `guidance`
+    text_guidance: Optional[float] = None
     prior_guidance: float = 1.5
     prior_candidates: int = 1  # draws per caption, the one closest to the text embedding kept (DALL-E 2)
     upsampler_steps: int = 10  # when the pipeline has an upsampler
@@ -216,16 +219,22 @@ def decoder_condition(cfg: DecoderConfig, image_emb: torch.Tensor, text: Optiona
 def decode(decoder: Diffusion, cfg: DecoderConfig, image_emb: torch.Tensor, sampler: str, steps: int, guidance: float,
            generator: torch.Generator, callback=None, noise: Optional[torch.Tensor] = None,
            text: Optional[tuple] = None, negative: Optional[tuple] = None, init: Optional[torch.Tensor] = None,
-           strength: float = 1.0) -> torch.Tensor:
+           strength: float = 1.0, text_guidance: Optional[float] = None) -> torch.Tensor:
     """CLIP image embeddings (B, D) (and, for decoders that read them, the captions' token features and mask
     from `text_condition`) -> images (B, C, H, W) in [-1, 1]. `negative` is the condition guidance steers
     away from (a negative prompt's `decoder_condition`); `init` images in [-1, 1] of any size and `strength`
-    make it image-to-image (SDEdit)."""
+    make it image-to-image (SDEdit). `text_guidance` (with a caption the decoder reads): the caption's own
+    scale over the image embedding alone, `guidance` then the embedding's."""
     m = cfg.model
     if noise is None:
         shape = (image_emb.shape[0], m.image_channels, m.image_size, m.image_size)
         noise = torch.randn(shape, generator=generator, device=generator.device)
-    denoise = decoder.denoiser(decoder_condition(cfg, image_emb, text), guidance, negative)
+    cond = decoder_condition(cfg, image_emb, text)
+    if len(cond) > 1 and text_guidance is not None and text_guidance != guidance:
+        tokens, mask = cond[1:]  # the same tokens, none of them read: the caption dropped, the embedding kept
+        denoise = decoder.denoiser(cond, text_guidance, negative, inner=((image_emb, tokens, torch.zeros_like(mask)), guidance))
+    else:
+        denoise = decoder.denoiser(cond, guidance, negative)
     init = resize(init, m.image_size) if init is not None else None
     return decoder.sample(sampler, denoise, noise, steps, generator=generator, callback=callback, init=init,
                           strength=strength).clamp(-1, 1)
@@ -258,7 +267,7 @@ def decode_and_upsample(pipe: "Pipeline", image_emb: torch.Tensor, options: "Sam
     upsampler when the pipeline has one (for image-to-image, each starts from `init` at its own size).
     `callback(i, t, x_t, x0)` is called after every step of both chains."""
     x = decode(pipe.decoder, pipe.decoder_config, image_emb, options.sampler, options.steps, options.guidance,
-               generator, callback, noise, text, negative, init, strength)
+               generator, callback, noise, text, negative, init, strength, options.text_guidance)
     if pipe.upsampler is None:
         return x
     return upsample(pipe.upsampler, pipe.upsampler_config, x, options.sampler, options.upsampler_steps, generator,

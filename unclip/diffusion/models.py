@@ -46,11 +46,12 @@ class Diffusion:
         """The raw clean-data estimate (unclamped: guidance must see the predictions as they are)."""
         return to_x0(self.net(x, t, *cond, drop=drop), x, t, self.ac, self.prediction)
 
-    def denoiser(self, cond: tuple, guidance: float, negative: Optional[tuple] = None) -> Denoiser:
+    def denoiser(self, cond: tuple, guidance: float, negative: Optional[tuple] = None,
+                 inner: Optional[tuple[tuple, float]] = None) -> Denoiser:
         """The sampler's `denoise(x_t, t) -> x0`: classifier-free guidance over the raw predictions first (away
-        from a `negative` condition when given), clamping to the data range after (as diffusers' schedulers
-        and Imagen's thresholding do)."""
-        guided = classifier_free_guidance(self.x0, cond, guidance, negative)
+        from a `negative` condition when given; `inner`: a part of `cond` with a scale of its own), clamping to
+        the data range after (as diffusers' schedulers and Imagen's thresholding do)."""
+        guided = classifier_free_guidance(self.x0, cond, guidance, negative, inner)
         if not self.clip_x0:
             return guided
         return lambda x, t: guided(x, t).clamp(-self.clip_x0, self.clip_x0)

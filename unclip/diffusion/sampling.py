@@ -24,24 +24,37 @@ def _t(x: torch.Tensor, t: int) -> torch.Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
-def classifier_free_guidance(net_x0: Callable, cond: tuple, scale: float, negative: Optional[tuple] = None) -> Denoiser:
-    """Ho & Salimans 2022: x0 = x0_uncond + scale * (x0_cond - x0_uncond), both halves in one batch.
+def classifier_free_guidance(net_x0: Callable, cond: tuple, scale: float, negative: Optional[tuple] = None,
+                             inner: Optional[tuple[tuple, float]] = None) -> Denoiser:
+    """Ho & Salimans 2022: x0 = x0_uncond + scale * (x0_cond - x0_uncond), all branches in one batch.
 
     `net_x0(x_t, t, cond, drop)` predicts x0 with the condition dropped where `drop` is True. Guiding x0
     is the same as guiding eps, since at fixed x_t one is an affine function of the other. With a `negative`
-    condition (a negative prompt's, shaped like `cond`) the unconditional half sees it instead of the dropped
+    condition (a negative prompt's, shaped like `cond`) the unconditional branch sees it instead of the dropped
     condition, so guidance pushes away from it (as Kandinsky 2.2 and Stable Diffusion do).
+
+    `inner = (cond_inner, s_inner)`: a condition holding part of `cond` (a decoder's image embedding without its
+    caption), guided with a scale of its own, `scale` then guiding from it to the whole of `cond` (InstructPix2Pix,
+    Brooks et al. 2023, eq. 3): x0 = x0_uncond + s_inner (x0_inner - x0_uncond) + scale (x0_cond - x0_inner).
+    With s_inner = scale it is plain guidance at that scale.
     """
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         keep = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        if scale == 1.0:
+        if scale == 1.0 and inner is None:
             return net_x0(x, t, cond, keep)
         other, drop = (cond, ~keep) if negative is None else (negative, keep)
-        both = net_x0(torch.cat([x, x]), torch.cat([t, t]), tuple(torch.cat([c, n]) for c, n in zip(cond, other)),
-                      torch.cat([keep, drop]))
-        x0_cond, x0_uncond = both.chunk(2)
-        return x0_uncond + scale * (x0_cond - x0_uncond)
+        conds, drops = [cond, other], [keep, drop]
+        if inner is not None:
+            conds.append(inner[0])
+            drops.append(keep)
+        n = len(conds)
+        x0 = net_x0(torch.cat([x] * n), torch.cat([t] * n), tuple(torch.cat(parts) for parts in zip(*conds)),
+                    torch.cat(drops)).chunk(n)
+        x0_cond, x0_uncond = x0[:2]
+        if inner is None:
+            return x0_uncond + scale * (x0_cond - x0_uncond)
+        return x0_uncond + inner[1] * (x0[2] - x0_uncond) + scale * (x0_cond - x0[2])
 
     return denoise
 
