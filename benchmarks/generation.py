@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.judge import diversity, features_and_logits, frechet_distance, judge_accuracy, load_judge  # noqa: E402
+from benchmarks.overhead import wall  # noqa: E402
 from unclip.data import load_dataset  # noqa: E402
 from unclip.images import grid, save_png  # noqa: E402
 from unclip.images import to_uint8  # noqa: E402
@@ -152,14 +152,9 @@ def score_prior_alone(args, prompts: list[str], judge) -> None:
 def timing(checkpoints: Path, runs: int = 3) -> list[float]:
     """Wall seconds of `t2i generate --prompt six --num-samples 64`, from process start to exit."""
     t2i = Path(sys.executable).parent / "t2i"
-    times = []
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(runs):
-            start = time.perf_counter()
-            subprocess.run([str(t2i), "generate", "--prompt", "six", "--num-samples", "64", "--checkpoints",
-                            str(checkpoints), "--out", tmp], check=True, capture_output=True)
-            times.append(time.perf_counter() - start)
-    return times
+        return wall([str(t2i), "generate", "--prompt", "six", "--num-samples", "64", "--checkpoints", str(checkpoints),
+                     "--out", tmp], runs)
 
 
 def grid_point(text: str) -> SamplingOptions:

@@ -17,7 +17,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.judge import load_judge  # noqa: E402
+from benchmarks.overhead import wall  # noqa: E402
 from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
@@ -161,14 +161,9 @@ def hard_negatives(clip: CLIP, tokenizer: Tokenizer, glyphs: GlyphPool, count: i
 def time_generate(checkpoints: str, runs: int = 3) -> float:
     """Median wall time of `t2i generate -n 16` from process start (a cold process, as a user runs it)."""
     t2i = str(Path(sys.executable).parent / "t2i")
-    times = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(runs):
-            start = time.perf_counter()
-            subprocess.run([t2i, "generate", "--checkpoints", checkpoints, "--prompt", "a red 3 to the left of a blue 7",
-                            "-n", "16", "--device", "cpu", "--out", f"{tmp}/{i}"], check=True, capture_output=True)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return statistics.median(wall([t2i, "generate", "--checkpoints", checkpoints, "--prompt",
+                                       "a red 3 to the left of a blue 7", "-n", "16", "--device", "cpu", "--out", tmp], runs))
 
 
 def table(report: dict) -> list[str]:

@@ -178,6 +178,29 @@ def test_text_guidance_scales_the_caption_apart_from_the_image_embedding(cascade
     assert "Traceback" not in r.output
 
 
+def test_upsampler_strength_refines_the_enlarged_base_image_in_part_of_the_chain(cascade, tmp_path):
+    from unclip.api import UnCLIPPipeline
+    from unclip.pipeline import decode, decode_and_upsample
+
+    pipe = UnCLIPPipeline.from_pretrained(cascade, "cpu")
+    p, emb = pipe.pipeline, torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    draw = lambda s: decode_and_upsample(p, emb, pipe.resolve({"steps": 2, "upsampler_steps": 4, "upsampler_strength": s}),  # noqa: E731
+                                         torch.Generator().manual_seed(0))
+    base = decode(p.decoder, p.decoder_config, emb, "dpmpp", 2, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(draw(0.0), resize(base, 28))  # strength 0: the base image enlarged, untouched
+    half, full = draw(0.5), draw(1.0)
+    assert not torch.equal(half, full) and not torch.equal(half, draw(0.0))
+    copy = tmp_path / "half"  # a pipeline's default; the progress bar counts the calls the shorter chain makes
+    shutil.copytree(cascade, copy)
+    (copy / "sampling.yaml").write_text("upsampler_strength: 0.5\n")
+    calls = []
+    UnCLIPPipeline.from_pretrained(copy, "cpu")("six", num_images_per_prompt=2, num_inference_steps=2, upsampler_steps=4,
+                                                callback=lambda step, total, x0: calls.append(total))
+    assert len(calls) == calls[0] == 2 + len(p.upsampler.timesteps("dpmpp", 4, 0.5)) < 2 + 4
+    r = run("generate", "--checkpoints", cascade, "--prompt", "six", "--upsampler-strength", 1.5, "--out", tmp_path / "g")
+    assert r.exit_code == 1 and "upsampler strength must be between 0 and 1, got 1.5" in r.output
+
+
 def test_the_upsampler_loss_falls_and_samples_are_drawn(cascade):
     losses = [r["loss"] for r in read_metrics(cascade / "upsampler")[0]]
     assert len(losses) == 60

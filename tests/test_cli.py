@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,21 @@ def test_generate_refuses_bad_input_in_one_line(tiny_pipeline, tmp_path, extra, 
     assert r.exit_code != 0
     assert message in r.output
     assert "Traceback" not in r.output
+
+
+def test_the_t2i_command_ends_a_sampling_run_with_its_status_and_its_output_written(tiny_pipeline, tmp_path):
+    """`t2i` (cli:run) skips Python's teardown after generate: nothing it printed or wrote may be lost."""
+    def t2i(*args):
+        return subprocess.run([sys.executable, "-c", "import cli; cli.run()", *map(str, args)], capture_output=True,
+                              text=True, cwd=Path(__file__).parents[1])
+
+    ok = t2i("generate", "--checkpoints", tiny_pipeline, "--prompt", "six", "-n", 2, "--steps", 2, "--out", tmp_path / "g")
+    assert ok.returncode == 0 and "wrote 2 image(s) and grid.png" in ok.stderr, ok.stderr
+    assert sorted(f.name for f in (tmp_path / "g").iterdir()) == ["0000.png", "0001.png", "grid.png"]
+    assert Image.open(tmp_path / "g" / "grid.png").size[0] > 0
+    bad = t2i("generate", "--checkpoints", tiny_pipeline, "--prompt", "six", "--steps", 0, "--out", tmp_path / "b")
+    assert bad.returncode == 1 and "steps must be at least 1, got 0" in bad.stderr and "Traceback" not in bad.stderr
+    assert t2i("vary", "--help").returncode == 0 and t2i("--help").returncode == 0
 
 
 def test_missing_pipeline_and_unwritable_output(tiny_pipeline, tmp_path):

@@ -45,8 +45,9 @@ def check_options(options: SamplingOptions) -> None:
             raise UserError(f"{name} must be at least 1, got {steps}")
     if min(options.guidance, options.prior_guidance, options.text_guidance or 0) < 0:
         raise UserError("guidance scales must be >= 0 (1 means no guidance)")
-    if not 0.0 <= options.strength <= 1.0:
-        raise UserError(f"strength must be between 0 and 1, got {options.strength}")
+    for name, strength in (("strength", options.strength), ("upsampler strength", options.upsampler_strength)):
+        if not 0.0 <= strength <= 1.0:
+            raise UserError(f"{name} must be between 0 and 1, got {strength}")
 
 
 class UnCLIPPipeline:
@@ -71,11 +72,13 @@ class UnCLIPPipeline:
     def options(self, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                 prior_guidance_scale: Optional[float] = None, sampler: Optional[str] = None,
                 upsampler_steps: Optional[int] = None, strength: Optional[float] = None,
-                prior_candidates: Optional[int] = None, text_guidance_scale: Optional[float] = None) -> SamplingOptions:
+                prior_candidates: Optional[int] = None, text_guidance_scale: Optional[float] = None,
+                upsampler_strength: Optional[float] = None) -> SamplingOptions:
         """This pipeline's sampling defaults with the settings given, checked against it."""
         return self.resolve({"steps": num_inference_steps, "guidance": guidance_scale, "prior_guidance": prior_guidance_scale,
                              "sampler": sampler, "upsampler_steps": upsampler_steps, "strength": strength,
-                             "prior_candidates": prior_candidates, "text_guidance": text_guidance_scale})
+                             "prior_candidates": prior_candidates, "text_guidance": text_guidance_scale,
+                             "upsampler_strength": upsampler_strength})
 
     def resolve(self, settings: dict) -> SamplingOptions:
         """This pipeline's sampling defaults (the library's, or its folder's sampling.yaml) with `settings`
@@ -134,7 +137,8 @@ class UnCLIPPipeline:
                  callback: Optional[StepCallback] = None, image: Optional[ImageInput] = None,
                  strength: Optional[float] = None, sampler: Optional[str] = None,
                  upsampler_steps: Optional[int] = None, batch_size: int = BATCH_SIZE,
-                 prior_candidates: Optional[int] = None, text_guidance_scale: Optional[float] = None) -> UnCLIPOutput:
+                 prior_candidates: Optional[int] = None, text_guidance_scale: Optional[float] = None,
+                 upsampler_strength: Optional[float] = None) -> UnCLIPOutput:
         """Text -> images: the prior turns each prompt into CLIP image embeddings, the decoder (and upsampler)
         draws them, `num_images_per_prompt` each, in batches of `batch_size`.
 
@@ -142,8 +146,9 @@ class UnCLIPPipeline:
         unconditional branches take it). `image` and `strength`: image-to-image (SDEdit); strength 0 returns
         the image, 1 ignores it. `prior_candidates`: the prior's draws per image, the one nearest the prompt's
         text embedding kept (DALL-E 2). `text_guidance_scale` (decoders that read the caption): the caption's own
-        guidance over the image embedding's, which `guidance_scale` then sets alone. Unset settings take the
-        pipeline's defaults.
+        guidance over the image embedding's, which `guidance_scale` then sets alone. `upsampler_strength` (pipelines
+        with an upsampler): below 1 the upsampler starts from the base image enlarged and noised that far (SDEdit)
+        instead of from noise. Unset settings take the pipeline's defaults.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p.strip() for p in prompts):
@@ -155,7 +160,7 @@ class UnCLIPPipeline:
             negatives = None  # an empty negative prompt is no negative prompt
         check_count(num_images_per_prompt, batch_size, output_type)
         options = self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, upsampler_steps, strength,
-                               prior_candidates, text_guidance_scale)
+                               prior_candidates, text_guidance_scale, upsampler_strength)
         generator = self.generator(generator)
         captions = [p for p in prompts for _ in range(num_images_per_prompt)]
         negs = [n for n in negatives for _ in range(num_images_per_prompt)] if negatives else None
@@ -176,10 +181,12 @@ class UnCLIPPipeline:
     def variations(self, image: ImageInput, num_images: int = 4, num_inference_steps: Optional[int] = None,
                    guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
                    output_type: str = "pil", callback: Optional[StepCallback] = None, sampler: Optional[str] = None,
-                   upsampler_steps: Optional[int] = None, batch_size: int = BATCH_SIZE) -> UnCLIPOutput:
+                   upsampler_steps: Optional[int] = None, batch_size: int = BATCH_SIZE,
+                   upsampler_strength: Optional[float] = None) -> UnCLIPOutput:
         """Variations of an image: its CLIP image embedding decoded from fresh noise (DALL-E 2 sec. 3.1)."""
         check_count(num_images, batch_size, output_type)
-        options = self.options(num_inference_steps, guidance_scale, None, sampler, upsampler_steps)
+        options = self.options(num_inference_steps, guidance_scale, None, sampler, upsampler_steps,
+                               upsampler_strength=upsampler_strength)
         generator = self.generator(generator)
         emb = encode_images(self.pipeline.clip, self.image(image)[None])
         step = Steps(callback, steps_per_image(self.pipeline, options) * -(-num_images // batch_size))
@@ -195,13 +202,14 @@ class UnCLIPPipeline:
                     num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                     prior_guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
                     output_type: str = "pil", callback: Optional[StepCallback] = None, sampler: Optional[str] = None,
-                    upsampler_steps: Optional[int] = None) -> UnCLIPOutput:
+                    upsampler_steps: Optional[int] = None, upsampler_strength: Optional[float] = None) -> UnCLIPOutput:
         """`frames` images on the arc between the CLIP image embeddings of two prompts (through the prior) or
         images, all from the same starting noise so that only the content moves (DALL-E 2 sec. 3.2)."""
         if frames < 2:
             raise UserError(f"frames must be at least 2, got {frames}")
         check_count(frames, 1, output_type)
-        options = self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, upsampler_steps)
+        options = self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, upsampler_steps,
+                               upsampler_strength=upsampler_strength)
         generator = self.generator(generator)
         a, b = (self.embed(x, options, generator) for x in (start, end))
         emb = slerp(a, b, torch.linspace(0, 1, frames, device=a.device))

@@ -60,7 +60,7 @@ def generate_images(pipe: UnCLIPPipeline, prompt: str, num_samples: int, options
                       num_inference_steps=options.steps, guidance_scale=options.guidance,
                       prior_guidance_scale=options.prior_guidance, strength=options.strength, sampler=options.sampler,
                       upsampler_steps=options.upsampler_steps, prior_candidates=options.prior_candidates,
-                      text_guidance_scale=options.text_guidance).images
+                      text_guidance_scale=options.text_guidance, upsampler_strength=options.upsampler_strength).images
         if on_batch:
             on_batch(start, images)
         out.append(images)
@@ -116,7 +116,8 @@ def vary_to_folder(image: Path, num_samples: int, checkpoints: str | Path, out: 
     out = writable_folder(Path(out) if out else Path("outputs") / f"vary-{slug(Path(image).stem)}")
     total = steps_per_image(pipe.pipeline, options) * -(-num_samples // batch_size)
     images = pipe.variations(source, num_samples, options.steps, options.guidance, pipe.generator(seed=seed), "uint8",
-                             advance(progress, total), options.sampler, options.upsampler_steps, batch_size).images
+                             advance(progress, total), options.sampler, options.upsampler_steps, batch_size,
+                             options.upsampler_strength).images
     save_numbered(images, out)
     shown = pipe.image(image, pipe.image_size)[None]  # the source beside them, at their size
     save_png(contact_sheet(torch.cat([shown, images])), out / "grid.png", scale=2)
@@ -133,7 +134,7 @@ def interpolate_to_folder(source: str, target: str, frames: int, checkpoints: st
     out = writable_folder(Path(out) if out else Path("outputs") / f"{slug(Path(source).stem)}-to-{slug(Path(target).stem)}")
     images = pipe.interpolate(source, target, frames, options.steps, options.guidance, options.prior_guidance,
                               pipe.generator(seed=seed), "uint8", advance(progress, steps_per_image(pipe.pipeline, options)),
-                              options.sampler, options.upsampler_steps).images
+                              options.sampler, options.upsampler_steps, options.upsampler_strength).images
     save_numbered(images, out)
     save_png(grid(images, ncol=frames), out / "strip.png", scale=2)
     save_gif(list(images), out / "interpolation.gif", scale=4, ms_per_frame=150)

@@ -114,6 +114,8 @@ class SamplingOptions:
     prior_guidance: float = 1.5
     prior_candidates: int = 1  # draws per caption, the one closest to the text embedding kept (DALL-E 2)
     upsampler_steps: int = 10  # when the pipeline has an upsampler
+    # how far the upsampler noises the base image, enlarged, before refining it (SDEdit): 1 draws from pure noise
+    upsampler_strength: float = 1.0
     strength: float = 0.8  # image-to-image (SDEdit): how far an init image is noised, 0 (kept) to 1 (ignored)
 
 
@@ -270,6 +272,7 @@ def decode_and_upsample(pipe: "Pipeline", image_emb: torch.Tensor, options: "Sam
                generator, callback, noise, text, negative, init, strength, options.text_guidance)
     if pipe.upsampler is None:
         return x
+    init, strength = (init, strength) if strength < 1.0 else (x, options.upsampler_strength)
     return upsample(pipe.upsampler, pipe.upsampler_config, x, options.sampler, options.upsampler_steps, generator,
                     callback, upsampler_noise, init, strength)
 
@@ -296,8 +299,9 @@ def draw(pipe: "Pipeline", captions: list[str], options: "SamplingOptions", gene
 
 def steps_per_image(pipe: "Pipeline", options: "SamplingOptions", strength: float = 1.0) -> int:
     """Network calls of the decoder and upsampler chains for one batch (for progress bars)."""
-    count = lambda d, n: len(d.timesteps(options.sampler, n, strength))  # noqa: E731
-    return count(pipe.decoder, options.steps) + (count(pipe.upsampler, options.upsampler_steps) if pipe.upsampler else 0)
+    count = lambda d, n, s: len(d.timesteps(options.sampler, n, s))  # noqa: E731
+    up = strength if strength < 1.0 else options.upsampler_strength
+    return count(pipe.decoder, options.steps, strength) + (count(pipe.upsampler, options.upsampler_steps, up) if pipe.upsampler else 0)
 
 
 @torch.no_grad()
