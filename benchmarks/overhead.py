@@ -53,7 +53,7 @@ with torch.no_grad():
                                   options.prior_guidance, generator, options.prior_candidates)
     cond, _ = prompt_conditions(p.clip, p.tokenizer, captions)
     marks.append(("prior (and the caption's text encoding)", time.perf_counter()))
-    x = decode_and_upsample(p, emb, options, generator, text=cond[1:] if p.decoder_config.model.text_tokens else None)
+    x = decode_and_upsample(p, emb, options, generator, text=cond[1:])
     marks.append(("decoder" + (" and upsampler" if p.upsampler is not None else ""), time.perf_counter()))
 from pathlib import Path
 from unclip.images import to_uint8

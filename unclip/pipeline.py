@@ -289,12 +289,11 @@ def draw(pipe: "Pipeline", captions: list[str], options: "SamplingOptions", gene
         generator, options.prior_candidates, neg)
     emb = embed(captions, negatives)
     cond, neg = prompt_conditions(pipe.clip, pipe.tokenizer, captions, negatives)
-    reads_text = pipe.decoder_config.model.text_tokens
-    negative = None
+    negative = None  # the caption's tokens go to decoders that read them (decoder_condition)
     if negatives is not None and options.guidance != 1.0:
-        negative = decoder_condition(pipe.decoder_config, embed(negatives, None), neg[1:] if reads_text else None)
-    return decode_and_upsample(pipe, emb, options, generator, callback, text=cond[1:] if reads_text else None,
-                               negative=negative, init=init, strength=strength)
+        negative = decoder_condition(pipe.decoder_config, embed(negatives, None), neg[1:])
+    return decode_and_upsample(pipe, emb, options, generator, callback, text=cond[1:], negative=negative, init=init,
+                               strength=strength)
 
 
 def steps_per_image(pipe: "Pipeline", options: "SamplingOptions", strength: float = 1.0) -> int:
