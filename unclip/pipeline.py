@@ -233,8 +233,9 @@ def decode(decoder: Diffusion, cfg: DecoderConfig, image_emb: torch.Tensor, samp
         noise = torch.randn(shape, generator=generator, device=generator.device)
     cond = decoder_condition(cfg, image_emb, text)
     if len(cond) > 1 and text_guidance is not None and text_guidance != guidance:
-        tokens, mask = cond[1:]  # the same tokens, none of them read: the caption dropped, the embedding kept
-        denoise = decoder.denoiser(cond, text_guidance, negative, inner=((image_emb, tokens, torch.zeros_like(mask)), guidance))
+        tokens, mask = text  # the same tokens, none of them read: the caption dropped, the embedding kept
+        inner = decoder_condition(cfg, image_emb, (tokens, torch.zeros_like(mask)))
+        denoise = decoder.denoiser(cond, text_guidance, negative, inner=(inner, guidance))
     else:
         denoise = decoder.denoiser(cond, guidance, negative)
     init = resize(init, m.image_size) if init is not None else None
@@ -272,9 +273,15 @@ def decode_and_upsample(pipe: "Pipeline", image_emb: torch.Tensor, options: "Sam
                generator, callback, noise, text, negative, init, strength, options.text_guidance)
     if pipe.upsampler is None:
         return x
-    init, strength = (init, strength) if strength < 1.0 else (x, options.upsampler_strength)
+    init = init if strength < 1.0 else x
     return upsample(pipe.upsampler, pipe.upsampler_config, x, options.sampler, options.upsampler_steps, generator,
-                    callback, upsampler_noise, init, strength)
+                    callback, upsampler_noise, init, upsampler_strength(options, strength))
+
+
+def upsampler_strength(options: "SamplingOptions", strength: float = 1.0) -> float:
+    """The upsampler's SDEdit strength: image-to-image's own (`strength` < 1, from the init image), else
+    `options.upsampler_strength` (from the base image, enlarged)."""
+    return strength if strength < 1.0 else options.upsampler_strength
 
 
 def draw(pipe: "Pipeline", captions: list[str], options: "SamplingOptions", generator: torch.Generator,
@@ -299,8 +306,8 @@ def draw(pipe: "Pipeline", captions: list[str], options: "SamplingOptions", gene
 def steps_per_image(pipe: "Pipeline", options: "SamplingOptions", strength: float = 1.0) -> int:
     """Network calls of the decoder and upsampler chains for one batch (for progress bars)."""
     count = lambda d, n, s: len(d.timesteps(options.sampler, n, s))  # noqa: E731
-    up = strength if strength < 1.0 else options.upsampler_strength
-    return count(pipe.decoder, options.steps, strength) + (count(pipe.upsampler, options.upsampler_steps, up) if pipe.upsampler else 0)
+    up = count(pipe.upsampler, options.upsampler_steps, upsampler_strength(options, strength)) if pipe.upsampler else 0
+    return count(pipe.decoder, options.steps, strength) + up
 
 
 @torch.no_grad()
