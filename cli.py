@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from unclip.config import DistillConfig
 from unclip.errors import UserError
 
 app = typer.Typer(pretty_exceptions_show_locals=False, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -284,8 +285,8 @@ def upsampler_train(
 def distill(
     pipeline: Annotated[str, typer.Option("--pipeline", help="The teacher: a pipeline folder or a shipped pipeline's name.")],
     out: Annotated[Path, typer.Option("--out", help="The distilled pipeline folder written (rounds under OUT/distill/).")],
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="The distilled decoder's sampling steps (default 4).")] = None,
-    teacher_steps: Annotated[Optional[int], typer.Option("--teacher-steps", min=2, help="The teacher's DDIM steps, steps x 2^rounds (default 16).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help=f"The distilled decoder's sampling steps (default {DistillConfig.steps}).")] = None,
+    teacher_steps: Annotated[Optional[int], typer.Option("--teacher-steps", min=2, help=f"The teacher's DDIM steps, steps x 2^rounds (default {DistillConfig.teacher_steps}).")] = None,
     config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
     image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None, stream: StreamOpt = None,
     workers: WorkersOpt = None,

@@ -148,6 +148,26 @@ def test_image_to_image_chain_starts_partway(sampler):
     assert seen[0][0] == full[0] and torch.equal(seen[0][1], noise)  # strength 1: pure noise, the init unused
 
 
+def test_image_to_image_on_a_distilled_chain_starts_at_the_strengths_own_timestep():
+    """A 2-step trailing chain (999, 500) would leave strength three values; instead the chain starts at
+    round(strength x 999) and joins the distilled steps below it, so 0.6 and 0.8 differ, and the chain is
+    sampled from the init noised to that start."""
+    assert sampler_timesteps("ddim", 1000, 2, trailing=True) == [999, 500]
+    got = {s: sampler_timesteps("ddim", 1000, 2, s, trailing=True) for s in (0.0, 0.2, 0.5, 0.6, 0.8, 1.0)}
+    assert got == {0.0: [], 0.2: [200], 0.5: [500], 0.6: [599, 500], 0.8: [799, 500], 1.0: [999, 500]}
+    ac = alphas_cumprod("cosine", 1000)
+    init, noise = torch.full((2, 3), 0.5), torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def denoise(x, t):
+        seen.append((int(t[0]), x.clone()))
+        return torch.zeros_like(x)
+
+    sample("ddim", denoise, noise, ac, 2, init=init, strength=0.8, trailing=True)
+    assert [t for t, _ in seen] == [799, 500]
+    torch.testing.assert_close(seen[0][1], q_sample(init, torch.full((2,), 799), noise, ac))
+
+
 def test_guidance_combines_raw_predictions_then_clamps():
     """Raw x0 of 2 (conditional) and 0 (unconditional) at guidance 3 is 6, clamped to 1. Clamping each half
     first (the old order) would hand the sampler 3, far outside the data range."""

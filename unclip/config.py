@@ -212,7 +212,7 @@ class DistillConfig:
     in `steps`. `train` is each round's."""
 
     teacher_steps: int = 16  # the first teacher's chain: the decoder's DDIM over trailing timesteps
-    steps: int = 4  # the last student's; teacher_steps / steps must be a power of two
+    steps: int = 2  # the last student's (the shipped decoder's); teacher_steps / steps must be a power of two
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=128, lr=2e-4, warmup_steps=50,
                                                                    ema_decay=0.999, ckpt_every=250))
 

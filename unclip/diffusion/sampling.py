@@ -125,12 +125,18 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp")
 def sampler_timesteps(sampler: str, T: int, steps: int, strength: float = 1.0, trailing: bool = False) -> list[int]:
     """The timesteps a sampler visits: all T for ddpm, else `steps` spaced ones (`trailing`: see
     spaced_timesteps); for image-to-image only the last round(strength x len) of them (SDEdit, Meng et al.
-    2022, as diffusers' img2img pipelines count)."""
+    2022, as diffusers' img2img pipelines count). A trailing chain (a distilled network's, of a few steps,
+    which would leave strength only a few values: 0, 0.5 and 1 for 2 steps) starts instead at the strength's
+    own timestep, round(strength x (T - 1)), where the full chain starts at strength 1, and goes on along
+    the chain below it."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be between 0 and 1, got {strength}")
     full = list(range(T - 1, -1, -1)) if sampler == "ddpm" else spaced_timesteps(T, steps, trailing)
+    if trailing:
+        start = round(strength * (T - 1))
+        return ([start] if start > 0 else []) + [t for t in full if t < start]
     return full[len(full) - round(strength * len(full)):]
 
 
