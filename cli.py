@@ -17,13 +17,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from unclip.config import DistillConfig
+from unclip.config import DEFAULT_PIPELINE, DistillConfig
 from unclip.errors import UserError
 
 app = typer.Typer(pretty_exceptions_show_locals=False, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   help="unCLIP text-to-image: train CLIP, a diffusion prior and a decoder; generate images.")
 console = Console(stderr=True)
-DEFAULT_PIPELINE = "mnist"  # a shipped pipeline's name, or any pipeline folder
 
 
 class Device(str, Enum):

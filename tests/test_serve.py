@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from cli import app as cli_app  # noqa: E402
 from server.app import create_app, pipeline_sources  # noqa: E402
+from unclip.config import DEFAULT_PIPELINE  # noqa: E402
 from unclip.pipeline import Pipeline, SamplingOptions, steps_per_image  # noqa: E402
 
 runner = CliRunner()
@@ -109,5 +110,6 @@ def test_page_and_pipeline_list(client):
 def test_serve_offers_the_users_pipelines_then_the_shipped_ones_and_fails_fast(tmp_path):
     sources = pipeline_sources([str(tmp_path / "mine")])
     assert list(sources)[0] == "mine" and "mnist" in sources
+    assert list(pipeline_sources([]))[0] == DEFAULT_PIPELINE == "mnist"  # the page's default is the CLI's
     r = runner.invoke(cli_app, ["serve", "--checkpoints", str(tmp_path / "[nowhere]")])
     assert r.exit_code == 1 and "checkpoint folder not found" in r.output and "[nowhere]" in r.output  # not eaten as markup

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Union
 import torch
 from PIL import Image
 
+from unclip.config import DEFAULT_PIPELINE
 from unclip.data.folder import pil_to_tensor
 from unclip.diffusion.sampling import SAMPLERS
 from unclip.errors import UserError
@@ -57,7 +58,7 @@ class UnCLIPPipeline:
         self.pipeline = pipeline
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = "mnist", device: str | torch.device = "auto") -> "UnCLIPPipeline":
+    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_PIPELINE, device: str | torch.device = "auto") -> "UnCLIPPipeline":
         """A shipped pipeline's name (`mnist`, `scenes`) or a pipeline folder; `device`: auto, cpu or cuda."""
         return cls(Pipeline.load(name_or_path, device))
 

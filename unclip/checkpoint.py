@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from unclip.config import load_config, to_yaml
+from unclip.config import DEFAULT_PIPELINE, load_config, to_yaml
 from unclip.errors import CheckpointError
 
 CONFIG_FILE = "config.yaml"
@@ -109,8 +109,10 @@ def shipped_root() -> Path:
 
 
 def shipped_pipelines() -> list[str]:
+    """The shipped pipelines' names, the default (`DEFAULT_PIPELINE`) first."""
     root = shipped_root()
-    return sorted(p.name for p in root.iterdir() if (p / "clip").is_dir()) if root.is_dir() else []
+    names = sorted(p.name for p in root.iterdir() if (p / "clip").is_dir()) if root.is_dir() else []
+    return sorted(names, key=lambda name: name != DEFAULT_PIPELINE)
 
 
 def resolve_folder(spec: str | Path, stage: Optional[str] = None) -> Path:

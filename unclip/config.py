@@ -217,6 +217,7 @@ class DistillConfig:
                                                                    ema_decay=0.999, ckpt_every=250))
 
 
+DEFAULT_PIPELINE = "mnist"  # the shipped pipeline t2i draws with when none is named (CLI, API, web app)
 STAGES = {"clip": ClipConfig, "prior": PriorConfig, "decoder": DecoderConfig, "upsampler": UpsamplerConfig,
           "distill": DistillConfig}
 T = TypeVar("T")
