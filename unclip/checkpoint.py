@@ -111,8 +111,8 @@ def shipped_root() -> Path:
 def shipped_pipelines() -> list[str]:
     """The shipped pipelines' names, the default (`DEFAULT_PIPELINE`) first."""
     root = shipped_root()
-    names = sorted(p.name for p in root.iterdir() if (p / "clip").is_dir()) if root.is_dir() else []
-    return sorted(names, key=lambda name: name != DEFAULT_PIPELINE)
+    names = [p.name for p in root.iterdir() if (p / "clip").is_dir()] if root.is_dir() else []
+    return sorted(names, key=lambda name: (name != DEFAULT_PIPELINE, name))
 
 
 def resolve_folder(spec: str | Path, stage: Optional[str] = None) -> Path:
