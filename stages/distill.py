@@ -11,12 +11,12 @@ pipeline's CLIP, prior, upsampler and sampling.yaml and, as `decoder/`, the last
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
 from stages.decoder import save_samples, training_example, validation_example
 from stages.distributed import is_main, training_device
@@ -26,12 +26,12 @@ from stages.runs import run_status
 from stages.trainer import STATE_FILE, Stage, fit, held_out_loss
 from unclip.checkpoint import (CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text, check_fingerprint,
                                copy_stage, resolve_folder)
-from unclip.config import ClipConfig, DecoderConfig, DistillConfig, load_config, to_yaml
+from unclip.config import ClipConfig, DecoderConfig, DistillConfig, load_config, load_yaml, to_yaml
 from unclip.data import CaptionedImages
 from unclip.diffusion.models import Diffusion
 from unclip.errors import CheckpointError, ConfigError
 from unclip.models.unet import UNet
-from unclip.pipeline import decoder_diffusion, load_decoder, load_prior, prior_diffusion
+from unclip.pipeline import decoder_diffusion, load_decoder, load_prior, load_sampling, prior_diffusion
 
 
 def round_steps(cfg: DistillConfig) -> list[int]:
@@ -43,9 +43,10 @@ def round_steps(cfg: DistillConfig) -> list[int]:
     return [cfg.teacher_steps >> r for r in range(1, round(math.log2(ratio)) + 1)]
 
 
-def distill_stage(cfg: DistillConfig, student_cfg: DecoderConfig, teacher: Diffusion, frozen: FrozenClip,
-                  prior: Optional[Diffusion]) -> Stage:
-    """One round: the student (a copy of the teacher's network) learns the teacher's two-step chain in one step."""
+def distill_stage(cfg: DistillConfig, student_cfg: DecoderConfig, teacher: Diffusion, guidance: float,
+                  frozen: FrozenClip, prior: Optional[Diffusion]) -> Stage:
+    """One round: the student (a copy of the teacher's network) learns the teacher's two-step chain, guided at
+    `guidance`, in one step."""
     t, m = cfg.train, student_cfg.model
     device = teacher.ac.device
     model = UNet(m, frozen.clip.config.embed_dim, text_width=frozen.clip.config.text_width)
@@ -55,14 +56,14 @@ def distill_stage(cfg: DistillConfig, student_cfg: DecoderConfig, teacher: Diffu
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
         x0, cond = training_example(frozen, student_cfg, batch, step)  # as the decoder was trained
-        return replace(base, net=module).distillation_loss(teacher, x0, cond, m.cond_drop), {}
+        return replace(base, net=module).distillation_loss(teacher, x0, cond, m.cond_drop, guidance=guidance), {}
 
     def validate(shipped: UNet) -> dict:
         student = replace(base, net=shipped.eval())
 
         def batch_loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             x0, cond = validation_example(frozen, student_cfg, idx)
-            return student.distillation_loss(teacher, x0, cond, 0.0, generator)
+            return student.distillation_loss(teacher, x0, cond, 0.0, generator, guidance)
 
         return {"val_loss": held_out_loss(batch_loss, len(frozen.val), t.batch_size, device)}
 
@@ -97,24 +98,34 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
     prior = prior_diffusion(prior_net, prior_cfg, device)
     teacher = replace(decoder_diffusion(teacher_net.requires_grad_(False), teacher_cfg, device),
                       distilled_steps=cfg.teacher_steps)  # the first teacher's chain: DDIM, trailing
+    if cfg.guidance is None:
+        sampling = load_sampling(pipeline)
+        if sampling.text_guidance is not None:
+            raise ConfigError(f"{pipeline / SAMPLING_FILE} guides with two scales (text_guidance), which distillation "
+                              "does not learn: name the one scale to distill with --guidance")
+        cfg = replace(cfg, guidance=sampling.guidance)
     if is_main():  # what the rounds were asked to do, beside them
         atomic_write_text(out / "distill" / CONFIG_FILE, to_yaml(cfg))
     last: dict = {}
+    guidance = cfg.guidance  # the first round's teacher only: its students have learnt it
     for n in rounds:
         folder = out / "distill" / f"steps-{n}"
         student_cfg = replace(teacher_cfg, model=replace(teacher_cfg.model, distilled_steps=n), train=cfg.train)
         if not (run_status(folder).get("finished") and (folder / WEIGHTS_FILE).is_file()):
-            stage = distill_stage(cfg, student_cfg, teacher, frozen, prior)
+            stage = distill_stage(cfg, student_cfg, teacher, guidance, frozen, prior)
             last = fit(stage, cfg.train, folder, resume and (folder / STATE_FILE).is_file())
             if last.get("interrupted"):
                 return last
         net, student_cfg = load_decoder(folder, clip_cfg, device)
-        teacher = decoder_diffusion(net.requires_grad_(False), student_cfg, device)
+        teacher, guidance = decoder_diffusion(net.requires_grad_(False), student_cfg, device), 1.0
     if is_main():
         for stage in ("clip", "prior", "upsampler"):
             if (pipeline / stage / WEIGHTS_FILE).is_file():
                 copy_stage(pipeline / stage, out / stage)
-        if (pipeline / SAMPLING_FILE).is_file():
-            shutil.copyfile(pipeline / SAMPLING_FILE, out / SAMPLING_FILE)
+        defaults = (load_yaml(pipeline / SAMPLING_FILE) or {}) if (pipeline / SAMPLING_FILE).is_file() else {}
+        if cfg.guidance != 1.0:  # the decoder's guidance is in its weights
+            defaults = {**{k: v for k, v in defaults.items() if k != "text_guidance"}, "guidance": 1.0}
+        if defaults:
+            atomic_write_text(out / SAMPLING_FILE, yaml.safe_dump(defaults, sort_keys=False))
         copy_stage(out / "distill" / f"steps-{rounds[-1]}", out / "decoder")
     return last

@@ -7,6 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cli import app
+from unclip.diffusion.models import Diffusion
 from unclip.diffusion.gaussian import ddim_step, ddim_x0_target, progressive_distillation_loss, to_x0
 from unclip.diffusion.sampling import sample
 from unclip.diffusion.schedule import alphas_cumprod, spaced_timesteps
@@ -70,6 +71,49 @@ def test_a_student_distilled_from_an_exact_teacher_matches_its_two_step_chain():
     assert (two - four).abs().max() > 0.1
 
 
+def test_a_student_of_a_guided_teacher_learns_the_guided_chain_and_keeps_its_unconditional_one():
+    """Guidance distilled (Meng et al. 2023): the teacher's conditional branch is the exact denoiser of N(mu, s^2),
+    its unconditional one that of N(0, s^2); guided at w, both are affine in x_t, and so is a student with its own
+    affine map per timestep and per drop. Trained on `distillation_loss(..., guidance=w)` with half the conditions
+    dropped, its unguided 2-step chain lands where the teacher's guided 4-step chain does, and its dropped chain
+    where the teacher's unconditional one does."""
+    T, w, D = 200, 3.0, 2
+    ac = alphas_cumprod("cosine", T)
+    mu, s = torch.tensor([1.5, -0.5]), 0.5
+
+    def exact(xt, t, mean, drop):
+        ab, mean = ac[t][:, None], torch.where(drop[:, None], 0.0, mean)
+        return mean + s**2 * ab.sqrt() / (ab * s**2 + 1 - ab) * (xt - ab.sqrt() * mean)
+
+    index = {t: i for i, t in enumerate(spaced_timesteps(T, 2, trailing=True))}
+    scale, shift = torch.nn.Parameter(torch.zeros(2, 2, D)), torch.nn.Parameter(torch.zeros(2, 2, D))
+
+    def student_v(xt, t, mean, drop):
+        i, d = torch.tensor([index[int(u)] for u in t]), drop.long()
+        return scale[i, d] * xt + shift[i, d]
+
+    teacher = Diffusion(exact, ac, "x0", distilled_steps=4)
+    student = Diffusion(student_v, ac, "v", distilled_steps=2)
+    opt = torch.optim.Adam([scale, shift], lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    cond = (mu.expand(512, D),)
+    for _ in range(1000):
+        x0 = mu + s * torch.randn(512, D, generator=g)
+        loss = student.distillation_loss(teacher, x0, cond, 0.5, g, guidance=w)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    noise, cond, uncond = torch.randn(1000, D, generator=g), (mu.expand(1000, D),), (torch.zeros(1000, D),)
+    with torch.no_grad():
+        guided = student.sample("ddim", student.denoiser(cond, 1.0), noise, 2)
+        dropped = sample("ddim", lambda x, t: student.x0(x, t, cond, torch.ones(1000, dtype=torch.bool)), noise, ac, 2,
+                         trailing=True)
+    teacher_guided = teacher.sample("ddim", teacher.denoiser(cond, w), noise, 4)
+    assert (guided - teacher_guided).abs().max() < 1e-3
+    assert (dropped - teacher.sample("ddim", teacher.denoiser(uncond, 1.0), noise, 4)).abs().max() < 1e-3
+    assert (guided - teacher.sample("ddim", teacher.denoiser(cond, 1.0), noise, 4)).abs().max() > 0.1  # guidance moved it
+
+
 def test_distill_writes_a_pipeline_that_samples_in_its_own_steps(tiny_pipeline, mnist_dir, tmp_path):
     """Two rounds (8 -> 4 -> 2) through the CLI: each a run folder, the last one the new pipeline's decoder, which
     then takes 2 DDIM steps whatever sampler and steps are asked; --resume after the end redoes nothing."""
@@ -98,6 +142,29 @@ def test_distill_writes_a_pipeline_that_samples_in_its_own_steps(tiny_pipeline, 
     r = run(*args, "--resume")
     assert r.exit_code == 0, r.output
     assert (out / "decoder" / "model.safetensors").read_bytes() == before
+
+
+def test_distill_with_guidance_writes_a_pipeline_that_samples_unguided(tiny_pipeline, mnist_dir, tmp_path):
+    """The teacher's guidance is learnt, so the distilled pipeline's sampling.yaml sets guidance 1, keeping the
+    teacher's other defaults; without --guidance the teacher's own default (here the library's, 1) is distilled."""
+    (tiny_pipeline / "sampling.yaml").write_text("guidance: 2.5\nprior_guidance: 2.0\n")
+    try:
+        args = ["distill", "--pipeline", tiny_pipeline, "--steps", 2, "--teacher-steps", 4, "--data-dir", mnist_dir,
+                "--max-steps", 2, "--batch-size", 20]
+        r = run(*args, "--out", tmp_path / "guided")
+        assert r.exit_code == 0, r.output
+        assert yaml.safe_load((tmp_path / "guided" / "distill" / "config.yaml").read_text())["guidance"] == 2.5
+        assert yaml.safe_load((tmp_path / "guided" / "sampling.yaml").read_text()) == {"guidance": 1.0,
+                                                                                       "prior_guidance": 2.0}
+        (tiny_pipeline / "sampling.yaml").write_text("guidance: 2.5\ntext_guidance: 1.5\n")
+        r = run(*args, "--out", tmp_path / "two-scales")
+        assert r.exit_code == 1 and "name the one scale to distill with --guidance" in " ".join(r.output.split())
+    finally:
+        (tiny_pipeline / "sampling.yaml").unlink()
+    r = run(*args, "--out", tmp_path / "plain")
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((tmp_path / "plain" / "distill" / "config.yaml").read_text())["guidance"] == 1.0
+    assert not (tmp_path / "plain" / "sampling.yaml").exists()
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -213,6 +213,9 @@ class DistillConfig:
 
     teacher_steps: int = 16  # the first teacher's chain: the decoder's DDIM over trailing timesteps
     steps: int = 2  # the last student's (the shipped decoder's); teacher_steps / steps must be a power of two
+    # the teacher's classifier-free guidance, learnt by the students (Meng et al. 2023), who then sample at guidance 1
+    # (the distilled pipeline's sampling.yaml says so); None: the teacher pipeline's own default (its sampling.yaml)
+    guidance: Optional[float] = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=128, lr=2e-4, warmup_steps=50,
                                                                    ema_decay=0.999, ckpt_every=250))
 
