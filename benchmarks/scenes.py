@@ -4,6 +4,7 @@ negatives, the prior against its text baseline, and the time `t2i generate` take
     python benchmarks/scenes.py --data-dir ../shared/data/mnist                      # the shipped pipeline
     python benchmarks/scenes.py --data-dir DIR --checkpoints runs/scenes --out benchmarks/results/scenes-x
     python benchmarks/scenes.py --data-dir DIR --only ceiling,negatives              # parts by name
+    python benchmarks/scenes.py --only time --time-against runs/teacher --time-runs 5   # generate -n 16, in turns
 
 Prompts come from real test scenes (MNIST test digits): each task's prompt is what its scene satisfies,
 so the same evaluator (benchmarks/scene_eval.py) run on those real scenes gives the ceiling. A generated
@@ -31,7 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.judge import load_judge  # noqa: E402
-from benchmarks.overhead import wall  # noqa: E402
+from benchmarks.overhead import walls  # noqa: E402
 from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
@@ -48,6 +49,7 @@ from unclip.zeroshot import encode_images, encode_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("ceiling", "generation", "negatives", "prior", "time")
+TORCH = 'python -c "import torch"'
 HELD_COLOUR = {d: c for c, d in HELD_OUT}
 
 
@@ -158,12 +160,15 @@ def hard_negatives(clip: CLIP, tokenizer: Tokenizer, glyphs: GlyphPool, count: i
     return report
 
 
-def time_generate(checkpoints: str, runs: int = 3) -> float:
-    """Median wall time of `t2i generate -n 16` from process start (a cold process, as a user runs it)."""
+def time_generate(checkpoints: list[str], runs: int = 3) -> dict[str, float]:
+    """Median wall time of `t2i generate -n 16` from process start (a cold process, as a user runs it) for each
+    pipeline, and of `python -c "import torch"`, the commands taking turns (benchmarks/overhead.walls)."""
     t2i = str(Path(sys.executable).parent / "t2i")
     with tempfile.TemporaryDirectory() as tmp:
-        return statistics.median(wall([t2i, "generate", "--checkpoints", checkpoints, "--prompt",
-                                       "a red 3 to the left of a blue 7", "-n", "16", "--device", "cpu", "--out", tmp], runs))
+        cmds = {TORCH: [sys.executable, "-c", "import torch"]}
+        cmds.update({c: [t2i, "generate", "--checkpoints", c, "--prompt", "a red 3 to the left of a blue 7", "-n", "16",
+                         "--device", "cpu", "--out", f"{tmp}/{i}"] for i, c in enumerate(checkpoints)})
+        return {name: statistics.median(times) for name, times in walls(cmds, runs).items()}
 
 
 def table(report: dict) -> list[str]:
@@ -188,7 +193,9 @@ def table(report: dict) -> list[str]:
         lines += ["", f"Prior: cosine to the true image embedding {p['prior_cosine']:.4f}, "
                       f"the caption's text embedding {p['text_cosine']:.4f} (1,000 test scenes, one caption each)"]
     if "time_16" in report:
-        lines += ["", f"`t2i generate -n 16`, from process start, median of 3: {report['time_16']:.2f} s"]
+        others = "".join(f"; {name}: {t:.2f} s" for name, t in report["times_16"].items() if name != report["checkpoints"])
+        lines += ["", f"`t2i generate -n 16`, from process start, median of {report['time_runs']}, the commands in turns: "
+                      f"{report['time_16']:.2f} s{others}"]
     return lines
 
 
@@ -209,6 +216,9 @@ def main() -> None:
                     help="the ceiling also at this size: real scenes shrunk to it and enlarged (a base decoder's ceiling); 0: skip")
     ap.add_argument("--true-embeddings", action="store_true",
                     help="bypass the prior: decode the CLIP image embedding of each prompt's real scene (the prior's ceiling)")
+    ap.add_argument("--time-against", action="append", default=[], metavar="DIR",
+                    help="another pipeline to time in turns with --checkpoints (repeatable)")
+    ap.add_argument("--time-runs", type=int, default=3, help="timed runs of each command")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scenes")
     args = ap.parse_args()
     parts = set(args.only.split(","))
@@ -253,7 +263,8 @@ def main() -> None:
         idx = torch.arange(1000)
         report["prior"] = prior_cosine(pipe.clip, pipe.tokenizer, pipe.prior, test.images[idx], test.captions(idx, seed=0))
     if "time" in parts:
-        report["time_16"] = time_generate(args.checkpoints)
+        report["times_16"] = time_generate([args.checkpoints, *args.time_against], args.time_runs)
+        report["time_16"], report["time_runs"] = report["times_16"][args.checkpoints], args.time_runs
     lines = table(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scenes.json").write_text(json.dumps(report, indent=2))

@@ -3,10 +3,11 @@ in a few DDIM steps, written as a new pipeline folder.
 
 Round after round (teacher_steps -> teacher_steps / 2 -> ... -> steps), a student starts from its teacher's
 weights and learns to take in one DDIM step what the teacher takes in two; the loss is
-`unclip.diffusion.gaussian.progressive_distillation_loss`, the loop the one every stage trains with. The rounds
-are run folders under `OUT/distill/steps-N/` (each resumable, each a decoder folder of its own) beside the
-DistillConfig they ran with (`OUT/distill/config.yaml`); `OUT` gets the
-pipeline's CLIP, prior, upsampler and sampling.yaml and, as `decoder/`, the last student.
+`unclip.diffusion.gaussian.progressive_distillation_loss`, the loop the one every stage trains with. The first
+teacher's chain is classifier-free guided at `DistillConfig.guidance` (Meng et al. 2023), so the students learn the
+guidance too and sample at 1. The rounds are run folders under `OUT/distill/steps-N/` (each resumable, each a
+decoder folder of its own) beside the DistillConfig they ran with (`OUT/distill/config.yaml`); `OUT` gets the
+pipeline's CLIP, prior, upsampler and sampling.yaml (its guidance then 1) and, as `decoder/`, the last student.
 """
 from __future__ import annotations
 
