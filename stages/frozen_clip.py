@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from rich.progress import track
 
 from unclip.checkpoint import fingerprint
 from unclip.config import TrainConfig
@@ -14,12 +15,14 @@ from unclip.data import CaptionedImages, load_split
 from unclip.data.captions import TextCaptions
 from unclip.data.stream import StreamedCaptions
 from unclip.models.clip import CLIP
-from stages.distributed import training_device
+from stages.distributed import is_main, training_device
+from stages.trainer import console
 from unclip.pipeline import load_clip
 from unclip.tokenizer import Tokenizer
 from unclip.zeroshot import encode_images
 
 log = logging.getLogger(__name__)
+EMBED_CHUNK = 2000  # images a step of the progress bar (encode_images batches them by 1,000)
 
 
 @dataclass
@@ -43,9 +46,10 @@ class FrozenClip:
         data = load_split(train, "train", m.image_channels, m.image_size)
         val = load_split(train, "val", m.image_channels, m.image_size)
         frozen = cls(clip, Tokenizer(m.text_context), fingerprint(clip.state_dict()), data, val, device)
-        if isinstance(data, CaptionedImages):
-            log.info("embedding %d training images with CLIP", len(data))
-            frozen.image_emb = encode_images(clip, data.images)
+        if isinstance(data, CaptionedImages):  # minutes for 55,000 scenes on 2 cores: a progress bar
+            chunks = track(data.images.split(EMBED_CHUNK), f"embedding {len(data)} training images with CLIP",
+                           console=console, disable=not is_main())
+            frozen.image_emb = torch.cat([encode_images(clip, chunk) for chunk in chunks])
         return frozen
 
     @torch.no_grad()
