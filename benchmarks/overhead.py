@@ -86,6 +86,7 @@ print(json.dumps(seconds))
 # (this project's development machines): then t2i's own modules, never compiled at install in an editable checkout,
 # are compiled again at every start (about 0.15 s), which no user's second run pays. The timed runs drop it.
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+IMPORT_TORCH = [sys.executable, "-c", "import torch"]  # the baseline t2i's start-up is measured against
 
 
 def walls(cmds: dict[str, list[str]], runs: int) -> dict[str, list[float]]:
@@ -120,7 +121,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         gen = lambda *extra, ckpt=args.checkpoints: [t2i, "generate", "--prompt", "six", "--checkpoints", ckpt,  # noqa: E731
                                                      "--out", tmp, *extra]
-        r.update(walls({"import_torch": [sys.executable, "-c", "import torch"],
+        r.update(walls({"import_torch": IMPORT_TORCH,
                         # t2i ends its sampling commands without Python's teardown (cli.run): the baseline without it
                         "import_torch_no_teardown": [sys.executable, "-c", "import torch, os; os._exit(0)"],
                         "generate_64": gen("--num-samples", "64"), "generate_16": gen("--num-samples", "16")}, args.runs))

@@ -32,7 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.judge import load_judge  # noqa: E402
-from benchmarks.overhead import walls  # noqa: E402
+from benchmarks.overhead import IMPORT_TORCH, walls  # noqa: E402
 from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
@@ -165,7 +165,7 @@ def time_generate(checkpoints: list[str], runs: int = 3) -> dict[str, float]:
     pipeline, and of `python -c "import torch"`, the commands taking turns (benchmarks/overhead.walls)."""
     t2i = str(Path(sys.executable).parent / "t2i")
     with tempfile.TemporaryDirectory() as tmp:
-        cmds = {TORCH: [sys.executable, "-c", "import torch"]}
+        cmds = {TORCH: IMPORT_TORCH}
         cmds.update({c: [t2i, "generate", "--checkpoints", c, "--prompt", "a red 3 to the left of a blue 7", "-n", "16",
                          "--device", "cpu", "--out", f"{tmp}/{i}"] for i, c in enumerate(checkpoints)})
         return {name: statistics.median(times) for name, times in walls(cmds, runs).items()}

@@ -88,6 +88,12 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
     clip_cfg = load_config(ClipConfig, pipeline / "clip" / CONFIG_FILE)
     cfg = stage_config(DistillConfig, "distill", clip_cfg, config_path, flags)
     rounds = round_steps(cfg)
+    if cfg.guidance is None:  # checked before minutes of loading and embedding
+        sampling = load_sampling(pipeline)
+        if sampling.text_guidance is not None:
+            raise ConfigError(f"{pipeline / SAMPLING_FILE} guides with two scales (text_guidance), which distillation "
+                              "does not learn: name the one scale to distill with --guidance")
+        cfg = replace(cfg, guidance=sampling.guidance)
     device = training_device(cfg.train.device)
     teacher_net, teacher_cfg = load_decoder(pipeline / "decoder", clip_cfg, device)
     if teacher_cfg.model.distilled_steps:
@@ -99,12 +105,6 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
     prior = prior_diffusion(prior_net, prior_cfg, device)
     teacher = replace(decoder_diffusion(teacher_net.requires_grad_(False), teacher_cfg, device),
                       distilled_steps=cfg.teacher_steps)  # the first teacher's chain: DDIM, trailing
-    if cfg.guidance is None:
-        sampling = load_sampling(pipeline)
-        if sampling.text_guidance is not None:
-            raise ConfigError(f"{pipeline / SAMPLING_FILE} guides with two scales (text_guidance), which distillation "
-                              "does not learn: name the one scale to distill with --guidance")
-        cfg = replace(cfg, guidance=sampling.guidance)
     if is_main():  # what the rounds were asked to do, beside them
         atomic_write_text(out / "distill" / CONFIG_FILE, to_yaml(cfg))
     last: dict = {}
