@@ -280,13 +280,19 @@ def upsampler_train(
         console.print(f"upsampler saved to {pipeline / 'upsampler'}; t2i generate --checkpoints {pipeline} now runs it")
 
 
+class DistillStage(str, Enum):
+    decoder = "decoder"
+    prior = "prior"
+
+
 @command("distill")
 def distill(
     pipeline: Annotated[str, typer.Option("--pipeline", help="The teacher: a pipeline folder or a shipped pipeline's name.")],
     out: Annotated[Path, typer.Option("--out", help="The distilled pipeline folder written (rounds under OUT/distill/).")],
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help=f"The distilled decoder's sampling steps (default {DistillConfig.steps}).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help=f"The distilled stage's sampling steps (default {DistillConfig.steps}).")] = None,
     teacher_steps: Annotated[Optional[int], typer.Option("--teacher-steps", min=2, help=f"The teacher's DDIM steps, steps x 2^rounds (default {DistillConfig.teacher_steps}).")] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", min=1.0, help="The teacher's decoder guidance, learnt by the student, which then samples at 1 (default: the pipeline's own, its sampling.yaml).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", min=1.0, help="The teacher's guidance, learnt by the student, which then samples at 1 (default: the pipeline's own for the stage, its sampling.yaml).")] = None,
+    stage: Annotated[Optional[DistillStage], typer.Option("--stage", help=f"The stage distilled (default {DistillConfig.stage}).")] = None,
     config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
     image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None, stream: StreamOpt = None,
     workers: WorkersOpt = None,
@@ -296,15 +302,15 @@ def distill(
     seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
     init: InitOpt = None,
 ) -> None:
-    """Progressive distillation: a decoder that samples in a few DDIM steps, as a new pipeline folder."""
+    """Progressive distillation: a decoder (or prior) that samples in a few DDIM steps, as a new pipeline folder."""
     from stages.distill import distill as run_distill
     from stages.distributed import is_main
 
     flags = train_overrides(data=data, data_dir=data_dir, image_column=image_column, text_column=text_column,
                             stream=stream, workers=workers, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                             lr=lr, seed=seed, device=device, tensorboard=tensorboard or None, init=init)
-    flags.update({k: v for k, v in (("steps", steps), ("teacher_steps", teacher_steps), ("guidance", guidance))
-                  if v is not None})
+    flags.update({k: v for k, v in (("steps", steps), ("teacher_steps", teacher_steps), ("guidance", guidance),
+                                    ("stage", stage and stage.value)) if v is not None})
     last = run_distill(pipeline, out, config, flags, resume)
     if not last.get("interrupted") and is_main():
         console.print(f"distilled pipeline saved to {out} (t2i generate --checkpoints {out} --prompt ...)")

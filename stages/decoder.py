@@ -77,7 +77,7 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
         x0, cond = training_example(frozen, cfg, batch, step)
-        return replace(base, net=module).loss(x0, cond, m.cond_drop), {}
+        return replace(base, net=module).loss(x0, cond, m.cond_drop, min_snr_gamma=m.min_snr_gamma), {}
 
     def validate(shipped: UNet) -> dict:
         diffusion = decoder_diffusion(shipped.eval(), cfg, device)

@@ -1,25 +1,29 @@
-"""`t2i distill`: progressive distillation (Salimans & Ho 2022) of a pipeline's decoder into one that samples
-in a few DDIM steps, written as a new pipeline folder.
+"""`t2i distill`: progressive distillation (Salimans & Ho 2022) of a pipeline's decoder (or, `--stage prior`, its
+prior) into one that samples in a few DDIM steps, written as a new pipeline folder.
 
 Round after round (teacher_steps -> teacher_steps / 2 -> ... -> steps), a student starts from its teacher's
 weights and learns to take in one DDIM step what the teacher takes in two; the loss is
 `unclip.diffusion.gaussian.progressive_distillation_loss`, the loop the one every stage trains with. The first
 teacher's chain is classifier-free guided at `DistillConfig.guidance` (Meng et al. 2023), so the students learn the
-guidance too and sample at 1. The rounds are run folders under `OUT/distill/steps-N/` (each resumable, each a
-decoder folder of its own) beside the DistillConfig they ran with (`OUT/distill/config.yaml`); `OUT` gets the
-pipeline's CLIP, prior, upsampler and sampling.yaml (its guidance then 1) and, as `decoder/`, the last student.
+guidance too and sample at 1. The rounds are run folders under `OUT/distill/steps-N/` (`prior-steps-N/` for a
+prior; each resumable, each a stage folder of its own) beside the DistillConfig they ran with
+(`OUT/distill/config.yaml`); `OUT` gets the pipeline's other stages and sampling.yaml (the distilled stage's
+guidance then 1) and, as `decoder/` (`prior/`), the last student.
 """
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import yaml
 
 from stages.decoder import save_samples, training_example, validation_example
+from stages.prior import save_prior_samples
+from stages.prior import training_example as prior_example, validation_example as prior_validation_example
 from stages.distributed import is_main, training_device
 from stages.frozen_clip import FrozenClip
 from stages.stage_two import stage_config
@@ -27,11 +31,11 @@ from stages.runs import run_status
 from stages.trainer import STATE_FILE, Stage, fit, held_out_loss
 from unclip.checkpoint import (CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text, check_fingerprint,
                                copy_stage, resolve_folder)
-from unclip.config import ClipConfig, DecoderConfig, DistillConfig, load_config, load_yaml, to_yaml
+from unclip.config import ClipConfig, DecoderConfig, DistillConfig, PriorConfig, load_config, load_yaml, to_yaml
 from unclip.data import CaptionedImages
 from unclip.diffusion.models import Diffusion
 from unclip.errors import CheckpointError, ConfigError
-from unclip.models.unet import UNet
+from unclip.models.prior import DiffusionPrior
 from unclip.pipeline import decoder_diffusion, load_decoder, load_prior, load_sampling, prior_diffusion
 
 
@@ -44,40 +48,73 @@ def round_steps(cfg: DistillConfig) -> list[int]:
     return [cfg.teacher_steps >> r for r in range(1, round(math.log2(ratio)) + 1)]
 
 
-def distill_stage(cfg: DistillConfig, student_cfg: DecoderConfig, teacher: Diffusion, guidance: float,
-                  frozen: FrozenClip, prior: Optional[Diffusion]) -> Stage:
+@dataclass
+class Target:
+    """What a round needs of the stage it distils: its training data, (x0, condition) of a training batch (at
+    a step) and of validation examples, and its sample sheet of a network."""
+
+    data: CaptionedImages
+    example: Callable[[CaptionedImages, int], tuple]
+    validation_example: Callable[[torch.Tensor], tuple]
+    sheet: Callable[[Diffusion, int, Path], torch.Tensor]
+
+
+def decoder_target(cfg: DecoderConfig, frozen: FrozenClip, prior: Diffusion) -> Target:
+    return Target(frozen.data, lambda batch, step: training_example(frozen, cfg, batch, step),  # as it was trained
+                  lambda idx: validation_example(frozen, cfg, idx),
+                  lambda decoder, step, out: save_samples(frozen, decoder, cfg, prior, step, out))
+
+
+def prior_target(cfg: PriorConfig, frozen: FrozenClip, net: DiffusionPrior) -> Target:
+    data, image_emb = frozen.captioned(cfg.train.workers)  # `net`'s whitening is every student's: fixed
+    return Target(data, lambda batch, step: prior_example(frozen, cfg, net, image_emb, batch, step),
+                  lambda idx: prior_validation_example(frozen, net, idx),
+                  lambda prior, step, out: save_prior_samples(frozen, prior, 1.0, step, out))
+
+
+def distill_stage(cfg: DistillConfig, student_cfg: DecoderConfig | PriorConfig, teacher: Diffusion, guidance: float,
+                  frozen: FrozenClip, target: Target) -> Stage:
     """One round: the student (a copy of the teacher's network) learns the teacher's two-step chain, guided at
     `guidance`, in one step."""
     t, m = cfg.train, student_cfg.model
     device = teacher.ac.device
-    model = UNet(m, frozen.clip.config.embed_dim, text_width=frozen.clip.config.text_width)
-    model = model.to(device, memory_format=torch.channels_last)  # as the decoder's
-    model.load_state_dict(teacher.net.state_dict())
-    base = decoder_diffusion(model, student_cfg, device)
+    model = copy.deepcopy(teacher.net).requires_grad_(True)  # channels_last stays so (the decoder's)
+    base = replace(teacher, net=model, distilled_steps=m.distilled_steps)
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
-        x0, cond = training_example(frozen, student_cfg, batch, step)  # as the decoder was trained
+        x0, cond = target.example(batch, step)
         return replace(base, net=module).distillation_loss(teacher, x0, cond, m.cond_drop, guidance=guidance), {}
 
-    def validate(shipped: UNet) -> dict:
+    def validate(shipped: torch.nn.Module) -> dict:
         student = replace(base, net=shipped.eval())
 
         def batch_loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-            x0, cond = validation_example(frozen, student_cfg, idx)
+            x0, cond = target.validation_example(idx)
             return student.distillation_loss(teacher, x0, cond, 0.0, generator, guidance)
 
         return {"val_loss": held_out_loss(batch_loss, len(frozen.val), t.batch_size, device)}
 
-    def sample(shipped: UNet, step: int, out: Path) -> torch.Tensor:
-        return save_samples(frozen, replace(base, net=shipped), student_cfg, prior, step, out)
+    def sample(shipped: torch.nn.Module, step: int, out: Path) -> torch.Tensor:
+        return target.sheet(replace(base, net=shipped), step, out)
 
-    return Stage("distill", model, student_cfg, frozen.data, loss, validate=validate, sample=sample,
+    return Stage("distill", model, student_cfg, target.data, loss, validate=validate, sample=sample,
                  metrics_shown=["loss", "val_loss"], objective="val_loss")
 
 
+STAGES = {  # (load, diffusion, the sampling.yaml key of its guidance) of the stages distillation takes
+    "decoder": (load_decoder, decoder_diffusion, "guidance"),
+    "prior": (load_prior, prior_diffusion, "prior_guidance"),
+}
+
+
+def round_folder(out: Path, stage: str, steps: int) -> Path:
+    """A round's run folder: OUT/distill/steps-N (a decoder's), OUT/distill/prior-steps-N."""
+    return out / "distill" / (f"steps-{steps}" if stage == "decoder" else f"{stage}-steps-{steps}")
+
+
 def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags: dict, resume: bool = False) -> dict:
-    """Distill `pipeline`'s decoder round by round into `out` (a pipeline folder); the last round's metrics,
-    with "interrupted" when a round was stopped (the rest is left for --resume)."""
+    """Distill `pipeline`'s decoder (or prior) round by round into `out` (a pipeline folder); the last round's
+    metrics, with "interrupted" when a round was stopped (the rest is left for --resume)."""
     pipeline, out = resolve_folder(pipeline), Path(out)
     for stage in ("clip", "prior", "decoder"):
         if not (pipeline / stage / CONFIG_FILE).is_file():
@@ -88,45 +125,50 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
     clip_cfg = load_config(ClipConfig, pipeline / "clip" / CONFIG_FILE)
     cfg = stage_config(DistillConfig, "distill", clip_cfg, config_path, flags)
     rounds = round_steps(cfg)
+    load, diffusion, guidance_key = STAGES[cfg.stage]
     if cfg.guidance is None:  # checked before minutes of loading and embedding
         sampling = load_sampling(pipeline)
-        if sampling.text_guidance is not None:
+        if cfg.stage == "decoder" and sampling.text_guidance is not None:
             raise ConfigError(f"{pipeline / SAMPLING_FILE} guides with two scales (text_guidance), which distillation "
                               "does not learn: name the one scale to distill with --guidance")
-        cfg = replace(cfg, guidance=sampling.guidance)
+        cfg = replace(cfg, guidance=getattr(sampling, guidance_key))
     device = training_device(cfg.train.device)
-    teacher_net, teacher_cfg = load_decoder(pipeline / "decoder", clip_cfg, device)
+    teacher_net, teacher_cfg = load(pipeline / cfg.stage, clip_cfg, device)
     if teacher_cfg.model.distilled_steps:
-        raise ConfigError(f"{pipeline / 'decoder'} is already distilled ({teacher_cfg.model.distilled_steps} steps); "
+        raise ConfigError(f"{pipeline / cfg.stage} is already distilled ({teacher_cfg.model.distilled_steps} steps); "
                           "distill the pipeline it came from")
     frozen = FrozenClip.load(pipeline / "clip", cfg.train)
-    check_fingerprint(pipeline / "decoder", teacher_cfg.clip_fingerprint, frozen.fingerprint)
-    prior_net, prior_cfg = load_prior(pipeline / "prior", clip_cfg, device)
-    prior = prior_diffusion(prior_net, prior_cfg, device)
-    teacher = replace(decoder_diffusion(teacher_net.requires_grad_(False), teacher_cfg, device),
+    check_fingerprint(pipeline / cfg.stage, teacher_cfg.clip_fingerprint, frozen.fingerprint)
+    if cfg.stage == "decoder":
+        prior = prior_diffusion(*load_prior(pipeline / "prior", clip_cfg, device), device)  # for its sample sheets
+        target = decoder_target(replace(teacher_cfg, train=cfg.train), frozen, prior)
+    else:
+        target = prior_target(replace(teacher_cfg, train=cfg.train), frozen, teacher_net)
+    teacher = replace(diffusion(teacher_net.requires_grad_(False), teacher_cfg, device),
                       distilled_steps=cfg.teacher_steps)  # the first teacher's chain: DDIM, trailing
     if is_main():  # what the rounds were asked to do, beside them
         atomic_write_text(out / "distill" / CONFIG_FILE, to_yaml(cfg))
     last: dict = {}
     guidance = cfg.guidance  # the first round's teacher only: its students have learnt it
     for n in rounds:
-        folder = out / "distill" / f"steps-{n}"
+        folder = round_folder(out, cfg.stage, n)
         student_cfg = replace(teacher_cfg, model=replace(teacher_cfg.model, distilled_steps=n), train=cfg.train)
         if not (run_status(folder).get("finished") and (folder / WEIGHTS_FILE).is_file()):
-            stage = distill_stage(cfg, student_cfg, teacher, guidance, frozen, prior)
+            stage = distill_stage(cfg, student_cfg, teacher, guidance, frozen, target)
             last = fit(stage, cfg.train, folder, resume and (folder / STATE_FILE).is_file())
             if last.get("interrupted"):
                 return last
-        net, student_cfg = load_decoder(folder, clip_cfg, device)
-        teacher, guidance = decoder_diffusion(net.requires_grad_(False), student_cfg, device), 1.0
+        net, student_cfg = load(folder, clip_cfg, device)
+        teacher, guidance = diffusion(net.requires_grad_(False), student_cfg, device), 1.0
     if is_main():
-        for stage in ("clip", "prior", "upsampler"):
-            if (pipeline / stage / WEIGHTS_FILE).is_file():
+        for stage in ("clip", "prior", "decoder", "upsampler"):
+            if stage != cfg.stage and (pipeline / stage / WEIGHTS_FILE).is_file():
                 copy_stage(pipeline / stage, out / stage)
         defaults = (load_yaml(pipeline / SAMPLING_FILE) or {}) if (pipeline / SAMPLING_FILE).is_file() else {}
-        if cfg.guidance != 1.0:  # the decoder's guidance is in its weights
-            defaults = {**{k: v for k, v in defaults.items() if k != "text_guidance"}, "guidance": 1.0}
+        if cfg.guidance != 1.0:  # the student's guidance is in its weights
+            dropped = ("text_guidance",) if cfg.stage == "decoder" else ()
+            defaults = {**{k: v for k, v in defaults.items() if k not in dropped}, guidance_key: 1.0}
         if defaults:
             atomic_write_text(out / SAMPLING_FILE, yaml.safe_dump(defaults, sort_keys=False))
-        copy_stage(out / "distill" / f"steps-{rounds[-1]}", out / "decoder")
+        copy_stage(round_folder(out, cfg.stage, rounds[-1]), out / cfg.stage)
     return last

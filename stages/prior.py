@@ -12,6 +12,7 @@ from stages.samples import chain_recorder, save_sheet
 from stages.trainer import Stage, fit, seeded
 from unclip.config import PriorConfig
 from unclip.data import CaptionedImages
+from unclip.diffusion.models import Diffusion
 from unclip.models.prior import DiffusionPrior, residual_whitening
 from stages.distributed import training_device
 from unclip.images import to_uint8
@@ -32,9 +33,9 @@ def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
         model.set_whitening(*fit_whitening(frozen, data, image_emb, model.scale, t.seed))
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
-        cond = text_condition(frozen.clip, frozen.tokenizer, batch.captions(seed=caption_seed(t.seed, step)))
-        x0 = model.encode(image_emb[batch.example_ids.to(device)])
-        return replace(base, net=module).loss(x0, cond, cfg.model.cond_drop), {}
+        x0, cond = training_example(frozen, cfg, model, image_emb, batch, step)
+        m = cfg.model
+        return replace(base, net=module).loss(x0, cond, m.cond_drop, min_snr_gamma=m.min_snr_gamma), {}
 
     def validate(shipped: DiffusionPrior) -> dict:
         val = frozen.val
@@ -42,22 +43,40 @@ def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
         captions = val.captions(idx, seed=0)
         return prior_cosine(frozen.clip, frozen.tokenizer, prior_diffusion(shipped, cfg, device), val.images[idx], captions)
 
-    @torch.no_grad()
     def sample(shipped: DiffusionPrior, step: int, out: Path) -> torch.Tensor:
-        """The prior draws embeddings, not pictures: each cell of its sheet is the training image (a stream's:
-        validation image) whose CLIP embedding is nearest to the embedding predicted (a column per fixed prompt)."""
-        options = SamplingOptions()  # what `t2i generate` draws with
-        callback, shots = chain_recorder(options.steps)
-        final = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior_diffusion(shipped, cfg, device),
-                                        frozen.fixed_captions(), options.sampler, options.steps,
-                                        options.prior_guidance, torch.Generator(device).manual_seed(0),
-                                        callback=callback)
-        images, embeddings = frozen.gallery()
-        nearest = lambda emb: images.pixels((emb @ embeddings.T).argmax(1).cpu())  # noqa: E731
-        return save_sheet([to_uint8(nearest(e)) for e in [shipped.decode(s) for s in shots] + [final]], out, step)
+        return save_prior_samples(frozen, prior_diffusion(shipped, cfg, device), SamplingOptions().prior_guidance,
+                                  step, out)
 
     return Stage("prior", model, cfg, data, loss, validate=validate, sample=sample,
                  metrics_shown=["loss", "prior_cosine"], objective="prior_cosine")
+
+
+def training_example(frozen: FrozenClip, cfg: PriorConfig, prior: DiffusionPrior, image_emb: torch.Tensor,
+                     batch: CaptionedImages, step: int) -> tuple:
+    """(x0, condition) of a training batch: its images' CLIP embeddings (`image_emb`, looked up), in the space the
+    prior diffuses, and one of each image's captions."""
+    cond = text_condition(frozen.clip, frozen.tokenizer, batch.captions(seed=caption_seed(cfg.train.seed, step)))
+    return prior.encode(image_emb[batch.example_ids.to(frozen.device)]), cond
+
+
+def validation_example(frozen: FrozenClip, prior: DiffusionPrior, idx: torch.Tensor) -> tuple:
+    """(x0, condition) of validation examples `idx`: fixed captions."""
+    emb = frozen.clip.encode_image(frozen.val.pixels(idx).to(frozen.device))
+    return prior.encode(emb), text_condition(frozen.clip, frozen.tokenizer, frozen.val.captions(idx, seed=0))
+
+
+@torch.no_grad()
+def save_prior_samples(frozen: FrozenClip, prior: Diffusion, guidance: float, step: int, out: Path) -> torch.Tensor:
+    """The prior draws embeddings, not pictures: each cell of its sheet is the training image (a stream's:
+    validation image) whose CLIP embedding is nearest to the embedding predicted (a column per fixed prompt)."""
+    options = SamplingOptions()  # what `t2i generate` draws with
+    callback, shots = chain_recorder(options.steps)
+    final = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior, frozen.fixed_captions(), options.sampler,
+                                    options.steps, guidance, torch.Generator(frozen.device).manual_seed(0),
+                                    callback=callback)
+    images, embeddings = frozen.gallery()
+    nearest = lambda emb: images.pixels((emb @ embeddings.T).argmax(1).cpu())  # noqa: E731
+    return save_sheet([to_uint8(nearest(e)) for e in [prior.net.decode(s) for s in shots] + [final]], out, step)
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ def upsampler_stage(cfg: UpsamplerConfig, data: CaptionedImages | StreamedCaptio
         s = torch.randint(0, levels, (len(batch),), device=device)
         sigma = float(torch.rand(())) * m.blur_max
         low = degrade(resize(x0, m.low_size), m.image_size, s, base.ac, sigma)
-        return replace(base, net=module).loss(x0, (low, s), m.cond_drop), {}
+        return replace(base, net=module).loss(x0, (low, s), m.cond_drop, min_snr_gamma=m.min_snr_gamma), {}
 
     def validate(shipped: Upsampler) -> dict:
         """The loss on validation images, conditioned as sampling conditions (no blur, level `aug_level`)."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unclip.diffusion.gaussian import predict_eps, predict_x0, q_sample, to_x0, training_target, v_target, x0_from_v
+from unclip.diffusion.gaussian import (diffusion_loss, predict_eps, predict_x0, q_sample, to_x0, training_target, v_target,
+                                      x0_from_v)
 from unclip.diffusion.sampling import classifier_free_guidance, sample, sampler_timesteps
 from unclip.diffusion.models import Diffusion
 from unclip.diffusion.schedule import alphas_cumprod, spaced_timesteps
@@ -40,6 +41,23 @@ def test_noising_identities(shape):
     torch.testing.assert_close(x0_from_v(xt, t, v_target(x0, t, eps, ac), ac), x0, atol=1e-4, rtol=1e-4)
     for kind in ("eps", "x0", "v"):
         torch.testing.assert_close(to_x0(training_target(x0, t, eps, ac, kind), xt, t, ac, kind), x0, atol=5e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("ab", [0.95, 0.5, 0.05])  # SNR 19, 1, 0.05: above gamma and below
+def test_min_snr_weighting_is_the_x0_error_times_min_snr_gamma_for_every_prediction(ab):
+    """Hang et al. 2023: whatever the network predicts, the weighted loss of an x0 estimate off by delta is
+    min(SNR, gamma) delta^2; unweighted, v's is (SNR + 1) delta^2, eps's SNR delta^2, x0's delta^2."""
+    ac, gamma, delta = torch.tensor([ab]), 5.0, 0.3  # one timestep, so every example is at SNR ab / (1 - ab)
+    snr = ab / (1 - ab)
+    x0 = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    for kind, plain in (("x0", 1.0), ("eps", snr), ("v", snr + 1)):
+        def net(xt, t):  # an x0 estimate off by delta everywhere, given as the kind's own target
+            x0_hat = x0 + delta
+            return training_target(x0_hat, t, predict_eps(xt, t, x0_hat, ac), ac, kind)
+
+        for gamma_, weight in ((None, plain), (gamma, min(snr, gamma))):
+            loss = diffusion_loss(net, x0, ac, kind, torch.Generator().manual_seed(1), min_snr_gamma=gamma_)
+            assert loss.item() == pytest.approx(weight * delta**2, rel=1e-3), (kind, gamma_)
 
 
 def gaussian_oracle(mu: torch.Tensor, s: float, ac: torch.Tensor):

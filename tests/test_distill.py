@@ -136,7 +136,8 @@ def test_distill_writes_a_pipeline_that_samples_in_its_own_steps(tiny_pipeline, 
     assert steps_per_image(pipe, SamplingOptions(steps=7)) == 2
     r = run("generate", "--checkpoints", out, "--prompt", "six", "-n", 2, "--steps", 7, "--out", tmp_path / "g")
     assert r.exit_code == 0, r.output
-    assert "the decoder is distilled: it samples its own 2 DDIM steps" in " ".join(r.output.split())
+    assert "sampling their own DDIM steps whatever is asked: the decoder 2; the sampler and steps asked for drive the " \
+        "prior" in " ".join(r.output.split())
     assert (tmp_path / "g" / "0001.png").exists()
     before = (out / "decoder" / "model.safetensors").read_bytes()
     r = run(*args, "--resume")
@@ -165,6 +166,36 @@ def test_distill_with_guidance_writes_a_pipeline_that_samples_unguided(tiny_pipe
     assert r.exit_code == 0, r.output
     assert yaml.safe_load((tmp_path / "plain" / "distill" / "config.yaml").read_text())["guidance"] == 1.0
     assert not (tmp_path / "plain" / "sampling.yaml").exists()
+
+
+def test_distill_stage_prior_writes_a_pipeline_whose_prior_samples_in_its_own_steps(tiny_pipeline, mnist_dir,
+                                                                                    tmp_path):
+    """--stage prior: the rounds are prior folders, the prior's guidance (sampling.yaml's prior_guidance) is the one
+    learnt and set to 1 after, and the decoder is the teacher pipeline's, untouched."""
+    (tiny_pipeline / "sampling.yaml").write_text("guidance: 2.5\nprior_guidance: 2.0\n")
+    out = tmp_path / "fast-prior"
+    try:
+        r = run("distill", "--pipeline", tiny_pipeline, "--out", out, "--stage", "prior", "--steps", 2,
+                "--teacher-steps", 8, "--data-dir", mnist_dir, "--max-steps", 2, "--batch-size", 20)
+    finally:
+        (tiny_pipeline / "sampling.yaml").unlink()
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (out / "distill").iterdir()) == ["config.yaml", "prior-steps-2", "prior-steps-4"]
+    asked = yaml.safe_load((out / "distill" / "config.yaml").read_text())
+    assert (asked["stage"], asked["guidance"]) == ("prior", 2.0)
+    assert yaml.safe_load((out / "sampling.yaml").read_text()) == {"guidance": 2.5, "prior_guidance": 1.0}
+    assert yaml.safe_load((out / "prior" / "config.yaml").read_text())["model"]["distilled_steps"] == 2
+    assert (out / "decoder" / "model.safetensors").read_bytes() == \
+        (tiny_pipeline / "decoder" / "model.safetensors").read_bytes()
+    assert (out / "prior" / "model.safetensors").read_bytes() != \
+        (tiny_pipeline / "prior" / "model.safetensors").read_bytes()
+    pipe = Pipeline.load(out, "cpu")
+    assert pipe.prior.timesteps("dpmpp", 10) == spaced_timesteps(len(pipe.prior.ac), 2, trailing=True)
+    assert pipe.decoder.timesteps("dpmpp", 10) != pipe.prior.timesteps("dpmpp", 10)
+    r = run("generate", "--checkpoints", out, "--prompt", "six", "-n", 2, "--steps", 7, "--out", tmp_path / "g")
+    assert r.exit_code == 0, r.output
+    assert "whatever is asked: the prior 2; the sampler and steps asked for drive the decoder" in " ".join(r.output.split())
+    assert (tmp_path / "g" / "0001.png").exists()
 
 
 @pytest.mark.parametrize("extra, message", [

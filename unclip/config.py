@@ -128,6 +128,8 @@ class PriorModelConfig:
     # took thousands (README, "A prior that learns the spread"). Off for priors trained before it existed.
     whiten: bool = False
     cond_drop: float = 0.1  # probability of dropping the text condition (classifier-free guidance)
+    min_snr_gamma: Optional[float] = None  # as the decoder's
+    distilled_steps: int = 0  # as the decoder's: set by t2i distill --stage prior
 
 
 @dataclass
@@ -154,6 +156,9 @@ class DecoderModelConfig:
     prediction: str = choice("v", "x0", "eps")
     cond_drop: float = 0.1
     dropout: float = 0.0
+    # min-SNR-gamma loss weighting (Hang et al. 2023; 5 there): each timestep's x0 error weighted by min(SNR, gamma),
+    # written for `prediction`'s own target; None: the plain loss of that target (v's weights the x0 error by SNR + 1)
+    min_snr_gamma: Optional[float] = None
     # GLIDE's text conditioning, kept by DALL-E 2 (sec. 2.1): the caption's CLIP token features join the context
     # the lowest-resolution attention reads; while training the caption alone is dropped `text_drop` of the time.
     text_tokens: bool = False
@@ -207,14 +212,16 @@ class UpsamplerConfig:
 
 @dataclass
 class DistillConfig:
-    """Progressive distillation of a pipeline's decoder (Salimans & Ho 2022): round after round a student, started
-    from its teacher's weights, learns to take in one DDIM step what the teacher takes in two, until it samples
-    in `steps`. `train` is each round's."""
+    """Progressive distillation of a pipeline's decoder or prior (Salimans & Ho 2022): round after round a student,
+    started from its teacher's weights, learns to take in one DDIM step what the teacher takes in two, until it
+    samples in `steps`. `train` is each round's."""
 
+    stage: str = choice("decoder", "prior")
     teacher_steps: int = 16  # the first teacher's chain: the decoder's DDIM over trailing timesteps
     steps: int = 2  # the last student's (the shipped decoder's); teacher_steps / steps must be a power of two
     # the teacher's classifier-free guidance, learnt by the students (Meng et al. 2023), who then sample at guidance 1
-    # (the distilled pipeline's sampling.yaml says so); None: the teacher pipeline's own default (its sampling.yaml)
+    # (the distilled pipeline's sampling.yaml says so); None: the teacher pipeline's own default for the stage (its
+    # sampling.yaml's guidance, or prior_guidance)
     guidance: Optional[float] = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=128, lr=2e-4, warmup_steps=50,
                                                                    ema_decay=0.999, ckpt_every=250))

@@ -68,7 +68,7 @@ def load_upsampler(folder: Path, device: torch.device) -> tuple[Upsampler, Upsam
 
 def prior_diffusion(prior: DiffusionPrior, cfg: PriorConfig, device: torch.device) -> Diffusion:
     m = cfg.model
-    return Diffusion.build(prior, m.schedule, m.timesteps, m.prediction, device)
+    return Diffusion.build(prior, m.schedule, m.timesteps, m.prediction, device, distilled_steps=m.distilled_steps)
 
 
 def decoder_diffusion(decoder: UNet, cfg: DecoderConfig, device: torch.device) -> Diffusion:

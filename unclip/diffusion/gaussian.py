@@ -90,18 +90,43 @@ def ddim_x0_target(xt: torch.Tensor, x_next: torch.Tensor, ab: torch.Tensor, ab_
     return (x_next - r * xt) / (ab_next.sqrt() - r * ab.sqrt())
 
 
+def snr(t: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ab_t / (1 - ab_t) at timesteps t."""
+    return ac[t] / (1 - ac[t])
+
+
+def min_snr_weight(t: torch.Tensor, ac: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): the x0 error weighted by min(SNR_t, gamma), so the nearly
+    clean timesteps, whose easy x0 errors dominate the gradients, stop pulling against the noisy ones. Written for
+    the network's own target, whose MSE is the x0 MSE times SNR (eps) or SNR + 1 (v): min(SNR, gamma) / (SNR + 1)
+    for v, min(1, gamma / SNR) for eps."""
+    s = snr(t, ac)
+    if prediction == "x0":
+        return s.clamp(max=gamma)
+    if prediction == "eps":
+        return (gamma / s).clamp(max=1.0)
+    if prediction == "v":
+        return s.clamp(max=gamma) / (s + 1)
+    raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
+
+
 def diffusion_loss(
     net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x0: torch.Tensor,
     ac: torch.Tensor,
     prediction: str,
     generator: Optional[torch.Generator] = None,
+    min_snr_gamma: Optional[float] = None,
 ) -> torch.Tensor:
-    """Simple loss: MSE between `net(x_t, t)` and its target at a uniformly drawn t (Ho et al. eq. 14)."""
+    """Simple loss: MSE between `net(x_t, t)` and its target at a uniformly drawn t (Ho et al. eq. 14), each
+    example weighted by `min_snr_weight` when `min_snr_gamma` is given."""
     t = torch.randint(0, len(ac), (x0.shape[0],), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     xt = q_sample(x0, t, eps, ac)
-    return torch.mean((net(xt, t) - training_target(x0, t, eps, ac, prediction)) ** 2)
+    error = (net(xt, t) - training_target(x0, t, eps, ac, prediction)) ** 2
+    if min_snr_gamma is None:
+        return torch.mean(error)
+    return torch.mean(expand(min_snr_weight(t, ac, min_snr_gamma, prediction), error) * error)
 
 
 def progressive_distillation_loss(

@@ -56,10 +56,13 @@ class Diffusion:
             return guided
         return lambda x, t: guided(x, t).clamp(-self.clip_x0, self.clip_x0)
 
-    def loss(self, x0: torch.Tensor, cond: tuple, cond_drop: float, generator=None) -> torch.Tensor:
-        """Training loss with the condition dropped for a `cond_drop` fraction of the batch."""
+    def loss(self, x0: torch.Tensor, cond: tuple, cond_drop: float, generator=None,
+             min_snr_gamma: Optional[float] = None) -> torch.Tensor:
+        """Training loss with the condition dropped for a `cond_drop` fraction of the batch (min-SNR-gamma weighted
+        when `min_snr_gamma` is given)."""
         drop = torch.rand(x0.shape[0], device=x0.device, generator=generator) < cond_drop
-        return diffusion_loss(lambda xt, t: self.net(xt, t, *cond, drop=drop), x0, self.ac, self.prediction, generator)
+        return diffusion_loss(lambda xt, t: self.net(xt, t, *cond, drop=drop), x0, self.ac, self.prediction, generator,
+                              min_snr_gamma)
 
     def distillation_loss(self, teacher: "Diffusion", x0: torch.Tensor, cond: tuple, cond_drop: float,
                           generator=None, guidance: float = 1.0) -> torch.Tensor:
