@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py --ddpm-checkpoints runs/teacher/checkpoints/mnist   # the shipped mnist pipeline
     python benchmarks/overhead.py --checkpoints fashion
+    python benchmarks/overhead.py --against runs/teacher-prior/mnist   # another pipeline's generate, in the same turns
 
 Measures, in one run, medians of `--runs` (3):
 - `python -c "import torch"` and `t2i generate --prompt six --num-samples 64`, both from process start to exit;
@@ -114,6 +115,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="mnist")
     parser.add_argument("--ddpm-checkpoints", default=None, help="the pipeline the DDPM run draws with (default: --checkpoints)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--against", action="append", default=[], metavar="DIR",
+                        help="another pipeline whose generate -n 64 takes turns with the commands above (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead"))
     args = parser.parse_args()
     t2i = str(Path(sys.executable).parent / "t2i")
@@ -124,7 +127,8 @@ def main() -> None:
         r.update(walls({"import_torch": IMPORT_TORCH,
                         # t2i ends its sampling commands without Python's teardown (cli.run): the baseline without it
                         "import_torch_no_teardown": [sys.executable, "-c", "import torch, os; os._exit(0)"],
-                        "generate_64": gen("--num-samples", "64"), "generate_16": gen("--num-samples", "16")}, args.runs))
+                        "generate_64": gen("--num-samples", "64"), "generate_16": gen("--num-samples", "16"),
+                        **{f"generate_64 {d}": gen("--num-samples", "64", ckpt=d) for d in args.against}}, args.runs))
         r["generate_16_ddpm"] = wall(gen("--num-samples", "16", "--sampler", "ddpm", ckpt=r["ddpm_checkpoints"]), 1)
         start = time.perf_counter()
         child = subprocess.run([sys.executable, "-c", PHASES.format(checkpoints=args.checkpoints, out=tmp, n=64)],
@@ -144,6 +148,11 @@ def main() -> None:
     r["beyond_torch_no_teardown"] = med["generate_64"] - med["import_torch_no_teardown"]
     r["beyond_torch_paired"] = statistics.median(g - t for g, t in zip(r["generate_64"], r["import_torch"]))
     r["ddpm_ratio"] = med["generate_16_ddpm"] / med["generate_16"]
+    r["against"] = {d: {"generate_64": statistics.median(r[f"generate_64 {d}"]),
+                        "beyond_torch": statistics.median(r[f"generate_64 {d}"]) - med["import_torch"],
+                        "beyond_torch_paired": statistics.median(g - t for g, t in zip(r[f"generate_64 {d}"],
+                                                                                       r["import_torch"]))}
+                    for d in args.against}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.json").write_text(json.dumps(r, indent=2))
     md = markdown(r, args.runs)
@@ -153,7 +162,8 @@ def main() -> None:
 
 def markdown(r: dict, runs: int) -> str:
     m = r["median"]
-    lines = [f"`python benchmarks/overhead.py --checkpoints {r['checkpoints']}` (medians of {runs}; DDPM: one run, "
+    against = "".join(f" --against {d}" for d in r.get("against", {}))
+    lines = [f"`python benchmarks/overhead.py --checkpoints {r['checkpoints']}{against}` (medians of {runs}; DDPM: one run, "
              f"on `{r['ddpm_checkpoints']}`)", "",
              "| command, from process start to exit | seconds | target |", "| --- | --- | --- |",
              f"| `python -c \"import torch\"` | {m['import_torch']:.2f} | |",
@@ -168,7 +178,11 @@ def markdown(r: dict, runs: int) -> str:
              f"| **DDPM / default** | **{r['ddpm_ratio']:.1f}x** | >= 30x |",
              f"| sampling alone, 16 images: default / DDPM (in one process, after a warm-up) | "
              f"{r['sampling_16']['default']:.2f} / {r['sampling_16']['ddpm']:.2f} | |",
-             f"| **DDPM / default, sampling alone** | **{r['sampling_ratio']:.1f}x** | |", "",
+             f"| **DDPM / default, sampling alone** | **{r['sampling_ratio']:.1f}x** | |"]
+    lines += [f"| `t2i generate --prompt six --num-samples 64 --checkpoints {d}` (in the same turns); the difference; "
+              f"within a round | {a['generate_64']:.2f}; {a['beyond_torch']:.2f}; {a['beyond_torch_paired']:.2f} | |"
+              for d, a in r.get("against", {}).items()]
+    lines += ["",
              "One `generate -n 64`, phase by phase in a fresh process:", "",
              "| phase | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["phases"].items()]

@@ -86,15 +86,17 @@ def test_callback_counts_every_denoising_step(pipe):
     assert seen[0][2] == (2, 1, 28, 28) and seen[-1][2] == (1, 1, 28, 28)
 
 
-def test_negative_prompt_changes_the_guided_branches_only(pipe):
+def test_negative_prompt_changes_the_guided_branches_only(pipe, caplog):
     base = dict(num_images_per_prompt=3, num_inference_steps=3, output_type="uint8")
     plain = pipe("seven", generator=seeded(), **base).images
-    # Without guidance there is no unconditional branch to take the negative prompt: nothing changes.
+    # Without guidance there is no unconditional branch to take the negative prompt: nothing changes, and it says so.
     unguided = pipe("seven", negative_prompt="one", prior_guidance_scale=1.0, generator=seeded(), **base).images
     assert torch.equal(unguided, pipe("seven", prior_guidance_scale=1.0, generator=seeded(), **base).images)
+    assert "the negative prompt changes nothing at guidance 1" in caplog.text
+    caplog.clear()
     assert torch.equal(pipe("seven", negative_prompt="  ", generator=seeded(), **base).images, plain)
     steered = pipe("seven", negative_prompt="one", generator=seeded(), **base).images
-    assert not torch.equal(steered, plain)
+    assert not torch.equal(steered, plain) and "changes nothing" not in caplog.text
     both = pipe("seven", negative_prompt="one", guidance_scale=2.0, generator=seeded(), **base).images
     assert both.shape == plain.shape
     with pytest.raises(UserError, match="2 negative prompts for 1 prompts"):

@@ -196,6 +196,8 @@ def test_distill_stage_prior_writes_a_pipeline_whose_prior_samples_in_its_own_st
     assert r.exit_code == 0, r.output
     assert "whatever is asked: the prior 2; the sampler and steps asked for drive the decoder" in " ".join(r.output.split())
     assert (tmp_path / "g" / "0001.png").exists()
+    r = run("generate", "--checkpoints", out, "--prompt", "six", "-n", 2, "--out", tmp_path / "g")
+    assert r.exit_code == 0 and "whatever is asked" not in r.output, r.output  # nothing asked: nothing to say
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -56,6 +56,7 @@ class UnCLIPPipeline:
 
     def __init__(self, pipeline: Pipeline):
         self.pipeline = pipeline
+        self._noted_distilled = False  # said once that a sampler or steps asked for do not reach distilled stages
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = DEFAULT_PIPELINE, device: str | torch.device = "auto") -> "UnCLIPPipeline":
@@ -85,10 +86,15 @@ class UnCLIPPipeline:
         """This pipeline's sampling defaults (the library's, or its folder's sampling.yaml) with `settings`
         (SamplingOptions fields; None: the default), checked against it."""
         given = {k: v for k, v in settings.items() if v is not None}
-        distilled = self.pipeline.decoder.distilled_steps
-        if distilled and {"sampler", "steps"} & set(given):
-            log.info("the decoder is distilled: it samples its own %d DDIM steps; the sampler and steps asked for "
-                     "drive the prior", distilled)
+        pipe = self.pipeline
+        own = {stage: d.distilled_steps for stage, d in (("prior", pipe.prior), ("decoder", pipe.decoder))
+               if d.distilled_steps}
+        asked = {k for k in ("sampler", "steps") if k in given and given[k] != getattr(pipe.defaults, k)}
+        if own and asked and not self._noted_distilled:
+            self._noted_distilled = True
+            rest = [f"the {stage}" for stage in ("prior", "decoder") if stage not in own] or ["neither"]
+            log.info("distilled, so sampling their own DDIM steps whatever is asked: %s; the sampler and steps asked "
+                     "for drive %s", ", ".join(f"the {stage} {n}" for stage, n in own.items()), rest[0])
         return self.check(replace(self.pipeline.defaults, **given))
 
     def check(self, options: SamplingOptions) -> SamplingOptions:
@@ -162,6 +168,9 @@ class UnCLIPPipeline:
         check_count(num_images_per_prompt, batch_size, output_type)
         options = self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, upsampler_steps, strength,
                                prior_candidates, text_guidance_scale, upsampler_strength)
+        if negatives is not None and options.prior_guidance == options.guidance == 1 and options.text_guidance is None:
+            log.warning("the negative prompt changes nothing at guidance 1: it takes the place of the unconditional "
+                        "branch of guidance, and there is none; set the prior's above 1 (--prior-guidance 1.5)")
         generator = self.generator(generator)
         captions = [p for p in prompts for _ in range(num_images_per_prompt)]
         negs = [n for n in negatives for _ in range(num_images_per_prompt)] if negatives else None
