@@ -217,8 +217,8 @@ class DistillConfig:
     samples in `steps`. `train` is each round's."""
 
     stage: str = choice("decoder", "prior")
-    teacher_steps: int = 16  # the first teacher's chain: the decoder's DDIM over trailing timesteps
-    steps: int = 2  # the last student's (the shipped decoder's); teacher_steps / steps must be a power of two
+    teacher_steps: int = 16  # the first teacher's chain: the stage's DDIM over trailing timesteps
+    steps: int = 2  # the last student's (the shipped one's); teacher_steps / steps must be a power of two
     # the teacher's classifier-free guidance, learnt by the students (Meng et al. 2023), who then sample at guidance 1
     # (the distilled pipeline's sampling.yaml says so); None: the teacher pipeline's own default for the stage (its
     # sampling.yaml's guidance, or prior_guidance)
