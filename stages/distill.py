@@ -69,7 +69,7 @@ def prior_target(cfg: PriorConfig, frozen: FrozenClip, net: DiffusionPrior) -> T
     data, image_emb = frozen.captioned(cfg.train.workers)  # `net`'s whitening is every student's: fixed
     return Target(data, lambda batch, step: prior_example(frozen, cfg, net, image_emb, batch, step),
                   lambda idx: prior_validation_example(frozen, net, idx),
-                  lambda prior, step, out: save_prior_samples(frozen, prior, 1.0, step, out))
+                  lambda prior, step, out: save_prior_samples(frozen, prior, step, out, guidance=1.0))
 
 
 def distill_stage(cfg: DistillConfig, student_cfg: DecoderConfig | PriorConfig, teacher: Diffusion, guidance: float,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -44,8 +45,7 @@ def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
         return prior_cosine(frozen.clip, frozen.tokenizer, prior_diffusion(shipped, cfg, device), val.images[idx], captions)
 
     def sample(shipped: DiffusionPrior, step: int, out: Path) -> torch.Tensor:
-        return save_prior_samples(frozen, prior_diffusion(shipped, cfg, device), SamplingOptions().prior_guidance,
-                                  step, out)
+        return save_prior_samples(frozen, prior_diffusion(shipped, cfg, device), step, out)
 
     return Stage("prior", model, cfg, data, loss, validate=validate, sample=sample,
                  metrics_shown=["loss", "prior_cosine"], objective="prior_cosine")
@@ -66,14 +66,16 @@ def validation_example(frozen: FrozenClip, prior: DiffusionPrior, idx: torch.Ten
 
 
 @torch.no_grad()
-def save_prior_samples(frozen: FrozenClip, prior: Diffusion, guidance: float, step: int, out: Path) -> torch.Tensor:
+def save_prior_samples(frozen: FrozenClip, prior: Diffusion, step: int, out: Path,
+                       guidance: Optional[float] = None) -> torch.Tensor:
     """The prior draws embeddings, not pictures: each cell of its sheet is the training image (a stream's:
-    validation image) whose CLIP embedding is nearest to the embedding predicted (a column per fixed prompt)."""
+    validation image) whose CLIP embedding is nearest to the embedding predicted (a column per fixed prompt).
+    `guidance`: the prior's; None, what `t2i generate` draws with."""
     options = SamplingOptions()  # what `t2i generate` draws with
     callback, shots = chain_recorder(options.steps)
     final = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior, frozen.fixed_captions(), options.sampler,
-                                    options.steps, guidance, torch.Generator(frozen.device).manual_seed(0),
-                                    callback=callback)
+                                    options.steps, options.prior_guidance if guidance is None else guidance,
+                                    torch.Generator(frozen.device).manual_seed(0), callback=callback)
     images, embeddings = frozen.gallery()
     nearest = lambda emb: images.pixels((emb @ embeddings.T).argmax(1).cpu())  # noqa: E731
     return save_sheet([to_uint8(nearest(e)) for e in [prior.net.decode(s) for s in shots] + [final]], out, step)
