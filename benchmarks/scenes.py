@@ -95,11 +95,25 @@ def task_scores(judge, images: dict[str, torch.Tensor], specs: dict[str, list[Sp
 
 
 @torch.no_grad()
+def best_of(pipe: Pipeline, captions: list[str], options: SamplingOptions, generator: torch.Generator, k: int) -> torch.Tensor:
+    """DALL-E 1's reranking: `k` draws a caption, the one the pipeline's own CLIP finds nearest it kept."""
+    drawn = draw(pipe, [c for c in captions for _ in range(k)], options, generator)  # (B k, C, H, W)
+    images = encode_images(pipe.clip, to_uint8(resize(drawn, pipe.clip_config.model.image_size)))
+    texts = encode_texts(pipe.clip, pipe.tokenizer, captions)[0]
+    pick = (images.view(len(captions), k, -1) * texts[:, None]).sum(-1).argmax(1)
+    return drawn.view(len(captions), k, *drawn.shape[1:])[torch.arange(len(captions)), pick]
+
+
+@torch.no_grad()
 def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: SamplingOptions, batch: int = 64,
-                  true_embeddings: Optional[dict[str, torch.Tensor]] = None) -> dict:
+                  true_embeddings: Optional[dict[str, torch.Tensor]] = None, caption_only: bool = False,
+                  candidates: int = 1) -> dict:
     """Per set, uint8 images (prompts x per_prompt, 3, 64, 64) (enlarged if the pipeline draws smaller). With
     `true_embeddings` (per set, the real renderings, one a sample) the prior is bypassed: each sample is decoded
-    from its rendering's CLIP image embedding, with the caption (what a perfect prior would hand the decoder)."""
+    from its rendering's CLIP image embedding, with the caption (what a perfect prior would hand the decoder).
+    `caption_only`: the prior is bypassed and the decoder reads the caption alone, its CLIP embedding dropped
+    (GLIDE's condition; for a decoder trained with `embed_drop`). `candidates` > 1: the best of that many draws
+    by the pipeline's CLIP (`best_of`)."""
     out = {}
     for name, items in sets.items():
         prompts = [text for text, _, _ in items for _ in range(per_prompt)]
@@ -107,10 +121,16 @@ def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: Sampling
         for start in range(0, len(prompts), batch):
             generator = torch.Generator(pipe.device).manual_seed(start)
             captions = prompts[start : start + batch]
-            if true_embeddings is not None:  # the decoder's condition leaves the caption out if it reads none
+            if caption_only:  # the embedding is dropped: the text embedding stands in, unread
+                cond, _ = prompt_conditions(pipe.clip, pipe.tokenizer, captions)
+                kept = torch.zeros(len(captions), dtype=torch.bool, device=pipe.device)
+                drawn = decode_and_upsample(pipe, cond[0], options, generator, text=(*cond[1:], kept))
+            elif true_embeddings is not None:  # the decoder's condition leaves the caption out if it reads none
                 cond, _ = prompt_conditions(pipe.clip, pipe.tokenizer, captions)
                 emb = encode_images(pipe.clip, true_embeddings[name][start : start + batch])
                 drawn = decode_and_upsample(pipe, emb, options, generator, text=cond[1:])
+            elif candidates > 1:
+                drawn = best_of(pipe, captions, options, generator, candidates)
             else:
                 drawn = draw(pipe, captions, options, generator)
             images.append(to_uint8(resize(drawn, SIZE)))
@@ -216,6 +236,11 @@ def main() -> None:
                     help="the ceiling also at this size: real scenes shrunk to it and enlarged (a base decoder's ceiling); 0: skip")
     ap.add_argument("--true-embeddings", action="store_true",
                     help="bypass the prior: decode the CLIP image embedding of each prompt's real scene (the prior's ceiling)")
+    ap.add_argument("--caption-only", action="store_true",
+                    help="bypass the prior: the decoder reads the caption alone, its CLIP embedding dropped (GLIDE's "
+                         "condition; for a decoder trained with embed_drop)")
+    ap.add_argument("--best-of", type=int, default=1, metavar="K",
+                    help="draw K images a sample and keep the one the pipeline's CLIP scores nearest the prompt")
     ap.add_argument("--time-against", action="append", default=[], metavar="DIR",
                     help="another pipeline to time in turns with --checkpoints (repeatable)")
     ap.add_argument("--time-runs", type=int, default=3, help="timed runs of each command")
@@ -244,9 +269,11 @@ def main() -> None:
             pipe.upsampler = pipe.upsampler_config = None
     if "generation" in parts:
         options = merge(pipe.defaults, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.overrides)})
-        report["options"] = {**vars(options), "base_only": args.base_only, "true_embeddings": args.true_embeddings}
+        report["options"] = {**vars(options), "base_only": args.base_only, "true_embeddings": args.true_embeddings,
+                             "caption_only": args.caption_only, "best_of": args.best_of}
         start = time.perf_counter()
-        images = generate_sets(pipe, sets, args.per_prompt, options, true_embeddings=real if args.true_embeddings else None)
+        images = generate_sets(pipe, sets, args.per_prompt, options, true_embeddings=real if args.true_embeddings else None,
+                               caption_only=args.caption_only, candidates=args.best_of)
         report["generation_seconds"] = time.perf_counter() - start
         report["generation"] = task_scores(judge, images, specs)
         report["counts"] = {name: f"{len(items)} x {args.per_prompt}" for name, items in sets.items()}

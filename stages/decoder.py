@@ -45,7 +45,8 @@ def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, pri
 
 def training_example(frozen: FrozenClip, cfg: DecoderConfig, batch: CaptionedImages, step: int) -> tuple:
     """(x0, condition) of a training batch: its images at the decoder's size, their CLIP embeddings and, for a
-    decoder that reads text, the captions' token features, the caption alone dropped `text_drop` of the time."""
+    decoder that reads text, the captions' token features; the caption alone dropped `text_drop` of the time and,
+    independently, the embedding alone `embed_drop` of the time."""
     m, device = cfg.model, frozen.device
     x0 = resize(batch.pixels().to(device), m.image_size)
     text = None
@@ -53,6 +54,8 @@ def training_example(frozen: FrozenClip, cfg: DecoderConfig, batch: CaptionedIma
         captions = batch.captions(seed=caption_seed(cfg.train.seed, step))
         _, features, mask = text_condition(frozen.clip, frozen.tokenizer, captions)
         text = (features, mask & (torch.rand(len(batch), device=device) >= m.text_drop)[:, None])
+        if m.embed_drop:
+            text += (torch.rand(len(batch), device=device) >= m.embed_drop,)
     return x0, decoder_condition(cfg, frozen.embed(batch), text)
 
 

@@ -78,6 +78,12 @@ def test_the_decoder_reads_the_caption_tokens_it_is_shown_and_none_when_dropped(
     assert not torch.allclose(net(x, t, emb, a, shown, drop=keep), net(x, t, emb, b, shown, drop=keep))
     torch.testing.assert_close(net(x, t, emb, a, hidden, drop=keep), net(x, t, emb, b, hidden, drop=keep))
     torch.testing.assert_close(net(x, t, emb, a, shown, drop=drop), net(x, t, emb, b, shown, drop=drop))
+    # the embedding alone dropped (embed_drop): the caption still read, the embedding not
+    alone, kept = torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+    torch.testing.assert_close(net(x, t, emb, a, shown, alone, drop=keep), net(x, t, -emb, a, shown, alone, drop=keep))
+    assert not torch.allclose(net(x, t, emb, a, shown, alone, drop=keep), net(x, t, emb, b, shown, alone, drop=keep))
+    assert not torch.allclose(net(x, t, emb, a, shown, alone, drop=keep), net(x, t, emb, a, shown, drop=keep))
+    torch.testing.assert_close(net(x, t, emb, a, shown, kept, drop=keep), net(x, t, emb, a, shown, drop=keep))
 
 
 def test_new_text_layers_start_as_the_identity_so_a_fine_tuned_decoder_starts_where_it_was():

@@ -163,6 +163,9 @@ class DecoderModelConfig:
     # the lowest-resolution attention reads; while training the caption alone is dropped `text_drop` of the time.
     text_tokens: bool = False
     text_drop: float = 0.5
+    # the CLIP embedding alone dropped this fraction of the time, the caption kept (DALL-E 2 drops the two
+    # independently, the embedding 10% of the time): the caption's pathway must then draw on its own, as GLIDE's does
+    embed_drop: float = 0.0
     # GLIDE trains its text encoder with the decoder: this many bidirectional Transformer layers over the token
     # features (CLIP's are causal, so a word there cannot see the digit it describes after it); 0 reads them as they are.
     text_layers: int = 0

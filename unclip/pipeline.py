@@ -212,8 +212,9 @@ def sample_image_embeddings(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, 
 
 
 def decoder_condition(cfg: DecoderConfig, image_emb: torch.Tensor, text: Optional[tuple] = None) -> tuple:
-    """The decoder's condition: the image embeddings, and the caption's (token features (B, L, W), mask (B, L))
-    when the decoder reads text; without a caption (variations, interpolation) no token is shown."""
+    """The decoder's condition: the image embeddings, and the caption's (token features (B, L, W), mask (B, L)
+    [, embed_kept (B,): False where the embedding alone is dropped, the caption read on its own]) when the
+    decoder reads text; without a caption (variations, interpolation) no token is shown."""
     return (image_emb, *text) if text is not None and cfg.model.text_tokens else (image_emb,)
 
 

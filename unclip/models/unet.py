@@ -94,8 +94,8 @@ class UNet(nn.Module):
         self.text_in = nn.Linear(text_width, w[-1]) if cfg.text_tokens else None
         if cfg.text_tokens and not text_width:
             raise ConfigError("decoder text_tokens needs the width of CLIP's text features")
-        if (cfg.text_layers or cfg.text_levels) and not cfg.text_tokens:
-            raise ConfigError("decoder text_layers and text_levels need text_tokens: true")
+        if (cfg.text_layers or cfg.text_levels or cfg.embed_drop) and not cfg.text_tokens:
+            raise ConfigError("decoder text_layers, text_levels and embed_drop need text_tokens: true")
         if any(not 0 <= level < len(w) for level in cfg.text_levels):
             raise ConfigError(f"decoder text_levels {cfg.text_levels} must be levels 0 to {len(w) - 1}")
         self.text_encoder = identity_transformer(w[-1], cfg.heads, cfg.text_layers) if cfg.text_layers else None
@@ -139,14 +139,16 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, image_embed: torch.Tensor, text_tokens: Optional[torch.Tensor] = None,
-                text_mask: Optional[torch.Tensor] = None, *, drop: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
+                text_mask: Optional[torch.Tensor] = None, embed_kept: Optional[torch.Tensor] = None, *, drop: torch.Tensor,
+                image: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: noised images (B, C, H, W); image_embed: CLIP image embeddings (B, D); text_tokens (B, L, W) and
         text_mask (B, L): the caption's CLIP token features and which to read (`text_tokens` configs; None: no caption);
-        drop (B,) True where every condition is dropped; image: the conditioning image (B, image_inputs, H, W).
+        embed_kept (B,): False where the embedding alone is dropped (None: nowhere); drop (B,) True where every
+        condition is dropped; image: the conditioning image (B, image_inputs, H, W).
         Returns the network output (eps, x0 or v, per the config) (B, C, H, W)."""
         if image is not None:
             x = torch.cat([x, image], dim=1)
-        cond = drop_condition(image_embed, self.null_cond, drop)
+        cond = drop_condition(image_embed, self.null_cond, drop if embed_kept is None else drop | ~embed_kept)
         emb = self.time(t) + self.cond_in(cond)  # (B, E)
         context = self.context_in(cond).view(x.shape[0], self.config.context_tokens, -1)  # (B, K, C_low)
         context_mask = None
