@@ -94,11 +94,13 @@ def test_new_text_layers_start_as_the_identity_so_a_fine_tuned_decoder_starts_wh
 
     torch.manual_seed(0)
     cfg = DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, text_tokens=True)
-    old, new = UNet(cfg, 8, text_width=12), UNet(replace(cfg, text_layers=2, text_levels=[0, 1]), 8, text_width=12)
+    old = UNet(cfg, 8, text_width=12)
+    new = UNet(replace(cfg, text_layers=2, text_levels=[0, 1], attn_levels=[1]), 8, text_width=12)
     for p in old.parameters():
         torch.nn.init.normal_(p, std=0.2)
     missing = new.load_state_dict(old.state_dict(), strict=False).missing_keys
-    assert {k.split(".")[0] for k in missing} == {"reads", "text_encoder"}
+    assert {k.split(".")[0] for k in missing} == {"reads", "attends", "text_encoder"}
+    assert sorted(new.attends) == ["down1_0", "down1_1", "up1_0", "up1_1", "up1_2"]
     x, t, emb, text = torch.randn(3, 1, 16, 16), torch.tensor([10, 500, 900]), torch.randn(3, 8), torch.randn(3, 5, 12)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)  # the last one dropped
     out = new(x, t, emb, text, mask, drop=torch.zeros(3, dtype=torch.bool))
@@ -115,6 +117,8 @@ def test_text_layers_and_levels_are_checked_when_the_decoder_is_built():
         UNet(DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, text_layers=1), 8)
     with pytest.raises(ConfigError, match=r"text_levels \[2\] must be levels 0 to 1"):
         UNet(DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, text_tokens=True, text_levels=[2]), 8, text_width=12)
+    with pytest.raises(ConfigError, match=r"attn_levels \[-1\] must be levels 0 to 1"):
+        UNet(DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, attn_levels=[-1]), 8)
 
 
 def test_init_fine_tunes_a_stage_from_saved_weights_and_new_layers_start_fresh(cascade, tmp_path):

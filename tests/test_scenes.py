@@ -192,7 +192,7 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
                  "train": {**TINY["clip"]["train"], "data": "scenes", "epochs": 1}, "hard_negatives": True,
                  "hard_negative_images": True},
         "prior": TINY["prior"],
-        "decoder": {**TINY["decoder"], "model": {**TINY["decoder"]["model"], "text_tokens": True, "embed_drop": 0.5},
+        "decoder": {**TINY["decoder"], "model": {**TINY["decoder"]["model"], "text_tokens": True, "embed_drop": 0.5, "attn_levels": [1]},
                     "train": {**TINY["decoder"]["train"], "sample_every": 4}},
     }
     (tmp_path / "scenes.yaml").write_text(yaml.safe_dump(config))

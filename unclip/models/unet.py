@@ -96,8 +96,9 @@ class UNet(nn.Module):
             raise ConfigError("decoder text_tokens needs the width of CLIP's text features")
         if (cfg.text_layers or cfg.text_levels or cfg.embed_drop) and not cfg.text_tokens:
             raise ConfigError("decoder text_layers, text_levels and embed_drop need text_tokens: true")
-        if any(not 0 <= level < len(w) for level in cfg.text_levels):
-            raise ConfigError(f"decoder text_levels {cfg.text_levels} must be levels 0 to {len(w) - 1}")
+        for name in ("text_levels", "attn_levels"):
+            if any(not 0 <= level < len(w) for level in getattr(cfg, name)):
+                raise ConfigError(f"decoder {name} {getattr(cfg, name)} must be levels 0 to {len(w) - 1}")
         self.text_encoder = identity_transformer(w[-1], cfg.heads, cfg.text_layers) if cfg.text_layers else None
         if cfg.image_size % (cfg.patch * 2 ** (len(w) - 1)):
             raise ConfigError(f"decoder image_size {cfg.image_size} must be divisible by patch * 2^(levels - 1) "
@@ -106,6 +107,7 @@ class UNet(nn.Module):
         self.stem = nn.Conv2d(pixels + image_inputs * cfg.patch**2, w[0], 3, padding=1)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         self.reads = nn.ModuleDict()  # "down{level}_{block}" / "up{level}_{block}" -> a cross-Attention, at text_levels
+        self.attends = nn.ModuleDict()  # the same keys -> a self-Attention, at attn_levels
         side = (cfg.image_size or 0) // cfg.patch
         skips, c = [w[0]], w[0]
         for level, width in enumerate(w):
@@ -114,8 +116,7 @@ class UNet(nn.Module):
                 blocks.append(ResBlock(c, width, emb_dim, cfg.dropout))
                 c = width
                 skips.append(c)
-                if level in cfg.text_levels:
-                    self.reads[f"down{level}_{b}"] = Attention(c, cfg.heads, w[-1], side >> level)
+                self.add_attention(f"down{level}_{b}", level, c, side >> level)
             self.down.append(blocks)
             if level + 1 < len(w):
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
@@ -129,14 +130,20 @@ class UNet(nn.Module):
             for b in range(cfg.blocks + 1):
                 blocks.append(ResBlock(c + skips.pop(), width, emb_dim, cfg.dropout))
                 c = width
-                if level in cfg.text_levels:
-                    self.reads[f"up{level}_{b}"] = Attention(c, cfg.heads, w[-1], side >> level)
+                self.add_attention(f"up{level}_{b}", level, c, side >> level)
             self.up.append(blocks)
             if level > 0:
                 self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
         self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, pixels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+
+    def add_attention(self, key: str, level: int, c: int, side: int) -> None:
+        """The attentions that follow residual block `key` (at `level`, `c` channels, side x side pixels)."""
+        if level in self.config.text_levels:
+            self.reads[key] = Attention(c, self.config.heads, self.config.widths[-1], side)
+        if level in self.config.attn_levels:
+            self.attends[key] = Attention(c, self.config.heads, self.config.widths[-1])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, image_embed: torch.Tensor, text_tokens: Optional[torch.Tensor] = None,
                 text_mask: Optional[torch.Tensor] = None, embed_kept: Optional[torch.Tensor] = None, *, drop: torch.Tensor,
@@ -161,7 +168,9 @@ class UNet(nn.Module):
             context_mask = torch.cat([keep, text_mask & ~drop[:, None]], 1)
 
         def read(key: str, h: torch.Tensor) -> torch.Tensor:
-            return self.reads[key](h, context, context_mask) if key in self.reads else h
+            for attentions in (self.reads, self.attends):
+                h = attentions[key](h, context, context_mask) if key in attentions else h
+            return h
 
         h = self.stem(F.pixel_unshuffle(x, self.config.patch))  # (B, C p^2, H / p, W / p) -> (B, w0, ., .)
         hs = [h]
