@@ -173,7 +173,7 @@ class DecoderModelConfig:
     # the pixels, each with a learned position, to the context: where the caption says what goes where.
     text_levels: list[int] = field(default_factory=list)
     # levels whose every residual block is followed by a self-attention over the pixels (and the context), as
-    # GLIDE's at 16 and 8 px: what lets one part of the image know what another has drawn; the lowest level's
+    # GLIDE's at 32, 16 and 8 px: what lets one part of the image know what another has drawn; the lowest level's
     # middle block always has one
     attn_levels: list[int] = field(default_factory=list)
     # set by t2i distill: the network samples with DDIM in exactly this many steps (a trailing chain); 0 = any
