@@ -42,8 +42,8 @@ from unclip.data.scenes import HELD_OUT, SIZE, GlyphPool, sample_scene  # noqa: 
 from unclip.images import grid, resize, save_png, to_uint8  # noqa: E402
 from unclip.models.clip import CLIP  # noqa: E402
 from unclip.config import merge  # noqa: E402
-from unclip.pipeline import (Pipeline, SamplingOptions, decode_and_upsample, draw, load_clip, prior_cosine,  # noqa: E402
-                             prompt_conditions)
+from unclip.pipeline import (Pipeline, SamplingOptions, decode_and_upsample, draw, load_clip,  # noqa: E402
+                             nearest_candidates, prior_cosine, prompt_conditions)
 from unclip.tokenizer import Tokenizer  # noqa: E402
 from unclip.zeroshot import encode_images, encode_texts  # noqa: E402
 
@@ -99,8 +99,7 @@ def best_of(pipe: Pipeline, captions: list[str], options: SamplingOptions, gener
     """DALL-E 1's reranking: `k` draws a caption, the one the pipeline's own CLIP finds nearest it kept."""
     drawn = draw(pipe, [c for c in captions for _ in range(k)], options, generator)  # (B k, C, H, W)
     images = encode_images(pipe.clip, to_uint8(resize(drawn, pipe.clip_config.model.image_size)))
-    texts = encode_texts(pipe.clip, pipe.tokenizer, captions)[0]
-    pick = (images.view(len(captions), k, -1) * texts[:, None]).sum(-1).argmax(1)
+    pick = nearest_candidates(images.view(len(captions), k, -1), encode_texts(pipe.clip, pipe.tokenizer, captions)[0])
     return drawn.view(len(captions), k, *drawn.shape[1:])[torch.arange(len(captions)), pick]
 
 
@@ -121,14 +120,14 @@ def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: Sampling
         for start in range(0, len(prompts), batch):
             generator = torch.Generator(pipe.device).manual_seed(start)
             captions = prompts[start : start + batch]
-            if caption_only:  # the embedding is dropped: the text embedding stands in, unread
+            if caption_only or true_embeddings is not None:  # the decoder leaves the caption out if it reads none
                 cond, _ = prompt_conditions(pipe.clip, pipe.tokenizer, captions)
-                kept = torch.zeros(len(captions), dtype=torch.bool, device=pipe.device)
-                drawn = decode_and_upsample(pipe, cond[0], options, generator, text=(*cond[1:], kept))
-            elif true_embeddings is not None:  # the decoder's condition leaves the caption out if it reads none
-                cond, _ = prompt_conditions(pipe.clip, pipe.tokenizer, captions)
-                emb = encode_images(pipe.clip, true_embeddings[name][start : start + batch])
-                drawn = decode_and_upsample(pipe, emb, options, generator, text=cond[1:])
+                if caption_only:  # the embedding is dropped: the text embedding stands in, unread
+                    kept = torch.zeros(len(captions), dtype=torch.bool, device=pipe.device)
+                    emb, text = cond[0], (*cond[1:], kept)
+                else:
+                    emb, text = encode_images(pipe.clip, true_embeddings[name][start : start + batch]), cond[1:]
+                drawn = decode_and_upsample(pipe, emb, options, generator, text=text)
             elif candidates > 1:
                 drawn = best_of(pipe, captions, options, generator, candidates)
             else:

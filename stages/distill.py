@@ -60,6 +60,8 @@ class Target:
 
 
 def decoder_target(cfg: DecoderConfig, frozen: FrozenClip, prior: Diffusion) -> Target:
+    # the student learns the chain it samples: with the embedding always read, whatever embed_drop trained
+    cfg = replace(cfg, model=replace(cfg.model, embed_drop=0.0))
     return Target(frozen.data, lambda batch, step: training_example(frozen, cfg, batch, step),  # as it was trained
                   lambda idx: validation_example(frozen, cfg, idx),
                   lambda decoder, step, out: save_samples(frozen, decoder, cfg, prior, step, out))
@@ -141,9 +143,7 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
     check_fingerprint(pipeline / cfg.stage, teacher_cfg.clip_fingerprint, frozen.fingerprint)
     if cfg.stage == "decoder":
         prior = prior_diffusion(*load_prior(pipeline / "prior", clip_cfg, device), device)  # for its sample sheets
-        # the student learns the chain it samples: with the embedding always read, whatever embed_drop trained
-        target = decoder_target(replace(teacher_cfg, model=replace(teacher_cfg.model, embed_drop=0.0), train=cfg.train),
-                                frozen, prior)
+        target = decoder_target(replace(teacher_cfg, train=cfg.train), frozen, prior)
     else:
         target = prior_target(replace(teacher_cfg, train=cfg.train), frozen, teacher_net)
     teacher = replace(diffusion(teacher_net.requires_grad_(False), teacher_cfg, device),

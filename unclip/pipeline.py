@@ -207,8 +207,13 @@ def sample_image_embeddings(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, 
     denoise = prior.denoiser(repeat(cond), guidance, repeat(negative))
     emb = prior.net.decode(prior.sample(sampler, denoise, noise, steps, generator=generator, callback=callback))
     emb = emb.view(B, candidates, D)
-    best = (emb @ F.normalize(cond[0], dim=-1)[:, :, None]).squeeze(-1).argmax(1)  # (B,)
-    return emb[torch.arange(B), best]
+    return emb[torch.arange(B), nearest_candidates(emb, cond[0])]
+
+
+def nearest_candidates(emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """Of each caption's candidates' CLIP image embeddings (B, K, D), the index (B,) of the one most similar to
+    its text embedding (B, D) (DALL-E 2's choice among the prior's draws; DALL-E 1's reranking of images)."""
+    return (emb @ F.normalize(text_emb, dim=-1)[:, :, None]).squeeze(-1).argmax(1)
 
 
 def decoder_condition(cfg: DecoderConfig, image_emb: torch.Tensor, text: Optional[tuple] = None) -> tuple:
