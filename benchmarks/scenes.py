@@ -84,14 +84,31 @@ def prompt_sets(glyphs: GlyphPool, per_task: int, per_prompt: int) -> dict[str, 
     return sets
 
 
-def score(judge, images: torch.Tensor, specs: list[Spec]) -> list[bool]:
-    return [spec.met_by(found) for spec, found in zip(specs, read_scenes(judge, images))]
+# the tasks whose prompts name two different digits, and what an image for one can show, by its digits alone
+TWO_DIGIT_TASKS = ("two", "position", "attribution")
+OUTCOMES = ("both", "one twice", "other")
 
 
-def task_scores(judge, images: dict[str, torch.Tensor], specs: dict[str, list[Spec]]) -> dict[str, float]:
-    """Per set, the share of its images that meet their Spec; "overall" is the mean over GenEval's six tasks."""
-    out = {name: float(np.mean(score(judge, images[name], specs[name]))) for name in images}
-    return {**out, "overall": float(np.mean([out[t] for t in TASKS]))}
+def digit_outcome(spec: Spec, found: list) -> str:
+    """Of an image for a prompt naming two different digits: 'both' read (whatever their colours and places), 'one
+    twice' (one named digit drawn twice, the other missing: one digit's identity copied to both objects), or 'other'."""
+    want, got = sorted(d for d, _ in spec.objects), sorted(d for d, _, _ in found)
+    if got == want:
+        return "both"
+    return "one twice" if len(got) == 2 and got[0] == got[1] and got[0] in want else "other"
+
+
+def task_scores(judge, images: dict[str, torch.Tensor], specs: dict[str, list[Spec]]) -> tuple[dict[str, float], dict]:
+    """Per set, the share of its images that meet their Spec ("overall": the mean over GenEval's six tasks); and for
+    the tasks naming two different digits, the share of each `digit_outcome`."""
+    scores, outcomes = {}, {}
+    for name in images:
+        found = read_scenes(judge, images[name])
+        scores[name] = float(np.mean([spec.met_by(f) for spec, f in zip(specs[name], found)]))
+        if name in TWO_DIGIT_TASKS:
+            drawn = [digit_outcome(spec, f) for spec, f in zip(specs[name], found)]
+            outcomes[name] = {o: drawn.count(o) / len(drawn) for o in OUTCOMES}
+    return {**scores, "overall": float(np.mean([scores[t] for t in TASKS]))}, outcomes
 
 
 @torch.no_grad()
@@ -106,13 +123,14 @@ def best_of(pipe: Pipeline, captions: list[str], options: SamplingOptions, gener
 @torch.no_grad()
 def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: SamplingOptions, batch: int = 64,
                   true_embeddings: Optional[dict[str, torch.Tensor]] = None, caption_only: bool = False,
-                  candidates: int = 1) -> dict:
+                  candidates: int = 1, from_real: Optional[dict[str, torch.Tensor]] = None) -> dict:
     """Per set, uint8 images (prompts x per_prompt, 3, 64, 64) (enlarged if the pipeline draws smaller). With
     `true_embeddings` (per set, the real renderings, one a sample) the prior is bypassed: each sample is decoded
     from its rendering's CLIP image embedding, with the caption (what a perfect prior would hand the decoder).
     `caption_only`: the prior is bypassed and the decoder reads the caption alone, its CLIP embedding dropped
     (GLIDE's condition; for a decoder trained with `embed_drop`). `candidates` > 1: the best of that many draws
-    by the pipeline's CLIP (`best_of`)."""
+    by the pipeline's CLIP (`best_of`). `from_real` (per set, the real renderings): each sample starts from its own
+    real scene noised to `options.strength` (SDEdit), to find where along the chain the decoder loses what it sees."""
     out = {}
     for name, items in sets.items():
         prompts = [text for text, _, _ in items for _ in range(per_prompt)]
@@ -120,6 +138,8 @@ def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: Sampling
         for start in range(0, len(prompts), batch):
             generator = torch.Generator(pipe.device).manual_seed(start)
             captions = prompts[start : start + batch]
+            init = from_real[name][start : start + batch].float() / 127.5 - 1 if from_real is not None else None
+            strength = options.strength if from_real is not None else 1.0
             if caption_only or true_embeddings is not None:  # the decoder leaves the caption out if it reads none
                 cond, _ = prompt_conditions(pipe.clip, pipe.tokenizer, captions)
                 if caption_only:  # the embedding is dropped: the text embedding stands in, unread
@@ -127,11 +147,11 @@ def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: Sampling
                     emb, text = cond[0], (*cond[1:], kept)
                 else:
                     emb, text = encode_images(pipe.clip, true_embeddings[name][start : start + batch]), cond[1:]
-                drawn = decode_and_upsample(pipe, emb, options, generator, text=text)
+                drawn = decode_and_upsample(pipe, emb, options, generator, text=text, init=init, strength=strength)
             elif candidates > 1:
                 drawn = best_of(pipe, captions, options, generator, candidates)
             else:
-                drawn = draw(pipe, captions, options, generator)
+                drawn = draw(pipe, captions, options, generator, init=init, strength=strength)
             images.append(to_uint8(resize(drawn, SIZE)))
         out[name] = torch.cat(images)
         print(f"  generated {name}: {len(prompts)} images", flush=True)
@@ -201,6 +221,14 @@ def table(report: dict) -> list[str]:
         for name in [*TASKS, "overall", "held-out pairs", "held-out phrasings"]:
             lines.append(f"| {name} | {cell(gen, name)} | {cell(ceil, name)} | {cell(base, name)} | "
                          f"{report.get('counts', {}).get(name, '-')} |")
+    if "digits" in report or "ceiling_digits" in report:
+        lines += ["", "| two different digits named: what is drawn | " + " | ".join(OUTCOMES) + " | both / (both + one twice) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for label, digits in (("generated", report.get("digits", {})), ("real scenes", report.get("ceiling_digits", {}))):
+            for name, shares in digits.items():
+                pair = shares["both"] + shares["one twice"]
+                lines.append(f"| {name}, {label} | " + " | ".join(f"{shares[o]:.3f}" for o in OUTCOMES) +
+                             f" | {shares['both'] / pair if pair else float('nan'):.3f} |")
     if "negatives" in report:
         lines += ["", "| CLIP hard negative | true caption ranked first | pairs | true scene ranked first (the caption "
                   "against the changed scene drawn) | pairs | example (true / negative) |", "| --- | --- | --- | --- | --- | --- |"]
@@ -240,12 +268,16 @@ def main() -> None:
                          "condition; for a decoder trained with embed_drop)")
     ap.add_argument("--best-of", type=int, default=1, metavar="K",
                     help="draw K images a sample and keep the one the pipeline's CLIP scores nearest the prompt")
+    ap.add_argument("--from-real", action="store_true",
+                    help="start each sample from its prompt's real scene noised to --set strength=S (SDEdit; default 0.8)")
     ap.add_argument("--time-against", action="append", default=[], metavar="DIR",
                     help="another pipeline to time in turns with --checkpoints (repeatable)")
     ap.add_argument("--time-runs", type=int, default=3, help="timed runs of each command")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scenes")
     args = ap.parse_args()
     parts = set(args.only.split(","))
+    if args.from_real and args.best_of > 1:
+        ap.error("--from-real and --best-of do not combine")
     if parts - set(PARTS):
         ap.error(f"unknown parts {parts - set(PARTS)}; use {PARTS}")
     torch.manual_seed(0)
@@ -256,10 +288,10 @@ def main() -> None:
     real = {name: torch.cat([im for _, _, im in items]) for name, items in sets.items()}  # per_prompt a prompt
     specs = {name: [spec for _, spec, im in items for _ in im] for name, items in sets.items()}
     if "ceiling" in parts:
-        report["ceiling"] = task_scores(judge, real, specs)
+        report["ceiling"], report["ceiling_digits"] = task_scores(judge, real, specs)
         if args.base_size:  # the same real scenes shrunk to the base decoder's size and enlarged as --base-only does
             shrunk = {name: to_uint8(resize(resize(im.float() / 127.5 - 1, args.base_size), SIZE)) for name, im in real.items()}
-            report["ceiling_base"] = task_scores(judge, shrunk, specs)
+            report["ceiling_base"], _ = task_scores(judge, shrunk, specs)
             report["base_size"] = args.base_size
     pipe = None
     if parts & {"generation", "prior"}:
@@ -269,12 +301,13 @@ def main() -> None:
     if "generation" in parts:
         options = merge(pipe.defaults, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.overrides)})
         report["options"] = {**vars(options), "base_only": args.base_only, "true_embeddings": args.true_embeddings,
-                             "caption_only": args.caption_only, "best_of": args.best_of}
+                             "caption_only": args.caption_only, "best_of": args.best_of, "from_real": args.from_real}
         start = time.perf_counter()
         images = generate_sets(pipe, sets, args.per_prompt, options, true_embeddings=real if args.true_embeddings else None,
-                               caption_only=args.caption_only, candidates=args.best_of)
+                               caption_only=args.caption_only, candidates=args.best_of,
+                               from_real=real if args.from_real else None)
         report["generation_seconds"] = time.perf_counter() - start
-        report["generation"] = task_scores(judge, images, specs)
+        report["generation"], report["digits"] = task_scores(judge, images, specs)
         report["counts"] = {name: f"{len(items)} x {args.per_prompt}" for name, items in sets.items()}
         args.out.mkdir(parents=True, exist_ok=True)
         gallery = torch.cat([images[t][: 2 * args.per_prompt] for t in TASKS])  # two prompts a task

@@ -169,6 +169,20 @@ def test_the_evaluator_finds_every_object_its_colour_and_centre():
     assert len(labels[ring].unique()) == 2 and (labels[~ring] == 0).all()
 
 
+def test_two_digit_outcomes_tell_a_copied_digit_from_the_two_named():
+    """benchmarks/scenes.py's breakdown of a two-digit prompt's image by its digits alone."""
+    from benchmarks.scenes import digit_outcome
+    from unclip.data.scene_captions import Spec
+
+    spec = Spec([(3, "red"), (7, "blue")], relation=(0, "left", 1))
+    read = lambda *digits: [(d, "white", (10.0 * i, 0.0)) for i, d in enumerate(digits)]  # noqa: E731
+    assert digit_outcome(spec, read(7, 3)) == "both"  # colours and places are the score's business, not this
+    assert not spec.met_by(read(7, 3))
+    assert digit_outcome(spec, read(3, 3)) == digit_outcome(spec, read(7, 7)) == "one twice"
+    assert digit_outcome(spec, read(3, 5)) == digit_outcome(spec, read(3)) == digit_outcome(spec, read(5, 5)) == "other"
+    assert digit_outcome(spec, read(3, 7, 7)) == "other"
+
+
 def test_sample_grid_prompts_come_from_scene_captions(mnist_dir):
     """Scenes have neither classes nor fixed texts: the training grids take validation captions."""
     from stages.frozen_clip import FrozenClip
