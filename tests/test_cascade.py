@@ -186,6 +186,16 @@ def test_text_guidance_scales_the_caption_apart_from_the_image_embedding(cascade
     r = run("generate", "--checkpoints", tiny_pipeline, "--prompt", "six", "--text-guidance", 3, "--out", tmp_path / "x")
     assert r.exit_code == 1 and "text guidance is for decoders that read the caption" in r.output
     assert "Traceback" not in r.output
+    from unclip.api import UnCLIPPipeline
+    from unclip.pipeline import decode, prompt_conditions
+
+    p = UnCLIPPipeline.from_pretrained(cascade, "cpu").pipeline  # the caption alone (the embedding dropped, embed_kept):
+    cond, _ = prompt_conditions(p.clip, p.tokenizer, ["a six", "a one"])  # its inner condition reads nothing, so the
+    text = (*cond[1:], torch.zeros(2, dtype=torch.bool))  # caption's own scale is plain guidance at that scale
+    draw = lambda g, tg: decode(p.decoder, p.decoder_config, cond[0], "ddim", 2, g, torch.Generator().manual_seed(0),  # noqa: E731
+                                text=text, text_guidance=tg)
+    torch.testing.assert_close(draw(2.0, 5.0), draw(5.0, None))
+    assert not torch.allclose(draw(2.0, 5.0), draw(2.0, None))
 
 
 def test_upsampler_strength_refines_the_enlarged_base_image_in_part_of_the_chain(cascade, tmp_path):

@@ -239,8 +239,8 @@ def decode(decoder: Diffusion, cfg: DecoderConfig, image_emb: torch.Tensor, samp
         noise = torch.randn(shape, generator=generator, device=generator.device)
     cond = decoder_condition(cfg, image_emb, text)
     if len(cond) > 1 and text_guidance is not None and text_guidance != guidance:
-        tokens, mask = text  # the same tokens, none of them read: the caption dropped, the embedding kept
-        inner = decoder_condition(cfg, image_emb, (tokens, torch.zeros_like(mask)))
+        tokens, mask, *kept = text  # the same tokens, none of them read: the caption dropped, the embedding as it was
+        inner = decoder_condition(cfg, image_emb, (tokens, torch.zeros_like(mask), *kept))
         denoise = decoder.denoiser(cond, text_guidance, negative, inner=(inner, guidance))
     else:
         denoise = decoder.denoiser(cond, guidance, negative)
