@@ -23,7 +23,6 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ from unclip.data.mnist import load_idx_dataset  # noqa: E402
 from unclip.data.scene_captions import (NEGATIVES, PLACE_TERMS, TASKS, Spec, caption, perturb, task_prompt,  # noqa: E402
                                         stacks, task_scene_args, twin_glyphs)
 from unclip.data.scenes import HELD_OUT, SIZE, GlyphPool, sample_scene  # noqa: E402
-from unclip.images import grid, resize, save_png, to_uint8  # noqa: E402
+from unclip.images import grid, resize, save_png, to_float, to_uint8  # noqa: E402
 from unclip.models.clip import CLIP  # noqa: E402
 from unclip.config import merge  # noqa: E402
 from unclip.pipeline import (Pipeline, SamplingOptions, decode_and_upsample, draw, load_clip,  # noqa: E402
@@ -122,31 +121,32 @@ def best_of(pipe: Pipeline, captions: list[str], options: SamplingOptions, gener
 
 @torch.no_grad()
 def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: SamplingOptions, batch: int = 64,
-                  true_embeddings: Optional[dict[str, torch.Tensor]] = None, caption_only: bool = False,
-                  candidates: int = 1, from_real: Optional[dict[str, torch.Tensor]] = None) -> dict:
+                  true_embeddings: bool = False, caption_only: bool = False, candidates: int = 1,
+                  from_real: bool = False) -> dict:
     """Per set, uint8 images (prompts x per_prompt, 3, 64, 64) (enlarged if the pipeline draws smaller). With
-    `true_embeddings` (per set, the real renderings, one a sample) the prior is bypassed: each sample is decoded
-    from its rendering's CLIP image embedding, with the caption (what a perfect prior would hand the decoder).
+    `true_embeddings` the prior is bypassed: each sample is decoded from the CLIP image embedding of its own real
+    rendering (the set's), with the caption (what a perfect prior would hand the decoder).
     `caption_only`: the prior is bypassed and the decoder reads the caption alone, its CLIP embedding dropped
     (GLIDE's condition; for a decoder trained with `embed_drop`). `candidates` > 1: the best of that many draws
-    by the pipeline's CLIP (`best_of`). `from_real` (per set, the real renderings): each sample starts from its own
-    real scene noised to `options.strength` (SDEdit), to find where along the chain the decoder loses what it sees."""
+    by the pipeline's CLIP (`best_of`). `from_real`: each sample starts from its own real rendering noised to
+    `options.strength` (SDEdit), to find where along the chain the decoder loses what it sees."""
     out = {}
     for name, items in sets.items():
         prompts = [text for text, _, _ in items for _ in range(per_prompt)]
+        real = torch.cat([im for _, _, im in items])  # per_prompt renderings a prompt: one a sample
         images = []
         for start in range(0, len(prompts), batch):
             generator = torch.Generator(pipe.device).manual_seed(start)
             captions = prompts[start : start + batch]
-            init = from_real[name][start : start + batch].float() / 127.5 - 1 if from_real is not None else None
-            strength = options.strength if from_real is not None else 1.0
-            if caption_only or true_embeddings is not None:  # the decoder leaves the caption out if it reads none
+            init = to_float(real[start : start + batch]) if from_real else None
+            strength = options.strength if from_real else 1.0
+            if caption_only or true_embeddings:  # the decoder leaves the caption out if it reads none
                 cond, _ = prompt_conditions(pipe.clip, pipe.tokenizer, captions)
                 if caption_only:  # the embedding is dropped: the text embedding stands in, unread
                     kept = torch.zeros(len(captions), dtype=torch.bool, device=pipe.device)
                     emb, text = cond[0], (*cond[1:], kept)
                 else:
-                    emb, text = encode_images(pipe.clip, true_embeddings[name][start : start + batch]), cond[1:]
+                    emb, text = encode_images(pipe.clip, real[start : start + batch]), cond[1:]
                 drawn = decode_and_upsample(pipe, emb, options, generator, text=text, init=init, strength=strength)
             elif candidates > 1:
                 drawn = best_of(pipe, captions, options, generator, candidates)
@@ -290,7 +290,7 @@ def main() -> None:
     if "ceiling" in parts:
         report["ceiling"], report["ceiling_digits"] = task_scores(judge, real, specs)
         if args.base_size:  # the same real scenes shrunk to the base decoder's size and enlarged as --base-only does
-            shrunk = {name: to_uint8(resize(resize(im.float() / 127.5 - 1, args.base_size), SIZE)) for name, im in real.items()}
+            shrunk = {name: to_uint8(resize(resize(to_float(im), args.base_size), SIZE)) for name, im in real.items()}
             report["ceiling_base"], _ = task_scores(judge, shrunk, specs)
             report["base_size"] = args.base_size
     pipe = None
@@ -303,9 +303,8 @@ def main() -> None:
         report["options"] = {**vars(options), "base_only": args.base_only, "true_embeddings": args.true_embeddings,
                              "caption_only": args.caption_only, "best_of": args.best_of, "from_real": args.from_real}
         start = time.perf_counter()
-        images = generate_sets(pipe, sets, args.per_prompt, options, true_embeddings=real if args.true_embeddings else None,
-                               caption_only=args.caption_only, candidates=args.best_of,
-                               from_real=real if args.from_real else None)
+        images = generate_sets(pipe, sets, args.per_prompt, options, true_embeddings=args.true_embeddings,
+                               caption_only=args.caption_only, candidates=args.best_of, from_real=args.from_real)
         report["generation_seconds"] = time.perf_counter() - start
         report["generation"], report["digits"] = task_scores(judge, images, specs)
         report["counts"] = {name: f"{len(items)} x {args.per_prompt}" for name, items in sets.items()}
