@@ -154,7 +154,8 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
     guidance = cfg.guidance  # the first round's teacher only: its students have learnt it
     for n in rounds:
         folder = round_folder(out, cfg.stage, n)
-        student_cfg = replace(teacher_cfg, model=replace(teacher_cfg.model, distilled_steps=n), train=cfg.train)
+        student_cfg = replace(teacher_cfg, model=replace(teacher_cfg.model, distilled_steps=n,
+                                                         distilled_guidance=cfg.guidance), train=cfg.train)
         if not (run_status(folder).get("finished") and (folder / WEIGHTS_FILE).is_file()):
             stage = distill_stage(cfg, student_cfg, teacher, guidance, frozen, target)
             last = fit(stage, cfg.train, folder, resume and (folder / STATE_FILE).is_file())

@@ -147,7 +147,8 @@ def test_distill_writes_a_pipeline_that_samples_in_its_own_steps(tiny_pipeline, 
 
 def test_distill_with_guidance_writes_a_pipeline_that_samples_unguided(tiny_pipeline, mnist_dir, tmp_path):
     """The teacher's guidance is learnt, so the distilled pipeline's sampling.yaml sets guidance 1, keeping the
-    teacher's other defaults; without --guidance the teacher's own default (here the library's, 1) is distilled."""
+    teacher's other defaults, and its decoder records what it learnt, which a guidance asked for then adds to;
+    without --guidance the teacher's own default (here the library's, 1) is distilled."""
     (tiny_pipeline / "sampling.yaml").write_text("guidance: 2.5\nprior_guidance: 2.0\n")
     try:
         args = ["distill", "--pipeline", tiny_pipeline, "--steps", 2, "--teacher-steps", 4, "--data-dir", mnist_dir,
@@ -157,6 +158,13 @@ def test_distill_with_guidance_writes_a_pipeline_that_samples_unguided(tiny_pipe
         assert yaml.safe_load((tmp_path / "guided" / "distill" / "config.yaml").read_text())["guidance"] == 2.5
         assert yaml.safe_load((tmp_path / "guided" / "sampling.yaml").read_text()) == {"guidance": 1.0,
                                                                                        "prior_guidance": 2.0}
+        learnt = yaml.safe_load((tmp_path / "guided" / "decoder" / "config.yaml").read_text())["model"]
+        assert learnt["distilled_guidance"] == 2.5
+        for asked, said in ((["--prior-guidance", 3], ""),  # the prior is not distilled: nothing to say
+                            (["--guidance", 2], "the decoder learnt guidance 2.5, so guidance 2 guides it again on top")):
+            r = run("generate", "--checkpoints", tmp_path / "guided", "--prompt", "six", "-n", 1, *asked,
+                    "--out", tmp_path / "g")
+            assert r.exit_code == 0 and (said in " ".join(r.output.split())) and ("learnt" in r.output) == bool(said)
         (tiny_pipeline / "sampling.yaml").write_text("guidance: 2.5\ntext_guidance: 1.5\n")
         r = run(*args, "--out", tmp_path / "two-scales")
         assert r.exit_code == 1 and "name the one scale to distill with --guidance" in " ".join(r.output.split())

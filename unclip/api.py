@@ -57,6 +57,7 @@ class UnCLIPPipeline:
     def __init__(self, pipeline: Pipeline):
         self.pipeline = pipeline
         self._noted_distilled = False  # said once that a sampler or steps asked for do not reach distilled stages
+        self._noted_learnt = False  # said once that a guidance asked for adds to what a distilled stage learnt
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = DEFAULT_PIPELINE, device: str | torch.device = "auto") -> "UnCLIPPipeline":
@@ -95,6 +96,13 @@ class UnCLIPPipeline:
             rest = [f"the {stage}" for stage in ("prior", "decoder") if stage not in own] or ["neither"]
             log.info("distilled, so sampling their own DDIM steps whatever is asked: %s; the sampler and steps asked "
                      "for drive %s", ", ".join(f"the {stage} {n}" for stage, n in own.items()), rest[0])
+        learnt = [f"the {stage} learnt guidance {cfg.model.distilled_guidance:g}, so {key} {given[key]:g} guides it "
+                  "again on top of that" for stage, key, cfg in (("prior", "prior_guidance", pipe.prior_config),
+                                                                 ("decoder", "guidance", pipe.decoder_config))
+                  if cfg.model.distilled_guidance != 1.0 and given.get(key, 1.0) != 1.0]
+        if learnt and not self._noted_learnt:
+            self._noted_learnt = True
+            log.info("distilled with guidance: %s", "; ".join(learnt))
         return self.check(replace(self.pipeline.defaults, **given))
 
     def check(self, options: SamplingOptions) -> SamplingOptions:

@@ -130,6 +130,7 @@ class PriorModelConfig:
     cond_drop: float = 0.1  # probability of dropping the text condition (classifier-free guidance)
     min_snr_gamma: Optional[float] = None  # as the decoder's
     distilled_steps: int = 0  # as the decoder's: set by t2i distill --stage prior
+    distilled_guidance: float = 1.0  # as the decoder's
 
 
 @dataclass
@@ -178,6 +179,9 @@ class DecoderModelConfig:
     attn_levels: list[int] = field(default_factory=list)
     # set by t2i distill: the network samples with DDIM in exactly this many steps (a trailing chain); 0 = any
     distilled_steps: int = 0
+    # set by t2i distill: the guidance its first teacher's chain was drawn with, now in the weights (the distilled
+    # pipeline's sampling.yaml then says 1; a guidance above 1 guides again on top of it)
+    distilled_guidance: float = 1.0
 
 
 @dataclass
