@@ -270,6 +270,9 @@ def main() -> None:
                     help="draw K images a sample and keep the one the pipeline's CLIP scores nearest the prompt")
     ap.add_argument("--from-real", action="store_true",
                     help="start each sample from its prompt's real scene noised to --set strength=S (SDEdit; default 0.8)")
+    ap.add_argument("--chain", type=int, default=0, metavar="N",
+                    help="the decoder samples N DDIM steps of a trailing chain, as a distilled one does: with --from-real "
+                         "from the strength's own timestep (1: its first x0 estimate of the noised scene)")
     ap.add_argument("--time-against", action="append", default=[], metavar="DIR",
                     help="another pipeline to time in turns with --checkpoints (repeatable)")
     ap.add_argument("--time-runs", type=int, default=3, help="timed runs of each command")
@@ -298,10 +301,13 @@ def main() -> None:
         pipe = Pipeline.load(args.checkpoints, "cpu")
         if args.base_only:
             pipe.upsampler = pipe.upsampler_config = None
+        if args.chain:
+            pipe.decoder = replace(pipe.decoder, distilled_steps=args.chain)
     if "generation" in parts:
         options = merge(pipe.defaults, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.overrides)})
         report["options"] = {**vars(options), "base_only": args.base_only, "true_embeddings": args.true_embeddings,
-                             "caption_only": args.caption_only, "best_of": args.best_of, "from_real": args.from_real}
+                             "caption_only": args.caption_only, "best_of": args.best_of, "from_real": args.from_real,
+                             "chain": args.chain}
         start = time.perf_counter()
         images = generate_sets(pipe, sets, args.per_prompt, options, true_embeddings=args.true_embeddings,
                                caption_only=args.caption_only, candidates=args.best_of, from_real=args.from_real)
