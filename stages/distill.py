@@ -36,7 +36,8 @@ from unclip.data import CaptionedImages
 from unclip.diffusion.models import Diffusion
 from unclip.errors import CheckpointError, ConfigError
 from unclip.models.prior import DiffusionPrior
-from unclip.pipeline import decoder_diffusion, load_decoder, load_prior, load_sampling, prior_diffusion
+from unclip.pipeline import (GUIDANCE_KEYS, decoder_diffusion, load_decoder, load_prior, load_sampling,
+                             prior_diffusion)
 
 
 def round_steps(cfg: DistillConfig) -> list[int]:
@@ -103,9 +104,9 @@ def distill_stage(cfg: DistillConfig, student_cfg: DecoderConfig | PriorConfig, 
                  metrics_shown=["loss", "val_loss"], objective="val_loss")
 
 
-STAGES = {  # (load, diffusion, the sampling.yaml key of its guidance) of the stages distillation takes
-    "decoder": (load_decoder, decoder_diffusion, "guidance"),
-    "prior": (load_prior, prior_diffusion, "prior_guidance"),
+STAGES = {  # (load, diffusion) of the stages distillation takes
+    "decoder": (load_decoder, decoder_diffusion),
+    "prior": (load_prior, prior_diffusion),
 }
 
 
@@ -127,7 +128,7 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
     clip_cfg = load_config(ClipConfig, pipeline / "clip" / CONFIG_FILE)
     cfg = stage_config(DistillConfig, "distill", clip_cfg, config_path, flags)
     rounds = round_steps(cfg)
-    load, diffusion, guidance_key = STAGES[cfg.stage]
+    (load, diffusion), guidance_key = STAGES[cfg.stage], GUIDANCE_KEYS[cfg.stage]
     if cfg.guidance is None:  # checked before minutes of loading and embedding
         sampling = load_sampling(pipeline)
         if cfg.stage == "decoder" and sampling.text_guidance is not None:

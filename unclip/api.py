@@ -17,8 +17,8 @@ from unclip.data.folder import pil_to_tensor
 from unclip.diffusion.sampling import SAMPLERS
 from unclip.errors import UserError
 from unclip.images import to_float, to_pil, to_uint8
-from unclip.pipeline import (Pipeline, SamplingOptions, decode_and_upsample, draw, sample_image_embeddings, slerp,
-                             steps_per_image)
+from unclip.pipeline import (GUIDANCE_KEYS, Pipeline, SamplingOptions, decode_and_upsample, draw,
+                             sample_image_embeddings, slerp, steps_per_image)
 from unclip.zeroshot import encode_images, load_images
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,10 @@ class UnCLIPPipeline:
             rest = [f"the {stage}" for stage in ("prior", "decoder") if stage not in own] or ["neither"]
             log.info("distilled, so sampling their own DDIM steps whatever is asked: %s; the sampler and steps asked "
                      "for drive %s", ", ".join(f"the {stage} {n}" for stage, n in own.items()), rest[0])
-        learnt = [f"the {stage} learnt guidance {cfg.model.distilled_guidance:g}, so {key} {given[key]:g} guides it "
-                  "again on top of that" for stage, key, cfg in (("prior", "prior_guidance", pipe.prior_config),
-                                                                 ("decoder", "guidance", pipe.decoder_config))
-                  if cfg.model.distilled_guidance != 1.0 and given.get(key, 1.0) != 1.0]
+        configs = {"prior": pipe.prior_config, "decoder": pipe.decoder_config}
+        learnt = [f"the {stage} learnt guidance {configs[stage].model.distilled_guidance:g}, so {key} {given[key]:g} "
+                  "guides it again on top of that" for stage, key in GUIDANCE_KEYS.items()
+                  if configs[stage].model.distilled_guidance != 1.0 and given.get(key, 1.0) != 1.0]
         if learnt and not self._noted_learnt:
             self._noted_learnt = True
             log.info("distilled with guidance: %s", "; ".join(learnt))

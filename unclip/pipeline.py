@@ -119,6 +119,9 @@ class SamplingOptions:
     strength: float = 0.8  # image-to-image (SDEdit): how far an init image is noised, 0 (kept) to 1 (ignored)
 
 
+GUIDANCE_KEYS = {"prior": "prior_guidance", "decoder": "guidance"}  # each guided stage's scale in SamplingOptions
+
+
 def load_sampling(folder: Path) -> SamplingOptions:
     """The sampling defaults of a pipeline folder: SamplingOptions with what its sampling.yaml sets, strictly (an
     unknown key or a wrong type is a one-line error); the library's defaults where it has none."""
