@@ -4,6 +4,7 @@ negatives, the prior against its text baseline, and the time `t2i generate` take
     python benchmarks/scenes.py --data-dir ../shared/data/mnist                      # the shipped pipeline
     python benchmarks/scenes.py --data-dir DIR --checkpoints runs/scenes --out benchmarks/results/scenes-x
     python benchmarks/scenes.py --data-dir DIR --only ceiling,negatives              # parts by name
+    python benchmarks/scenes.py --data-dir DIR --only grounding --checkpoints DIR    # where the decoder reads each word
     python benchmarks/scenes.py --only time --time-against runs/teacher --time-runs 5   # generate -n 16, in turns
 
 Prompts come from real test scenes (MNIST test digits): each task's prompt is what its scene satisfies,
@@ -35,19 +36,21 @@ from benchmarks.overhead import IMPORT_TORCH, walls  # noqa: E402
 from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
-from unclip.data.scene_captions import (NEGATIVES, PLACE_TERMS, TASKS, Spec, caption, perturb, task_prompt,  # noqa: E402
-                                        stacks, task_scene_args, twin_glyphs)
-from unclip.data.scenes import HELD_OUT, SIZE, GlyphPool, sample_scene  # noqa: E402
+from unclip.data.scene_captions import (NEGATIVES, PLACE_TERMS, TASKS, SceneCaptions, Spec, caption, perturb,  # noqa: E402
+                                        stacks, task_prompt, task_scene_args, twin_glyphs)
+from unclip.data.scenes import HELD_OUT, SIZE, GlyphPool, Scene, sample_scene  # noqa: E402
+from unclip.diffusion.gaussian import q_sample  # noqa: E402
 from unclip.images import grid, resize, save_png, to_float, to_uint8  # noqa: E402
+from unclip.models.unet import attention_shares  # noqa: E402
 from unclip.models.clip import CLIP  # noqa: E402
 from unclip.config import merge  # noqa: E402
-from unclip.pipeline import (Pipeline, SamplingOptions, decode_and_upsample, draw, load_clip,  # noqa: E402
-                             nearest_candidates, prior_cosine, prompt_conditions)
+from unclip.pipeline import (Pipeline, SamplingOptions, decode_and_upsample, decoder_condition, draw,  # noqa: E402
+                             load_clip, nearest_candidates, prior_cosine, prompt_conditions, text_condition)
 from unclip.tokenizer import Tokenizer  # noqa: E402
 from unclip.zeroshot import encode_images, encode_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("ceiling", "generation", "negatives", "prior", "time")
+PARTS = ("ceiling", "generation", "grounding", "negatives", "prior", "time")
 TORCH = 'python -c "import torch"'
 HELD_COLOUR = {d: c for c, d in HELD_OUT}
 
@@ -57,8 +60,9 @@ def mnist_test_glyphs(data_dir: str | None) -> GlyphPool:
     return GlyphPool(*load_idx_dataset("mnist", Path(data_dir) if data_dir else default_data_dir("mnist"), train=False))
 
 
-def prompt_sets(glyphs: GlyphPool, per_task: int, per_prompt: int) -> dict[str, list[tuple[str, Spec, torch.Tensor]]]:
-    """Per set, (prompt, Spec, `per_prompt` renderings (other MNIST glyphs) of the real scene it was written from)."""
+def prompt_sets(glyphs: GlyphPool, per_task: int, per_prompt: int) -> dict[str, list[tuple[str, Spec, torch.Tensor, Scene]]]:
+    """Per set, (prompt, Spec, `per_prompt` renderings (other MNIST glyphs) of the real scene it was written from,
+    that scene)."""
     sets: dict[str, list] = {}
     for name in [*TASKS, "held-out pairs", "held-out phrasings"]:
         items = []
@@ -78,7 +82,8 @@ def prompt_sets(glyphs: GlyphPool, per_task: int, per_prompt: int) -> dict[str, 
             else:
                 scene = sample_scene(rng, False, **task_scene_args(name, r))
                 text, spec = task_prompt(name, scene, r)
-            items.append((text, spec, torch.stack([glyphs.render(scene, glyphs.picks(scene, rng)) for _ in range(per_prompt)])))
+            items.append((text, spec, torch.stack([glyphs.render(scene, glyphs.picks(scene, rng)) for _ in range(per_prompt)]),
+                          scene))
         sets[name] = items
     return sets
 
@@ -132,8 +137,8 @@ def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: Sampling
     `options.strength` (SDEdit), to find where along the chain the decoder loses what it sees."""
     out = {}
     for name, items in sets.items():
-        prompts = [text for text, _, _ in items for _ in range(per_prompt)]
-        real = torch.cat([im for _, _, im in items])  # per_prompt renderings a prompt: one a sample
+        prompts = [text for text, *_ in items for _ in range(per_prompt)]
+        real = torch.cat([im for _, _, im, _ in items])  # per_prompt renderings a prompt: one a sample
         images = []
         for start in range(0, len(prompts), batch):
             generator = torch.Generator(pipe.device).manual_seed(start)
@@ -155,6 +160,42 @@ def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: Sampling
             images.append(to_uint8(resize(drawn, SIZE)))
         out[name] = torch.cat(images)
         print(f"  generated {name}: {len(prompts)} images", flush=True)
+    return out
+
+
+@torch.no_grad()
+def attention_grounding(pipe: Pipeline, sets: dict, strengths: tuple[float, ...] = (0.7, 0.5, 0.3)) -> dict:
+    """Where the decoder's cross-attention puts the words that name objects (a digit, a colour; `word_objects`), for
+    the real scenes of the prompts naming two different digits: each prompt's first rendering noised to t = strength x
+    (T - 1) (as --from-real's trailing chain starts), read with
+    its caption and its true CLIP embedding. Per task and strength, the share of such a word's attention, over the pixels and
+    averaged over the text levels' maps, on the boxes of the objects it names ("own"), on the scene's other objects'
+    ("other"), and on its own boxes were it spread evenly ("even": their share of the image). A word each place reads
+    alike scores own = even and other near own; TokenCompose's grounding loss aims at own 1, other 0."""
+    m = pipe.decoder_config.model
+    out: dict = {}
+    for name in TWO_DIGIT_TASKS:
+        captions, _, renderings, scenes = zip(*sets[name])
+        real = torch.stack([im[0] for im in renderings])
+        _, features, mask = text_condition(pipe.clip, pipe.tokenizer, list(captions))
+        boxes, names = SceneCaptions(list(scenes)).groundings(torch.arange(len(scenes)), list(captions), pipe.tokenizer,
+                                                               features.shape[1])
+        present = boxes.flatten(2).amax(-1)[:, None]  # (B, 1, N): the scene's objects
+        others = (present - names).clamp(min=0) * names.amax(-1, keepdim=True)  # what a grounded word does not name
+        emb = encode_images(pipe.clip, to_uint8(resize(to_float(real), pipe.clip_config.model.image_size)))
+        cond = decoder_condition(pipe.decoder_config, emb, (features, mask))
+        x0 = resize(to_float(real), m.image_size)
+        generator = torch.Generator().manual_seed(0)
+        out[name] = {}
+        for strength in strengths:
+            steps = torch.full((len(real),), round(strength * (len(pipe.decoder.ac) - 1)), dtype=torch.long)
+            x_t = q_sample(x0, steps, torch.randn(x0.shape, generator=generator), pipe.decoder.ac)
+            maps: list = []
+            pipe.decoder.net(x_t, steps, *cond, drop=torch.zeros(len(real), dtype=torch.bool), maps=maps)
+            own, defined = attention_shares(maps, boxes, names)
+            other, _ = attention_shares(maps, boxes, others)
+            even, _ = attention_shares([torch.ones_like(a) for a in maps], boxes, names)
+            out[name][strength] = {k: float(v[defined].mean()) for k, v in (("own", own), ("other", other), ("even", even))}
     return out
 
 
@@ -229,6 +270,12 @@ def table(report: dict) -> list[str]:
                 pair = shares["both"] + shares["one twice"]
                 lines.append(f"| {name}, {label} | " + " | ".join(f"{shares[o]:.3f}" for o in OUTCOMES) +
                              f" | {shares['both'] / pair if pair else float('nan'):.3f} |")
+    if "grounding" in report:
+        lines += ["", "| the decoder's cross-attention of a word naming objects, on the real scene noised to | strength | "
+                      "on its own objects | on the others | its own objects' share of the image |", "| --- | --- | --- | --- | --- |"]
+        for name, by_strength in report["grounding"].items():
+            for strength, v in by_strength.items():
+                lines.append(f"| {name} | {strength} | {v['own']:.3f} | {v['other']:.3f} | {v['even']:.3f} |")
     if "negatives" in report:
         lines += ["", "| CLIP hard negative | true caption ranked first | pairs | true scene ranked first (the caption "
                   "against the changed scene drawn) | pairs | example (true / negative) |", "| --- | --- | --- | --- | --- | --- |"]
@@ -288,8 +335,8 @@ def main() -> None:
     judge = load_judge(args.data_dir)
     sets = prompt_sets(glyphs, args.prompts, args.per_prompt)
     report: dict = {"checkpoints": args.checkpoints, "clip": args.clip or args.checkpoints, "counts": {}}
-    real = {name: torch.cat([im for _, _, im in items]) for name, items in sets.items()}  # per_prompt a prompt
-    specs = {name: [spec for _, spec, im in items for _ in im] for name, items in sets.items()}
+    real = {name: torch.cat([im for _, _, im, _ in items]) for name, items in sets.items()}  # per_prompt a prompt
+    specs = {name: [spec for _, spec, im, _ in items for _ in im] for name, items in sets.items()}
     if "ceiling" in parts:
         report["ceiling"], report["ceiling_digits"] = task_scores(judge, real, specs)
         if args.base_size:  # the same real scenes shrunk to the base decoder's size and enlarged as --base-only does
@@ -297,7 +344,7 @@ def main() -> None:
             report["ceiling_base"], _ = task_scores(judge, shrunk, specs)
             report["base_size"] = args.base_size
     pipe = None
-    if parts & {"generation", "prior"}:
+    if parts & {"generation", "grounding", "prior"}:
         pipe = Pipeline.load(args.checkpoints, "cpu")
         if args.base_only:
             pipe.upsampler = pipe.upsampler_config = None
@@ -317,7 +364,11 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         gallery = torch.cat([images[t][: 2 * args.per_prompt] for t in TASKS])  # two prompts a task
         save_png(grid(gallery, ncol=2 * args.per_prompt), args.out / "gallery.png", scale=2)
-        report["gallery_prompts"] = {t: [text for text, _, _ in sets[t][:2]] for t in TASKS}
+        report["gallery_prompts"] = {t: [text for text, *_ in sets[t][:2]] for t in TASKS}
+    if "grounding" in parts:
+        if not pipe.decoder_config.model.text_levels:
+            ap.error(f"--only grounding: {args.checkpoints}'s decoder has no cross-attention to the caption (text_levels)")
+        report["grounding"] = attention_grounding(pipe, sets)
     if "negatives" in parts:
         clip, cfg = load_clip(args.clip or (Path(args.checkpoints) / "clip" if Path(args.checkpoints).is_dir()
                                             else args.checkpoints), "cpu")

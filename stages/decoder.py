@@ -12,10 +12,11 @@ from stages.frozen_clip import FrozenClip
 from stages.samples import chain_recorder, save_sheet
 from stages.trainer import Stage, fit, held_out_loss, seeded
 from unclip.config import DecoderConfig
+from unclip.errors import ConfigError
 from unclip.data import CaptionedImages
 from unclip.diffusion.models import Diffusion
 from unclip.images import resize, to_uint8
-from unclip.models.unet import UNet
+from unclip.models.unet import UNet, grounding_loss
 from stages.distributed import training_device
 from unclip.pipeline import (SamplingOptions, decode, decoder_condition, decoder_diffusion, sample_image_embeddings,
                              text_condition)
@@ -78,9 +79,21 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
     model = model.to(device, memory_format=torch.channels_last)  # 1.07x a step on the CPU (README, "Throughput")
     base = decoder_diffusion(model, cfg, device)
 
+    if m.ground_weight and not (m.text_levels and hasattr(getattr(frozen.data, "captioner", None), "groundings")):
+        raise ConfigError("decoder ground_weight needs text_levels (cross-attentions to ground) and data whose captions "
+                          "say which object each word names (--data scenes)")
+
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
         x0, cond = training_example(frozen, cfg, batch, step)
-        return replace(base, net=module).loss(x0, cond, m.cond_drop, min_snr_gamma=m.min_snr_gamma), {}
+        if not m.ground_weight:
+            return replace(base, net=module).loss(x0, cond, m.cond_drop, min_snr_gamma=m.min_snr_gamma), {}
+        maps: list = []  # every cross-attention's weights, for the grounding loss
+        net = lambda *args, **kwargs: module(*args, maps=maps, **kwargs)  # noqa: E731
+        diffusion = replace(base, net=net).loss(x0, cond, m.cond_drop, min_snr_gamma=m.min_snr_gamma)
+        captions = batch.captions(seed=caption_seed(cfg.train.seed, step))  # training_example's
+        boxes, names = batch.captioner.groundings(batch.labels, captions, frozen.tokenizer, cond[1].shape[1])
+        ground = grounding_loss(maps, boxes.to(device), names.to(device))
+        return diffusion + m.ground_weight * ground, {"ground": ground.item()}
 
     def validate(shipped: UNet) -> dict:
         diffusion = decoder_diffusion(shipped.eval(), cfg, device)

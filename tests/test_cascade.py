@@ -86,6 +86,45 @@ def test_the_decoder_reads_the_caption_tokens_it_is_shown_and_none_when_dropped(
     torch.testing.assert_close(net(x, t, emb, a, shown, kept, drop=keep), net(x, t, emb, a, shown, drop=keep))
 
 
+def test_the_grounding_loss_measures_where_each_word_is_read_and_teaches_the_cross_attention_to_read_it_there():
+    """TokenCompose's token loss over the maps every cross-attention records (the same output as the fused kernel)."""
+    from unclip.config import DecoderModelConfig
+    from unclip.models.unet import UNet, attention_shares, grounding_loss
+
+    torch.manual_seed(0)
+    net = UNet(DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, text_tokens=True, text_layers=1,
+                                  text_levels=[0, 1]), 8, text_width=12)
+    x, t, emb, text = torch.randn(2, 1, 16, 16), torch.tensor([10, 500]), torch.randn(2, 8), torch.randn(2, 5, 12)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)  # the first caption's last two unread
+    keep = torch.zeros(2, dtype=torch.bool)
+    maps: list = []
+    torch.testing.assert_close(net(x, t, emb, text, mask, drop=keep, maps=maps), net(x, t, emb, text, mask, drop=keep))
+    assert [m.shape for m in maps] == [(2, 64, 9)] * 2 + [(2, 16, 9)] * 5 + [(2, 64, 9)] * 3  # 8x8, 4x4; 4 + 5 tokens
+    assert all(torch.allclose(m.sum(-1), torch.ones(2, m.shape[1])) for m in maps)
+    boxes = torch.zeros(2, 4, 64, 64)
+    boxes[:, 0, :32, :32] = boxes[:, 1, 32:, 32:] = 1  # two objects, a quarter of the image each
+    names = torch.zeros(2, 5, 4)
+    names[:, 1, 0] = names[:, 3, 1] = 1  # token 1 names the first, token 3 the second
+    even = [torch.ones(2, 64, 9), torch.ones(2, 16, 9)]
+    shares, defined = attention_shares(even, boxes, names)
+    torch.testing.assert_close(shares[defined], torch.full((8,), 0.25))  # 2 maps x 2 captions x 2 words
+    assert defined[:, 0].tolist() == [[False, True, False, True, False]] * 2  # ungrounded tokens do not count
+    unread = [m.clone() for m in even]
+    for m in unread:
+        m[0, :, 4 + 3] = 0  # a masked token has no weight anywhere: the first caption's token 3 was not read
+    assert attention_shares(unread, boxes, names)[1][:, 0].tolist() == [[False, True, False, False, False]] * 2
+    torch.testing.assert_close(grounding_loss(even, boxes, names), torch.tensor(0.75**2))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)  # the loss reaches the attention it measures
+    for _ in range(30):
+        maps = []
+        net(x, t, emb, text, mask, drop=keep, maps=maps)
+        loss = grounding_loss(maps, boxes, names)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss < 0.05 and attention_shares(maps, boxes, names)[0][..., 1].min() > 0.8
+
+
 def test_new_text_layers_start_as_the_identity_so_a_fine_tuned_decoder_starts_where_it_was():
     from dataclasses import replace
 
@@ -119,6 +158,15 @@ def test_text_layers_and_levels_are_checked_when_the_decoder_is_built():
         UNet(DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, text_tokens=True, text_levels=[2]), 8, text_width=12)
     with pytest.raises(ConfigError, match=r"attn_levels \[-1\] must be levels 0 to 1"):
         UNet(DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, attn_levels=[-1]), 8)
+
+
+def test_grounding_needs_cross_attention_and_captions_that_say_what_each_word_names(cascade, tmp_path):
+    config = tmp_path / "ground.yaml"
+    for extra in ({}, {"text_levels": [0]}):  # the tiny data is MNIST's: its captions name no objects
+        model = {**CASCADE["decoder"]["model"], "ground_weight": 0.01, **extra}
+        config.write_text(yaml.safe_dump({**CASCADE, "decoder": {**CASCADE["decoder"], "model": model}}))
+        r = run("decoder-train", "--clip", cascade / "clip", "--config", config, "--stage", "decoder", "--out", tmp_path / "g")
+        assert r.exit_code == 1 and "ground_weight needs text_levels" in r.output and "Traceback" not in r.output
 
 
 def test_init_fine_tunes_a_stage_from_saved_weights_and_new_layers_start_fresh(cascade, tmp_path):

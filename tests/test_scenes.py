@@ -183,6 +183,31 @@ def test_two_digit_outcomes_tell_a_copied_digit_from_the_two_named():
     assert digit_outcome(spec, read(3, 7, 7)) == "other"
 
 
+def test_each_word_names_the_objects_it_describes_and_its_tokens_are_found():
+    """The grounding the decoder's cross-attention is taught: digits and colours name objects, counts do not."""
+    from unclip.data.scene_captions import word_objects
+    from unclip.data.scenes import Obj, Scene
+    from unclip.tokenizer import Tokenizer
+
+    two = lambda x, colour: Obj(2, colour, 20, x, 0)  # noqa: E731
+    scene = Scene((Obj(7, "red", 20, 0, 30), two(30, "red"), Obj(7, "blue", 20, 40, 40)), "list")
+    text = "two 7s and a red two, a pair of red sevens and an 8"
+    # "two 7s" is a count, "a red two," the digit; "red" names both red objects, whichever it describes
+    assert word_objects(scene, text) == [0, 0b101, 0, 0, 0b011, 0b010, 0, 0, 0, 0b011, 0b101, 0, 0, 0]
+    assert word_objects(scene, "three red 7s") == [0, 0b011, 0b101] and word_objects(scene, "a 2 and two 7s")[3] == 0
+
+    tokenizer = Tokenizer(16)
+    text = "a small cyan 7 coloured red at the top left and a 22"
+    spans, ids = tokenizer.word_spans(text), tokenizer.ids(text)
+    assert spans[0][0] == 1 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # they tile the tokens
+    assert spans[-1][1] == tokenizer.context - 1 and ids[tokenizer.context - 1] != 0  # cut where ids is: before the end token
+    assert spans[2][1] - spans[2][0] == 2  # "cyan" is two BPE tokens
+    scenes = [Scene((Obj(7, "cyan", 20, 0, 0),), "single")]
+    boxes, names = SceneCaptions(scenes).groundings(torch.tensor([0]), ["a cyan digit 7"], tokenizer, 8)
+    assert boxes.shape == (1, 4, 64, 64) and boxes[0, 0].sum() == 400 and boxes[0, 1:].sum() == 0
+    assert names.shape == (1, 8, 4) and names[0, :, 0].tolist() == [0, 0, 1, 1, 0, 1, 0, 0]  # cy an, 7; not a, digit
+
+
 def test_sample_grid_prompts_come_from_scene_captions(mnist_dir):
     """Scenes have neither classes nor fixed texts: the training grids take validation captions."""
     from stages.frozen_clip import FrozenClip
@@ -193,11 +218,15 @@ def test_sample_grid_prompts_come_from_scene_captions(mnist_dir):
 
 
 def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mnist_dir, tmp_path):
-    """--data scenes end to end on tiny models: NegCLIP with twin images, then prior and a text-reading decoder with sample grids."""
+    """--data scenes end to end on tiny models: NegCLIP with twin images, then prior and a text-reading decoder, its
+    cross-attention grounded, with sample grids; the benchmark's grounding measure on what it drew."""
     import yaml
     from typer.testing import CliRunner
 
+    from benchmarks.scenes import attention_grounding, prompt_sets
     from cli import app
+    from stages.runs import read_metrics
+    from unclip.pipeline import Pipeline
     from tests.conftest import TINY
 
     config = {
@@ -206,7 +235,8 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
                  "train": {**TINY["clip"]["train"], "data": "scenes", "epochs": 1}, "hard_negatives": True,
                  "hard_negative_images": True},
         "prior": TINY["prior"],
-        "decoder": {**TINY["decoder"], "model": {**TINY["decoder"]["model"], "text_tokens": True, "embed_drop": 0.5, "attn_levels": [1]},
+        "decoder": {**TINY["decoder"], "model": {**TINY["decoder"]["model"], "text_tokens": True, "embed_drop": 0.5, "attn_levels": [1],
+                                                 "text_levels": [0], "ground_weight": 1.0},
                     "train": {**TINY["decoder"]["train"], "sample_every": 4}},
     }
     (tmp_path / "scenes.yaml").write_text(yaml.safe_dump(config))
@@ -215,6 +245,8 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
     assert r.exit_code == 0, r.output
     r = run("decoder-train", "--clip", tmp_path / "clip", "--config", tmp_path / "scenes.yaml", "--out", tmp_path / "pipe")
     assert r.exit_code == 0, r.output
+    grounded = [r["ground"] for r in read_metrics(tmp_path / "pipe" / "decoder")[0] if "ground" in r]
+    assert len(grounded) == 8 and all(0 < g < 1 for g in grounded)  # TokenCompose's loss, every step
     samples = tmp_path / "pipe" / "decoder" / "samples"
     assert sorted(p.name for p in samples.glob("sheet_*.png")) == ["sheet_0000004.png", "sheet_0000008.png"]
     assert Image.open(samples / "progress.gif").n_frames >= 2
@@ -222,3 +254,9 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
             "--steps", 2, "--out", tmp_path / "g")
     assert r.exit_code == 0, r.output  # a contradictory prompt still draws
     assert Image.open(tmp_path / "g" / "0000.png").size == (32, 32) and Image.open(tmp_path / "g" / "0000.png").mode == "RGB"
+    from benchmarks.scenes import mnist_test_glyphs
+
+    shares = attention_grounding(Pipeline.load(tmp_path / "pipe", "cpu"), prompt_sets(mnist_test_glyphs(mnist_dir), 3, 1))
+    assert list(shares) == ["two", "position", "attribution"] and all(list(v) == [0.7, 0.5, 0.3] for v in shares.values())
+    for v in (v for by_strength in shares.values() for v in by_strength.values()):
+        assert 0 < v["own"] < 1 and 0 <= v["other"] < 1 and 0.05 < v["even"] < 0.5  # a digit's box: 18-32 px of 64

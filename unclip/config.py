@@ -177,6 +177,10 @@ class DecoderModelConfig:
     # GLIDE's at 32, 16 and 8 px: what lets one part of the image know what another has drawn; the lowest level's
     # middle block always has one
     attn_levels: list[int] = field(default_factory=list)
+    # TokenCompose's grounding loss (Wang et al. 2024), this times the diffusion loss: each caption word that names
+    # objects (a digit, a colour) should put its cross-attention, at every text level, on those objects' boxes;
+    # for data whose captions say which object each word names (--data scenes). 0: none
+    ground_weight: float = 0.0
     # set by t2i distill: the network samples with DDIM in exactly this many steps (a trailing chain); 0 = any
     distilled_steps: int = 0
     # set by t2i distill: the guidance its first teacher's chain was drawn with, now in the weights (the distilled

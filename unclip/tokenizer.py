@@ -56,6 +56,16 @@ class Tokenizer:
                 self._cache[text] = cached
         return cached
 
+    def word_spans(self, text: str) -> list[tuple[int, int]]:
+        """Where each whitespace word of `text` lies in `ids(text)`: [start, end) token positions (the start token is
+        position 0); BPE encodes a caption word by word, so the spans tile its tokens. Cut at the context, as `ids`."""
+        bpe, spans, start = _bpe(), [], 1
+        for word in text.split():
+            end = start + len(bpe.encode(word))
+            spans.append((min(start, self.context - 1), min(end, self.context - 1)))
+            start = end
+        return spans
+
     def __call__(self, texts: list[str]) -> torch.Tensor:
         return torch.stack([self.ids(t) for t in texts])
 

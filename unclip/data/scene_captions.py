@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from unclip.data.scenes import GlyphPool, Scene, relation_holds
+from unclip.data.scenes import COLOURS, SIZE, GlyphPool, Scene, relation_holds
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PLURALS = ["zeros", "ones", "twos", "threes", "fours", "fives", "sixes", "sevens", "eights", "nines"]
@@ -38,9 +38,37 @@ HELD_OUT_FORMS = {
     "position": "{a} placed {rel} {b}",
     "attribution": "{a} painted {ca} and {b} painted {cb}",
 }
+MAX_OBJECTS = 4
 REL_WORDS = {"left": ["to the left of", "left of"], "right": ["to the right of", "right of"],
              "above": ["above", "over"], "below": ["below", "under", "beneath"]}
 HELD_OUT_REL = {"left": "to the left side of", "right": "to the right side of", "above": "higher than", "below": "lower than"}
+
+
+def word_objects(scene: Scene, text: str) -> list[int]:
+    """What each whitespace word of a caption of `scene` names, as a bitmask of its objects (bit i: object i): a
+    digit (word, numeral or plural) every object of that digit, a colour every object of that colour; a count ("two"
+    in "two red 7s") and every other word nothing. What a decoder's cross-attention is taught to ground."""
+    words = [w.strip(",").lower() for w in text.split()]
+    plural = lambda w: w in PLURALS or (len(w) == 2 and w[0].isdigit() and w[1] == "s")  # noqa: E731
+    counts = {w for ws in COUNTS.values() for w in ws}
+    bits = []
+    for i, w in enumerate(words):
+        digit = next((d for d in range(10) if w in (WORDS[d], str(d), PLURALS[d], f"{d}s")), None)
+        after = words[i + 1 : i + 3]
+        if digit is not None and w in counts and after and (plural(after[0]) or after[0] in COLOURS and after[1:]
+                                                            and plural(after[1])):
+            digit = None  # a count ("two 7s", "three red sevens"): the plural after it names the objects
+        named = [o.digit == digit if digit is not None else o.colour == w for o in scene.objects]
+        bits.append(sum(1 << j for j, hit in enumerate(named) if hit))
+    return bits
+
+
+def box_masks(scene: Scene) -> torch.Tensor:
+    """(MAX_OBJECTS, 64, 64) float: 1 inside each object's box, rows past the scene's objects empty."""
+    masks = torch.zeros(MAX_OBJECTS, SIZE, SIZE)
+    for j, o in enumerate(scene.objects):
+        masks[j, o.y : o.y + o.size, o.x : o.x + o.size] = 1
+    return masks
 
 
 def noun(d: int, r: random.Random) -> str:
@@ -131,6 +159,17 @@ class SceneCaptions:
 
     def sample(self, labels: torch.Tensor, keys: list[str]) -> list[str]:
         return [caption(self.scenes[i], random.Random(key)) for i, key in zip(labels.tolist(), keys)]
+
+    def groundings(self, labels: torch.Tensor, captions: list[str], tokenizer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For captions of scenes `labels` (`sample`'s), what their tokens name: each scene's object boxes
+        (`box_masks`, (B, MAX_OBJECTS, 64, 64)) and, per token of the first `length` (`tokenizer`'s ids), the objects
+        its word names (`word_objects`) as (B, length, MAX_OBJECTS) 0/1 floats; the start token and the rest name none."""
+        names = torch.zeros(len(captions), length, MAX_OBJECTS)
+        for b, (i, text) in enumerate(zip(labels.tolist(), captions)):
+            for (start, end), bits in zip(tokenizer.word_spans(text), word_objects(self.scenes[i], text)):
+                for j in range(MAX_OBJECTS):
+                    names[b, start : min(end, length), j] = (bits >> j) & 1
+        return torch.stack([box_masks(self.scenes[i]) for i in labels.tolist()]), names
 
     def sample_with_negatives(self, labels: torch.Tensor, keys: list[str]) -> tuple[list[str], list[str]]:
         """Captions (the same as `sample`'s) and, for each, a hard negative: the same words about a minimally

@@ -61,8 +61,11 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, C, H, W); context (B, K, C_ctx); context_mask (B, K) True where a context token may be read."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None,
+                maps: Optional[list] = None) -> torch.Tensor:
+        """x (B, C, H, W); context (B, K, C_ctx); context_mask (B, K) True where a context token may be read.
+        `maps`: a cross-attention appends its weights there, averaged over the heads, (B, HW, K) (for the
+        grounding loss; computed as written out instead of by the fused kernel)."""
         B, C, H, W = x.shape
         k, v = self.context_kv(context).chunk(2, dim=-1)  # (B, K, C)
         mask = None if context_mask is None else context_mask[:, None, None]
@@ -74,7 +77,13 @@ class Attention(nn.Module):
             if mask is not None:
                 mask = torch.cat([torch.ones(B, H * W, dtype=torch.bool, device=x.device), context_mask], 1)[:, None, None]
         split = lambda z: z.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # noqa: E731
-        a = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)  # (B, heads, HW, C / heads)
+        if maps is not None and self.q is not None:
+            w = (split(q) @ split(k).transpose(-1, -2)) * (C // self.heads) ** -0.5  # (B, heads, HW, K)
+            w = (w if mask is None else w.masked_fill(~mask, float("-inf"))).softmax(-1)  # the K embedding tokens stay
+            maps.append(w.mean(1))
+            a = w @ split(v)
+        else:
+            a = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)  # (B, heads, HW, C / heads)
         return x + self.out(a.transpose(1, 2).reshape(B, H * W, C)).transpose(1, 2).view(B, C, H, W)
 
 
@@ -147,11 +156,12 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, image_embed: torch.Tensor, text_tokens: Optional[torch.Tensor] = None,
                 text_mask: Optional[torch.Tensor] = None, embed_kept: Optional[torch.Tensor] = None, *, drop: torch.Tensor,
-                image: Optional[torch.Tensor] = None) -> torch.Tensor:
+                image: Optional[torch.Tensor] = None, maps: Optional[list] = None) -> torch.Tensor:
         """x: noised images (B, C, H, W); image_embed: CLIP image embeddings (B, D); text_tokens (B, L, W) and
         text_mask (B, L): the caption's CLIP token features and which to read (`text_tokens` configs; None: no caption);
         embed_kept (B,): False where the embedding alone is dropped (None: nowhere); drop (B,) True where every
-        condition is dropped; image: the conditioning image (B, image_inputs, H, W).
+        condition is dropped; image: the conditioning image (B, image_inputs, H, W); maps: a list each cross-attention
+        (`text_levels`) appends its weights to (`Attention`), for `grounding_loss`.
         Returns the network output (eps, x0 or v, per the config) (B, C, H, W)."""
         if image is not None:
             x = torch.cat([x, image], dim=1)
@@ -168,9 +178,8 @@ class UNet(nn.Module):
             context_mask = torch.cat([keep, text_mask & ~drop[:, None]], 1)
 
         def read(key: str, h: torch.Tensor) -> torch.Tensor:
-            for attentions in (self.reads, self.attends):
-                h = attentions[key](h, context, context_mask) if key in attentions else h
-            return h
+            h = self.reads[key](h, context, context_mask, maps) if key in self.reads else h
+            return self.attends[key](h, context, context_mask) if key in self.attends else h
 
         h = self.stem(F.pixel_unshuffle(x, self.config.patch))  # (B, C p^2, H / p, W / p) -> (B, w0, ., .)
         hs = [h]
@@ -188,3 +197,28 @@ class UNet(nn.Module):
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, scale_factor=2, mode="nearest"))
         return F.pixel_shuffle(self.out(h), self.config.patch)  # (B, C, H, W)
+
+
+def attention_shares(maps: list[torch.Tensor], boxes: torch.Tensor, names: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much of each caption token's cross-attention, over the pixels, falls on the objects it names: (M, B, L)
+    shares, one row a map, and (M, B, L) True where a share is defined (the token names objects and was read).
+    maps: per cross-attention (B, S*S, K + L), softmax over the context, whose last L are the caption's tokens (one
+    masked out, as a dropped caption's are, has no weight anywhere); boxes (B, N, H, W): each object's region at any
+    resolution (pooled to each map's); names (B, L, N): 1 where token l names object n."""
+    shares, defined = [], []
+    for a in maps:
+        side = int(a.shape[1] ** 0.5)
+        regions = (names @ F.adaptive_avg_pool2d(boxes, side).flatten(2)).clamp(max=1)  # (B, L, S*S)
+        attention = a[:, :, -names.shape[1]:].transpose(1, 2)  # (B, L, S*S)
+        total = attention.sum(-1)
+        shares.append((attention * regions).sum(-1) / total.clamp_min(1e-12))
+        defined.append((names.amax(-1) > 0) & (total > 0))
+    return torch.stack(shares), torch.stack(defined)
+
+
+def grounding_loss(maps: list[torch.Tensor], boxes: torch.Tensor, names: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's token loss (Wang et al. 2024, eq. 2): the share of a caption token's cross-attention that falls
+    outside the objects its word names, squared, averaged over the maps and every grounded token read
+    (`attention_shares`' arguments)."""
+    shares, defined = attention_shares(maps, boxes, names)
+    return ((1 - shares[defined]) ** 2).mean() if defined.any() else boxes.new_zeros(())
