@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from unclip.data.scenes import COLOURS, SIZE, GlyphPool, Scene, relation_holds
+from unclip.data.scenes import COLOURS, MAX_OBJECTS, SIZE, GlyphPool, Scene, relation_holds
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PLURALS = ["zeros", "ones", "twos", "threes", "fours", "fives", "sixes", "sevens", "eights", "nines"]
@@ -38,7 +38,6 @@ HELD_OUT_FORMS = {
     "position": "{a} placed {rel} {b}",
     "attribution": "{a} painted {ca} and {b} painted {cb}",
 }
-MAX_OBJECTS = 4
 REL_WORDS = {"left": ["to the left of", "left of"], "right": ["to the right of", "right of"],
              "above": ["above", "over"], "below": ["below", "under", "beneath"]}
 HELD_OUT_REL = {"left": "to the left side of", "right": "to the right side of", "above": "higher than", "below": "lower than"}

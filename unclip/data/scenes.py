@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 SIZE, GAP = 64, 4
+MAX_OBJECTS = 4
 MIN_DIGIT, MAX_DIGIT = 18, 32
 PALETTE = {
     "red": (255, 48, 48), "green": (48, 224, 64), "blue": (64, 96, 255), "yellow": (255, 224, 32),
@@ -99,7 +100,7 @@ def _digits(rng: np.random.Generator, n: int) -> list[int]:
 def sample_scene(rng: np.random.Generator, allow_held_out: bool, n: int | None = None, layout: str | None = None,
                  digits: list[int] | None = None) -> Scene:
     """A random scene; `n`, `layout` and `digits` may be fixed by the caller (the benchmark's tasks do)."""
-    n = n or int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.15, 0.2]))
+    n = n or int(rng.choice(range(1, MAX_OBJECTS + 1), p=[0.3, 0.35, 0.15, 0.2]))
     digits = digits or _digits(rng, n)
     colours = [_colour(rng, d, allow_held_out) for d in digits]
     place = None
