@@ -38,7 +38,7 @@ from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
 from unclip.data.scene_captions import (NEGATIVES, PLACE_TERMS, TASKS, SceneCaptions, Spec, caption, perturb,  # noqa: E402
                                         stacks, task_prompt, task_scene_args, twin_glyphs)
-from unclip.data.scenes import HELD_OUT, SIZE, GlyphPool, Scene, sample_scene  # noqa: E402
+from unclip.data.scenes import COLOURS, HELD_OUT, SIZE, GlyphPool, Scene, sample_scene  # noqa: E402
 from unclip.diffusion.gaussian import q_sample  # noqa: E402
 from unclip.images import grid, resize, save_png, to_float, to_uint8  # noqa: E402
 from unclip.models.unet import attention_shares  # noqa: E402
@@ -165,23 +165,26 @@ def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: Sampling
 
 @torch.no_grad()
 def attention_grounding(pipe: Pipeline, sets: dict, strengths: tuple[float, ...] = (0.7, 0.5, 0.3)) -> dict:
-    """Where the decoder's cross-attention puts the words that name objects (a digit, a colour; `word_objects`), for
-    the real scenes of the prompts naming two different digits: each prompt's first rendering noised to t = strength x
-    (T - 1) (as --from-real's trailing chain starts), read with
-    its caption and its true CLIP embedding. Per task and strength, the share of such a word's attention, over the pixels and
-    averaged over the text levels' maps, on the boxes of the objects it names ("own"), on the scene's other objects'
-    ("other"), and on its own boxes were it spread evenly ("even": their share of the image). A word each place reads
-    alike scores own = even and other near own; TokenCompose's grounding loss aims at own 1, other 0."""
+    """Where the decoder's cross-attention puts the words that name objects (`word_objects`), for the real scenes of
+    the prompts naming two different digits: each prompt's first rendering noised to t = strength x (T - 1) (where
+    --from-real's trailing chain starts), read with its caption and its true CLIP embedding. Per task, strength and
+    kind of word (digit, colour), the share of such a word's attention, over the pixels and averaged over the text
+    levels' maps, on the boxes of the objects it names ("own"), on the scene's other objects' ("other"), and on its own
+    boxes were it spread evenly ("even": their share of the image). A word each place reads alike scores own = even
+    and other near own; TokenCompose's grounding loss aims at own 1, other 0."""
     m = pipe.decoder_config.model
     out: dict = {}
     for name in TWO_DIGIT_TASKS:
-        captions, _, renderings, scenes = zip(*sets[name])
+        captions, _, renderings, scenes = (list(x) for x in zip(*sets[name]))
         real = torch.stack([im[0] for im in renderings])
-        _, features, mask = text_condition(pipe.clip, pipe.tokenizer, list(captions))
-        boxes, names = SceneCaptions(list(scenes)).groundings(torch.arange(len(scenes)), list(captions), pipe.tokenizer,
-                                                               features.shape[1])
+        _, features, mask = text_condition(pipe.clip, pipe.tokenizer, captions)
+        boxes, names = SceneCaptions(scenes).groundings(torch.arange(len(scenes)), captions, pipe.tokenizer, features.shape[1])
         present = boxes.flatten(2).amax(-1)[:, None]  # (B, 1, N): the scene's objects
         others = (present - names).clamp(min=0) * names.amax(-1, keepdim=True)  # what a grounded word does not name
+        colour = torch.zeros(names.shape[:2], dtype=torch.bool)  # (B, L): the tokens of colour words
+        for b, text in enumerate(captions):
+            for (start, end), word in zip(pipe.tokenizer.word_spans(text), text.split()):
+                colour[b, start:end] = word.strip(",") in COLOURS
         emb = encode_images(pipe.clip, to_uint8(resize(to_float(real), pipe.clip_config.model.image_size)))
         cond = decoder_condition(pipe.decoder_config, emb, (features, mask))
         x0 = resize(to_float(real), m.image_size)
@@ -195,7 +198,11 @@ def attention_grounding(pipe: Pipeline, sets: dict, strengths: tuple[float, ...]
             own, defined = attention_shares(maps, boxes, names)
             other, _ = attention_shares(maps, boxes, others)
             even, _ = attention_shares([torch.ones_like(a) for a in maps], boxes, names)
-            out[name][strength] = {k: float(v[defined].mean()) for k, v in (("own", own), ("other", other), ("even", even))}
+            out[name][strength] = {}
+            for kind, words in (("digit", defined & ~colour), ("colour", defined & colour)):
+                if words.any():
+                    out[name][strength][kind] = {k: float(v[words].mean()) for k, v in
+                                                 (("own", own), ("other", other), ("even", even))}
     return out
 
 
@@ -272,10 +279,12 @@ def table(report: dict) -> list[str]:
                              f" | {shares['both'] / pair if pair else float('nan'):.3f} |")
     if "grounding" in report:
         lines += ["", "| the decoder's cross-attention of a word naming objects, on the real scene noised to | strength | "
-                      "on its own objects | on the others | its own objects' share of the image |", "| --- | --- | --- | --- | --- |"]
+                      "words | on its own objects | on the others | its own objects' share of the image |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for name, by_strength in report["grounding"].items():
-            for strength, v in by_strength.items():
-                lines.append(f"| {name} | {strength} | {v['own']:.3f} | {v['other']:.3f} | {v['even']:.3f} |")
+            for strength, kinds in by_strength.items():
+                for kind, v in kinds.items():
+                    lines.append(f"| {name} | {strength} | {kind} | {v['own']:.3f} | {v['other']:.3f} | {v['even']:.3f} |")
     if "negatives" in report:
         lines += ["", "| CLIP hard negative | true caption ranked first | pairs | true scene ranked first (the caption "
                   "against the changed scene drawn) | pairs | example (true / negative) |", "| --- | --- | --- | --- | --- | --- |"]

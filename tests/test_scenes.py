@@ -258,5 +258,7 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
 
     shares = attention_grounding(Pipeline.load(tmp_path / "pipe", "cpu"), prompt_sets(mnist_test_glyphs(mnist_dir), 3, 1))
     assert list(shares) == ["two", "position", "attribution"] and all(list(v) == [0.7, 0.5, 0.3] for v in shares.values())
-    for v in (v for by_strength in shares.values() for v in by_strength.values()):
+    assert [list(kinds) for kinds in shares["attribution"].values()] == [["digit", "colour"]] * 3
+    assert all(list(kinds) == ["digit"] for kinds in shares["two"].values())  # "a 3 and a 7" names no colour
+    for v in (v for by_strength in shares.values() for kinds in by_strength.values() for v in kinds.values()):
         assert 0 < v["own"] < 1 and 0 <= v["other"] < 1 and 0.05 < v["even"] < 0.5  # a digit's box: 18-32 px of 64
