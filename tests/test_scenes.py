@@ -223,7 +223,7 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
     import yaml
     from typer.testing import CliRunner
 
-    from benchmarks.scenes import attention_grounding, prompt_sets
+    from benchmarks.scenes import attention_grounding, mnist_test_glyphs, prompt_sets
     from cli import app
     from stages.runs import read_metrics
     from unclip.pipeline import Pipeline
@@ -254,8 +254,6 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
             "--steps", 2, "--out", tmp_path / "g")
     assert r.exit_code == 0, r.output  # a contradictory prompt still draws
     assert Image.open(tmp_path / "g" / "0000.png").size == (32, 32) and Image.open(tmp_path / "g" / "0000.png").mode == "RGB"
-    from benchmarks.scenes import mnist_test_glyphs
-
     shares = attention_grounding(Pipeline.load(tmp_path / "pipe", "cpu"), prompt_sets(mnist_test_glyphs(mnist_dir), 3, 1))
     assert list(shares) == ["two", "position", "attribution"] and all(list(v) == [0.7, 0.5, 0.3] for v in shares.values())
     assert [list(kinds) for kinds in shares["attribution"].values()] == [["digit", "colour"]] * 3

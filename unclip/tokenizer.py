@@ -34,6 +34,12 @@ def _bpe():
     return default if isinstance(default, module.SimpleTokenizer) else module.SimpleTokenizer()
 
 
+@lru_cache(maxsize=100_000)
+def _word_length(word: str) -> int:
+    """How many BPE tokens a whitespace word of a caption takes (its cleaning costs most of an encode: cached)."""
+    return len(_bpe().encode(word))
+
+
 class Tokenizer:
     """Encode captions to `[B, context]` token ids: start token, BPE tokens, end token, zero padding."""
 
@@ -59,9 +65,9 @@ class Tokenizer:
     def word_spans(self, text: str) -> list[tuple[int, int]]:
         """Where each whitespace word of `text` lies in `ids(text)`: [start, end) token positions (the start token is
         position 0); BPE encodes a caption word by word, so the spans tile its tokens. Cut at the context, as `ids`."""
-        bpe, spans, start = _bpe(), [], 1
+        spans, start = [], 1
         for word in text.split():
-            end = start + len(bpe.encode(word))
+            end = start + _word_length(word)
             spans.append((min(start, self.context - 1), min(end, self.context - 1)))
             start = end
         return spans

@@ -163,12 +163,12 @@ class SceneCaptions:
         """For captions of scenes `labels` (`sample`'s), what their tokens name: each scene's object boxes
         (`box_masks`, (B, MAX_OBJECTS, 64, 64)) and, per token of the first `length` (`tokenizer`'s ids), the objects
         its word names (`word_objects`) as (B, length, MAX_OBJECTS) 0/1 floats; the start token and the rest name none."""
-        names = torch.zeros(len(captions), length, MAX_OBJECTS)
-        for b, (i, text) in enumerate(zip(labels.tolist(), captions)):
+        names = [[[0] * MAX_OBJECTS for _ in range(length)] for _ in captions]
+        for rows, i, text in zip(names, labels.tolist(), captions):
             for (start, end), bits in zip(tokenizer.word_spans(text), word_objects(self.scenes[i], text)):
-                for j in range(MAX_OBJECTS):
-                    names[b, start : min(end, length), j] = (bits >> j) & 1
-        return torch.stack([box_masks(self.scenes[i]) for i in labels.tolist()]), names
+                for row in rows[start:end]:
+                    row[:] = [(bits >> j) & 1 for j in range(MAX_OBJECTS)]
+        return torch.stack([box_masks(self.scenes[i]) for i in labels.tolist()]), torch.tensor(names, dtype=torch.float)
 
     def sample_with_negatives(self, labels: torch.Tensor, keys: list[str]) -> tuple[list[str], list[str]]:
         """Captions (the same as `sample`'s) and, for each, a hard negative: the same words about a minimally
