@@ -280,6 +280,27 @@ def upsampler_train(
         console.print(f"upsampler saved to {pipeline / 'upsampler'}; t2i generate --checkpoints {pipeline} now runs it")
 
 
+@command("layout-train")
+def layout_train(
+    pipeline: Annotated[Path, typer.Option("--pipeline", help="Pipeline folder with clip/; writes layout/.")],
+    config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
+    epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
+    init: InitOpt = None,
+) -> None:
+    """A layout stage: caption -> each object's label and box, drawn before the image, for a decoder trained with
+    layout: true (--data scenes)."""
+    from stages.distributed import is_main
+    from stages.layout import train_layout
+
+    flags = train_overrides(data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                            lr=lr, seed=seed, device=device, tensorboard=tensorboard or None, init=init)
+    last = train_layout(pipeline, config, flags, resume)
+    if not last.get("interrupted") and is_main():
+        console.print(f"layout stage saved to {pipeline / 'layout'}; t2i generate --checkpoints {pipeline} draws "
+                      "layouts first when its decoder reads them")
+
+
 class DistillStage(str, Enum):
     decoder = "decoder"
     prior = "prior"

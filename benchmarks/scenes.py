@@ -5,6 +5,7 @@ negatives, the prior against its text baseline, and the time `t2i generate` take
     python benchmarks/scenes.py --data-dir DIR --checkpoints runs/scenes --out benchmarks/results/scenes-x
     python benchmarks/scenes.py --data-dir DIR --only ceiling,negatives              # parts by name
     python benchmarks/scenes.py --data-dir DIR --only grounding --checkpoints DIR    # where the decoder reads each word
+    python benchmarks/scenes.py --data-dir DIR --only layout --checkpoints DIR       # the layout stage's draws, rendered
     python benchmarks/scenes.py --only time --time-against runs/teacher --time-runs 5   # generate -n 16, in turns
 
 Prompts come from real test scenes (MNIST test digits): each task's prompt is what its scene satisfies,
@@ -50,7 +51,7 @@ from unclip.tokenizer import Tokenizer  # noqa: E402
 from unclip.zeroshot import encode_images, encode_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("ceiling", "generation", "grounding", "negatives", "prior", "time")
+PARTS = ("ceiling", "layout", "generation", "grounding", "negatives", "prior", "time")
 TORCH = 'python -c "import torch"'
 HELD_COLOUR = {d: c for c, d in HELD_OUT}
 
@@ -125,19 +126,40 @@ def best_of(pipe: Pipeline, captions: list[str], options: SamplingOptions, gener
 
 
 @torch.no_grad()
+def draw_layouts(pipe: Pipeline, sets: dict, per_prompt: int, glyphs: GlyphPool, batch: int = 256) -> dict:
+    """Per set, what a perfect decoder would draw from the layout stage: `per_prompt` layouts a prompt drawn by
+    the pipeline's layout stage, each rendered with real MNIST test glyphs (uint8 (prompts x per_prompt, 3, 64, 64))."""
+    out = {}
+    for name, items in sets.items():
+        prompts = [text for text, *_ in items for _ in range(per_prompt)]
+        images = []
+        for start in range(0, len(prompts), batch):
+            generator = torch.Generator(pipe.device).manual_seed(start)
+            _, features, mask = text_condition(pipe.clip, pipe.tokenizer, prompts[start: start + batch])
+            for i, layout in enumerate(pipe.layout.sample(features, mask, generator, pipe.layout_config.temperature)):
+                scene = SceneCaptions.layout_scene(layout)
+                images.append(glyphs.render(scene, glyphs.picks(scene, np.random.default_rng(start + i))))
+        out[name] = torch.stack(images)
+    return out
+
+
+@torch.no_grad()
 def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: SamplingOptions, batch: int = 64,
                   true_embeddings: bool = False, caption_only: bool = False, candidates: int = 1,
-                  from_real: bool = False) -> dict:
+                  from_real: bool = False, true_layouts: bool = False) -> dict:
     """Per set, uint8 images (prompts x per_prompt, 3, 64, 64) (enlarged if the pipeline draws smaller). With
     `true_embeddings` the prior is bypassed: each sample is decoded from the CLIP image embedding of its own real
     rendering (the set's), with the caption (what a perfect prior would hand the decoder).
     `caption_only`: the prior is bypassed and the decoder reads the caption alone, its CLIP embedding dropped
     (GLIDE's condition; for a decoder trained with `embed_drop`). `candidates` > 1: the best of that many draws
     by the pipeline's CLIP (`best_of`). `from_real`: each sample starts from its own real rendering noised to
-    `options.strength` (SDEdit), to find where along the chain the decoder loses what it sees."""
+    `options.strength` (SDEdit), to find where along the chain the decoder loses what it sees. `true_layouts`: a
+    decoder that reads layouts is given each prompt's real scene's layout instead of the layout stage's (a perfect
+    layout stage's)."""
     out = {}
     for name, items in sets.items():
         prompts = [text for text, *_ in items for _ in range(per_prompt)]
+        scenes = [scene for *_, scene in items for _ in range(per_prompt)]
         real = torch.cat([im for _, _, im, _ in items])  # per_prompt renderings a prompt: one a sample
         images = []
         for start in range(0, len(prompts), batch):
@@ -156,7 +178,9 @@ def generate_sets(pipe: Pipeline, sets: dict, per_prompt: int, options: Sampling
             elif candidates > 1:
                 drawn = best_of(pipe, captions, options, generator, candidates)
             else:
-                drawn = draw(pipe, captions, options, generator, init=init, strength=strength)
+                layouts = SceneCaptions(scenes[start: start + batch]).layouts(torch.arange(len(captions))) \
+                    if true_layouts else None
+                drawn = draw(pipe, captions, options, generator, init=init, strength=strength, layouts=layouts)
             images.append(to_uint8(resize(drawn, SIZE)))
         out[name] = torch.cat(images)
         print(f"  generated {name}: {len(prompts)} images", flush=True)
@@ -260,19 +284,21 @@ def time_generate(checkpoints: list[str], runs: int = 3) -> dict[str, float]:
 
 def table(report: dict) -> list[str]:
     lines = []
-    if "generation" in report or "ceiling" in report:
+    if "generation" in report or "ceiling" in report or "layout" in report:
         gen, ceil, base = report.get("generation", {}), report.get("ceiling", {}), report.get("ceiling_base", {})
         side = f"{report['base_size']}x{report['base_size']}" if "base_size" in report else "the base's size"
-        lines += [f"| task | generated | real scenes (ceiling) | real scenes at {side}, enlarged | prompts x images |",
-                  "| --- | --- | --- | --- | --- |"]
+        lay = report.get("layout", {})
+        lines += [f"| task | generated | real scenes (ceiling) | real scenes at {side}, enlarged | the layout stage's "
+                  "layouts drawn with real digits | prompts x images |", "| --- | --- | --- | --- | --- | --- |"]
         cell = lambda d, name: f"{d[name]:.3f}" if name in d else "-"  # noqa: E731
         for name in [*TASKS, "overall", "held-out pairs", "held-out phrasings"]:
-            lines.append(f"| {name} | {cell(gen, name)} | {cell(ceil, name)} | {cell(base, name)} | "
+            lines.append(f"| {name} | {cell(gen, name)} | {cell(ceil, name)} | {cell(base, name)} | {cell(lay, name)} | "
                          f"{report.get('counts', {}).get(name, '-')} |")
-    if "digits" in report or "ceiling_digits" in report:
+    if "digits" in report or "ceiling_digits" in report or "layout_digits" in report:
         lines += ["", "| two different digits named: what is drawn | " + " | ".join(OUTCOMES) + " | both / (both + one twice) |",
                   "| --- | --- | --- | --- | --- |"]
-        for label, digits in (("generated", report.get("digits", {})), ("real scenes", report.get("ceiling_digits", {}))):
+        for label, digits in (("generated", report.get("digits", {})), ("real scenes", report.get("ceiling_digits", {})),
+                              ("layouts drawn", report.get("layout_digits", {}))):
             for name, shares in digits.items():
                 pair = shares["both"] + shares["one twice"]
                 lines.append(f"| {name}, {label} | " + " | ".join(f"{shares[o]:.3f}" for o in OUTCOMES) +
@@ -322,6 +348,10 @@ def main() -> None:
     ap.add_argument("--caption-only", action="store_true",
                     help="bypass the prior: the decoder reads the caption alone, its CLIP embedding dropped (GLIDE's "
                          "condition; for a decoder trained with embed_drop)")
+    ap.add_argument("--true-layouts", action="store_true",
+                    help="a decoder that reads layouts gets each prompt's real scene's layout (a perfect layout stage's)")
+    ap.add_argument("--no-layout", action="store_true",
+                    help="leave the pipeline's layout stage out: a decoder that reads layouts is given none")
     ap.add_argument("--best-of", type=int, default=1, metavar="K",
                     help="draw K images a sample and keep the one the pipeline's CLIP scores nearest the prompt")
     ap.add_argument("--from-real", action="store_true",
@@ -353,20 +383,24 @@ def main() -> None:
             report["ceiling_base"], _ = task_scores(judge, shrunk, specs)
             report["base_size"] = args.base_size
     pipe = None
-    if parts & {"generation", "grounding", "prior"}:
+    if parts & {"generation", "grounding", "prior", "layout"}:
         pipe = Pipeline.load(args.checkpoints, "cpu")
         if args.base_only:
             pipe.upsampler = pipe.upsampler_config = None
+        if args.no_layout:
+            pipe.layout = pipe.layout_config = None
         if args.chain:
             pipe.decoder = replace(pipe.decoder, distilled_steps=args.chain)
     if "generation" in parts:
         options = merge(pipe.defaults, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.overrides)})
         report["options"] = {**vars(options), "base_only": args.base_only, "true_embeddings": args.true_embeddings,
                              "caption_only": args.caption_only, "best_of": args.best_of, "from_real": args.from_real,
-                             "chain": args.chain}
+                             "chain": args.chain, "true_layouts": args.true_layouts,
+                             "no_layout": args.no_layout}
         start = time.perf_counter()
         images = generate_sets(pipe, sets, args.per_prompt, options, true_embeddings=args.true_embeddings,
-                               caption_only=args.caption_only, candidates=args.best_of, from_real=args.from_real)
+                               caption_only=args.caption_only, candidates=args.best_of, from_real=args.from_real,
+                               true_layouts=args.true_layouts)
         report["generation_seconds"] = time.perf_counter() - start
         report["generation"], report["digits"] = task_scores(judge, images, specs)
         report["counts"] = {name: f"{len(items)} x {args.per_prompt}" for name, items in sets.items()}
@@ -374,6 +408,10 @@ def main() -> None:
         gallery = torch.cat([images[t][: 2 * args.per_prompt] for t in TASKS])  # two prompts a task
         save_png(grid(gallery, ncol=2 * args.per_prompt), args.out / "gallery.png", scale=2)
         report["gallery_prompts"] = {t: [text for text, *_ in sets[t][:2]] for t in TASKS}
+    if "layout" in parts and pipe.layout is None and parts == {"layout"}:
+        ap.error(f"--only layout: {args.checkpoints} has no layout stage its decoder reads")
+    if "layout" in parts and pipe.layout is not None:  # (a pipeline without one skips the part)
+        report["layout"], report["layout_digits"] = task_scores(judge, draw_layouts(pipe, sets, args.per_prompt, glyphs), specs)
     if "grounding" in parts:
         if not pipe.decoder_config.model.text_levels:
             ap.error(f"--only grounding: {args.checkpoints}'s decoder has no cross-attention to the caption (text_levels)")

@@ -16,6 +16,7 @@ from unclip.errors import ConfigError
 from unclip.data import CaptionedImages
 from unclip.diffusion.models import Diffusion
 from unclip.images import resize, to_uint8
+from unclip.models.layout import layout_map
 from unclip.models.unet import UNet, grounding_loss
 from stages.distributed import training_device
 from unclip.pipeline import (SamplingOptions, decode, decoder_condition, decoder_diffusion, sample_image_embeddings,
@@ -47,7 +48,8 @@ def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, pri
 def training_example(frozen: FrozenClip, cfg: DecoderConfig, batch: CaptionedImages, step: int) -> tuple:
     """(x0, condition) of a training batch: its images at the decoder's size, their CLIP embeddings and, for a
     decoder that reads text, the captions' token features; the caption alone dropped `text_drop` of the time and,
-    independently, the embedding alone `embed_drop` of the time."""
+    independently, the embedding alone `embed_drop` of the time; for one that reads layouts, the images' own,
+    dropped `layout_drop` of the time."""
     m, device = cfg.model, frozen.device
     x0 = resize(batch.pixels().to(device), m.image_size)
     text = None
@@ -57,7 +59,15 @@ def training_example(frozen: FrozenClip, cfg: DecoderConfig, batch: CaptionedIma
         text = (features, mask & (torch.rand(len(batch), device=device) >= m.text_drop)[:, None])
         if m.embed_drop:
             text += (torch.rand(len(batch), device=device) >= m.embed_drop,)
-    return x0, decoder_condition(cfg, frozen.embed(batch), text)
+    layout = true_layouts(cfg, batch.captioner, batch.labels, device) if m.layout else None
+    if layout is not None:
+        layout = layout * (torch.rand(len(batch), device=device) >= m.layout_drop)[:, None, None, None]
+    return x0, decoder_condition(cfg, frozen.embed(batch), text, layout)
+
+
+def true_layouts(cfg: DecoderConfig, captioner, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The maps (`layout_map`) of the layouts of examples `labels` (scenes: scene indices)."""
+    return layout_map(captioner.layouts(labels).to(device), cfg.model.layout_fields, cfg.model.image_size)
 
 
 def validation_example(frozen: FrozenClip, cfg: DecoderConfig, idx: torch.Tensor) -> tuple:
@@ -65,7 +75,9 @@ def validation_example(frozen: FrozenClip, cfg: DecoderConfig, idx: torch.Tensor
     pixels = frozen.val.pixels(idx).to(frozen.device)
     text = text_condition(frozen.clip, frozen.tokenizer, frozen.val.captions(idx, seed=0))[1:] \
         if cfg.model.text_tokens else None
-    return resize(pixels, cfg.model.image_size), decoder_condition(cfg, frozen.clip.encode_image(pixels), text)
+    val = frozen.val
+    layout = true_layouts(cfg, val.captioner, val.labels[idx], frozen.device) if cfg.model.layout else None
+    return resize(pixels, cfg.model.image_size), decoder_condition(cfg, frozen.clip.encode_image(pixels), text, layout)
 
 
 def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffusion] = None) -> Stage:
@@ -74,6 +86,11 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
     clip_m = frozen.clip.config
     m.image_channels = clip_m.image_channels
     m.image_size = m.image_size or clip_m.image_size  # what CLIP sees, unless the decoder is a cascade's base
+    if m.layout:
+        fields = getattr(getattr(frozen.data, "captioner", None), "layout_fields", None)
+        if not fields:
+            raise ConfigError("decoder layout needs data whose scenes say what and where each object is (--data scenes)")
+        m.layout_fields = list(fields.values())
     cfg.clip_fingerprint = frozen.fingerprint
     model = seeded(t.seed, lambda: UNet(m, clip_m.embed_dim, text_width=clip_m.text_width))
     model = model.to(device, memory_format=torch.channels_last)  # 1.07x a step on the CPU (README, "Throughput")

@@ -29,8 +29,8 @@ from stages.frozen_clip import FrozenClip
 from stages.stage_two import stage_config
 from stages.runs import run_status
 from stages.trainer import STATE_FILE, Stage, fit, held_out_loss
-from unclip.checkpoint import (CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text, check_fingerprint,
-                               copy_stage, resolve_folder)
+from unclip.checkpoint import (CONFIG_FILE, OPTIONAL_STAGES, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text,
+                               check_fingerprint, copy_stage, resolve_folder)
 from unclip.config import ClipConfig, DecoderConfig, DistillConfig, PriorConfig, load_config, load_yaml, to_yaml
 from unclip.data import CaptionedImages
 from unclip.diffusion.models import Diffusion
@@ -165,7 +165,7 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
         net, student_cfg = load(folder, clip_cfg, device)
         teacher, guidance = diffusion(net.requires_grad_(False), student_cfg, device), 1.0
     if is_main():
-        for stage in ("clip", "prior", "decoder", "upsampler"):
+        for stage in ("clip", "prior", "decoder", *OPTIONAL_STAGES):
             if stage != cfg.stage and (pipeline / stage / WEIGHTS_FILE).is_file():
                 copy_stage(pipeline / stage, out / stage)
         defaults = (load_yaml(pipeline / SAMPLING_FILE) or {}) if (pipeline / SAMPLING_FILE).is_file() else {}

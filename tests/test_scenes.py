@@ -219,7 +219,8 @@ def test_sample_grid_prompts_come_from_scene_captions(mnist_dir):
 
 def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mnist_dir, tmp_path):
     """--data scenes end to end on tiny models: NegCLIP with twin images, then prior and a text-reading decoder, its
-    cross-attention grounded, with sample grids; the benchmark's grounding measure on what it drew."""
+    cross-attention grounded and reading layouts, with sample grids; a layout stage; the benchmark's grounding measure
+    on what it drew."""
     import yaml
     from typer.testing import CliRunner
 
@@ -236,8 +237,9 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
                  "hard_negative_images": True},
         "prior": TINY["prior"],
         "decoder": {**TINY["decoder"], "model": {**TINY["decoder"]["model"], "text_tokens": True, "embed_drop": 0.5, "attn_levels": [1],
-                                                 "text_levels": [0], "ground_weight": 1.0},
+                                                 "text_levels": [0], "ground_weight": 1.0, "layout": True},
                     "train": {**TINY["decoder"]["train"], "sample_every": 4}},
+        "layout": {"model": {"width": 32, "layers": 1, "heads": 2}, "train": {"max_steps": 4, "batch_size": 16}},
     }
     (tmp_path / "scenes.yaml").write_text(yaml.safe_dump(config))
     run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
@@ -250,6 +252,9 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
     samples = tmp_path / "pipe" / "decoder" / "samples"
     assert sorted(p.name for p in samples.glob("sheet_*.png")) == ["sheet_0000004.png", "sheet_0000008.png"]
     assert Image.open(samples / "progress.gif").n_frames >= 2
+    r = run("layout-train", "--pipeline", tmp_path / "pipe", "--config", tmp_path / "scenes.yaml")
+    assert r.exit_code == 0, r.output  # the decoder reads layouts: generate now draws one first
+    assert Pipeline.load(tmp_path / "pipe", "cpu").layout is not None
     r = run("generate", "--checkpoints", tmp_path / "pipe", "--prompt", "a red blue seven left of a 3", "-n", 2,
             "--steps", 2, "--out", tmp_path / "g")
     assert r.exit_code == 0, r.output  # a contradictory prompt still draws

@@ -143,15 +143,18 @@ def copy_stage(src: Path, dst: Path) -> None:
         shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
+OPTIONAL_STAGES = ("upsampler", "layout")  # the stages a pipeline folder may have besides clip/, prior/, decoder/
+
+
 def export_pipeline(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.float16) -> None:
     """Copy a pipeline folder's shippable files (`config.yaml` + `model.safetensors` of clip/, prior/,
-    decoder/ and upsampler/ if any, and its sampling.yaml if it has one), floating-point weights stored as
+    decoder/, and upsampler/ and layout/ if any, and its sampling.yaml if it has one), floating-point weights stored as
     `dtype`; training state, metrics and samples stay behind. The CLIP fingerprint does not depend on storage precision, so the stages still
     recognise their CLIP."""
     for stage in ("clip", "prior", "decoder"):
         if not (Path(src) / stage / WEIGHTS_FILE).is_file():
             raise CheckpointError(f"{src} lacks {stage}/{WEIGHTS_FILE}")
-    optional = ["upsampler"] if (Path(src) / "upsampler" / WEIGHTS_FILE).is_file() else []
+    optional = [stage for stage in OPTIONAL_STAGES if (Path(src) / stage / WEIGHTS_FILE).is_file()]
     for stage in ("clip", "prior", "decoder", *optional):
         state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
                  for k, v in load_state(Path(src) / stage).items()}

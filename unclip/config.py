@@ -181,6 +181,13 @@ class DecoderModelConfig:
     # objects (a digit, a colour) should put its cross-attention, at every text level, on those objects' boxes;
     # for data whose captions say which object each word names (--data scenes). 0: none
     ground_weight: float = 0.0
+    # read a layout (unclip/models/layout.py: each object's label fields and box, painted as a map beside x_t): the
+    # true one of each training image, dropped `layout_drop` of the time (and with every condition) so that the
+    # decoder still draws without one; at sampling the pipeline's layout stage writes it from the caption.
+    # Needs text_tokens and data whose scenes say where each object is (--data scenes).
+    layout: bool = False
+    layout_drop: float = 0.1
+    layout_fields: list[int] = field(default_factory=list)  # each label field's number of values, set from the data
     # set by t2i distill: the network samples with DDIM in exactly this many steps (a trailing chain); 0 = any
     distilled_steps: int = 0
     # set by t2i distill: the guidance its first teacher's chain was drawn with, now in the weights (the distilled
@@ -226,6 +233,29 @@ class UpsamplerConfig:
 
 
 @dataclass
+class LayoutModelConfig:
+    """The layout stage (unclip/models/layout.py): a Transformer decoder writing a caption's objects, each its
+    label fields then its box, reading the caption's CLIP token features through cross-attention."""
+
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    dropout: float = 0.0
+    max_objects: int = 4  # set from the data when training
+    fields: list[int] = field(default_factory=list)  # each label field's number of values, set from the data
+    field_names: list[str] = field(default_factory=list)  # what they are (scenes: digit, colour), set from the data
+
+
+@dataclass
+class LayoutConfig:
+    model: LayoutModelConfig = field(default_factory=LayoutModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=3000, batch_size=256, lr=1e-3,
+                                                                   warmup_steps=100, ckpt_every=500))
+    clip_fingerprint: str = ""
+    temperature: float = 1.0  # sampling: 1 draws from what was learnt; lower keeps to the likelier layouts
+
+
+@dataclass
 class DistillConfig:
     """Progressive distillation of a pipeline's decoder or prior (Salimans & Ho 2022): round after round a student,
     started from its teacher's weights, learns to take in one DDIM step what the teacher takes in two, until it
@@ -244,7 +274,7 @@ class DistillConfig:
 
 DEFAULT_PIPELINE = "mnist"  # the shipped pipeline t2i draws with when none is named (CLI, API, web app)
 STAGES = {"clip": ClipConfig, "prior": PriorConfig, "decoder": DecoderConfig, "upsampler": UpsamplerConfig,
-          "distill": DistillConfig}
+          "layout": LayoutConfig, "distill": DistillConfig}
 T = TypeVar("T")
 
 

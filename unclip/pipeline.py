@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from unclip.checkpoint import SAMPLING_FILE, check_fingerprint, fingerprint, load_checkpoint, resolve_folder
-from unclip.config import ClipConfig, DecoderConfig, PriorConfig, UpsamplerConfig, load_yaml, merge
+from unclip.config import ClipConfig, DecoderConfig, LayoutConfig, PriorConfig, UpsamplerConfig, load_yaml, merge
 from unclip.diffusion.models import Diffusion
 from unclip.errors import CheckpointError, ConfigError, UserError
 from unclip.images import resize
 from unclip.models.clip import CLIP
+from unclip.models.layout import LayoutModel, layout_map, no_layout
 from unclip.models.prior import DiffusionPrior, embed_scale
 from unclip.models.unet import UNet
 from unclip.models.upsampler import Upsampler, degrade, sampling_level
@@ -58,6 +59,11 @@ def load_prior(folder: Path, clip_cfg: ClipConfig, device: torch.device) -> tupl
 def load_decoder(folder: Path, clip_cfg: ClipConfig, device: torch.device) -> tuple[UNet, DecoderConfig]:
     m = clip_cfg.model
     model, cfg = load_checkpoint(folder, DecoderConfig, lambda c: UNet(c.model, m.embed_dim, text_width=m.text_width))
+    return model.to(device).eval(), cfg
+
+
+def load_layout(folder: Path, clip_cfg: ClipConfig, device: torch.device) -> tuple[LayoutModel, LayoutConfig]:
+    model, cfg = load_checkpoint(folder, LayoutConfig, lambda c: LayoutModel(c.model, clip_cfg.model.text_width))
     return model.to(device).eval(), cfg
 
 
@@ -111,6 +117,9 @@ class SamplingOptions:
     # decoders that read the caption: the scale from the image embedding alone to it with the caption, `guidance`
     # then scaling only the image embedding's part (InstructPix2Pix's two scales); None: one scale, `guidance`
     text_guidance: Optional[float] = None
+    # decoders that read layouts: the scale from the condition without its layout to it with (`guidance` then
+    # scaling the rest, as `text_guidance` does the caption's); None: one scale, `guidance`
+    layout_guidance: Optional[float] = None
     prior_guidance: float = 1.5
     prior_candidates: int = 1  # draws per caption, the one closest to the text embedding kept (DALL-E 2)
     upsampler_steps: int = 10  # when the pipeline has an upsampler
@@ -136,8 +145,9 @@ def load_sampling(folder: Path) -> SamplingOptions:
 
 @dataclass
 class Pipeline:
-    """The saved stages of an unCLIP pipeline folder: `clip/`, `prior/`, `decoder/` and, when the decoder
-    draws a smaller image than the pipeline's output, `upsampler/` (DALL-E 2's cascade)."""
+    """The saved stages of an unCLIP pipeline folder: `clip/`, `prior/`, `decoder/`; when the decoder
+    draws a smaller image than the pipeline's output, `upsampler/` (DALL-E 2's cascade); when the decoder reads
+    layouts, `layout/` (caption -> objects and boxes, drawn first)."""
 
     clip: CLIP
     clip_config: ClipConfig
@@ -149,6 +159,8 @@ class Pipeline:
     device: torch.device
     upsampler: Optional[Diffusion] = None
     upsampler_config: Optional[UpsamplerConfig] = None
+    layout: Optional[LayoutModel] = None  # the layout stage, when the pipeline has one and its decoder reads layouts
+    layout_config: Optional[LayoutConfig] = None
     defaults: SamplingOptions = field(default_factory=SamplingOptions)  # the folder's sampling.yaml, if any
 
     @classmethod
@@ -174,6 +186,12 @@ class Pipeline:
             if low != base:
                 raise CheckpointError(f"{folder / 'upsampler'} upsamples {low}x{low} images, but the decoder draws {base}x{base}")
             pipe.upsampler = upsampler_diffusion(upsampler, pipe.upsampler_config, dev)
+        if (folder / "layout").is_dir() and decoder_cfg.model.layout:
+            pipe.layout, pipe.layout_config = load_layout(folder / "layout", clip_cfg, dev)
+            check_fingerprint(folder / "layout", pipe.layout_config.clip_fingerprint, print_)
+            if pipe.layout_config.model.fields != decoder_cfg.model.layout_fields:
+                raise CheckpointError(f"{folder / 'layout'} writes fields {pipe.layout_config.model.fields}, but the "
+                                      f"decoder reads {decoder_cfg.model.layout_fields}")
         return pipe
 
     @property
@@ -219,31 +237,47 @@ def nearest_candidates(emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tenso
     return (emb @ F.normalize(text_emb, dim=-1)[:, :, None]).squeeze(-1).argmax(1)
 
 
-def decoder_condition(cfg: DecoderConfig, image_emb: torch.Tensor, text: Optional[tuple] = None) -> tuple:
+def decoder_condition(cfg: DecoderConfig, image_emb: torch.Tensor, text: Optional[tuple] = None,
+                      layout: Optional[torch.Tensor] = None) -> tuple:
     """The decoder's condition: the image embeddings, and the caption's (token features (B, L, W), mask (B, L)
     [, embed_kept (B,): False where the embedding alone is dropped, the caption read on its own]) when the
-    decoder reads text; without a caption (variations, interpolation) no token is shown."""
-    return (image_emb, *text) if text is not None and cfg.model.text_tokens else (image_emb,)
+    decoder reads text; without a caption (variations, interpolation) no token is shown. A decoder that reads
+    layouts also gets one's map (`layout_map`; None: no layout, an all-zero map)."""
+    if text is None or not cfg.model.text_tokens:
+        return (image_emb,)
+    m = cfg.model
+    if not m.layout:
+        return (image_emb, *text)
+    kept = text[2:] or (torch.ones(image_emb.shape[0], dtype=torch.bool, device=image_emb.device),)
+    if layout is None:
+        layout = no_layout(image_emb.shape[0], m.layout_fields, m.image_size, image_emb.device)
+    return (image_emb, *text[:2], *kept, layout)
 
 
 @torch.no_grad()
 def decode(decoder: Diffusion, cfg: DecoderConfig, image_emb: torch.Tensor, sampler: str, steps: int, guidance: float,
            generator: torch.Generator, callback=None, noise: Optional[torch.Tensor] = None,
            text: Optional[tuple] = None, negative: Optional[tuple] = None, init: Optional[torch.Tensor] = None,
-           strength: float = 1.0, text_guidance: Optional[float] = None) -> torch.Tensor:
+           strength: float = 1.0, text_guidance: Optional[float] = None,
+           layout: Optional[torch.Tensor] = None, layout_guidance: Optional[float] = None) -> torch.Tensor:
     """CLIP image embeddings (B, D) (and, for decoders that read them, the captions' token features and mask
     from `text_condition`) -> images (B, C, H, W) in [-1, 1]. `negative` is the condition guidance steers
     away from (a negative prompt's `decoder_condition`); `init` images in [-1, 1] of any size and `strength`
     make it image-to-image (SDEdit). `text_guidance` (with a caption the decoder reads): the caption's own
-    scale over the image embedding alone, `guidance` then the embedding's."""
+    scale over the image embedding alone, `guidance` then the embedding's. `layout`: its map, for decoders that
+    read layouts (`decoder_condition`), and `layout_guidance` its own scale over the rest of the condition (which
+    `text_guidance` then leaves alone)."""
     m = cfg.model
     if noise is None:
         shape = (image_emb.shape[0], m.image_channels, m.image_size, m.image_size)
         noise = torch.randn(shape, generator=generator, device=generator.device)
-    cond = decoder_condition(cfg, image_emb, text)
-    if len(cond) > 1 and text_guidance is not None and text_guidance != guidance:
+    cond = decoder_condition(cfg, image_emb, text, layout)
+    if layout is not None and len(cond) > 1 and layout_guidance is not None and layout_guidance != guidance:
+        inner = decoder_condition(cfg, image_emb, text)  # the same condition, its layout left out
+        denoise = decoder.denoiser(cond, layout_guidance, negative, inner=(inner, guidance))
+    elif len(cond) > 1 and text_guidance is not None and text_guidance != guidance:
         tokens, mask, *kept = text  # the same tokens, none of them read: the caption dropped, the embedding as it was
-        inner = decoder_condition(cfg, image_emb, (tokens, torch.zeros_like(mask), *kept))
+        inner = decoder_condition(cfg, image_emb, (tokens, torch.zeros_like(mask), *kept), layout)
         denoise = decoder.denoiser(cond, text_guidance, negative, inner=(inner, guidance))
     else:
         denoise = decoder.denoiser(cond, guidance, negative)
@@ -274,12 +308,13 @@ def decode_and_upsample(pipe: "Pipeline", image_emb: torch.Tensor, options: "Sam
                         callback=None, noise: Optional[torch.Tensor] = None,
                         upsampler_noise: Optional[torch.Tensor] = None, text: Optional[tuple] = None,
                         negative: Optional[tuple] = None, init: Optional[torch.Tensor] = None,
-                        strength: float = 1.0) -> torch.Tensor:
+                        strength: float = 1.0, layout: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CLIP image embeddings (B, D) -> the pipeline's images (B, C, H, W) in [-1, 1]: the decoder, then the
     upsampler when the pipeline has one (for image-to-image, each starts from `init` at its own size).
     `callback(i, t, x_t, x0)` is called after every step of both chains."""
     x = decode(pipe.decoder, pipe.decoder_config, image_emb, options.sampler, options.steps, options.guidance,
-               generator, callback, noise, text, negative, init, strength, options.text_guidance)
+               generator, callback, noise, text, negative, init, strength, options.text_guidance, layout,
+               options.layout_guidance)
     if pipe.upsampler is None:
         return x
     init = init if strength < 1.0 else x
@@ -295,8 +330,9 @@ def upsampler_strength(options: "SamplingOptions", strength: float = 1.0) -> flo
 
 def draw(pipe: "Pipeline", captions: list[str], options: "SamplingOptions", generator: torch.Generator,
          callback=None, negatives: Optional[list[str]] = None, init: Optional[torch.Tensor] = None,
-         strength: float = 1.0) -> torch.Tensor:
-    """Captions -> images (B, C, H, W) in [-1, 1]: prior, decoder, upsampler.
+         strength: float = 1.0, layouts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Captions -> images (B, C, H, W) in [-1, 1]: prior, layout stage (when the pipeline has one), decoder, upsampler.
+    `layouts` (B, N, F): each caption's layout given (`unclip/models/layout.py`), instead of the layout stage's.
 
     Negative prompts (one per caption) work as in Kandinsky 2.2: the prior's guidance steers away from their
     text condition, and the decoder's (when its guidance is not 1) away from their image embeddings."""
@@ -308,8 +344,22 @@ def draw(pipe: "Pipeline", captions: list[str], options: "SamplingOptions", gene
     negative = None  # the caption's tokens go to decoders that read them (decoder_condition)
     if negatives is not None and options.guidance != 1.0:
         negative = decoder_condition(pipe.decoder_config, embed(negatives, None), neg[1:])
+    layout = sample_layouts(pipe, cond[1:], generator, layouts)
     return decode_and_upsample(pipe, emb, options, generator, callback, text=cond[1:], negative=negative, init=init,
-                               strength=strength)
+                               strength=strength, layout=layout)
+
+
+def sample_layouts(pipe: "Pipeline", text: tuple, generator: torch.Generator,
+                   layouts: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """For a decoder that reads layouts, the map (`layout_map`) of `layouts` (B, N, F) when given, else of a layout
+    the pipeline's layout stage draws for each caption (token features and mask from `text_condition`); None
+    where there is none to read."""
+    m = pipe.decoder_config.model
+    if not m.layout or (layouts is None and pipe.layout is None):
+        return None
+    if layouts is None:
+        layouts = pipe.layout.sample(*text, generator, pipe.layout_config.temperature)
+    return layout_map(layouts.to(pipe.device), m.layout_fields, m.image_size)
 
 
 def steps_per_image(pipe: "Pipeline", options: "SamplingOptions", strength: float = 1.0) -> int:

@@ -17,7 +17,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from unclip.data.scenes import COLOURS, MAX_OBJECTS, SIZE, GlyphPool, Scene, relation_holds
+from unclip.data.scenes import COLOURS, MAX_OBJECTS, SIZE, GlyphPool, Obj, Scene, relation_holds
+from unclip.models.layout import GRID, box_tokens
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PLURALS = ["zeros", "ones", "twos", "threes", "fours", "fives", "sixes", "sevens", "eights", "nines"]
@@ -152,6 +153,8 @@ class SceneCaptions:
     drawn with (`pool`, `picks`), it also draws each caption's hard negative scene (`twins`)."""
 
     class_names = None  # scenes have no classes: CLIP is validated by caption retrieval
+    layout_fields = {"digit": 10, "colour": len(COLOURS)}  # what a layout says of each object (unclip/models/layout.py)
+    max_objects = MAX_OBJECTS
 
     def __init__(self, scenes: list[Scene], pool: Optional[GlyphPool] = None, picks: Optional[list[list[int]]] = None):
         self.scenes, self.pool, self.picks = scenes, pool, picks
@@ -169,6 +172,28 @@ class SceneCaptions:
                 for row in rows[start:end]:
                     row[:] = [(bits >> j) & 1 for j in range(MAX_OBJECTS)]
         return torch.stack([box_masks(self.scenes[i]) for i in labels.tolist()]), torch.tensor(names, dtype=torch.float)
+
+    def layouts(self, labels: torch.Tensor) -> torch.Tensor:
+        """Scenes `labels`' layouts (B, MAX_OBJECTS, 6) long: each object's digit, colour and box corners on the
+        layout lattice (`box_tokens`), -1 past a scene's last object."""
+        rows = [[[o.digit, COLOURS.index(o.colour), *box_tokens(o.x, o.y, o.x + o.size, o.y + o.size, SIZE)]
+                 for o in self.scenes[i].objects] for i in labels.tolist()]
+        return torch.tensor([r + [[-1] * 6] * (MAX_OBJECTS - len(r)) for r in rows], dtype=torch.long)
+
+    @staticmethod
+    def layout_scene(layout: torch.Tensor) -> Scene:
+        """The scene a layout (N, 6) (`layouts`' rows; a layout stage's draw) describes, each box made the square
+        of its mean side (at least 4 px) about its centre, to render with real glyphs (a perfect decoder's image)."""
+        objects = []
+        for digit, colour, *box in layout.tolist():
+            if digit < 0:
+                continue
+            x0, y0, x1, y1 = (v * SIZE / GRID for v in box)
+            side = max(4, round((x1 - x0 + y1 - y0) / 2))
+            x = int(np.clip(round((x0 + x1 - side) / 2), 0, SIZE - side))
+            y = int(np.clip(round((y0 + y1 - side) / 2), 0, SIZE - side))
+            objects.append(Obj(digit, COLOURS[colour], side, x, y))
+        return Scene(tuple(objects), "list")
 
     def sample_with_negatives(self, labels: torch.Tensor, keys: list[str]) -> tuple[list[str], list[str]]:
         """Captions (the same as `sample`'s) and, for each, a hard negative: the same words about a minimally

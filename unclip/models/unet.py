@@ -114,6 +114,13 @@ class UNet(nn.Module):
                               f"= {cfg.patch * 2 ** (len(w) - 1)}")
         pixels = cfg.image_channels * cfg.patch**2
         self.stem = nn.Conv2d(pixels + image_inputs * cfg.patch**2, w[0], 3, padding=1)
+        self.layout_in = None  # a layout's map, read as the stem reads x_t; zero at first, so `--init` changes nothing
+        if cfg.layout:
+            if not cfg.text_tokens or not cfg.layout_fields:
+                raise ConfigError("decoder layout needs text_tokens and the layout's fields (set from --data scenes)")
+            self.layout_in = nn.Conv2d((1 + sum(cfg.layout_fields)) * cfg.patch**2, w[0], 3, padding=1)
+            nn.init.zeros_(self.layout_in.weight)
+            nn.init.zeros_(self.layout_in.bias)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         self.reads = nn.ModuleDict()  # "down{level}_{block}" / "up{level}_{block}" -> a cross-Attention, at text_levels
         self.attends = nn.ModuleDict()  # the same keys -> a self-Attention, at attn_levels
@@ -155,12 +162,14 @@ class UNet(nn.Module):
             self.attends[key] = Attention(c, self.config.heads, self.config.widths[-1])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, image_embed: torch.Tensor, text_tokens: Optional[torch.Tensor] = None,
-                text_mask: Optional[torch.Tensor] = None, embed_kept: Optional[torch.Tensor] = None, *, drop: torch.Tensor,
+                text_mask: Optional[torch.Tensor] = None, embed_kept: Optional[torch.Tensor] = None,
+                layout: Optional[torch.Tensor] = None, *, drop: torch.Tensor,
                 image: Optional[torch.Tensor] = None, maps: Optional[list] = None) -> torch.Tensor:
         """x: noised images (B, C, H, W); image_embed: CLIP image embeddings (B, D); text_tokens (B, L, W) and
         text_mask (B, L): the caption's CLIP token features and which to read (`text_tokens` configs; None: no caption);
         embed_kept (B,): False where the embedding alone is dropped (None: nowhere); drop (B,) True where every
-        condition is dropped; image: the conditioning image (B, image_inputs, H, W); maps: a list each cross-attention
+        condition is dropped; layout (B, 1 + sum(layout_fields), H, W): `layout_map` (all zeros: none), read by
+        `layout` configs and dropped with every condition; image: the conditioning image (B, image_inputs, H, W); maps: a list each cross-attention
         (`text_levels`) appends its weights to (`Attention`), for `grounding_loss`.
         Returns the network output (eps, x0 or v, per the config) (B, C, H, W)."""
         if image is not None:
@@ -182,6 +191,8 @@ class UNet(nn.Module):
             return self.attends[key](h, context, context_mask) if key in self.attends else h
 
         h = self.stem(F.pixel_unshuffle(x, self.config.patch))  # (B, C p^2, H / p, W / p) -> (B, w0, ., .)
+        if self.layout_in is not None and layout is not None:
+            h = h + self.layout_in(F.pixel_unshuffle(layout * ~drop[:, None, None, None], self.config.patch))
         hs = [h]
         for level, blocks in enumerate(self.down):
             for b, block in enumerate(blocks):

@@ -1,0 +1,91 @@
+"""The layout stage: caption -> objects and boxes (unclip/models/layout.py), against the pipeline's frozen CLIP.
+
+It learns from the captions and the layouts of the training scenes alone (no pixels): `t2i layout-train
+--pipeline DIR` writes DIR/layout/, and a decoder trained with `layout: true` then draws what it is given.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from stages.clip import caption_seed
+from stages.distributed import training_device
+from stages.stage_two import stage_config
+from stages.trainer import Stage, fit, held_out_loss, seeded
+from unclip.checkpoint import CONFIG_FILE, fingerprint
+from unclip.config import ClipConfig, LayoutConfig, load_config
+from unclip.data import CaptionedImages, load_split
+from unclip.errors import CheckpointError, ConfigError
+from unclip.models.layout import LayoutModel
+from unclip.pipeline import load_clip, text_condition
+from unclip.tokenizer import Tokenizer
+
+CHECKED = 500  # validation captions whose sampled layouts are checked
+
+
+def layout_stage(cfg: LayoutConfig, clip_dir: Path, data: CaptionedImages, val: CaptionedImages) -> Stage:
+    t, m = cfg.train, cfg.model
+    device = training_device(t.device)
+    clip, clip_cfg = load_clip(clip_dir, device)
+    clip.requires_grad_(False)
+    tokenizer = Tokenizer(clip_cfg.model.text_context)
+    cfg.clip_fingerprint = fingerprint(clip.state_dict())
+    model = seeded(t.seed, lambda: LayoutModel(m, clip_cfg.model.text_width)).to(device)
+
+    def example(examples: CaptionedImages, labels: torch.Tensor, captions: list[str]) -> tuple:
+        _, features, mask = text_condition(clip, tokenizer, captions)
+        return examples.captioner.layouts(labels).to(device), features, mask
+
+    def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
+        layouts, features, mask = example(batch, batch.labels, batch.captions(seed=caption_seed(t.seed, step)))
+        return model.loss(layouts, features, mask, module), {}
+
+    @torch.no_grad()
+    def validate(shipped: LayoutModel) -> dict:
+        shipped.eval()
+
+        def batch_loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            return shipped.loss(*example(val, val.labels[idx], val.captions(idx, seed=0)))
+
+        idx = torch.arange(min(CHECKED, len(val)))
+        layouts, features, mask = example(val, val.labels[idx], val.captions(idx, seed=0))
+        drawn = shipped.sample(features, mask, torch.Generator(device).manual_seed(0), cfg.temperature)
+        return {"val_loss": held_out_loss(batch_loss, len(val), t.batch_size, device),
+                "val_digits": digits_agree(drawn, layouts).float().mean().item()}
+
+    return Stage("layout", model, cfg, data, loss, validate=validate, metrics_shown=["loss", "val_loss", "val_digits"],
+                 objective="val_loss")
+
+
+def digits_agree(drawn: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """(B,) True where two batches of layouts (B, N, F) hold the same first fields (scenes: digits) as multisets: for
+    captions that name every object, a layout that draws what the caption says."""
+    key = lambda layout: layout[..., 0].sort(-1).values  # noqa: E731  (-1, absent, sorts first)
+    return (key(drawn) == key(true)).all(-1)
+
+
+def layout_setup(pipeline: Path, config_path: Optional[Path], flags: dict) -> tuple[LayoutConfig, CaptionedImages,
+                                                                                    CaptionedImages]:
+    """The config of `pipeline/layout/` (on the data CLIP was trained on unless the config or flags say otherwise),
+    its fields set from the data, and the training and validation splits."""
+    pipeline = Path(pipeline)
+    if not (pipeline / "clip" / CONFIG_FILE).is_file():
+        raise CheckpointError(f"--pipeline {pipeline}: no clip/{CONFIG_FILE} (train or copy CLIP there first)")
+    clip_cfg = load_config(ClipConfig, pipeline / "clip" / CONFIG_FILE)
+    cfg = stage_config(LayoutConfig, "layout", clip_cfg, config_path, flags)
+    t, m = cfg.train, cfg.model
+    training_device(t.device)  # joins the process group (torchrun) before anything is built
+    c = clip_cfg.model
+    data = load_split(t, "train", c.image_channels, c.image_size)
+    fields = getattr(getattr(data, "captioner", None), "layout_fields", None)
+    if not isinstance(data, CaptionedImages) or not fields:
+        raise ConfigError("the layout stage needs data whose scenes say what and where each object is (--data scenes)")
+    m.fields, m.field_names, m.max_objects = list(fields.values()), list(fields), data.captioner.max_objects
+    return cfg, data, load_split(t, "val", c.image_channels, c.image_size)
+
+
+def train_layout(pipeline: Path, config_path: Optional[Path], flags: dict, resume: bool = False) -> dict:
+    cfg, data, val = layout_setup(pipeline, config_path, flags)
+    return fit(layout_stage(cfg, Path(pipeline) / "clip", data, val), cfg.train, Path(pipeline) / "layout", resume)

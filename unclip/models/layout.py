@@ -1,0 +1,144 @@
+"""A layout stage: caption -> where each object goes and what it is, drawn before the image.
+
+unCLIP's decoder decides what each place in the image becomes while the digits are still mostly noise, and every
+place reads every word (README, "Where the decoder reads each word"): two named digits come out as a coin toss.
+Layout-first systems (Make-A-Scene's token maps, GLIGEN's grounding boxes, LLM-grounded diffusion's boxes from
+a language model) first decide the boxes, then draw an image conditioned on them. Here a small Transformer
+reads the caption's CLIP token features and writes the objects autoregressively, each as its label fields
+(for scenes: digit, colour) then its box (x0, y0, x1, y1 on a `GRID` x `GRID` lattice over the image), then
+the next object or the end; the decoder reads the layout painted as a map (`layout_map`) beside x_t.
+
+A layout is a (B, N, F) long tensor: N object slots, F = len(fields) + 4 tokens an object, -1 in every slot
+past a layout's last object.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.config import LayoutModelConfig
+from unclip.errors import ConfigError
+
+GRID = 32  # box corners on a 32 x 32 lattice over the image: 2 px at 64 x 64
+BOX = 4  # x0, y0, x1, y1
+
+
+class LayoutModel(nn.Module):
+    """p(layout | caption) as a sequence: BOS, then each object's F tokens, then STOP (or N objects). One
+    vocabulary holds every field's values, the GRID + 1 box coordinates and STOP; which part a position may
+    write is fixed by its place in an object (`allowed`)."""
+
+    def __init__(self, cfg: LayoutModelConfig, text_width: int):
+        super().__init__()
+        if not cfg.fields:
+            raise ConfigError("layout fields are set from the data when training (--data scenes)")
+        self.config = cfg
+        self.per_object = len(cfg.fields) + BOX
+        self.offsets = [sum(cfg.fields[:i]) for i in range(len(cfg.fields))] + [sum(cfg.fields)] * BOX
+        self.stop = sum(cfg.fields) + GRID + 1
+        self.length = cfg.max_objects * self.per_object + 1  # the last place can only say STOP
+        w = cfg.width
+        self.tokens = nn.Embedding(self.stop + 2, w)  # + STOP, BOS
+        self.place = nn.Parameter(torch.randn(self.length, w) * 0.02)
+        self.text_in = nn.Linear(text_width, w)
+        layer = nn.TransformerDecoderLayer(w, cfg.heads, 4 * w, cfg.dropout, batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, cfg.layers)
+        self.head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, self.stop + 1))
+        allowed = torch.zeros(self.length, self.stop + 1, dtype=torch.bool)
+        for i in range(self.length):
+            k = i % self.per_object
+            if i < self.length - 1:
+                lo = self.offsets[k]
+                allowed[i, lo: lo + (cfg.fields[k] if k < len(cfg.fields) else GRID + 1)] = True
+            allowed[i, self.stop] = k == 0 and i > 0  # an object ends a layout only whole, and one has at least one
+        self.register_buffer("allowed", allowed, persistent=False)
+
+    def sequence(self, layout: torch.Tensor) -> torch.Tensor:
+        """(B, N, F) layouts -> (B, length) targets in the shared vocabulary, STOP after the last object and -100
+        (ignored) after it."""
+        B, N, _ = layout.shape
+        present = layout[:, :, 0] >= 0  # (B, N)
+        seq = (layout + torch.tensor(self.offsets, device=layout.device)).masked_fill(~present[..., None], -100)
+        seq = torch.cat([seq.flatten(1), torch.full((B, 1), -100, device=layout.device)], 1)
+        count = present.sum(1)
+        seq[torch.arange(B), count * self.per_object] = self.stop
+        return seq
+
+    def forward(self, previous: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """previous (B, P): the tokens written so far (-100 read as STOP); text (B, L, W), text_mask (B, L): the
+        caption's CLIP token features. Returns the logits (B, P + 1, V) of each next token, masked to what may
+        be written there."""
+        B, P = previous.shape
+        bos = torch.full((B, 1), self.stop + 1, device=previous.device)
+        x = self.tokens(torch.cat([bos, previous.clamp(min=0).masked_fill(previous < 0, self.stop)], 1))
+        x = x + self.place[: P + 1]
+        causal = nn.Transformer.generate_square_subsequent_mask(P + 1, device=x.device, dtype=torch.bool)
+        h = self.decoder(x, self.text_in(text), tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=~text_mask)
+        return self.head(h).masked_fill(~self.allowed[: P + 1], float("-inf"))
+
+    def loss(self, layout: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, net=None) -> torch.Tensor:
+        """The cross-entropy of the layouts' sequences (teacher forcing), a mean over their tokens; `net`: the
+        module to call (this one, or its DDP wrapper)."""
+        target = self.sequence(layout)
+        logits = (net or self)(target[:, :-1], text, text_mask)
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def sample(self, text: torch.Tensor, text_mask: torch.Tensor, generator: torch.Generator,
+               temperature: float = 1.0) -> torch.Tensor:
+        """Layouts (B, N, F) for captions' token features, drawn token by token (at `temperature`; 0: the most
+        likely token each time). A box's corners are put in order (x0 <= x1, y0 <= y1)."""
+        B = text.shape[0]
+        seq = torch.empty(B, 0, dtype=torch.long, device=text.device)
+        ended = torch.zeros(B, dtype=torch.bool, device=text.device)
+        for _ in range(self.length):
+            logits = self.forward(seq, text, text_mask)[:, -1]
+            if temperature > 0:
+                probs = (logits / temperature).softmax(-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                token = logits.argmax(-1)
+            token = token.masked_fill(ended, self.stop)
+            ended |= token == self.stop
+            seq = torch.cat([seq, token[:, None]], 1)
+            if ended.all():
+                break
+        seq = F.pad(seq, (0, self.length - seq.shape[1]), value=self.stop)[:, :-1]
+        objects = seq.view(B, self.config.max_objects, self.per_object)
+        present = objects[:, :, 0] != self.stop
+        layout = (objects - torch.tensor(self.offsets, device=seq.device)).masked_fill(~present[..., None], -1)
+        box = layout[..., -BOX:]
+        lo, hi = torch.minimum(box[..., :2], box[..., 2:]), torch.maximum(box[..., :2], box[..., 2:])
+        return torch.cat([layout[..., :-BOX], lo, hi], -1)
+
+
+def box_tokens(x0: float, y0: float, x1: float, y1: float, size: int) -> list[int]:
+    """A box's corners in pixels of a `size` image as lattice coordinates (0 to GRID)."""
+    return [round(v * GRID / size) for v in (x0, y0, x1, y1)]
+
+
+def layout_map(layout: torch.Tensor, fields: list[int], size: int) -> torch.Tensor:
+    """Layouts (B, N, F) painted as (B, 1 + sum(fields), size, size) floats: channel 0 is 1 everywhere (a layout
+    is given: an all-zero map is none), then each object's field values one-hot over its box (Make-A-Scene's
+    token map, with boxes)."""
+    B, N, _ = layout.shape
+    out = torch.zeros(B, 1 + sum(fields), size, size, device=layout.device)
+    out[:, 0] = 1
+    coords = torch.arange(size, device=layout.device).float() + 0.5  # pixel centres
+    box = layout[..., -BOX:].float() * size / GRID  # (B, N, 4) in pixels
+    inside_x = (coords >= box[..., 0, None]) & (coords < box[..., 2, None])  # (B, N, size)
+    inside_y = (coords >= box[..., 1, None]) & (coords < box[..., 3, None])
+    region = (inside_y[..., :, None] & inside_x[..., None, :]).float()  # (B, N, size, size)
+    region = region * (layout[..., 0] >= 0).float()[..., None, None]
+    offset = 1
+    for k, n in enumerate(fields):
+        onehot = F.one_hot(layout[..., k].clamp(min=0), n).float()  # (B, N, n)
+        out[:, offset: offset + n] = torch.einsum("bnc,bnhw->bchw", onehot, region).clamp(max=1)
+        offset += n
+    return out
+
+
+def no_layout(batch: int, fields: list[int], size: int, device: torch.device) -> torch.Tensor:
+    """The map of no layout (variations, interpolation, a pipeline without a layout stage): all zeros."""
+    return torch.zeros(batch, 1 + sum(fields), size, size, device=device)
