@@ -63,7 +63,9 @@ def test_a_layout_decoder_starts_as_the_decoder_without_and_reads_the_map():
     plain = UNet(DecoderModelConfig(**cfg), 32, text_width=8)
     torch.manual_seed(0)
     read = UNet(DecoderModelConfig(**cfg, layout=True, layout_fields=FIELDS), 32, text_width=8)
-    assert set(read.state_dict()) - set(plain.state_dict()) == {"layout_in.weight", "layout_in.bias"}
+    new = set(read.state_dict()) - set(plain.state_dict())  # the layout's encoder, and each block's modulation by it
+    assert {k.split(".")[0] for k in new} == {"layout_in", "down", "mid1", "mid2", "up"}
+    assert all(k.startswith("layout_in.") or ".layout." in k for k in new) and len(new) == 4 + 2 * (2 * 2 + 2 + 2 * 3)
     with torch.no_grad():  # as if trained: no layer left at its zero start
         for p in plain.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -74,7 +76,7 @@ def test_a_layout_decoder_starts_as_the_decoder_without_and_reads_the_map():
     with torch.no_grad():
         base = plain(x, t, emb, tokens, mask, drop=keep)
         assert torch.allclose(read(x, t, emb, tokens, mask, None, layouts, drop=keep), base)
-        torch.nn.init.normal_(read.layout_in.weight)
+        torch.nn.init.normal_(read.mid1.layout.weight)
         assert not torch.allclose(read(x, t, emb, tokens, mask, None, layouts, drop=keep), base)
         blank = read(x, t, emb, tokens, mask, None, torch.zeros_like(layouts), drop=keep)
         dropped = read(x, t, emb, tokens, mask, None, layouts, drop=~keep)  # every condition dropped: the layout too

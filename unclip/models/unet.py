@@ -24,21 +24,31 @@ def norm(c: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice; the embedding sets a scale and shift between them (Dhariwal & Nichol 2021)."""
+    """GroupNorm-SiLU-conv twice; the embedding sets a scale and shift between them (Dhariwal & Nichol 2021), and
+    with `layout_dim` so do a layout's features, per pixel (SPADE, Park et al. 2019: a label map modulating every
+    block, where a map read once at the input washes out); that part starts at zero."""
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, layout_dim: int = 0):
         super().__init__()
         self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * c_out)
+        self.layout = nn.Conv2d(layout_dim, 2 * c_out, 1) if layout_dim else None
+        if self.layout is not None:
+            nn.init.zeros_(self.layout.weight)
+            nn.init.zeros_(self.layout.bias)
         self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, layout: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, C_in, S, S); emb (B, E); layout: the layout's features (B, layout_dim, ., .), any size (pooled to S)."""
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        if self.layout is not None and layout is not None:
+            s, b = self.layout(F.adaptive_avg_pool2d(layout, h.shape[-1])).chunk(2, dim=1)
+            scale, shift = scale + s, shift + b
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return h + self.skip(x)
@@ -114,13 +124,13 @@ class UNet(nn.Module):
                               f"= {cfg.patch * 2 ** (len(w) - 1)}")
         pixels = cfg.image_channels * cfg.patch**2
         self.stem = nn.Conv2d(pixels + image_inputs * cfg.patch**2, w[0], 3, padding=1)
-        self.layout_in = None  # a layout's map, read as the stem reads x_t; zero at first, so `--init` changes nothing
+        self.layout_in = None  # a layout's map -> features every residual block is modulated by (`ResBlock`)
         if cfg.layout:
             if not cfg.text_tokens or not cfg.layout_fields:
                 raise ConfigError("decoder layout needs text_tokens and the layout's fields (set from --data scenes)")
-            self.layout_in = nn.Conv2d((1 + sum(cfg.layout_fields)) * cfg.patch**2, w[0], 3, padding=1)
-            nn.init.zeros_(self.layout_in.weight)
-            nn.init.zeros_(self.layout_in.bias)
+            self.layout_in = nn.Sequential(nn.Conv2d((1 + sum(cfg.layout_fields)) * cfg.patch**2, w[0], 3, padding=1),
+                                           nn.SiLU(), nn.Conv2d(w[0], w[0], 3, padding=1))
+        lay = w[0] if cfg.layout else 0
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         self.reads = nn.ModuleDict()  # "down{level}_{block}" / "up{level}_{block}" -> a cross-Attention, at text_levels
         self.attends = nn.ModuleDict()  # the same keys -> a self-Attention, at attn_levels
@@ -129,7 +139,7 @@ class UNet(nn.Module):
         for level, width in enumerate(w):
             blocks = nn.ModuleList()
             for b in range(cfg.blocks):
-                blocks.append(ResBlock(c, width, emb_dim, cfg.dropout))
+                blocks.append(ResBlock(c, width, emb_dim, cfg.dropout, lay))
                 c = width
                 skips.append(c)
                 self.add_attention(f"down{level}_{b}", level, c, side >> level)
@@ -137,14 +147,14 @@ class UNet(nn.Module):
             if level + 1 < len(w):
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
-        self.mid1 = ResBlock(c, c, emb_dim, cfg.dropout)
+        self.mid1 = ResBlock(c, c, emb_dim, cfg.dropout, lay)
         self.mid_attn = Attention(c, cfg.heads, w[-1])
-        self.mid2 = ResBlock(c, c, emb_dim, cfg.dropout)
+        self.mid2 = ResBlock(c, c, emb_dim, cfg.dropout, lay)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for level, width in reversed(list(enumerate(w))):
             blocks = nn.ModuleList()
             for b in range(cfg.blocks + 1):
-                blocks.append(ResBlock(c + skips.pop(), width, emb_dim, cfg.dropout))
+                blocks.append(ResBlock(c + skips.pop(), width, emb_dim, cfg.dropout, lay))
                 c = width
                 self.add_attention(f"up{level}_{b}", level, c, side >> level)
             self.up.append(blocks)
@@ -191,20 +201,21 @@ class UNet(nn.Module):
             return self.attends[key](h, context, context_mask) if key in self.attends else h
 
         h = self.stem(F.pixel_unshuffle(x, self.config.patch))  # (B, C p^2, H / p, W / p) -> (B, w0, ., .)
+        lay = None
         if self.layout_in is not None and layout is not None:
-            h = h + self.layout_in(F.pixel_unshuffle(layout * ~drop[:, None, None, None], self.config.patch))
+            lay = self.layout_in(F.pixel_unshuffle(layout * ~drop[:, None, None, None], self.config.patch))
         hs = [h]
         for level, blocks in enumerate(self.down):
             for b, block in enumerate(blocks):
-                h = read(f"down{level}_{b}", block(h, emb))
+                h = read(f"down{level}_{b}", block(h, emb, lay))
                 hs.append(h)
             if level < len(self.downsample):
                 h = self.downsample[level](h)
                 hs.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb), context, context_mask), emb)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb, lay), context, context_mask), emb, lay)
         for i, blocks in enumerate(self.up):  # the levels from the lowest up
             for b, block in enumerate(blocks):
-                h = read(f"up{len(self.up) - 1 - i}_{b}", block(torch.cat([h, hs.pop()], dim=1), emb))
+                h = read(f"up{len(self.up) - 1 - i}_{b}", block(torch.cat([h, hs.pop()], dim=1), emb, lay))
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, scale_factor=2, mode="nearest"))
         return F.pixel_shuffle(self.out(h), self.config.patch)  # (B, C, H, W)
