@@ -44,7 +44,7 @@ def check_options(options: SamplingOptions) -> None:
     for name, steps in (("steps", options.steps), ("upsampler steps", options.upsampler_steps)):
         if steps < 1:
             raise UserError(f"{name} must be at least 1, got {steps}")
-    if min(options.guidance, options.prior_guidance, options.text_guidance or 0, options.layout_guidance or 0) < 0:
+    if min(options.guidance, options.prior_guidance, options.text_guidance or 0) < 0:
         raise UserError("guidance scales must be >= 0 (1 means no guidance)")
     for name, strength in (("strength", options.strength), ("upsampler strength", options.upsampler_strength)):
         if not 0.0 <= strength <= 1.0:

@@ -117,9 +117,6 @@ class SamplingOptions:
     # decoders that read the caption: the scale from the image embedding alone to it with the caption, `guidance`
     # then scaling only the image embedding's part (InstructPix2Pix's two scales); None: one scale, `guidance`
     text_guidance: Optional[float] = None
-    # decoders that read layouts: the scale from the condition without its layout to it with (`guidance` then
-    # scaling the rest, as `text_guidance` does the caption's); None: one scale, `guidance`
-    layout_guidance: Optional[float] = None
     prior_guidance: float = 1.5
     prior_candidates: int = 1  # draws per caption, the one closest to the text embedding kept (DALL-E 2)
     upsampler_steps: int = 10  # when the pipeline has an upsampler
@@ -259,23 +256,19 @@ def decode(decoder: Diffusion, cfg: DecoderConfig, image_emb: torch.Tensor, samp
            generator: torch.Generator, callback=None, noise: Optional[torch.Tensor] = None,
            text: Optional[tuple] = None, negative: Optional[tuple] = None, init: Optional[torch.Tensor] = None,
            strength: float = 1.0, text_guidance: Optional[float] = None,
-           layout: Optional[torch.Tensor] = None, layout_guidance: Optional[float] = None) -> torch.Tensor:
+           layout: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CLIP image embeddings (B, D) (and, for decoders that read them, the captions' token features and mask
     from `text_condition`) -> images (B, C, H, W) in [-1, 1]. `negative` is the condition guidance steers
     away from (a negative prompt's `decoder_condition`); `init` images in [-1, 1] of any size and `strength`
     make it image-to-image (SDEdit). `text_guidance` (with a caption the decoder reads): the caption's own
     scale over the image embedding alone, `guidance` then the embedding's. `layout`: its map, for decoders that
-    read layouts (`decoder_condition`), and `layout_guidance` its own scale over the rest of the condition (which
-    `text_guidance` then leaves alone)."""
+    read layouts (`decoder_condition`)."""
     m = cfg.model
     if noise is None:
         shape = (image_emb.shape[0], m.image_channels, m.image_size, m.image_size)
         noise = torch.randn(shape, generator=generator, device=generator.device)
     cond = decoder_condition(cfg, image_emb, text, layout)
-    if layout is not None and len(cond) > 1 and layout_guidance is not None and layout_guidance != guidance:
-        inner = decoder_condition(cfg, image_emb, text)  # the same condition, its layout left out
-        denoise = decoder.denoiser(cond, layout_guidance, negative, inner=(inner, guidance))
-    elif len(cond) > 1 and text_guidance is not None and text_guidance != guidance:
+    if len(cond) > 1 and text_guidance is not None and text_guidance != guidance:
         tokens, mask, *kept = text  # the same tokens, none of them read: the caption dropped, the embedding as it was
         inner = decoder_condition(cfg, image_emb, (tokens, torch.zeros_like(mask), *kept), layout)
         denoise = decoder.denoiser(cond, text_guidance, negative, inner=(inner, guidance))
@@ -313,8 +306,7 @@ def decode_and_upsample(pipe: "Pipeline", image_emb: torch.Tensor, options: "Sam
     upsampler when the pipeline has one (for image-to-image, each starts from `init` at its own size).
     `callback(i, t, x_t, x0)` is called after every step of both chains."""
     x = decode(pipe.decoder, pipe.decoder_config, image_emb, options.sampler, options.steps, options.guidance,
-               generator, callback, noise, text, negative, init, strength, options.text_guidance, layout,
-               options.layout_guidance)
+               generator, callback, noise, text, negative, init, strength, options.text_guidance, layout)
     if pipe.upsampler is None:
         return x
     init = init if strength < 1.0 else x
