@@ -126,9 +126,11 @@ def best_of(pipe: Pipeline, captions: list[str], options: SamplingOptions, gener
 
 
 @torch.no_grad()
-def draw_layouts(pipe: Pipeline, sets: dict, per_prompt: int, glyphs: GlyphPool, batch: int = 256) -> dict:
+def draw_layouts(pipe: Pipeline, sets: dict, per_prompt: int, glyphs: GlyphPool, temperature: float,
+                 batch: int = 256) -> dict:
     """Per set, what a perfect decoder would draw from the layout stage: `per_prompt` layouts a prompt drawn by
-    the pipeline's layout stage, each rendered with real MNIST test glyphs (uint8 (prompts x per_prompt, 3, 64, 64))."""
+    the pipeline's layout stage at `temperature`, each rendered with real MNIST test glyphs (uint8 (prompts x
+    per_prompt, 3, 64, 64))."""
     out = {}
     for name, items in sets.items():
         prompts = [text for text, *_ in items for _ in range(per_prompt)]
@@ -136,7 +138,7 @@ def draw_layouts(pipe: Pipeline, sets: dict, per_prompt: int, glyphs: GlyphPool,
         for start in range(0, len(prompts), batch):
             generator = torch.Generator(pipe.device).manual_seed(start)
             _, features, mask = text_condition(pipe.clip, pipe.tokenizer, prompts[start: start + batch])
-            for i, layout in enumerate(pipe.layout.sample(features, mask, generator, pipe.layout_config.temperature)):
+            for i, layout in enumerate(pipe.layout.sample(features, mask, generator, temperature)):
                 scene = SceneCaptions.layout_scene(layout)
                 images.append(glyphs.render(scene, glyphs.picks(scene, np.random.default_rng(start + i))))
         out[name] = torch.stack(images)
@@ -389,10 +391,10 @@ def main() -> None:
             pipe.upsampler = pipe.upsampler_config = None
         if args.no_layout:
             pipe.layout = pipe.layout_config = None
+        options = merge(pipe.defaults, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.overrides)})
         if args.chain:
             pipe.decoder = replace(pipe.decoder, distilled_steps=args.chain)
     if "generation" in parts:
-        options = merge(pipe.defaults, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.overrides)})
         report["options"] = {**vars(options), "base_only": args.base_only, "true_embeddings": args.true_embeddings,
                              "caption_only": args.caption_only, "best_of": args.best_of, "from_real": args.from_real,
                              "chain": args.chain, "true_layouts": args.true_layouts,
@@ -411,7 +413,10 @@ def main() -> None:
     if "layout" in parts and pipe.layout is None and parts == {"layout"}:
         ap.error(f"--only layout: {args.checkpoints} has no layout stage its decoder reads")
     if "layout" in parts and pipe.layout is not None:  # (a pipeline without one skips the part)
-        report["layout"], report["layout_digits"] = task_scores(judge, draw_layouts(pipe, sets, args.per_prompt, glyphs), specs)
+        temperature = options.layout_temperature
+        report["layout_temperature"] = temperature
+        report["layout"], report["layout_digits"] = task_scores(judge, draw_layouts(pipe, sets, args.per_prompt, glyphs,
+                                                                                    temperature), specs)
     if "grounding" in parts:
         if not pipe.decoder_config.model.text_levels:
             ap.error(f"--only grounding: {args.checkpoints}'s decoder has no cross-attention to the caption (text_levels)")

@@ -19,7 +19,7 @@ from unclip.config import ClipConfig, LayoutConfig, load_config
 from unclip.data import CaptionedImages, load_split
 from unclip.errors import CheckpointError, ConfigError
 from unclip.models.layout import LayoutModel
-from unclip.pipeline import load_clip, text_condition
+from unclip.pipeline import SamplingOptions, load_clip, text_condition
 from unclip.tokenizer import Tokenizer
 
 CHECKED = 500  # validation captions whose sampled layouts are checked
@@ -51,7 +51,7 @@ def layout_stage(cfg: LayoutConfig, clip_dir: Path, data: CaptionedImages, val: 
 
         idx = torch.arange(min(CHECKED, len(val)))
         layouts, features, mask = example(val, val.labels[idx], val.captions(idx, seed=0))
-        drawn = shipped.sample(features, mask, torch.Generator(device).manual_seed(0), cfg.temperature)
+        drawn = shipped.sample(features, mask, torch.Generator(device).manual_seed(0), SamplingOptions().layout_temperature)
         return {"val_loss": held_out_loss(batch_loss, len(val), t.batch_size, device),
                 "val_digits": digits_agree(drawn, layouts).float().mean().item()}
 

@@ -252,7 +252,6 @@ class LayoutConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=3000, batch_size=256, lr=1e-3,
                                                                    warmup_steps=100, ckpt_every=500))
     clip_fingerprint: str = ""
-    temperature: float = 1.0  # sampling: 1 draws from what was learnt; lower keeps to the likelier layouts
 
 
 @dataclass
