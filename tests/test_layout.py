@@ -116,3 +116,18 @@ def test_a_layout_stage_trained_on_scenes_draws_the_named_digits(mnist_dir, tmp_
     assert not digits_agree(torch.tensor([[[3, 0], [3, 1], [-1, -1]]]), torch.tensor([[[7, 5], [-1, -1], [3, 2]]])).any()
     r = run("layout-train", "--pipeline", tmp_path / "p", "--data", "mnist", "--data-dir", mnist_dir)
     assert r.exit_code != 0 and "needs data whose scenes say" in r.output and "Traceback" not in r.output
+
+
+def test_a_layout_decoder_needs_data_that_says_where_each_object_is(tiny_pipeline, tmp_path):
+    """MNIST's captions name no boxes: a decoder configured to read layouts is a one-line error, not a traceback."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from cli import app
+    from tests.conftest import TINY
+
+    config = {"decoder": {**TINY["decoder"], "model": {**TINY["decoder"]["model"], "text_tokens": True, "layout": True}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    r = CliRunner().invoke(app, ["decoder-train", "--clip", str(tiny_pipeline / "clip"), "--config", str(tmp_path / "c.yaml"),
+                                 "--stage", "decoder", "--out", str(tmp_path / "pipe")])
+    assert r.exit_code != 0 and "decoder layout needs data whose scenes say" in r.output and "Traceback" not in r.output
