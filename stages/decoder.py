@@ -13,7 +13,7 @@ from stages.samples import chain_recorder, save_sheet
 from stages.trainer import Stage, fit, held_out_loss, seeded
 from unclip.config import DecoderConfig
 from unclip.errors import ConfigError
-from unclip.data import CaptionedImages
+from unclip.data import CaptionedImages, layout_fields
 from unclip.diffusion.models import Diffusion
 from unclip.images import resize, to_uint8
 from unclip.models.layout import layout_map
@@ -87,10 +87,7 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
     m.image_channels = clip_m.image_channels
     m.image_size = m.image_size or clip_m.image_size  # what CLIP sees, unless the decoder is a cascade's base
     if m.layout:
-        fields = getattr(getattr(frozen.data, "captioner", None), "layout_fields", None)
-        if not fields:
-            raise ConfigError("decoder layout needs data whose scenes say what and where each object is (--data scenes)")
-        m.layout_fields = list(fields.values())
+        m.layout_fields = list(layout_fields(frozen.data, "decoder layout").values())
     cfg.clip_fingerprint = frozen.fingerprint
     model = seeded(t.seed, lambda: UNet(m, clip_m.embed_dim, text_width=clip_m.text_width))
     model = model.to(device, memory_format=torch.channels_last)  # 1.07x a step on the CPU (README, "Throughput")

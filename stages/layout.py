@@ -16,8 +16,8 @@ from stages.stage_two import stage_config
 from stages.trainer import Stage, fit, held_out_loss, seeded
 from unclip.checkpoint import CONFIG_FILE, fingerprint
 from unclip.config import ClipConfig, LayoutConfig, load_config
-from unclip.data import CaptionedImages, load_split
-from unclip.errors import CheckpointError, ConfigError
+from unclip.data import CaptionedImages, layout_fields, load_split
+from unclip.errors import CheckpointError
 from unclip.models.layout import LayoutModel
 from unclip.pipeline import SamplingOptions, load_clip, text_condition
 from unclip.tokenizer import Tokenizer
@@ -77,13 +77,11 @@ def layout_setup(pipeline: Path, config_path: Optional[Path], flags: dict) -> tu
     cfg = stage_config(LayoutConfig, "layout", clip_cfg, config_path, flags)
     t, m = cfg.train, cfg.model
     training_device(t.device)  # joins the process group (torchrun) before anything is built
-    c = clip_cfg.model
-    data = load_split(t, "train", c.image_channels, c.image_size)
-    fields = getattr(getattr(data, "captioner", None), "layout_fields", None)
-    if not isinstance(data, CaptionedImages) or not fields:
-        raise ConfigError("the layout stage needs data whose scenes say what and where each object is (--data scenes)")
+    c = clip_cfg.model  # the stage reads captions and layouts, no pixels: scenes are not drawn
+    data = load_split(t, "train", c.image_channels, c.image_size, pixels=False)
+    fields = layout_fields(data, "the layout stage")
     m.fields, m.field_names, m.max_objects = list(fields.values()), list(fields), data.captioner.max_objects
-    return cfg, data, load_split(t, "val", c.image_channels, c.image_size)
+    return cfg, data, load_split(t, "val", c.image_channels, c.image_size, pixels=False)
 
 
 def train_layout(pipeline: Path, config_path: Optional[Path], flags: dict, resume: bool = False) -> dict:

@@ -23,7 +23,7 @@ from unclip.data.captions import (FASHION_NAMES, FASHION_TEMPLATES, MNIST_NAMES,
                                   TextCaptions)
 from unclip.data.prepared import StoredImages, convert
 from unclip.config import TrainConfig
-from unclip.errors import UserError
+from unclip.errors import ConfigError, UserError
 from unclip.images import to_float
 
 SPLITS = ("train", "val", "test")
@@ -126,11 +126,13 @@ def load_dataset(
     val_size: int = 5000,
     columns: tuple[str, str] = ("image", "text"),
     stream: Optional[bool] = None,
+    pixels: bool = True,
 ):
     """Load `spec` at `channels` x `size` x `size`: mnist | fashion-mnist | scenes | folder:PATH | coco:ROOT |
     parquet:PATH (its image and text `columns`) | wds:PATTERN | prepared:FILE. The training split of a COCO,
     parquet or webdataset source streams (a `StreamedCaptions`) when `stream` says so, or, left None, when its
-    decoded images would take more than STREAM_BYTES; its validation split is then its first records."""
+    decoded images would take more than STREAM_BYTES; its validation split is then its first records. Without
+    `pixels`, scenes are not drawn (images None: captions and layouts only; other sources load as ever)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     if stream and spec.partition(":")[0] not in ("coco", "parquet", "wds"):
@@ -144,7 +146,8 @@ def load_dataset(
         data = CaptionedImages(images=images, labels=labels.long(), captioner=LabelCaptions(names, templates))
         data = _resize(data, channels, size)
     elif spec == "scenes":
-        return _resize(_scenes(split, Path(data_dir) if data_dir else default_data_dir("mnist"), val_size), channels, size)
+        data = _scenes(split, Path(data_dir) if data_dir else default_data_dir("mnist"), val_size, pixels)
+        return _resize(data, channels, size) if pixels else data
     elif spec.startswith("folder:"):
         from unclip.data.folder import load_caption_folder
 
@@ -178,7 +181,7 @@ def load_dataset(
     return data.subset(split_indices(len(data), split, val_size))
 
 
-def _scenes(split: str, mnist_dir: Path, val_size: int) -> CaptionedImages:
+def _scenes(split: str, mnist_dir: Path, val_size: int, render: bool = True) -> CaptionedImages:
     from unclip.data.mnist import load_idx_dataset
     from unclip.data.scenes import GlyphPool, make_scenes
 
@@ -191,7 +194,7 @@ def _scenes(split: str, mnist_dir: Path, val_size: int) -> CaptionedImages:
         images, labels = images[keep], labels[keep]
     seed = SPLITS.index(split) + 1
     pool = GlyphPool(images, labels.long())
-    scenes, pixels, picks = make_scenes(pool, len(images), seed, allow_held_out=split == "test")
+    scenes, pixels, picks = make_scenes(pool, len(images), seed, allow_held_out=split == "test", render=render)
     return CaptionedImages(images=pixels, labels=torch.arange(len(scenes)), captioner=SceneCaptions(scenes, pool, picks))
 
 
@@ -224,10 +227,19 @@ def streamed(spec: str, split: str, channels: int, size: int, columns: tuple[str
     return source.total * channels * size * size > STREAM_BYTES
 
 
-def load_split(train: TrainConfig, split: str, channels: int, size: int):
+def load_split(train: TrainConfig, split: str, channels: int, size: int, pixels: bool = True):
     """`load_dataset` of a training config's data (`--data`, `--data-dir`, its columns, `--stream`)."""
     return load_dataset(train.data, split, train.data_dir, channels, size, train.val_size,
-                        (train.image_column, train.text_column), train.stream)
+                        (train.image_column, train.text_column), train.stream, pixels)
+
+
+def layout_fields(data, who: str) -> dict[str, int]:
+    """What the layouts of `data` say of each object (name -> number of values; scenes: digit, colour), or a
+    ConfigError for `who` (a stage that needs layouts) where its source has none."""
+    fields = getattr(getattr(data, "captioner", None), "layout_fields", None)
+    if not isinstance(data, CaptionedImages) or not fields:
+        raise ConfigError(f"{who} needs data whose scenes say what and where each object is (--data scenes)")
+    return fields
 
 
 def load_source(spec: str, split: str, channels: int, size: int, columns: tuple[str, str]) -> CaptionedImages:

@@ -15,6 +15,7 @@ The contract an outside evaluator relies on:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -167,15 +168,17 @@ class GlyphPool:
         return render(scene, [self.images[i, 0] if i >= 0 else torch.zeros(28, 28, dtype=torch.uint8) for i in picks])
 
 
-def make_scenes(pool: GlyphPool, count: int, seed: int, allow_held_out: bool,
-                **fixed) -> tuple[list[Scene], torch.Tensor, list[list[int]]]:
+def make_scenes(pool: GlyphPool, count: int, seed: int, allow_held_out: bool, render: bool = True,
+                **fixed) -> tuple[list[Scene], Optional[torch.Tensor], list[list[int]]]:
     """`count` scenes drawn with glyphs from `pool`; deterministic for `seed`. Returns (scenes, uint8 images
-    (count, 3, 64, 64), each scene's glyphs as indices into the pool's images)."""
+    (count, 3, 64, 64), or None without `render` (the same scenes and glyphs), each scene's glyphs as indices into
+    the pool's images)."""
     rng = np.random.default_rng(seed)
-    scenes, out, picks = [], torch.zeros(count, 3, SIZE, SIZE, dtype=torch.uint8), []
+    scenes, out, picks = [], torch.zeros(count, 3, SIZE, SIZE, dtype=torch.uint8) if render else None, []
     for i in range(count):
         scene = sample_scene(rng, allow_held_out, **fixed)
         picks.append(pool.picks(scene, rng))
-        out[i] = pool.render(scene, picks[-1])
+        if render:
+            out[i] = pool.render(scene, picks[-1])
         scenes.append(scene)
     return scenes, out, picks
