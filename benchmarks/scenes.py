@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -37,7 +38,7 @@ from benchmarks.overhead import IMPORT_TORCH, walls  # noqa: E402
 from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
-from unclip.data.scene_captions import (NEGATIVES, PLACE_TERMS, TASKS, SceneCaptions, Spec, caption, perturb,  # noqa: E402
+from unclip.data.scene_captions import (NEGATIVES, PLACE_TERMS, REL_WORDS, TASKS, SceneCaptions, Spec, caption, perturb,  # noqa: E402
                                         stacks, task_prompt, task_scene_args, twin_glyphs)
 from unclip.data.scenes import COLOURS, HELD_OUT, SIZE, GlyphPool, Scene, sample_scene  # noqa: E402
 from unclip.diffusion.gaussian import q_sample  # noqa: E402
@@ -143,6 +144,36 @@ def draw_layouts(pipe: Pipeline, sets: dict, per_prompt: int, glyphs: GlyphPool,
                 images.append(glyphs.render(scene, glyphs.picks(scene, np.random.default_rng(start + i))))
         out[name] = torch.stack(images)
     return out
+
+
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+# each relation phrase of the captions' grammar -> a phrase of the opposite relation
+REVERSED = {p: REL_WORDS[OPPOSITE[rel]][min(k, len(REL_WORDS[OPPOSITE[rel]]) - 1)]
+            for rel, phrases in REL_WORDS.items() for k, p in enumerate(phrases)}
+
+
+def reverse_relation(text: str) -> str:
+    """A position prompt with its relation reversed: "a 3 to the left of a 7" -> "a 3 to the right of a 7"."""
+    pattern = "|".join(map(re.escape, sorted(REVERSED, key=len, reverse=True)))  # "to the left of" before "left of"
+    return re.sub(rf"\b({pattern})\b", lambda m: REVERSED[m.group(1)], text, count=1)
+
+
+@torch.no_grad()
+def relation_reading(pipe: Pipeline, items: list) -> dict:
+    """Does the layout stage read the relation word? For each position prompt, its real scene's layout scored by the
+    layout stage under the prompt and under the prompt with its relation reversed: the share of prompts under
+    which the real layout is the likelier, and the mean log-likelihood ratio (nats). A stage deaf to the word: 0.5
+    and 0."""
+    layouts = torch.stack([SceneCaptions.scene_layout(scene) for *_, scene in items]).to(pipe.device)
+
+    def log_likelihood(prompts: list[str]) -> torch.Tensor:
+        _, features, mask = text_condition(pipe.clip, pipe.tokenizer, prompts)
+        return -pipe.layout.token_nll(layouts, features, mask).sum(1)
+
+    prompts = [text for text, *_ in items]
+    ratio = log_likelihood(prompts) - log_likelihood([reverse_relation(t) for t in prompts])
+    return {"prompt_likelier": float((ratio > 0).float().mean()), "log_ratio": float(ratio.mean()),
+            "prompts": len(prompts)}
 
 
 @torch.no_grad()
@@ -305,6 +336,11 @@ def table(report: dict) -> list[str]:
                 pair = shares["both"] + shares["one twice"]
                 lines.append(f"| {name}, {label} | " + " | ".join(f"{shares[o]:.3f}" for o in OUTCOMES) +
                              f" | {shares['both'] / pair if pair else float('nan'):.3f} |")
+    if "relation_reading" in report:
+        r = report["relation_reading"]
+        lines += ["", f"Layout stage, position prompts: the real layout likelier under the prompt than under it with the "
+                      f"relation reversed for {r['prompt_likelier']:.3f} of {r['prompts']}, mean log-likelihood ratio "
+                      f"{r['log_ratio']:.2f} nats"]
     if "grounding" in report:
         lines += ["", "| the decoder's cross-attention of a word naming objects, on the real scene noised to | strength | "
                       "words | on its own objects | on the others | its own objects' share of the image |",
@@ -417,6 +453,7 @@ def main() -> None:
         report["layout_temperature"] = temperature
         report["layout"], report["layout_digits"] = task_scores(judge, draw_layouts(pipe, sets, args.per_prompt, glyphs,
                                                                                     temperature), specs)
+        report["relation_reading"] = relation_reading(pipe, sets["position"])
     if "grounding" in parts:
         if not pipe.decoder_config.model.text_levels:
             ap.error(f"--only grounding: {args.checkpoints}'s decoder has no cross-attention to the caption (text_levels)")

@@ -183,6 +183,20 @@ def test_two_digit_outcomes_tell_a_copied_digit_from_the_two_named():
     assert digit_outcome(spec, read(3, 7, 7)) == "other"
 
 
+def test_every_relation_phrase_reverses_to_one_of_the_opposite_relation():
+    """benchmarks/scenes.py's check that the layout stage reads the relation word scores each position prompt
+    against the same prompt with only its relation reversed."""
+    from benchmarks.scenes import OPPOSITE, reverse_relation
+    from unclip.data.scene_captions import REL_WORDS
+
+    for rel, phrases in REL_WORDS.items():
+        for phrase in phrases:
+            reversed_ = reverse_relation(f"a digit 3 {phrase} a seven")
+            assert reversed_.startswith("a digit 3 ") and reversed_.endswith(" a seven")
+            assert reversed_[len("a digit 3 "): -len(" a seven")] in REL_WORDS[OPPOSITE[rel]], (phrase, reversed_)
+    assert reverse_relation("a 3 to the left of a 7") == "a 3 to the right of a 7"  # the whole phrase, not "left of"
+
+
 def test_each_word_names_the_objects_it_describes_and_its_tokens_are_found():
     """The grounding the decoder's cross-attention is taught: digits and colours name objects, counts do not."""
     from unclip.data.scene_captions import word_objects

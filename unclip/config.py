@@ -241,6 +241,9 @@ class LayoutModelConfig:
     layers: int = 4
     heads: int = 4
     dropout: float = 0.0
+    # bidirectional layers over the caption's token features first (GLIDE's text encoder, as the decoder's
+    # text_layers): CLIP's text tower is causal, so a digit's token knows nothing of the relation named after it
+    text_layers: int = 2
     max_objects: int = 4  # set from the data when training
     fields: list[int] = field(default_factory=list)  # each label field's number of values, set from the data
     field_names: list[str] = field(default_factory=list)  # what they are (scenes: digit, colour), set from the data

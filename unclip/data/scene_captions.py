@@ -176,9 +176,14 @@ class SceneCaptions:
     def layouts(self, labels: torch.Tensor) -> torch.Tensor:
         """Scenes `labels`' layouts (B, MAX_OBJECTS, 6) long: each object's digit, colour and box corners on the
         layout lattice (`box_tokens`), -1 past a scene's last object."""
-        rows = [[[o.digit, COLOURS.index(o.colour), *box_tokens(o.x, o.y, o.x + o.size, o.y + o.size, SIZE)]
-                 for o in self.scenes[i].objects] for i in labels.tolist()]
-        return torch.tensor([r + [[-1] * 6] * (MAX_OBJECTS - len(r)) for r in rows], dtype=torch.long)
+        return torch.stack([self.scene_layout(self.scenes[i]) for i in labels.tolist()])
+
+    @staticmethod
+    def scene_layout(scene: Scene) -> torch.Tensor:
+        """A scene's layout (MAX_OBJECTS, 6) long (`layouts`' rows)."""
+        rows = [[o.digit, COLOURS.index(o.colour), *box_tokens(o.x, o.y, o.x + o.size, o.y + o.size, SIZE)]
+                for o in scene.objects]
+        return torch.tensor(rows + [[-1] * 6] * (MAX_OBJECTS - len(rows)), dtype=torch.long)
 
     @staticmethod
     def layout_scene(layout: torch.Tensor) -> Scene:

@@ -19,6 +19,7 @@ from torch import nn
 
 from unclip.config import LayoutModelConfig
 from unclip.errors import ConfigError
+from unclip.models.layers import identity_transformer
 
 GRID = 32  # box corners on a 32 x 32 lattice over the image: 2 px at 64 x 64
 BOX = 4  # x0, y0, x1, y1
@@ -42,6 +43,7 @@ class LayoutModel(nn.Module):
         self.tokens = nn.Embedding(self.stop + 2, w)  # + STOP, BOS
         self.place = nn.Parameter(torch.randn(self.length, w) * 0.02)
         self.text_in = nn.Linear(text_width, w)
+        self.text_encoder = identity_transformer(w, cfg.heads, cfg.text_layers) if cfg.text_layers else None
         layer = nn.TransformerDecoderLayer(w, cfg.heads, 4 * w, cfg.dropout, batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, cfg.layers)
         self.head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, self.stop + 1))
@@ -74,15 +76,23 @@ class LayoutModel(nn.Module):
         x = self.tokens(torch.cat([bos, previous.clamp(min=0).masked_fill(previous < 0, self.stop)], 1))
         x = x + self.place[: P + 1]
         causal = nn.Transformer.generate_square_subsequent_mask(P + 1, device=x.device, dtype=torch.bool)
-        h = self.decoder(x, self.text_in(text), tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=~text_mask)
+        memory = self.text_in(text)
+        if self.text_encoder is not None:
+            memory = self.text_encoder(memory, src_key_padding_mask=~text_mask)
+        h = self.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=~text_mask)
         return self.head(h).masked_fill(~self.allowed[: P + 1], float("-inf"))
 
-    def loss(self, layout: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, net=None) -> torch.Tensor:
-        """The cross-entropy of the layouts' sequences (teacher forcing), a mean over their tokens; `net`: the
-        module to call (this one, or its DDP wrapper)."""
+    def token_nll(self, layout: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, net=None) -> torch.Tensor:
+        """(B, length) each token's negative log-likelihood under teacher forcing, 0 past a layout's STOP; `net`:
+        the module to call (this one, or its DDP wrapper)."""
         target = self.sequence(layout)
         logits = (net or self)(target[:, :-1], text, text_mask)
-        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+
+    def loss(self, layout: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, net=None) -> torch.Tensor:
+        """The cross-entropy of the layouts' sequences, a mean over their tokens."""
+        nll = self.token_nll(layout, text, text_mask, net)
+        return nll.sum() / (self.sequence(layout) != -100).sum()
 
     @torch.no_grad()
     def sample(self, text: torch.Tensor, text_mask: torch.Tensor, generator: torch.Generator,
