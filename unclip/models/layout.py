@@ -3,10 +3,12 @@
 unCLIP's decoder decides what each place in the image becomes while the digits are still mostly noise, and every
 place reads every word (README, "Where the decoder reads each word"): two named digits come out as a coin toss.
 Layout-first systems (Make-A-Scene's token maps, GLIGEN's grounding boxes, LLM-grounded diffusion's boxes from
-a language model) first decide the boxes, then draw an image conditioned on them. Here a small Transformer
-reads the caption's CLIP token features and writes the objects autoregressively, each as its label fields
-(for scenes: digit, colour) then its box (x0, y0, x1, y1 on a `GRID` x `GRID` lattice over the image), then
-the next object or the end; the decoder reads the layout painted as a map (`layout_map`) beside x_t.
+a language model) first decide the boxes, then draw an image conditioned on them. Here a small Transformer reads
+the caption's CLIP token features (through bidirectional text layers of its own first: CLIP's text tower is causal,
+so the token of the first digit in "a 3 left of a 7" has seen neither "left" nor the 7) and writes the objects
+autoregressively, each as its label fields (for scenes: digit, colour) then its box (x0, y0, x1, y1 on a `GRID` x
+`GRID` lattice over the image), then the next object or the end; the decoder reads the layout painted as a map
+(`layout_map`), which modulates every residual block (SPADE; unclip/models/unet.py).
 
 A layout is a (B, N, F) long tensor: N object slots, F = len(fields) + 4 tokens an object, -1 in every slot
 past a layout's last object.
