@@ -152,10 +152,12 @@ REVERSED = {p: REL_WORDS[OPPOSITE[rel]][min(k, len(REL_WORDS[OPPOSITE[rel]]) - 1
             for rel, phrases in REL_WORDS.items() for k, p in enumerate(phrases)}
 
 
+RELATION = re.compile(rf"\b({'|'.join(map(re.escape, sorted(REVERSED, key=len, reverse=True)))})\b")  # longest first
+
+
 def reverse_relation(text: str) -> str:
     """A position prompt with its relation reversed: "a 3 to the left of a 7" -> "a 3 to the right of a 7"."""
-    pattern = "|".join(map(re.escape, sorted(REVERSED, key=len, reverse=True)))  # "to the left of" before "left of"
-    return re.sub(rf"\b({pattern})\b", lambda m: REVERSED[m.group(1)], text, count=1)
+    return RELATION.sub(lambda m: REVERSED[m.group(1)], text, count=1)
 
 
 @torch.no_grad()

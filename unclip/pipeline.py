@@ -339,16 +339,16 @@ def draw(pipe: "Pipeline", captions: list[str], options: "SamplingOptions", gene
     negative = None  # the caption's tokens go to decoders that read them (decoder_condition)
     if negatives is not None and options.guidance != 1.0:
         negative = decoder_condition(pipe.decoder_config, embed(negatives, None), neg[1:])
-    layout = sample_layouts(pipe, cond[1:], generator, layouts, options.layout_temperature)
+    layout = sample_layouts(pipe, cond[1:], generator, options.layout_temperature, layouts)
     return decode_and_upsample(pipe, emb, options, generator, callback, text=cond[1:], negative=negative, init=init,
                                strength=strength, layout=layout)
 
 
-def sample_layouts(pipe: "Pipeline", text: tuple, generator: torch.Generator, layouts: Optional[torch.Tensor] = None,
-                   temperature: float = 1.0) -> Optional[torch.Tensor]:
+def sample_layouts(pipe: "Pipeline", text: tuple, generator: torch.Generator, temperature: float,
+                   layouts: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """For a decoder that reads layouts, the map (`layout_map`) of `layouts` (B, N, F) when given, else of a layout
     the pipeline's layout stage draws for each caption (token features and mask from `text_condition`) at
-    `temperature`; None where there is none to read."""
+    `temperature` (`SamplingOptions.layout_temperature`); None where there is none to read."""
     m = pipe.decoder_config.model
     if not m.layout or (layouts is None and pipe.layout is None):
         return None
