@@ -166,7 +166,7 @@ def relation_reading(pipe: Pipeline, items: list) -> dict:
     layout stage under the prompt and under the prompt with its relation reversed: the share of prompts under
     which the real layout is the likelier, and the mean log-likelihood ratio (nats). A stage deaf to the word: 0.5
     and 0."""
-    layouts = torch.stack([SceneCaptions.scene_layout(scene) for *_, scene in items]).to(pipe.device)
+    layouts = torch.stack([SceneCaptions.scene_layout(scene, text) for text, *_, scene in items]).to(pipe.device)
 
     def log_likelihood(prompts: list[str]) -> torch.Tensor:
         _, features, mask = text_condition(pipe.clip, pipe.tokenizer, prompts)

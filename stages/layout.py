@@ -36,7 +36,7 @@ def layout_stage(cfg: LayoutConfig, clip_dir: Path, data: CaptionedImages, val: 
 
     def example(examples: CaptionedImages, labels: torch.Tensor, captions: list[str]) -> tuple:
         _, features, mask = text_condition(clip, tokenizer, captions)
-        return examples.captioner.layouts(labels).to(device), features, mask
+        return examples.captioner.layouts(labels, captions).to(device), features, mask
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
         layouts, features, mask = example(batch, batch.labels, batch.captions(seed=caption_seed(t.seed, step)))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from unclip.config import DecoderModelConfig, LayoutModelConfig
-from unclip.data.scene_captions import SceneCaptions
+from unclip.data.scene_captions import SceneCaptions, mention_order
 from unclip.data.scenes import Obj, Scene
 from unclip.errors import ConfigError
 from unclip.models.layout import GRID, LayoutModel, layout_map, no_layout
@@ -16,6 +16,17 @@ def test_scene_layouts_hold_each_objects_digit_colour_and_box():
     scene = Scene((Obj(3, "blue", 20, 4, 10), Obj(7, "white", 30, 34, 30)), "row")
     layouts = SceneCaptions([scene]).layouts(torch.tensor([0]))
     assert layouts.tolist() == [[[3, 2, 2, 5, 12, 15], [7, 6, 17, 15, 32, 30], [-1] * 6, [-1] * 6]]
+    named = SceneCaptions([scene] * 3).layouts(torch.tensor([0, 0, 0]), ["a white 7 right of a blue three",
+                                                                         "a 3 in blue and a seven", "two digits"])
+    assert named[0].tolist() == layouts[0, [1, 0, 2, 3]].tolist()  # in the order the caption names them
+    assert torch.equal(named[1], layouts[0]) and torch.equal(named[2], layouts[0])  # unnamed: the scene's order
+
+
+def test_objects_are_ordered_by_the_words_that_name_them_in_turn():
+    scene = Scene((Obj(7, "red", 20, 4, 10), Obj(3, "red", 20, 34, 10), Obj(7, "blue", 20, 4, 40)), "list")
+    assert mention_order(scene, "a red 3 and a red 7 and a blue 7") == [1, 0, 2]  # 'red' names both reds first
+    assert mention_order(scene, "a 7 in blue, a seven in red and a 3") == [2, 0, 1]  # '7' both sevens, 'blue' one
+    assert mention_order(scene, "two sevens and a three") == [0, 2, 1]  # a count names its digit's objects together
 
 
 def test_a_layouts_map_paints_each_objects_labels_over_its_box():
@@ -55,6 +66,22 @@ def test_the_layout_model_learns_layouts_for_captions_and_draws_them():
     real = wild[present]
     assert (real[:, 0] < 10).all() and (real[:, 1] < 7).all() and (real[:, 2:] <= GRID).all() and (real >= 0).all()
     assert (real[:, 2:4] <= real[:, 4:6]).all() and (wild[~present] == -1).all()
+
+
+def test_an_objects_colour_is_drawn_without_seeing_its_digit_and_its_box_with_both():
+    """Fields drawn apart: changing an object's digit leaves what the model says of its colour alone, and changes what
+    it says of the box and of the next object."""
+    torch.manual_seed(0)
+    model = LayoutModel(LayoutModelConfig(width=32, layers=2, heads=2, fields=FIELDS), text_width=8).eval()
+    with torch.no_grad():
+        model.unseen.normal_()  # as if trained
+    text, mask = torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
+    first = model.sequence(torch.tensor([[[3, 2, 2, 5, 12, 15], [7, 6, 16, 16, 32, 32]]]))[:, :-1]
+    other = first.clone()
+    other[0, 6] = 1  # the second object's digit: 7 -> 1
+    a, b = model(first, text, mask), model(other, text, mask)
+    assert torch.equal(a[0, :8], b[0, :8])  # up to and including the second object's colour
+    assert not torch.allclose(a[0, 8], b[0, 8]) and not torch.allclose(a[0, 12], b[0, 12])  # its box, the next object
 
 
 def test_a_layout_decoder_starts_as_the_decoder_without_and_reads_the_map():

@@ -63,6 +63,15 @@ def word_objects(scene: Scene, text: str) -> list[int]:
     return bits
 
 
+def mention_order(scene: Scene, text: str) -> list[int]:
+    """The scene's objects (indices) in the order a caption of it names them: by the places of the words that name
+    each (`word_objects`), compared in turn ("a red 3 and a red 7": the 3, whose words come at 1 and 2, before the 7
+    at 1, 5, 6); objects no word names last, and ties in the scene's order."""
+    bits = word_objects(scene, text)
+    named = [[i for i, b in enumerate(bits) if b >> j & 1] or [len(bits)] for j in range(len(scene.objects))]
+    return sorted(range(len(scene.objects)), key=lambda j: (named[j], j))
+
+
 def box_masks(scene: Scene) -> torch.Tensor:
     """(MAX_OBJECTS, 64, 64) float: 1 inside each object's box, rows past the scene's objects empty."""
     masks = torch.zeros(MAX_OBJECTS, SIZE, SIZE)
@@ -173,16 +182,22 @@ class SceneCaptions:
                     row[:] = [(bits >> j) & 1 for j in range(MAX_OBJECTS)]
         return torch.stack([box_masks(self.scenes[i]) for i in labels.tolist()]), torch.tensor(names, dtype=torch.float)
 
-    def layouts(self, labels: torch.Tensor) -> torch.Tensor:
+    def layouts(self, labels: torch.Tensor, captions: Optional[list[str]] = None) -> torch.Tensor:
         """Scenes `labels`' layouts (B, MAX_OBJECTS, 6) long: each object's digit, colour and box corners on the
-        layout lattice (`box_tokens`), -1 past a scene's last object."""
-        return torch.stack([self.scene_layout(self.scenes[i]) for i in labels.tolist()])
+        layout lattice (`box_tokens`), -1 past a scene's last object; the objects in the order `captions` (one a
+        label) name them, else the scene's."""
+        texts = captions if captions is not None else [None] * len(labels)
+        return torch.stack([self.scene_layout(self.scenes[i], text) for i, text in zip(labels.tolist(), texts)])
 
     @staticmethod
-    def scene_layout(scene: Scene) -> torch.Tensor:
-        """A scene's layout (MAX_OBJECTS, 6) long (`layouts`' rows)."""
+    def scene_layout(scene: Scene, text: Optional[str] = None) -> torch.Tensor:
+        """A scene's layout (MAX_OBJECTS, 6) long (`layouts`' rows), its objects in the order caption `text` names
+        them (`mention_order`): what the layout stage learns to write, object k being the caption's k-th (LayoutGPT
+        and LLM-grounded diffusion list a caption's objects so), so that it reads each object's digit and colour off
+        the words that name it rather than guess which of two named digits comes first and whose colour it takes."""
+        objects = scene.objects if text is None else [scene.objects[j] for j in mention_order(scene, text)]
         rows = [[o.digit, COLOURS.index(o.colour), *box_tokens(o.x, o.y, o.x + o.size, o.y + o.size, SIZE)]
-                for o in scene.objects]
+                for o in objects]
         return torch.tensor(rows + [[-1] * 6] * (MAX_OBJECTS - len(rows)), dtype=torch.long)
 
     @staticmethod

@@ -6,9 +6,10 @@ Layout-first systems (Make-A-Scene's token maps, GLIGEN's grounding boxes, LLM-g
 a language model) first decide the boxes, then draw an image conditioned on them. Here a small Transformer reads
 the caption's CLIP token features (through bidirectional text layers of its own first: CLIP's text tower is causal,
 so the token of the first digit in "a 3 left of a 7" has seen neither "left" nor the 7) and writes the objects
-autoregressively, each as its label fields (for scenes: digit, colour) then its box (x0, y0, x1, y1 on a `GRID` x
-`GRID` lattice over the image), then the next object or the end; the decoder reads the layout painted as a map
-(`layout_map`), which modulates every residual block (SPADE; unclip/models/unet.py).
+autoregressively in the order the caption names them, each as its label fields (for scenes: digit, colour; drawn
+apart from each other, `LayoutModel.inputs`) then its box (x0, y0, x1, y1 on a `GRID` x `GRID` lattice over the
+image), then the next object or the end; the decoder reads the layout painted as a map (`layout_map`), which
+modulates every residual block (SPADE; unclip/models/unet.py).
 
 A layout is a (B, N, F) long tensor: N object slots, F = len(fields) + 4 tokens an object, -1 in every slot
 past a layout's last object.
@@ -44,6 +45,7 @@ class LayoutModel(nn.Module):
         w = cfg.width
         self.tokens = nn.Embedding(self.stop + 2, w)  # + STOP, BOS
         self.place = nn.Parameter(torch.randn(self.length, w) * 0.02)
+        self.unseen = nn.Parameter(torch.zeros(w))  # what a place writing an object's later field is given (`inputs`)
         self.text_in = nn.Linear(text_width, w)
         self.text_encoder = identity_transformer(w, cfg.heads, cfg.text_layers) if cfg.text_layers else None
         layer = nn.TransformerDecoderLayer(w, cfg.heads, 4 * w, cfg.dropout, batch_first=True, norm_first=True)
@@ -75,7 +77,7 @@ class LayoutModel(nn.Module):
         be written there."""
         B, P = previous.shape
         bos = torch.full((B, 1), self.stop + 1, device=previous.device)
-        x = self.tokens(torch.cat([bos, previous.clamp(min=0).masked_fill(previous < 0, self.stop)], 1))
+        x = self.inputs(self.tokens(torch.cat([bos, previous.clamp(min=0).masked_fill(previous < 0, self.stop)], 1)))
         x = x + self.place[: P + 1]
         causal = nn.Transformer.generate_square_subsequent_mask(P + 1, device=x.device, dtype=torch.bool)
         memory = self.text_in(text)
@@ -83,6 +85,20 @@ class LayoutModel(nn.Module):
             memory = self.text_encoder(memory, src_key_padding_mask=~text_mask)
         h = self.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=~text_mask)
         return self.head(h).masked_fill(~self.allowed[: P + 1], float("-inf"))
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedded tokens (B, P, W) each place reads (place j: the token written at j - 1), with an object's fields
+        drawn apart: a place writing a field after the object's first reads `unseen` instead of the fields before it,
+        and the place writing its first box corner reads the sum of them all. So an object's colour is read off the
+        caption, never guessed from its digit: a pair no training scene shows (a red 0, CoGenT's held-out pairs) is as
+        likely as its words make it, where a model that saw the digit first learns that 0s are never red."""
+        n = len(self.config.fields)
+        if n < 2:
+            return x
+        k = torch.arange(x.shape[1], device=x.device) % self.per_object  # which token of an object each place writes
+        together = sum(x.roll(s, 1) for s in range(n))  # place j: the tokens read at j, ..., j - n + 1
+        x = torch.where((k == n)[:, None], together, x)
+        return torch.where(((k > 0) & (k < n))[:, None], self.unseen.to(x.dtype), x)
 
     def token_nll(self, layout: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, net=None) -> torch.Tensor:
         """(B, length) each token's negative log-likelihood under teacher forcing, 0 past a layout's STOP; `net`:
