@@ -5,8 +5,9 @@ It learns from the captions and the layouts of the training scenes alone (no pix
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -17,10 +18,10 @@ from stages.trainer import Stage, fit, held_out_loss, seeded
 from unclip.checkpoint import CONFIG_FILE, fingerprint
 from unclip.config import ClipConfig, LayoutConfig, load_config
 from unclip.data import CaptionedImages, layout_fields, load_split
-from unclip.errors import CheckpointError
+from unclip.errors import CheckpointError, ConfigError
 from unclip.models.layout import LayoutModel
 from unclip.pipeline import SamplingOptions, load_clip, text_condition
-from unclip.tokenizer import Tokenizer
+from unclip.tokenizer import Tokenizer, vocabulary_words
 
 CHECKED = 500  # validation captions whose sampled layouts are checked
 
@@ -33,13 +34,18 @@ def layout_stage(cfg: LayoutConfig, clip_dir: Path, data: CaptionedImages, val: 
     tokenizer = Tokenizer(clip_cfg.model.text_context)
     cfg.clip_fingerprint = fingerprint(clip.state_dict())
     model = seeded(t.seed, lambda: LayoutModel(m, clip_cfg.model.text_width)).to(device)
+    stray = stray_vocabulary(data.captioner) if cfg.stray_words else []
 
     def example(examples: CaptionedImages, labels: torch.Tensor, captions: list[str]) -> tuple:
         _, features, mask = text_condition(clip, tokenizer, captions)
         return examples.captioner.layouts(labels, captions).to(device), features, mask
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
-        layouts, features, mask = example(batch, batch.labels, batch.captions(seed=caption_seed(t.seed, step)))
+        captions = batch.captions(seed=caption_seed(t.seed, step))
+        if stray:
+            r = random.Random(caption_seed(t.seed, step))
+            captions = [with_stray_words(c, r, cfg.stray_words, stray) for c in captions]
+        layouts, features, mask = example(batch, batch.labels, captions)
         return model.loss(layouts, features, mask, module), {}
 
     @torch.no_grad()
@@ -57,6 +63,26 @@ def layout_stage(cfg: LayoutConfig, clip_dir: Path, data: CaptionedImages, val: 
 
     return Stage("layout", model, cfg, data, loss, validate=validate, metrics_shown=["loss", "val_loss", "val_digits"],
                  objective="val_loss")
+
+
+def stray_vocabulary(captioner) -> list[str]:
+    """The tokenizer's whole words that the captioner's captions never use (`LayoutConfig.stray_words`)."""
+    words = getattr(captioner, "words", None)
+    if words is None:
+        raise ConfigError("layout stray_words: this data's captioner does not list the words its captions use")
+    return [w for w in vocabulary_words() if w not in words]
+
+
+def with_stray_words(text: str, r: random.Random, rate: float, words: Sequence[str]) -> str:
+    """`text` with a word of `words` put in at a random place with chance `rate`, and a second with chance `rate`
+    again (at most two: scenes' longest captions, 44 BPE tokens in 20,000, then seldom pass their 48-token context):
+    what the words name is unchanged, so the layout is too."""
+    out = text.split(" ")
+    for _ in range(2):
+        if r.random() >= rate:
+            break
+        out.insert(r.randint(0, len(out)), r.choice(words))
+    return " ".join(out)
 
 
 def digits_agree(drawn: torch.Tensor, true: torch.Tensor) -> torch.Tensor:

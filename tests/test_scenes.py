@@ -10,7 +10,8 @@ from PIL import Image
 import torch
 
 from unclip.data import load_dataset
-from unclip.data.scene_captions import TASKS, SceneCaptions, caption_with_negative, perturb, task_prompt, task_scene_args
+from unclip.data.scene_captions import (CAPTION_WORDS, TASKS, SceneCaptions, caption, caption_with_negative, perturb,
+                                        task_prompt, task_scene_args)
 from unclip.data.scenes import GAP, HELD_OUT, PALETTE, GlyphPool, make_scenes, relation_holds, sample_scene
 from unclip.errors import UserError
 
@@ -253,7 +254,8 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
         "decoder": {**TINY["decoder"], "model": {**TINY["decoder"]["model"], "text_tokens": True, "embed_drop": 0.5, "attn_levels": [1],
                                                  "text_levels": [0], "ground_weight": 1.0, "layout": True},
                     "train": {**TINY["decoder"]["train"], "sample_every": 4}},
-        "layout": {"model": {"width": 32, "layers": 1, "heads": 2}, "train": {"max_steps": 4, "batch_size": 16}},
+        "layout": {"model": {"width": 32, "layers": 1, "heads": 2}, "train": {"max_steps": 4, "batch_size": 16},
+                   "stray_words": 0.5},
     }
     (tmp_path / "scenes.yaml").write_text(yaml.safe_dump(config))
     run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
@@ -279,3 +281,28 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
     assert all(list(kinds) == ["digit"] for kinds in shares["two"].values())  # "a 3 and a 7" names no colour
     for v in (v for by_strength in shares.values() for kinds in by_strength.values() for v in kinds.values()):
         assert 0 < v["own"] < 1 and 0 <= v["other"] < 1 and 0.05 < v["even"] < 0.5  # a digit's box: 18-32 px of 64
+
+
+def test_stray_words_are_words_no_caption_uses_and_leave_what_a_caption_names_alone():
+    from stages.layout import stray_vocabulary, with_stray_words
+
+    used = set()
+    for i in range(300):  # training captions and held-out phrasings: every word is a caption word
+        rng, r = np.random.default_rng(i), random.Random(i)
+        task = TASKS[i % len(TASKS)]
+        held_out = task_prompt(task, sample_scene(rng, False, **task_scene_args(task, r)), r, held_out=True)[0]
+        used |= {w.strip(",") for w in f"{caption(sample_scene(rng, True), r)} {held_out}".split()}
+    used = {w for w in used if w.isalpha()}  # numerals and their plurals ("7s") are no vocabulary word
+    assert used <= CAPTION_WORDS and {"painted", "exactly", "higher"} <= used
+    stray = stray_vocabulary(SceneCaptions([]))
+    assert len(stray) > 30_000 and not CAPTION_WORDS & set(stray)
+    scene = sample_scene(np.random.default_rng(3), False, n=2, layout="row")
+    text, r = caption(scene, random.Random(3)), random.Random(0)
+    drawn = [with_stray_words(text, r, 0.5, stray) for _ in range(400)]
+    added = [len(d.split()) - len(text.split()) for d in drawn]
+    assert set(added) == {0, 1, 2} and 0.4 < np.mean([a > 0 for a in added]) < 0.6
+    assert all([w for w in d.split() if w not in set(stray)] == text.split() for d in drawn)  # only put in
+    captions = SceneCaptions([scene] * 8)
+    assert torch.equal(captions.layouts(torch.zeros(8, dtype=torch.long), drawn[:8]),
+                       captions.layouts(torch.zeros(8, dtype=torch.long), [text] * 8))
+    assert with_stray_words(text, r, 0.0, stray) == text

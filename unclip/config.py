@@ -254,6 +254,10 @@ class LayoutConfig:
     model: LayoutModelConfig = field(default_factory=LayoutModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=3000, batch_size=256, lr=1e-3,
                                                                    warmup_steps=100, ckpt_every=500))
+    # the chance that a training caption gets a stray word (a word of the tokenizer's vocabulary that the data's
+    # captions never use) at a random place, and again for each next one: the stage learns to pass over words it
+    # does not know, as in "exactly three 7s" (held-out phrasings)
+    stray_words: float = 0.0
     clip_fingerprint: str = ""
 
 

@@ -40,6 +40,14 @@ def _word_length(word: str) -> int:
     return len(_bpe().encode(word))
 
 
+@lru_cache(maxsize=1)
+def vocabulary_words() -> tuple[str, ...]:
+    """The BPE vocabulary's whole words of three or more ASCII letters (about 32,000: English words and names), in
+    its order."""
+    return tuple(w[:-4] for w in _bpe().encoder if w.endswith("</w>") and len(w) >= 7 and w[:-4].isascii()
+                 and w[:-4].isalpha())
+
+
 class Tokenizer:
     """Encode captions to `[B, context]` token ids: start token, BPE tokens, end token, zero padding."""
 

@@ -9,6 +9,7 @@ together with the `Spec` a generated image must meet.
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from dataclasses import dataclass, replace
 from itertools import permutations
@@ -42,6 +43,12 @@ HELD_OUT_FORMS = {
 REL_WORDS = {"left": ["to the left of", "left of"], "right": ["to the right of", "right of"],
              "above": ["above", "over"], "below": ["below", "under", "beneath"]}
 HELD_OUT_REL = {"left": "to the left side of", "right": "to the right side of", "above": "higher than", "below": "lower than"}
+SIZE_WORDS = {"small": ["small", "tiny", "little"], "large": ["large", "big"]}
+# every word the captions are written with, training's and the held-out phrasings': what a stray word never is
+CAPTION_WORDS = frozenset(re.findall(r"[a-z]+", " ".join([
+    *WORDS, *PLURALS, *COLOURS, "a an the digit in coloured colored pair of and", *HELD_OUT_FORMS.values(),
+    *HELD_OUT_REL.values(), *(w for ws in (*COUNTS.values(), *PLACE_WORDS.values(), *REL_WORDS.values(),
+                                           *SIZE_WORDS.values()) for w in ws)])))
 
 
 def word_objects(scene: Scene, text: str) -> list[int]:
@@ -98,7 +105,7 @@ def phrase(obj, r: random.Random, colour: bool, size: bool, place: Optional[str]
     n = noun(obj.digit, r)
     size_word = obj.size_word if size else None
     if size_word:
-        size_word = r.choice({"small": ["small", "tiny", "little"], "large": ["large", "big"]}[size_word])
+        size_word = r.choice(SIZE_WORDS[size_word])
     if colour and r.random() < 0.3:
         core = article(" ".join(w for w in (size_word, n) if w)) + r.choice([" in ", " coloured ", " colored "]) + obj.colour
     else:
@@ -163,6 +170,7 @@ class SceneCaptions:
 
     class_names = None  # scenes have no classes: CLIP is validated by caption retrieval
     layout_fields = {"digit": 10, "colour": len(COLOURS)}  # what a layout says of each object (unclip/models/layout.py)
+    words = CAPTION_WORDS
     max_objects = MAX_OBJECTS
 
     def __init__(self, scenes: list[Scene], pool: Optional[GlyphPool] = None, picks: Optional[list[list[int]]] = None):
