@@ -89,10 +89,12 @@ def load_checkpoint(folder: Path, config_cls: type[T], build: Callable[[T], torc
     model = build(config)
     state = load_state(folder)
     reference = model.state_dict()
-    try:
-        model.load_state_dict({k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{folder}: weights do not match {CONFIG_FILE} ({str(e).splitlines()[0]})") from None
+    differ = {"missing": sorted(reference.keys() - state.keys()), "not in the model": sorted(state.keys() - reference.keys()),
+              "of another shape": sorted(k for k in reference.keys() & state.keys() if reference[k].shape != state[k].shape)}
+    if any(differ.values()):  # a config edited by hand, or weights saved by another version of t2i
+        said = "; ".join(f"{len(keys)} {what} ({keys[0]}{', ...' if len(keys) > 1 else ''})" for what, keys in differ.items() if keys)
+        raise CheckpointError(f"{folder}: weights do not match {CONFIG_FILE}: {said}")
+    model.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items()}, strict=True)
     return model, config
 
 

@@ -72,8 +72,8 @@ def word_objects(scene: Scene, text: str) -> list[int]:
 
 def mention_order(scene: Scene, text: str) -> list[int]:
     """The scene's objects (indices) in the order a caption of it names them: by the places of the words that name
-    each (`word_objects`), compared in turn ("a red 3 and a red 7": the 3, whose words come at 1 and 2, before the 7
-    at 1, 5, 6); objects no word names last, and ties in the scene's order."""
+    each (`word_objects`), compared in turn ("a red 3 and a red 7": the 3, named by words 1, 2 and 5, before the 7,
+    named by words 1, 5 and 6); objects no word names last, and ties in the scene's order."""
     bits = word_objects(scene, text)
     named = [[i for i, b in enumerate(bits) if b >> j & 1] or [len(bits)] for j in range(len(scene.objects))]
     return sorted(range(len(scene.objects)), key=lambda j: (named[j], j))
