@@ -463,6 +463,10 @@ UpsamplerStepsOpt = Annotated[Optional[int], typer.Option("--upsampler-steps", h
 UpsamplerStrengthOpt = Annotated[Optional[float], typer.Option(
     "--upsampler-strength", help="How far the upsampler noises the enlarged base image before refining it; 1: from noise.")]
 SampleDeviceOpt = Annotated[Device, typer.Option("--device")]
+LayoutTemperatureOpt = Annotated[Optional[float], typer.Option(
+    "--layout-temperature", help="Pipelines with a layout stage: how freely it draws each object (1: as it learnt; 0: its likeliest).")]
+BoxTemperatureOpt = Annotated[Optional[float], typer.Option(
+    "--box-temperature", help="Pipelines with a layout stage: how freely it draws the boxes, apart from the objects' labels.")]
 
 
 def sampling_settings(sampler: Optional[Sampler], **flags) -> dict:
@@ -480,6 +484,7 @@ def generate(
     seed: SeedSampleOpt = 0, sampler: SamplerOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
     text_guidance: TextGuidanceOpt = None, prior_guidance: PriorGuidanceOpt = None,
     upsampler_steps: UpsamplerStepsOpt = None, upsampler_strength: UpsamplerStrengthOpt = None,
+    layout_temperature: LayoutTemperatureOpt = None, box_temperature: BoxTemperatureOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images sampled at once.")] = 64,
     device: SampleDeviceOpt = Device.auto,
     animate: Annotated[bool, typer.Option("--animate", help="Also write denoise.gif of the sampling chain.")] = False,
@@ -494,7 +499,8 @@ def generate(
         raise UserError("--strength is for image-to-image: give the image with --init-image")
     settings = sampling_settings(sampler, steps=steps, guidance=guidance, prior_guidance=prior_guidance,
                                  upsampler_steps=upsampler_steps, upsampler_strength=upsampler_strength,
-                                 strength=strength, text_guidance=text_guidance)
+                                 strength=strength, text_guidance=text_guidance, layout_temperature=layout_temperature,
+                                 layout_box_temperature=box_temperature)
     with progress_bar("sampling") as bar:
         folder = generate_to_folder(prompt, num_samples, checkpoints, out, settings, seed, batch_size, device.value,
                                     animate, bar, negative_prompt, init_image)

@@ -41,6 +41,7 @@ from unclip.data.mnist import load_idx_dataset  # noqa: E402
 from unclip.data.scene_captions import (NEGATIVES, PLACE_TERMS, REL_WORDS, TASKS, SceneCaptions, Spec, caption, perturb,  # noqa: E402
                                         stacks, task_prompt, task_scene_args, twin_glyphs)
 from unclip.data.scenes import COLOURS, HELD_OUT, SIZE, GlyphPool, Scene, sample_scene  # noqa: E402
+from unclip.models.layout import GRID  # noqa: E402
 from unclip.diffusion.gaussian import q_sample  # noqa: E402
 from unclip.images import grid, resize, save_png, to_float, to_uint8  # noqa: E402
 from unclip.models.unet import attention_shares  # noqa: E402
@@ -127,23 +128,36 @@ def best_of(pipe: Pipeline, captions: list[str], options: SamplingOptions, gener
 
 
 @torch.no_grad()
-def draw_layouts(pipe: Pipeline, sets: dict, per_prompt: int, glyphs: GlyphPool, temperature: float,
+def draw_layouts(pipe: Pipeline, sets: dict, per_prompt: int, glyphs: GlyphPool, options: SamplingOptions,
                  batch: int = 256) -> dict:
     """Per set, what a perfect decoder would draw from the layout stage: `per_prompt` layouts a prompt drawn by
-    the pipeline's layout stage at `temperature`, each rendered with real MNIST test glyphs (uint8 (prompts x
-    per_prompt, 3, 64, 64))."""
-    out = {}
+    the pipeline's layout stage at the options' temperatures, each rendered with real MNIST test glyphs (uint8 (prompts x
+    per_prompt, 3, 64, 64)); and how far apart a prompt's layouts put their first object (`spread`)."""
+    out, spreads = {}, {}
     for name, items in sets.items():
         prompts = [text for text, *_ in items for _ in range(per_prompt)]
-        images = []
+        images, layouts = [], []
         for start in range(0, len(prompts), batch):
             generator = torch.Generator(pipe.device).manual_seed(start)
             _, features, mask = text_condition(pipe.clip, pipe.tokenizer, prompts[start: start + batch])
-            for i, layout in enumerate(pipe.layout.sample(features, mask, generator, temperature)):
+            layouts.append(pipe.layout.sample(features, mask, generator, options.layout_temperature,
+                                              options.layout_box_temperature).cpu())
+            for i, layout in enumerate(layouts[-1]):
                 scene = SceneCaptions.layout_scene(layout)
                 images.append(glyphs.render(scene, glyphs.picks(scene, np.random.default_rng(start + i))))
         out[name] = torch.stack(images)
-    return out
+        spreads[name] = spread(torch.cat(layouts).view(len(items), per_prompt, *layouts[0].shape[1:]))
+    return out, spreads
+
+
+def spread(layouts: torch.Tensor) -> float:
+    """How much a prompt's layouts (prompts, draws, N, F) vary: the mean distance in pixels at 64x64 between the
+    centres of their first objects, over every pair of draws of a prompt (0: the same place every time)."""
+    box = layouts[:, :, 0, -4:].float() * SIZE / GRID
+    centre = torch.stack([box[..., 0] + box[..., 2], box[..., 1] + box[..., 3]], -1) / 2  # (prompts, draws, 2)
+    distance = torch.cdist(centre, centre)  # (prompts, draws, draws)
+    draws = layouts.shape[1]
+    return float(distance.sum() / (len(layouts) * draws * (draws - 1)))
 
 
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
@@ -343,6 +357,9 @@ def table(report: dict) -> list[str]:
         lines += ["", f"Layout stage, position prompts: the real layout likelier under the prompt than under it with the "
                       f"relation reversed for {r['prompt_likelier']:.3f} of {r['prompts']}, mean log-likelihood ratio "
                       f"{r['log_ratio']:.2f} nats"]
+    if "layout_spread" in report:
+        lines += ["", "Layout stage, how far apart a prompt's layouts put the first object (mean distance between its "
+                      "centres, px at 64x64): " + ", ".join(f"{k} {v:.1f}" for k, v in report["layout_spread"].items())]
     if "grounding" in report:
         lines += ["", "| the decoder's cross-attention of a word naming objects, on the real scene noised to | strength | "
                       "words | on its own objects | on the others | its own objects' share of the image |",
@@ -451,10 +468,9 @@ def main() -> None:
     if "layout" in parts and pipe.layout is None and parts == {"layout"}:
         ap.error(f"--only layout: {args.checkpoints} has no layout stage its decoder reads")
     if "layout" in parts and pipe.layout is not None:  # (a pipeline without one skips the part)
-        temperature = options.layout_temperature
-        report["layout_temperature"] = temperature
-        report["layout"], report["layout_digits"] = task_scores(judge, draw_layouts(pipe, sets, args.per_prompt, glyphs,
-                                                                                    temperature), specs)
+        report["layout_temperature"] = options.layout_temperature
+        drawn, report["layout_spread"] = draw_layouts(pipe, sets, args.per_prompt, glyphs, options)
+        report["layout"], report["layout_digits"] = task_scores(judge, drawn, specs)
         report["relation_reading"] = relation_reading(pipe, sets["position"])
     if "grounding" in parts:
         if not pipe.decoder_config.model.text_levels:

@@ -68,6 +68,20 @@ def test_the_layout_model_learns_layouts_for_captions_and_draws_them():
     assert (real[:, 2:4] <= real[:, 4:6]).all() and (wild[~present] == -1).all()
 
 
+def test_the_boxes_have_a_temperature_of_their_own():
+    torch.manual_seed(0)
+    model = LayoutModel(LayoutModelConfig(width=32, layers=1, heads=2, fields=FIELDS), text_width=8).eval()
+    text, mask = torch.randn(1, 3, 8).expand(256, 3, 8), torch.ones(256, 3, dtype=torch.bool)
+    free_boxes = model.sample(text, mask, torch.Generator().manual_seed(0), temperature=0, box_temperature=5.0)
+    assert (free_boxes[:, 0, :2] == free_boxes[0, 0, :2]).all()  # the first object's labels: the likeliest, always
+    assert len({tuple(b) for b in free_boxes[:, 0, 2:].tolist()}) > 100
+    free_labels = model.sample(text, mask, torch.Generator().manual_seed(0), temperature=5.0, box_temperature=0)
+    labels = [tuple(row) for row in free_labels[:, 0, :2].tolist()]
+    assert len(set(labels)) > 20
+    boxes = {}  # the same labels, the same (likeliest) first box
+    assert all(boxes.setdefault(k, tuple(b)) == tuple(b) for k, b in zip(labels, free_labels[:, 0, 2:].tolist()))
+
+
 def test_an_objects_colour_is_drawn_without_seeing_its_digit_and_its_box_with_both():
     """Fields drawn apart: changing an object's digit leaves what the model says of its colour alone, and changes what
     it says of the box and of the next object."""

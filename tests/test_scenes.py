@@ -272,7 +272,7 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
     assert r.exit_code == 0, r.output  # the decoder reads layouts: generate now draws one first
     assert Pipeline.load(tmp_path / "pipe", "cpu").layout is not None
     r = run("generate", "--checkpoints", tmp_path / "pipe", "--prompt", "a red blue seven left of a 3", "-n", 2,
-            "--steps", 2, "--out", tmp_path / "g")
+            "--steps", 2, "--out", tmp_path / "g", "--layout-temperature", 0.5, "--box-temperature", 0)
     assert r.exit_code == 0, r.output  # a contradictory prompt still draws
     assert Image.open(tmp_path / "g" / "0000.png").size == (32, 32) and Image.open(tmp_path / "g" / "0000.png").mode == "RGB"
     shares = attention_grounding(Pipeline.load(tmp_path / "pipe", "cpu"), prompt_sets(mnist_test_glyphs(mnist_dir), 3, 1))

@@ -122,6 +122,7 @@ class SamplingOptions:
     # pipelines with a layout stage: its sampling temperature (1 draws from what it learnt; lower keeps to the
     # likelier layouts: on scenes 0.5 drew the prompts' relations and colours right more often, README)
     layout_temperature: float = 1.0
+    layout_box_temperature: Optional[float] = None  # the boxes' corners' own temperature (None: layout_temperature)
     upsampler_steps: int = 10  # when the pipeline has an upsampler
     # how far the upsampler noises the base image, enlarged, before refining it (SDEdit): 1 draws from pure noise
     upsampler_strength: float = 1.0
@@ -339,21 +340,21 @@ def draw(pipe: "Pipeline", captions: list[str], options: "SamplingOptions", gene
     negative = None  # the caption's tokens go to decoders that read them (decoder_condition)
     if negatives is not None and options.guidance != 1.0:
         negative = decoder_condition(pipe.decoder_config, embed(negatives, None), neg[1:])
-    layout = sample_layouts(pipe, cond[1:], generator, options.layout_temperature, layouts)
+    layout = sample_layouts(pipe, cond[1:], generator, options, layouts)
     return decode_and_upsample(pipe, emb, options, generator, callback, text=cond[1:], negative=negative, init=init,
                                strength=strength, layout=layout)
 
 
-def sample_layouts(pipe: "Pipeline", text: tuple, generator: torch.Generator, temperature: float,
+def sample_layouts(pipe: "Pipeline", text: tuple, generator: torch.Generator, options: SamplingOptions,
                    layouts: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """For a decoder that reads layouts, the map (`layout_map`) of `layouts` (B, N, F) when given, else of a layout
-    the pipeline's layout stage draws for each caption (token features and mask from `text_condition`) at
-    `temperature` (`SamplingOptions.layout_temperature`); None where there is none to read."""
+    the pipeline's layout stage draws for each caption (token features and mask from `text_condition`) at the
+    options' `layout_temperature` and `layout_box_temperature`; None where there is none to read."""
     m = pipe.decoder_config.model
     if not m.layout or (layouts is None and pipe.layout is None):
         return None
     if layouts is None:
-        layouts = pipe.layout.sample(*text, generator, temperature)
+        layouts = pipe.layout.sample(*text, generator, options.layout_temperature, options.layout_box_temperature)
     return layout_map(layouts.to(pipe.device), m.layout_fields, m.image_size)
 
 

@@ -16,6 +16,8 @@ past a layout's last object.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,16 +116,18 @@ class LayoutModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, text: torch.Tensor, text_mask: torch.Tensor, generator: torch.Generator,
-               temperature: float = 1.0) -> torch.Tensor:
-        """Layouts (B, N, F) for captions' token features, drawn token by token (at `temperature`; 0: the most
-        likely token each time). A box's corners are put in order (x0 <= x1, y0 <= y1)."""
+               temperature: float = 1.0, box_temperature: Optional[float] = None) -> torch.Tensor:
+        """Layouts (B, N, F) for captions' token features, drawn token by token (at `temperature`, the boxes' corners
+        at `box_temperature` when given; 0: the most likely token each time). A box's corners are put in order
+        (x0 <= x1, y0 <= y1)."""
         B = text.shape[0]
         seq = torch.empty(B, 0, dtype=torch.long, device=text.device)
         ended = torch.zeros(B, dtype=torch.bool, device=text.device)
-        for _ in range(self.length):
+        for i in range(self.length):
             logits = self.forward(seq, text, text_mask)[:, -1]
-            if temperature > 0:
-                probs = (logits / temperature).softmax(-1)
+            t = temperature if box_temperature is None or i % self.per_object < len(self.config.fields) else box_temperature
+            if t > 0:
+                probs = (logits / t).softmax(-1)
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
                 token = logits.argmax(-1)
