@@ -165,6 +165,11 @@ def test_distill_with_guidance_writes_a_pipeline_that_samples_unguided(tiny_pipe
             r = run("generate", "--checkpoints", tmp_path / "guided", "--prompt", "six", "-n", 1, *asked,
                     "--out", tmp_path / "g")
             assert r.exit_code == 0 and (said in " ".join(r.output.split())) and ("learnt" in r.output) == bool(said)
+        (tmp_path / "guided" / "sampling.yaml").write_text("guidance: 1.5\n")  # guided on top by the pipeline's own default
+        for asked, noted in (([], False), (["--guidance", 2], True)):  # only a guidance asked for is worth a note
+            r = run("generate", "--checkpoints", tmp_path / "guided", "--prompt", "six", "-n", 1, *asked,
+                    "--out", tmp_path / "g")
+            assert r.exit_code == 0 and ("learnt" in r.output) == noted, r.output
         (tiny_pipeline / "sampling.yaml").write_text("guidance: 2.5\ntext_guidance: 1.5\n")
         r = run(*args, "--out", tmp_path / "two-scales")
         assert r.exit_code == 1 and "name the one scale to distill with --guidance" in " ".join(r.output.split())

@@ -99,7 +99,8 @@ class UnCLIPPipeline:
         configs = {"prior": pipe.prior_config, "decoder": pipe.decoder_config}
         learnt = [f"the {stage} learnt guidance {configs[stage].model.distilled_guidance:g}, so {key} {given[key]:g} "
                   "guides it again on top of that" for stage, key in GUIDANCE_KEYS.items()
-                  if configs[stage].model.distilled_guidance != 1.0 and given.get(key, 1.0) != 1.0]
+                  if configs[stage].model.distilled_guidance != 1.0
+                  and given.get(key, 1.0) not in (1.0, getattr(pipe.defaults, key))]  # (a pipeline's own default: meant)
         if learnt and not self._noted_learnt:
             self._noted_learnt = True
             log.info("distilled with guidance: %s", "; ".join(learnt))
