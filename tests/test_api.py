@@ -77,6 +77,16 @@ def test_prior_candidates_reach_the_prior(pipe):
                                  output_type="uint8", prior_candidates=2).images)
 
 
+def test_generate_images_draws_with_the_options_it_is_given_every_field(pipe, monkeypatch):
+    import unclip.api
+
+    seen, draw = [], unclip.api.draw
+    monkeypatch.setattr(unclip.api, "draw", lambda p, c, options, *a, **k: seen.append(options) or draw(p, c, options, *a, **k))
+    options = replace(pipe.options(num_inference_steps=3), layout_temperature=0.3, layout_box_temperature=0.2)
+    generate_images(pipe, "six", 2, options)
+    assert seen == [options]
+
+
 def test_callback_counts_every_denoising_step(pipe):
     seen = []
     pipe("three", num_images_per_prompt=3, num_inference_steps=4, generator=seeded(), batch_size=2,

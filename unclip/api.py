@@ -99,8 +99,7 @@ class UnCLIPPipeline:
         configs = {"prior": pipe.prior_config, "decoder": pipe.decoder_config}
         learnt = [f"the {stage} learnt guidance {configs[stage].model.distilled_guidance:g}, so {key} {given[key]:g} "
                   "guides it again on top of that" for stage, key in GUIDANCE_KEYS.items()
-                  if configs[stage].model.distilled_guidance != 1.0
-                  and given.get(key, 1.0) not in (1.0, getattr(pipe.defaults, key))]  # (a pipeline's own default: meant)
+                  if configs[stage].model.distilled_guidance != 1.0 and given.get(key, 1.0) != 1.0]
         if learnt and not self._noted_learnt:
             self._noted_learnt = True
             log.info("distilled with guidance: %s", "; ".join(learnt))
@@ -154,7 +153,7 @@ class UnCLIPPipeline:
                  strength: Optional[float] = None, sampler: Optional[str] = None,
                  upsampler_steps: Optional[int] = None, batch_size: int = BATCH_SIZE,
                  prior_candidates: Optional[int] = None, text_guidance_scale: Optional[float] = None,
-                 upsampler_strength: Optional[float] = None) -> UnCLIPOutput:
+                 upsampler_strength: Optional[float] = None, options: Optional[SamplingOptions] = None) -> UnCLIPOutput:
         """Text -> images: the prior turns each prompt into CLIP image embeddings, the decoder (and upsampler)
         draws them, `num_images_per_prompt` each, in batches of `batch_size`.
 
@@ -164,7 +163,8 @@ class UnCLIPPipeline:
         text embedding kept (DALL-E 2). `text_guidance_scale` (decoders that read the caption): the caption's own
         guidance over the image embedding's, which `guidance_scale` then sets alone. `upsampler_strength` (pipelines
         with an upsampler): below 1 the upsampler starts from the base image enlarged and noised that far (SDEdit)
-        instead of from noise. Unset settings take the pipeline's defaults.
+        instead of from noise. Unset settings take the pipeline's defaults. `options`: all of them at once, already
+        resolved (`resolve`; every SamplingOptions field, a layout stage's temperatures too), in place of the settings.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p.strip() for p in prompts):
@@ -175,8 +175,9 @@ class UnCLIPPipeline:
         if negatives is not None and all(not n.strip() for n in negatives):
             negatives = None  # an empty negative prompt is no negative prompt
         check_count(num_images_per_prompt, batch_size, output_type)
-        options = self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, upsampler_steps, strength,
-                               prior_candidates, text_guidance_scale, upsampler_strength)
+        options = options or self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler,
+                                          upsampler_steps, strength, prior_candidates, text_guidance_scale,
+                                          upsampler_strength)
         if negatives is not None and options.prior_guidance == options.guidance == 1 and options.text_guidance is None:
             log.warning("the negative prompt changes nothing at guidance 1: it takes the place of the unconditional "
                         "branch of guidance, and there is none; set the prior's above 1 (--prior-guidance 1.5)")

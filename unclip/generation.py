@@ -57,10 +57,7 @@ def generate_images(pipe: UnCLIPPipeline, prompt: str, num_samples: int, options
     for start in range(0, num_samples, batch_size):
         images = pipe(prompt, negative_prompt, min(batch_size, num_samples - start), generator=generator,
                       output_type="uint8", callback=callback, image=init_image, batch_size=batch_size,
-                      num_inference_steps=options.steps, guidance_scale=options.guidance,
-                      prior_guidance_scale=options.prior_guidance, strength=options.strength, sampler=options.sampler,
-                      upsampler_steps=options.upsampler_steps, prior_candidates=options.prior_candidates,
-                      text_guidance_scale=options.text_guidance, upsampler_strength=options.upsampler_strength).images
+                      options=options).images
         if on_batch:
             on_batch(start, images)
         out.append(images)
