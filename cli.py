@@ -312,7 +312,8 @@ def distill(
     out: Annotated[Path, typer.Option("--out", help="The distilled pipeline folder written (rounds under OUT/distill/).")],
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help=f"The distilled stage's sampling steps (default {DistillConfig.steps}).")] = None,
     teacher_steps: Annotated[Optional[int], typer.Option("--teacher-steps", min=2, help=f"The teacher's DDIM steps, steps x 2^rounds (default {DistillConfig.teacher_steps}).")] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", min=1.0, help="The teacher's guidance, learnt by the student, which then samples at 1 (default: the pipeline's own for the stage, its sampling.yaml).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", min=1.0, help="The teacher's guidance, learnt by the student (default: the pipeline's own for the stage, its sampling.yaml).")] = None,
+    student_guidance: Annotated[Optional[float], typer.Option("--student-guidance", min=1.0, help=f"The guidance the distilled pipeline samples its student at, on top of the learnt one (default {DistillConfig.student_guidance}).")] = None,
     stage: Annotated[Optional[DistillStage], typer.Option("--stage", help=f"The stage distilled (default {DistillConfig.stage}).")] = None,
     config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
     image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None, stream: StreamOpt = None,
@@ -331,7 +332,7 @@ def distill(
                             stream=stream, workers=workers, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                             lr=lr, seed=seed, device=device, tensorboard=tensorboard or None, init=init)
     flags.update({k: v for k, v in (("steps", steps), ("teacher_steps", teacher_steps), ("guidance", guidance),
-                                    ("stage", stage and stage.value)) if v is not None})
+                                    ("student_guidance", student_guidance), ("stage", stage and stage.value)) if v is not None})
     last = run_distill(pipeline, out, config, flags, resume)
     if not last.get("interrupted") and is_main():
         console.print(f"distilled pipeline saved to {out} (t2i generate --checkpoints {out} --prompt ...)")

@@ -169,9 +169,9 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
             if stage != cfg.stage and (pipeline / stage / WEIGHTS_FILE).is_file():
                 copy_stage(pipeline / stage, out / stage)
         defaults = (load_yaml(pipeline / SAMPLING_FILE) or {}) if (pipeline / SAMPLING_FILE).is_file() else {}
-        if cfg.guidance != 1.0:  # the student's guidance is in its weights
+        if cfg.guidance != 1.0 or cfg.student_guidance != 1.0:  # the teacher's guidance is in the student's weights
             dropped = ("text_guidance",) if cfg.stage == "decoder" else ()
-            defaults = {**{k: v for k, v in defaults.items() if k not in dropped}, guidance_key: 1.0}
+            defaults = {**{k: v for k, v in defaults.items() if k not in dropped}, guidance_key: cfg.student_guidance}
         if defaults:
             atomic_write_text(out / SAMPLING_FILE, yaml.safe_dump(defaults, sort_keys=False))
         copy_stage(round_folder(out, cfg.stage, rounds[-1]), out / cfg.stage)

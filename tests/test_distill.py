@@ -165,7 +165,11 @@ def test_distill_with_guidance_writes_a_pipeline_that_samples_unguided(tiny_pipe
             r = run("generate", "--checkpoints", tmp_path / "guided", "--prompt", "six", "-n", 1, *asked,
                     "--out", tmp_path / "g")
             assert r.exit_code == 0 and (said in " ".join(r.output.split())) and ("learnt" in r.output) == bool(said)
-        (tmp_path / "guided" / "sampling.yaml").write_text("guidance: 1.5\n")  # guided on top by the pipeline's own default
+        r = run(*args, "--student-guidance", 1.5, "--out", tmp_path / "on-top")
+        assert r.exit_code == 0, r.output  # the student guided on top of what it learnt, by the pipeline's own default
+        assert yaml.safe_load((tmp_path / "on-top" / "sampling.yaml").read_text()) == {"guidance": 1.5,
+                                                                                        "prior_guidance": 2.0}
+        (tmp_path / "guided" / "sampling.yaml").write_text("guidance: 1.5\n")
         for asked, noted in (([], False), (["--guidance", 2], True)):  # only a guidance asked for is worth a note
             r = run("generate", "--checkpoints", tmp_path / "guided", "--prompt", "six", "-n", 1, *asked,
                     "--out", tmp_path / "g")

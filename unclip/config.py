@@ -270,10 +270,13 @@ class DistillConfig:
     stage: str = choice("decoder", "prior")
     teacher_steps: int = 16  # the first teacher's chain: the stage's DDIM over trailing timesteps
     steps: int = 2  # the last student's (the shipped one's); teacher_steps / steps must be a power of two
-    # the teacher's classifier-free guidance, learnt by the students (Meng et al. 2023), who then sample at guidance 1
-    # (the distilled pipeline's sampling.yaml says so); None: the teacher pipeline's own default for the stage (its
-    # sampling.yaml's guidance, or prior_guidance)
+    # the teacher's classifier-free guidance, learnt by the students (Meng et al. 2023), who then sample at
+    # `student_guidance` (the distilled pipeline's sampling.yaml says so); None: the teacher pipeline's own default for
+    # the stage (its sampling.yaml's guidance, or prior_guidance)
     guidance: Optional[float] = None
+    # the guidance the distilled pipeline's sampling.yaml gives its student: classifier-free guidance on top of the
+    # learnt one (the student learns the unconditional chain too, its conditions dropped as in training)
+    student_guidance: float = 1.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=128, lr=2e-4, warmup_steps=50,
                                                                    ema_decay=0.999, ckpt_every=250))
 
