@@ -87,6 +87,28 @@ def test_generate_images_draws_with_the_options_it_is_given_every_field(pipe, mo
     assert seen == [options]
 
 
+def test_variations_and_interpolation_draw_with_the_options_they_are_given(pipe, tiny_pipeline, monkeypatch, tmp_path):
+    """t2i vary and interpolate resolve the settings once and hand the options over whole, as generate does."""
+    import unclip.api
+    from unclip.generation import interpolate_to_folder, vary_to_folder
+
+    seen, decode = [], unclip.api.decode_and_upsample
+    monkeypatch.setattr(unclip.api, "decode_and_upsample",
+                        lambda p, e, options, *a, **k: seen.append(options) or decode(p, e, options, *a, **k))
+    options = replace(pipe.options(num_inference_steps=2, guidance_scale=2.0), sampler="ddim")
+    image = pipe("six", num_inference_steps=2, output_type="uint8").images[0]
+    pipe.variations(image, 2, options=options)
+    pipe.interpolate("six", "one", 2, options=options)
+    assert seen == [options, options]
+    seen.clear()
+    source = tmp_path / "six.png"
+    Image.fromarray(image[0].numpy()).save(source)
+    vary_to_folder(source, 1, tiny_pipeline, tmp_path / "vary", {"steps": 2, "guidance": 2.0, "sampler": "ddim"})
+    interpolate_to_folder("six", "one", 2, tiny_pipeline, tmp_path / "lerp", {"steps": 2, "guidance": 2.0,
+                                                                             "sampler": "ddim"})
+    assert [(o.steps, o.guidance, o.sampler) for o in seen] == [(2, 2.0, "ddim")] * 2
+
+
 def test_callback_counts_every_denoising_step(pipe):
     seen = []
     pipe("three", num_images_per_prompt=3, num_inference_steps=4, generator=seeded(), batch_size=2,

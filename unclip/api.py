@@ -202,11 +202,12 @@ class UnCLIPPipeline:
                    guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
                    output_type: str = "pil", callback: Optional[StepCallback] = None, sampler: Optional[str] = None,
                    upsampler_steps: Optional[int] = None, batch_size: int = BATCH_SIZE,
-                   upsampler_strength: Optional[float] = None) -> UnCLIPOutput:
-        """Variations of an image: its CLIP image embedding decoded from fresh noise (DALL-E 2 sec. 3.1)."""
+                   upsampler_strength: Optional[float] = None, options: Optional[SamplingOptions] = None) -> UnCLIPOutput:
+        """Variations of an image: its CLIP image embedding decoded from fresh noise (DALL-E 2 sec. 3.1).
+        `options`: resolved ones in place of the settings, as `__call__` takes them."""
         check_count(num_images, batch_size, output_type)
-        options = self.options(num_inference_steps, guidance_scale, None, sampler, upsampler_steps,
-                               upsampler_strength=upsampler_strength)
+        options = options or self.options(num_inference_steps, guidance_scale, None, sampler, upsampler_steps,
+                                          upsampler_strength=upsampler_strength)
         generator = self.generator(generator)
         emb = encode_images(self.pipeline.clip, self.image(image)[None])
         step = Steps(callback, steps_per_image(self.pipeline, options) * -(-num_images // batch_size))
@@ -222,14 +223,16 @@ class UnCLIPPipeline:
                     num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                     prior_guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
                     output_type: str = "pil", callback: Optional[StepCallback] = None, sampler: Optional[str] = None,
-                    upsampler_steps: Optional[int] = None, upsampler_strength: Optional[float] = None) -> UnCLIPOutput:
+                    upsampler_steps: Optional[int] = None, upsampler_strength: Optional[float] = None,
+                    options: Optional[SamplingOptions] = None) -> UnCLIPOutput:
         """`frames` images on the arc between the CLIP image embeddings of two prompts (through the prior) or
-        images, all from the same starting noise so that only the content moves (DALL-E 2 sec. 3.2)."""
+        images, all from the same starting noise so that only the content moves (DALL-E 2 sec. 3.2). `options`:
+        resolved ones in place of the settings, as `__call__` takes them."""
         if frames < 2:
             raise UserError(f"frames must be at least 2, got {frames}")
         check_count(frames, 1, output_type)
-        options = self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler, upsampler_steps,
-                               upsampler_strength=upsampler_strength)
+        options = options or self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler,
+                                          upsampler_steps, upsampler_strength=upsampler_strength)
         generator = self.generator(generator)
         a, b = (self.embed(x, options, generator) for x in (start, end))
         emb = slerp(a, b, torch.linspace(0, 1, frames, device=a.device))

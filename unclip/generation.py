@@ -112,9 +112,8 @@ def vary_to_folder(image: Path, num_samples: int, checkpoints: str | Path, out: 
     source = pipe.image(image)
     out = writable_folder(Path(out) if out else Path("outputs") / f"vary-{slug(Path(image).stem)}")
     total = steps_per_image(pipe.pipeline, options) * -(-num_samples // batch_size)
-    images = pipe.variations(source, num_samples, options.steps, options.guidance, pipe.generator(seed=seed), "uint8",
-                             advance(progress, total), options.sampler, options.upsampler_steps, batch_size,
-                             options.upsampler_strength).images
+    images = pipe.variations(source, num_samples, generator=pipe.generator(seed=seed), output_type="uint8",
+                             callback=advance(progress, total), batch_size=batch_size, options=options).images
     save_numbered(images, out)
     shown = pipe.image(image, pipe.image_size)[None]  # the source beside them, at their size
     save_png(contact_sheet(torch.cat([shown, images])), out / "grid.png", scale=2)
@@ -129,9 +128,8 @@ def interpolate_to_folder(source: str, target: str, frames: int, checkpoints: st
     pipe = UnCLIPPipeline.from_pretrained(checkpoints, device)
     options = pipe.resolve(settings)
     out = writable_folder(Path(out) if out else Path("outputs") / f"{slug(Path(source).stem)}-to-{slug(Path(target).stem)}")
-    images = pipe.interpolate(source, target, frames, options.steps, options.guidance, options.prior_guidance,
-                              pipe.generator(seed=seed), "uint8", advance(progress, steps_per_image(pipe.pipeline, options)),
-                              options.sampler, options.upsampler_steps, options.upsampler_strength).images
+    images = pipe.interpolate(source, target, frames, generator=pipe.generator(seed=seed), output_type="uint8",
+                              callback=advance(progress, steps_per_image(pipe.pipeline, options)), options=options).images
     save_numbered(images, out)
     save_png(grid(images, ncol=frames), out / "strip.png", scale=2)
     save_gif(list(images), out / "interpolation.gif", scale=4, ms_per_frame=150)
