@@ -437,11 +437,11 @@ def plot(
 
 @command("export")
 def export(
-    checkpoints: Annotated[Path, typer.Option("--checkpoints", help="Trained pipeline folder.")],
+    checkpoints: Annotated[Path, typer.Option("--checkpoints", help="Trained pipeline folder, or one stage's (a CLIP run).")],
     out: Annotated[Path, typer.Option("--out", help="Where the shippable copy goes.")],
     half: Annotated[bool, typer.Option("--half/--full", help="Store weights in float16 (half the size).")] = True,
 ) -> None:
-    """Copy a pipeline's weights and configs (no training state) for shipping, in float16 by default."""
+    """Copy a pipeline's (or one stage's) weights and configs, no training state, for shipping, in float16 by default."""
     import torch
 
     from unclip.checkpoint import export_pipeline

@@ -196,6 +196,12 @@ def test_export_stores_half_precision_and_still_generates(tiny_pipeline, tmp_pat
         assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
     r = run("generate", "--checkpoints", tmp_path / "ship", "--prompt", "six", "-n", 2, "--steps", 2, "--out", tmp_path / "g")
     assert r.exit_code == 0, r.output  # the fingerprints still match across precisions
+    r = run("export", "--checkpoints", tiny_pipeline / "clip", "--out", tmp_path / "clip")  # one stage: a CLIP to train on
+    assert r.exit_code == 0 and sorted(p.name for p in (tmp_path / "clip").iterdir()) == ["config.yaml", "model.safetensors"]
+    assert (tmp_path / "clip" / "model.safetensors").read_bytes() == (tmp_path / "ship" / "clip" / "model.safetensors").read_bytes()
+    (tmp_path / "empty").mkdir()
+    r = run("export", "--checkpoints", tmp_path / "empty", "--out", tmp_path / "nothing")
+    assert r.exit_code == 1 and "lacks clip/model.safetensors (and is no stage folder" in r.output
 
 
 def test_a_pipeline_folder_carries_its_own_sampling_defaults(tiny_pipeline, tmp_path):

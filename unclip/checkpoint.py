@@ -148,19 +148,25 @@ def copy_stage(src: Path, dst: Path) -> None:
 OPTIONAL_STAGES = ("upsampler", "layout")  # the stages a pipeline folder may have besides clip/, prior/, decoder/
 
 
+def export_stage(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.float16) -> None:
+    """Copy a stage folder's `config.yaml` and `model.safetensors`, floating-point weights stored as `dtype`."""
+    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in load_state(src).items()}
+    atomic_write(Path(dst) / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
+    atomic_write_text(Path(dst) / CONFIG_FILE, (Path(src) / CONFIG_FILE).read_text())
+
+
 def export_pipeline(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.float16) -> None:
     """Copy a pipeline folder's shippable files (`config.yaml` + `model.safetensors` of clip/, prior/,
     decoder/, and upsampler/ and layout/ if any, and its sampling.yaml if it has one), floating-point weights stored as
     `dtype`; training state, metrics and samples stay behind. The CLIP fingerprint does not depend on storage precision, so the stages still
-    recognise their CLIP."""
+    recognise their CLIP. A single stage's folder (a CLIP run, to train stage two against) is exported alike."""
+    if (Path(src) / WEIGHTS_FILE).is_file():
+        return export_stage(src, dst, dtype)
     for stage in ("clip", "prior", "decoder"):
         if not (Path(src) / stage / WEIGHTS_FILE).is_file():
-            raise CheckpointError(f"{src} lacks {stage}/{WEIGHTS_FILE}")
+            raise CheckpointError(f"{src} lacks {stage}/{WEIGHTS_FILE} (and is no stage folder: no {WEIGHTS_FILE})")
     optional = [stage for stage in OPTIONAL_STAGES if (Path(src) / stage / WEIGHTS_FILE).is_file()]
     for stage in ("clip", "prior", "decoder", *optional):
-        state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
-                 for k, v in load_state(Path(src) / stage).items()}
-        atomic_write(Path(dst) / stage / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
-        atomic_write_text(Path(dst) / stage / CONFIG_FILE, (Path(src) / stage / CONFIG_FILE).read_text())
+        export_stage(Path(src) / stage, Path(dst) / stage, dtype)
     if (Path(src) / SAMPLING_FILE).is_file():
         atomic_write_text(Path(dst) / SAMPLING_FILE, (Path(src) / SAMPLING_FILE).read_text())
