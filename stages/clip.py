@@ -12,7 +12,7 @@ from unclip.data import CaptionedImages, load_split
 from unclip.data.prepared import convert
 from unclip.data.stream import StreamedCaptions
 from unclip.errors import UserError
-from unclip.models.clip import CLIP, contrastive_loss
+from unclip.models.clip import CLIP, contrastive_loss, twin_direction_loss
 from unclip.images import to_float
 from unclip.tokenizer import Tokenizer
 from unclip.zeroshot import encode_images, encode_texts, zero_shot_accuracy
@@ -41,6 +41,8 @@ def clip_stage(cfg: ClipConfig, eval_split: str = "val") -> Stage:
         raise UserError(f"hard_negatives needs captions that can be perturbed (--data scenes), not {t.data}")
     if cfg.hard_negative_images and not cfg.hard_negatives:
         raise UserError("hard_negative_images draws the hard negatives' scenes: set hard_negatives too")
+    if cfg.twin_direction and not cfg.hard_negative_images:
+        raise UserError("twin_direction compares each scene with its drawn twin: set hard_negative_images too")
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
         seed, n = caption_seed(t.seed, step), len(batch)
@@ -57,6 +59,9 @@ def clip_stage(cfg: ClipConfig, eval_split: str = "val") -> Stage:
         tokens = tokenizer(captions + (negatives or [])).to(device)
         image_emb, text_emb, scale = module(pixels.to(device), tokens)
         text_emb, negative_emb = text_emb[: len(captions)], text_emb[len(captions) :] if negatives else None
+        direction = None
+        if cfg.twin_direction:  # this rank's pairs: its scenes, then their twins in the same order
+            direction = twin_direction_loss(*image_emb.chunk(2), *text_emb.chunk(2), scale)
         image_emb, text_emb = dist.all_gather_with_grad(image_emb), dist.all_gather_with_grad(text_emb)
         if negative_emb is not None:
             negative_emb = dist.all_gather_with_grad(negative_emb)
@@ -65,7 +70,10 @@ def clip_stage(cfg: ClipConfig, eval_split: str = "val") -> Stage:
         with torch.no_grad():
             best = (image_emb @ text_emb.T).argmax(1)
             acc = (groups[best] == groups).float().mean().item()
-        return value, {"acc": acc, "temperature": 1 / scale.item()}
+        shown = {"acc": acc, "temperature": 1 / scale.item()}
+        if direction is not None:
+            value, shown["direction"] = value + cfg.twin_direction * direction, direction.item()
+        return value, shown
 
     def validate(model: CLIP) -> dict:
         if val.class_names:

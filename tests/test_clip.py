@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import torch
 
 from stages.clip import clip_stage
 from stages.trainer import fit
 from unclip.config import ClipConfig, merge
-from unclip.models.clip import CLIP, contrastive_loss
+from unclip.models.clip import CLIP, contrastive_loss, twin_direction_loss
 from unclip.tokenizer import Tokenizer
 from tests.conftest import TINY
 
@@ -61,6 +62,33 @@ def test_loss_equals_clip_loss_when_every_caption_is_distinct():
     logits = 2.0 * img @ txt.T
     ref = (torch.nn.functional.cross_entropy(logits, torch.arange(5)) + torch.nn.functional.cross_entropy(logits.T, torch.arange(5))) / 2
     torch.testing.assert_close(contrastive_loss(img, txt, torch.tensor(2.0), torch.arange(5)), ref)
+
+
+def test_twin_direction_loss_asks_each_change_to_match_its_captions_change_whatever_its_size():
+    """A scene and its twin 0.01 apart weigh as much as 1 apart: the loss sees each change's direction only, and it is
+    low where each image change points the way of its own caption's change, high where the changes are shuffled."""
+    g = torch.Generator().manual_seed(0)
+    image, text, change = torch.randn(3, 8, 16, generator=g)
+    scale = torch.tensor(10.0)
+    for size in (0.01, 1.0):
+        matched = twin_direction_loss(image, image - size * change, text, text - size * change, scale)
+        shuffled = twin_direction_loss(image, image - size * change, text, text - size * change.roll(1, 0), scale)
+        assert matched < 0.1 < math.log(8) < shuffled
+    twin = image.clone().requires_grad_()
+    twin_direction_loss(image, twin, text, text - 0.01 * change, scale).backward()
+    assert twin.grad.abs().sum() > 0
+
+
+def test_twin_losses_need_the_twins_they_compare(mnist_dir):
+    import pytest
+
+    from unclip.errors import UserError
+
+    base = {**TINY["clip"], "train": {**TINY["clip"]["train"], "data_dir": str(mnist_dir)}}
+    for asked, said in (({"hard_negatives": True}, "hard_negatives needs captions that can be perturbed (--data scenes)"),
+                        ({"twin_direction": 1.0}, "twin_direction compares each scene with its drawn twin")):
+        with pytest.raises(UserError, match=re.escape(said)):
+            clip_stage(merge(ClipConfig(), {**base, **asked}))
 
 
 def test_text_encoder_ignores_padding_after_the_end_token():

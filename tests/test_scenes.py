@@ -233,7 +233,7 @@ def test_sample_grid_prompts_come_from_scene_captions(mnist_dir):
 
 
 def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mnist_dir, tmp_path):
-    """--data scenes end to end on tiny models: NegCLIP with twin images, then prior and a text-reading decoder, its
+    """--data scenes end to end on tiny models: NegCLIP with twin images and their changes' directions, then prior and a text-reading decoder, its
     cross-attention grounded and reading layouts, with sample grids; a layout stage; the benchmark's grounding measure
     on what it drew."""
     import yaml
@@ -249,7 +249,7 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
         "clip": {**TINY["clip"], "model": {**TINY["clip"]["model"], "image_channels": 3, "image_size": 32,
                                            "image_pool": "attention", "image_layers": 1, "text_context": 32},
                  "train": {**TINY["clip"]["train"], "data": "scenes", "epochs": 1}, "hard_negatives": True,
-                 "hard_negative_images": True},
+                 "hard_negative_images": True, "twin_direction": 1.0},
         "prior": TINY["prior"],
         "decoder": {**TINY["decoder"], "model": {**TINY["decoder"]["model"], "text_tokens": True, "embed_drop": 0.5, "attn_levels": [1],
                                                  "text_levels": [0], "ground_weight": 1.0, "layout": True},
@@ -261,6 +261,8 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
     run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
     r = run("clip-train", "--config", tmp_path / "scenes.yaml", "--data-dir", mnist_dir, "--out", tmp_path / "clip")
     assert r.exit_code == 0, r.output
+    directions = [r["direction"] for r in read_metrics(tmp_path / "clip")[0] if "loss" in r]
+    assert directions and all(d > 0 for d in directions)  # each scene's change from its twin against its caption's
     r = run("decoder-train", "--clip", tmp_path / "clip", "--config", tmp_path / "scenes.yaml", "--out", tmp_path / "pipe")
     assert r.exit_code == 0, r.output
     grounded = [r["ground"] for r in read_metrics(tmp_path / "pipe" / "decoder")[0] if "ground" in r]

@@ -108,6 +108,9 @@ class ClipConfig:
     # images): the image tower too must then tell a scene from its twin (with text negatives alone both towers of the
     # first scenes CLIP stayed bags of words: a scene and its colour-swapped twin at cosine 0.99). Needs hard_negatives.
     hard_negative_images: bool = False
+    # weight of twin_direction_loss (unclip/models/clip.py): each scene's change from its twin, in the image tower,
+    # must point the way of its caption's change in the text tower. Needs hard_negative_images.
+    twin_direction: float = 0.0
     open_clip: Optional[OpenClipConfig] = None  # set by t2i clip-import: a pretrained open_clip model, frozen
 
 

@@ -155,3 +155,20 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: tor
     loss_i = torch.sum(-targets * F.log_softmax(wide, dim=1)[:, : logits.shape[1]], dim=1).mean()
     loss_t = torch.sum(-targets.T * F.log_softmax(logits.T, dim=1), dim=1).mean()
     return (loss_i + loss_t) / 2
+
+
+def twin_direction_loss(image_emb: torch.Tensor, twin_image_emb: torch.Tensor, text_emb: torch.Tensor,
+                        twin_text_emb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """InfoNCE over the changes between each example and its hard negative twin (B, D each): the k-th scene's
+    change (image minus twin image) must point the way of the k-th caption's change (text minus twin text) rather
+    than the other pairs' (the directional CLIP loss of StyleGAN-NADA, Gal et al. 2022, as a training signal).
+
+    Where both towers are still bags of words a twin pair's two embeddings nearly coincide, so the contrastive
+    loss's pressure to tell them apart is the product of two small differences and barely moves either tower.
+    Normalised, each change is a unit vector whatever its size, and each tower learns from the other's direction.
+    """
+    di = F.normalize(image_emb - twin_image_emb, dim=-1)
+    dt = F.normalize(text_emb - twin_text_emb, dim=-1)
+    logits = scale * di @ dt.T  # (B, B)
+    targets = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
