@@ -108,3 +108,23 @@ def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
     (tmp_path / "c.yaml").write_text("clip: {train: {lr: fast}}\n")
     with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
         load_config(ClipConfig, tmp_path / "c.yaml")
+
+
+def test_a_stage_shipped_on_its_own_resolves_by_name_and_is_no_pipeline(tmp_path, monkeypatch):
+    """checkpoints/scenes-clip is a CLIP alone (to train stage two against): `--clip scenes-clip` finds it, while
+    generate and the web app, which list shipped pipelines, do not offer it."""
+    import unclip.checkpoint as checkpoint
+    from unclip.checkpoint import resolve_folder, shipped_pipelines, shipped_root
+
+    real = shipped_root() / "scenes-clip"
+    assert resolve_folder("scenes-clip") == real == resolve_folder("scenes-clip", "clip")
+    from unclip.pipeline import load_clip
+
+    clip, cfg = load_clip("scenes-clip", "cpu")  # the shipped binding CLIP loads whole
+    assert cfg.twin_direction == 1.0 and cfg.model.image_layers == 2 and "scenes-clip" not in shipped_pipelines()
+    monkeypatch.setattr(checkpoint, "shipped_root", lambda: tmp_path)
+    save_checkpoint(tmp_path / "alone", CLIP(merge(ClipConfig(), TINY["clip"]).model), merge(ClipConfig(), TINY["clip"]))
+    (tmp_path / "pipe" / "clip").mkdir(parents=True)
+    assert resolve_folder("alone") == tmp_path / "alone" and shipped_pipelines() == ["pipe"]
+    with pytest.raises(CheckpointError, match="checkpoint folder not found: nothing"):
+        resolve_folder("nothing")
