@@ -308,3 +308,29 @@ def test_stray_words_are_words_no_caption_uses_and_leave_what_a_caption_names_al
     assert torch.equal(captions.layouts(torch.zeros(8, dtype=torch.long), drawn[:8]),
                        captions.layouts(torch.zeros(8, dtype=torch.long), [text] * 8))
     assert with_stray_words(text, r, 0.0, stray) == text
+
+
+def test_noised_digits_benchmark_cuts_each_box_and_reports_every_strength(mnist_dir, tmp_path, monkeypatch):
+    """benchmarks/noised_digits.py: a crop is the box it names, resized (a box filled with one value reads back as that
+    value but for the edge's bilinear blend, and the same box of another scene reads that scene), and the script
+    reports an accuracy for each noise level asked."""
+    import json
+    import sys
+
+    from benchmarks import noised_digits
+
+    images = -torch.ones(2, 3, 32, 32)
+    images[1, :, 8:16, 4:12] = 0.5  # scene 1: an 8 px box at x 4, y 8
+    cut = noised_digits.crops(images, torch.tensor([[1, 4, 8, 8], [0, 4, 8, 8], [1, 20, 20, 8]]))
+    assert cut.shape == (3, 3, noised_digits.CROP, noised_digits.CROP)
+    inner = cut[0][:, 1:-1, 1:-1]  # bilinear: the outer ring of samples sits a quarter pixel from the box's edge
+    assert torch.equal(inner, torch.full_like(inner, 0.5)) and ((cut[0] > -1) & (cut[0] <= 0.5)).all()
+    assert torch.equal(cut[1], -torch.ones_like(cut[1]))
+    assert torch.equal(cut[2], -torch.ones_like(cut[2]))
+    monkeypatch.setattr(sys, "argv", ["noised_digits.py", "--data-dir", str(mnist_dir), "--strengths", "0,0.9",
+                                      "--train-scenes", "64", "--test-scenes", "16", "--epochs", "1", "--out",
+                                      str(tmp_path / "out")])
+    noised_digits.main()
+    report = json.loads((tmp_path / "out" / "noised_digits.json").read_text())
+    assert (report["train_objects"], report["test_objects"]) == (128, 32)
+    assert list(report["accuracy"]) == ["0.0", "0.9"] and all(0 <= a <= 1 for a in report["accuracy"].values())
