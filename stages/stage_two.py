@@ -11,7 +11,8 @@ from stages.frozen_clip import FrozenClip
 from stages.prior import train_prior
 from stages.trainer import STATE_FILE
 from stages.distributed import is_main
-from unclip.checkpoint import CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text, check_fingerprint, copy_stage
+from unclip.checkpoint import (CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text, check_fingerprint, copy_stage,
+                              resolve_folder)
 from unclip.config import ClipConfig, DecoderConfig, PriorConfig, load_config, load_yaml, merge, stage_section
 from unclip.errors import CheckpointError, ConfigError
 from unclip.pipeline import SamplingOptions, load_prior, prior_diffusion
@@ -34,7 +35,7 @@ def copy_clip(clip_dir: Path, out: Path) -> None:
 def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, out: Path, stages: list[str],
                     resume: bool = False) -> bool:
     """Train `stages` in order; False if a stage was interrupted (the rest is left for --resume)."""
-    clip_dir, out = Path(clip_dir), Path(out)
+    clip_dir, out = resolve_folder(clip_dir, "clip"), Path(out)  # a folder, or a shipped name (mnist, scenes-clip)
     clip_cfg = load_config(ClipConfig, clip_dir / CONFIG_FILE) if (clip_dir / CONFIG_FILE).is_file() else None
     if clip_cfg is None:
         raise CheckpointError(f"--clip {clip_dir}: not a CLIP checkpoint folder (no {CONFIG_FILE})")

@@ -162,8 +162,9 @@ def stage_search(stage: str, config_path: Optional[Path], flags: dict, clip: Opt
         from stages.frozen_clip import FrozenClip
         from stages.prior import prior_stage
         from stages.stage_two import stage_config
-        from unclip.checkpoint import CONFIG_FILE
+        from unclip.checkpoint import CONFIG_FILE, resolve_folder
 
+        clip = resolve_folder(clip, "clip")
         if not (Path(clip) / CONFIG_FILE).is_file():
             raise UserError(f"--clip {clip}: not a CLIP checkpoint folder (no {CONFIG_FILE})")
         clip_cfg = load_config(ClipConfig, Path(clip) / CONFIG_FILE)

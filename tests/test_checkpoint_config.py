@@ -110,11 +110,15 @@ def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
         load_config(ClipConfig, tmp_path / "c.yaml")
 
 
-def test_a_stage_shipped_on_its_own_resolves_by_name_and_is_no_pipeline(tmp_path, monkeypatch):
+def test_a_stage_shipped_on_its_own_resolves_by_name_and_is_no_pipeline(tmp_path, monkeypatch, tiny_pipeline,
+                                                                         tiny_config, mnist_dir):
     """checkpoints/scenes-clip is a CLIP alone (to train stage two against): `--clip scenes-clip` finds it, while
     generate and the web app, which list shipped pipelines, do not offer it."""
+    from typer.testing import CliRunner
+
     import unclip.checkpoint as checkpoint
-    from unclip.checkpoint import resolve_folder, shipped_pipelines, shipped_root
+    from cli import app
+    from unclip.checkpoint import copy_stage, resolve_folder, shipped_pipelines, shipped_root
 
     real = shipped_root() / "scenes-clip"
     assert resolve_folder("scenes-clip") == real == resolve_folder("scenes-clip", "clip")
@@ -122,9 +126,13 @@ def test_a_stage_shipped_on_its_own_resolves_by_name_and_is_no_pipeline(tmp_path
 
     clip, cfg = load_clip("scenes-clip", "cpu")  # the shipped binding CLIP loads whole
     assert cfg.twin_direction == 1.0 and cfg.model.image_layers == 2 and "scenes-clip" not in shipped_pipelines()
-    monkeypatch.setattr(checkpoint, "shipped_root", lambda: tmp_path)
-    save_checkpoint(tmp_path / "alone", CLIP(merge(ClipConfig(), TINY["clip"]).model), merge(ClipConfig(), TINY["clip"]))
-    (tmp_path / "pipe" / "clip").mkdir(parents=True)
-    assert resolve_folder("alone") == tmp_path / "alone" and shipped_pipelines() == ["pipe"]
+    monkeypatch.setattr(checkpoint, "shipped_root", lambda: tmp_path / "shipped")
+    copy_stage(tiny_pipeline / "clip", tmp_path / "shipped" / "alone")
+    (tmp_path / "shipped" / "pipe" / "clip").mkdir(parents=True)
+    assert resolve_folder("alone") == tmp_path / "shipped" / "alone" and shipped_pipelines() == ["pipe"]
     with pytest.raises(CheckpointError, match="checkpoint folder not found: nothing"):
         resolve_folder("nothing")
+    r = CliRunner().invoke(app, ["decoder-train", "--clip", "alone", "--config", str(tiny_config), "--data-dir",
+                                 str(mnist_dir), "--stage", "prior", "--max-steps", "1", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output  # stage two trains against a CLIP shipped on its own, named
+    assert (tmp_path / "p" / "clip" / "model.safetensors").read_bytes() == (tiny_pipeline / "clip" / "model.safetensors").read_bytes()
