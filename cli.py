@@ -254,7 +254,11 @@ def decoder_train(
                             tensorboard=tensorboard or None, init=init)
     stages = ["prior", "decoder"] if stage == StageChoice.both else [stage.value]
     if train_stage_two(clip, config, flags, out, stages, resume) and is_main():
-        console.print(f"pipeline saved to {out} (generate with: t2i generate --checkpoints {out} --prompt ...)")
+        if (out / "decoder" / "model.safetensors").is_file():
+            console.print(f"pipeline saved to {out} (generate with: t2i generate --checkpoints {out} --prompt ...)")
+        else:
+            console.print(f"prior saved to {out / 'prior'}; the pipeline needs its decoder: t2i decoder-train --clip {clip} "
+                          f"--stage decoder --out {out}")
 
 
 @command("upsampler-train")

@@ -135,4 +135,5 @@ def test_a_stage_shipped_on_its_own_resolves_by_name_and_is_no_pipeline(tmp_path
     r = CliRunner().invoke(app, ["decoder-train", "--clip", "alone", "--config", str(tiny_config), "--data-dir",
                                  str(mnist_dir), "--stage", "prior", "--max-steps", "1", "--out", str(tmp_path / "p")])
     assert r.exit_code == 0, r.output  # stage two trains against a CLIP shipped on its own, named
+    assert "the pipeline needs its decoder: t2i decoder-train --clip alone --stage decoder" in " ".join(r.output.split())
     assert (tmp_path / "p" / "clip" / "model.safetensors").read_bytes() == (tiny_pipeline / "clip" / "model.safetensors").read_bytes()
