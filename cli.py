@@ -247,6 +247,7 @@ def decoder_train(
     """Stage two: train the diffusion prior and/or the decoder against a frozen CLIP."""
     from stages.distributed import is_main
     from stages.stage_two import train_stage_two
+    from unclip.checkpoint import WEIGHTS_FILE
 
     flags = train_overrides(data=data, data_dir=data_dir, image_column=image_column, text_column=text_column,
                             stream=stream, workers=workers, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
@@ -254,7 +255,7 @@ def decoder_train(
                             tensorboard=tensorboard or None, init=init)
     stages = ["prior", "decoder"] if stage == StageChoice.both else [stage.value]
     if train_stage_two(clip, config, flags, out, stages, resume) and is_main():
-        if (out / "decoder" / "model.safetensors").is_file():
+        if (out / "decoder" / WEIGHTS_FILE).is_file():
             console.print(f"pipeline saved to {out} (generate with: t2i generate --checkpoints {out} --prompt ...)")
         else:
             console.print(f"prior saved to {out / 'prior'}; the pipeline needs its decoder: t2i decoder-train --clip {clip} "

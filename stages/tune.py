@@ -165,11 +165,11 @@ def stage_search(stage: str, config_path: Optional[Path], flags: dict, clip: Opt
         from unclip.checkpoint import CONFIG_FILE, resolve_folder
 
         clip = resolve_folder(clip, "clip")
-        if not (Path(clip) / CONFIG_FILE).is_file():
+        if not (clip / CONFIG_FILE).is_file():
             raise UserError(f"--clip {clip}: not a CLIP checkpoint folder (no {CONFIG_FILE})")
-        clip_cfg = load_config(ClipConfig, Path(clip) / CONFIG_FILE)
+        clip_cfg = load_config(ClipConfig, clip / CONFIG_FILE)
         base = stage_config(STAGES[stage], stage, clip_cfg, config_path, flags)
-        frozen = FrozenClip.load(Path(clip), base.train)
+        frozen = FrozenClip.load(clip, base.train)
         splits = {"val": frozen}
 
         def build(cfg, split: str) -> Stage:

@@ -169,6 +169,4 @@ def twin_direction_loss(image_emb: torch.Tensor, twin_image_emb: torch.Tensor, t
     """
     di = F.normalize(image_emb - twin_image_emb, dim=-1)
     dt = F.normalize(text_emb - twin_text_emb, dim=-1)
-    logits = scale * di @ dt.T  # (B, B)
-    targets = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    return contrastive_loss(di, dt, scale, torch.arange(len(di), device=di.device))  # every pair its own group
