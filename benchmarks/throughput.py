@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py --config configs/mnist-fast.yaml --data-dir ../shared/data/mnist
     python benchmarks/throughput.py --set train.precision=bf16 --out benchmarks/results/throughput-bf16
+    python benchmarks/throughput.py --config configs/mnist-gpu.yaml --device cuda --kernels --data-dir DIR
 
 Each stage runs `t2i clip-train` / `t2i decoder-train --stage prior|decoder` for `--steps` steps from the
 config (a fresh run folder each), and its steps per second are read from the run's metrics.jsonl between
@@ -11,7 +12,8 @@ section (e.g. `train.batch_size=128`), so variants are measured with one script.
 
 `--kernels` also times one training step (forward, backward, AdamW) of the config's decoder and prior in this
 process, as they are and with the CPU speed-ups the issue lists: bf16 autocast, channels_last memory format,
-`torch.compile` (inductor), and other thread counts. Writes OUT/throughput.json and OUT/throughput.md.
+`torch.compile` (inductor), and other thread counts; with `--device cuda`, on the GPU (bf16 autocast,
+channels_last, `torch.compile`, and the last two with bf16). Writes OUT/throughput.json and OUT/throughput.md.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def steps_per_second(run: Path, skip: int) -> float:
     return (last - skip) / (times[last] - times[skip])
 
 
-def kernel_variants(config: Path, repeats: int = 10) -> list[dict]:
+def kernel_variants(config: Path, device: torch.device, repeats: int = 10, compiled: bool = True) -> list[dict]:
     """Milliseconds per training step of the decoder and the prior at the config's batch size, per variant."""
     from unclip.config import ClipConfig, DecoderConfig, PriorConfig, load_yaml, merge, stage_section
     from unclip.models.prior import DiffusionPrior
@@ -67,7 +69,6 @@ def kernel_variants(config: Path, repeats: int = 10) -> list[dict]:
     dec = merge(DecoderConfig(), stage_section(raw, "decoder"))
     dec.model.image_size, dec.model.image_channels = dec.model.image_size or clip.image_size, clip.image_channels
     pri = merge(PriorConfig(), stage_section(raw, "prior"))
-    cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
     B, D, L = dec.train.batch_size, clip.embed_dim, 8
     image = torch.randn(B, clip.image_channels, dec.model.image_size, dec.model.image_size, generator=g)
@@ -75,35 +76,43 @@ def kernel_variants(config: Path, repeats: int = 10) -> list[dict]:
     prior_x = torch.randn(P, D, generator=g)
     prior_cond = (torch.randn(P, D, generator=g), torch.randn(P, L, clip.text_width, generator=g),
                   torch.ones(P, L, dtype=torch.bool))
+    image, prior_x = image.to(device), prior_x.to(device)
+    prior_cond = tuple(c.to(device) for c in prior_cond)
 
     def stage(kind: str, channels_last: bool, compiled: bool):
         torch.manual_seed(0)
         if kind == "decoder":
-            net = UNet(dec.model, D, text_width=clip.text_width)
-            x, cond = image, (torch.randn(B, D, generator=g),)
+            net = UNet(dec.model, D, text_width=clip.text_width).to(device)
+            x, cond = image, (torch.randn(B, D, generator=g).to(device),)
             if channels_last:
                 net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-            diffusion = decoder_diffusion(net, dec, cpu)
+            diffusion = decoder_diffusion(net, dec, device)
         else:
-            net = DiffusionPrior(pri.model, D, clip.text_width, clip.text_context)
-            x, cond, diffusion = prior_x, prior_cond, prior_diffusion(net, pri, cpu)
+            net = DiffusionPrior(pri.model, D, clip.text_width, clip.text_context).to(device)
+            x, cond, diffusion = prior_x, prior_cond, prior_diffusion(net, pri, device)
         if compiled:
             diffusion = replace(diffusion, net=torch.compile(net))
         return net, diffusion, x, cond
 
     rows = []
-    variants = [("fp32", {}), ("bf16 autocast", {"bf16": True}), ("channels_last", {"channels_last": True}),
-                ("torch.compile", {"compiled": True}), ("1 thread", {"threads": 1})]
+    variants = [("fp32", {}), ("bf16 autocast", {"bf16": True}), ("channels_last", {"channels_last": True})]
+    if device.type == "cuda":  # the compiled ones last: they take longest
+        variants += [("channels_last + bf16", {"channels_last": True, "bf16": True}), ("torch.compile", {"compiled": True}),
+                     ("torch.compile + bf16", {"compiled": True, "bf16": True})]
+    else:
+        variants += [("torch.compile", {"compiled": True}), ("1 thread", {"threads": 1})]
+    variants = [(name, v) for name, v in variants if compiled or not v.get("compiled")]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for kind in ("decoder", "prior"):
         for name, v in variants:
-            if name == "channels_last" and kind == "prior":
+            if name.startswith("channels_last") and kind == "prior":
                 continue
             threads = torch.get_num_threads()
             torch.set_num_threads(v.get("threads", threads))
             try:
                 net, diffusion, x, cond = stage(kind, v.get("channels_last", False), v.get("compiled", False))
-                opt = torch.optim.AdamW(net.parameters(), 1e-3)
-                autocast = torch.autocast("cpu", dtype=torch.bfloat16) if v.get("bf16") else nullcontext()
+                opt = torch.optim.AdamW(net.parameters(), 1e-3, fused=device.type == "cuda" or None)
+                autocast = torch.autocast(device.type, dtype=torch.bfloat16) if v.get("bf16") else nullcontext()
 
                 def step():
                     with autocast:
@@ -115,12 +124,15 @@ def kernel_variants(config: Path, repeats: int = 10) -> list[dict]:
                 warm = time.perf_counter()
                 for _ in range(3):
                     step()
+                sync()
                 warm = time.perf_counter() - warm
                 for _ in range(5):  # caches and allocator warm: the first variant timed is not the slower for it
                     step()
+                sync()
                 start = time.perf_counter()
                 for _ in range(repeats):
                     step()
+                sync()
                 ms = (time.perf_counter() - start) / repeats * 1000
                 rows.append({"stage": kind, "variant": name, "ms_per_step": ms, "first_3_steps_s": warm})
             except Exception as e:  # a variant this machine cannot run (no C++ compiler for inductor, say)
@@ -139,19 +151,26 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the rate")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    ap.add_argument("--kernels", action="store_true", help="also time one step per CPU speed-up variant")
+    ap.add_argument("--kernels", action="store_true", help="also time one step per speed-up variant")
+    ap.add_argument("--kernels-only", action="store_true", help="only that: no training loops")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants (minutes to compile)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where every stage trains")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput")
     args = ap.parse_args()
     t2i = str(Path(sys.executable).parent / "t2i")
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     rates: dict[str, float] = {}
+    args.kernels |= args.kernels_only
+    if args.kernels_only:
+        args.stages = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         config = overridden(args.config, args.sets, tmp)
-        common = ["--config", str(config), *data, "--max-steps", str(args.steps)]
+        common = ["--config", str(config), *data, "--max-steps", str(args.steps), "--device", args.device]
         clip = tmp / "clip"
-        # CLIP is trained (briefly) in any case: the prior and decoder need one to stand on
-        subprocess.run([t2i, "clip-train", *common, "--out", str(clip)], check=True, stdout=subprocess.DEVNULL)
+        # CLIP is trained (briefly) whenever a loop is timed: the prior and decoder need one to stand on
+        if args.stages:
+            subprocess.run([t2i, "clip-train", *common, "--out", str(clip)], check=True, stdout=subprocess.DEVNULL)
         if "clip" in args.stages:
             rates["clip"] = steps_per_second(clip, args.skip)
         for stage in ("prior", "decoder"):
@@ -160,16 +179,20 @@ def main() -> None:
                 subprocess.run([t2i, "decoder-train", "--clip", str(clip), *common, "--stage", stage, "--out", str(out)],
                                check=True, stdout=subprocess.DEVNULL)
                 rates[stage] = steps_per_second(out / stage, args.skip)
-    report = {"config": str(args.config), "sets": args.sets, "steps": args.steps, "skip": args.skip,
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+    device = torch.device(args.device)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    report = {"config": str(args.config), "sets": args.sets, "steps": args.steps, "skip": args.skip, "device": args.device,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": machine,
               "steps_per_second": rates}
     if args.kernels:
-        report["kernels"] = kernel_variants(args.config)
+        report["kernels"] = kernel_variants(args.config, device, compiled=not args.no_compile)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "throughput.json").write_text(json.dumps(report, indent=2))
     lines = [f"Config `{args.config.name}`" + (f" with {', '.join(args.sets)}" if args.sets else "") +
-             f"; steps {args.skip + 1}-{args.steps} of each stage, {report['threads']} threads, torch {torch.__version__}.", "",
-             "| stage | steps per second |", "| --- | --- |", *(f"| {k} | {v:.2f} |" for k, v in rates.items())]
+             (f"; steps {args.skip + 1}-{args.steps} of each stage" if rates else "") + f" on {machine} ({args.device}), "
+             f"{report['threads']} threads, torch {torch.__version__}."]
+    if rates:
+        lines += ["", "| stage | steps per second |", "| --- | --- |", *(f"| {k} | {v:.2f} |" for k, v in rates.items())]
     if args.kernels:
         base = {r["stage"]: r["ms_per_step"] for r in report["kernels"] if r["variant"] == "fp32"}
         lines += ["", "One training step in process (ms; first three steps in s, compilation included):", "",

@@ -126,10 +126,10 @@ def batches(data: CaptionedImages | StreamedCaptions, cfg: TrainConfig, start: i
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # one launch, not one a tensor
+    buffers = list(ema.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, list(model.buffers()))
 
 
 @contextmanager
@@ -194,7 +194,8 @@ class Run:
         self.model = stage.model
         self.ddp_model = dist.wrap(self.model, self.device)  # DDP broadcasts rank 0's initial weights
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
+                                           fused=self.device.type == "cuda" or None)  # one kernel on a GPU
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
         self.shipped = self.ema if self.ema is not None else self.model  # what `model.safetensors` holds
         self.step, self.saved_step = 0, None
@@ -262,7 +263,8 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss, metrics = self.stage.loss(batch, self.step, self.ddp_model)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss, metrics = self.stage.loss(batch, self.step, self.ddp_model)
         value = dist.mean(loss.detach()).item()  # the same on every rank, so all stop together
         if not math.isfinite(value):
             kept = (f"the checkpoint of step {self.saved_step} in {self.out} is intact" if self.saved_step is not None

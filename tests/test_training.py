@@ -171,6 +171,27 @@ def test_the_decoder_loss_falls(frozen, tmp_path):
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, (losses[:10], losses[-10:])
 
 
+def test_bf16_autocast_trains_in_bfloat16_and_keeps_float32_weights(frozen, tmp_path):
+    """`precision: bf16` runs the forward under bfloat16 autocast: a loss of the tenth step differs from float32's
+    by bfloat16's rounding, no more (the first is exact: the output layer starts at zero); the loss still falls,
+    and what is saved stays float32."""
+    first, runs = {}, {}
+    for precision in ("fp32", "bf16"):
+        cfg = merge(DecoderConfig(), {**TINY["decoder"], "train": {**TINY["decoder"]["train"], "max_steps": 60,
+                                                                    "ckpt_every": 60, "lr": 3e-3, "warmup_steps": 5,
+                                                                    "precision": precision}})
+        fit(decoder_stage(cfg, frozen), cfg.train, tmp_path / precision)
+        runs[precision] = [r["loss"] for r in read_metrics(tmp_path / precision)[0]]
+        first[precision] = runs[precision][9]
+    assert 0 < abs(first["bf16"] - first["fp32"]) < 0.05 * first["fp32"], first
+    losses = runs["bf16"]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, (losses[:10], losses[-10:])
+    weights = load_file(tmp_path / "bf16" / "model.safetensors")
+    state = torch.load(tmp_path / "bf16" / "train_state.pt", weights_only=False)
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    assert {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float32}
+
+
 def test_the_prior_reads_out_exactly_what_its_whole_transformer_computes():
     """The prior computes its last layer for the readout position alone: the same output as the whole stack."""
     from unclip.config import PriorModelConfig
