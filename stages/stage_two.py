@@ -35,7 +35,7 @@ def copy_clip(clip_dir: Path, out: Path) -> None:
 def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, out: Path, stages: list[str],
                     resume: bool = False) -> bool:
     """Train `stages` in order; False if a stage was interrupted (the rest is left for --resume)."""
-    clip_dir, out = resolve_folder(clip_dir, "clip"), Path(out)  # a folder, or a shipped name (mnist, scenes-clip)
+    clip_dir, out = resolve_folder(clip_dir, "clip"), Path(out)  # a folder, or a shipped name (mnist, scenes)
     clip_cfg = load_config(ClipConfig, clip_dir / CONFIG_FILE) if (clip_dir / CONFIG_FILE).is_file() else None
     if clip_cfg is None:
         raise CheckpointError(f"--clip {clip_dir}: not a CLIP checkpoint folder (no {CONFIG_FILE})")

@@ -120,7 +120,7 @@ def shipped_pipelines() -> list[str]:
 def resolve_folder(spec: str | Path, stage: Optional[str] = None) -> Path:
     """A checkpoint folder from a path, or from the name of a shipped pipeline (`mnist`; with `stage`,
     that pipeline's stage folder, so `--clip mnist` works as well as `--clip path/to/clip`), or of a stage shipped
-    on its own (`scenes-clip`: a CLIP to train stage two against)."""
+    on its own beside them (a CLIP to train stage two against, say)."""
     path = Path(spec)
     if path.is_dir():
         return path
