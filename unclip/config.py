@@ -45,8 +45,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     device: str = choice("auto", "cpu", "cuda")
-    # bf16: the forward and loss under bfloat16 autocast (weights, gradients and optimizer stay float32); pays on
-    # GPUs with bf16 matrix units once a batch is big enough to be bound by arithmetic (README, "On a GPU")
+    # bf16: the forward and loss under bfloat16 autocast (weights, gradients and optimizer stay float32), for models
+    # big enough to be bound by arithmetic; ours are not, and it was slower on the CPU and the GPU (README, "On a GPU")
     precision: str = choice("fp32", "bf16")
     ema_decay: float = 0.0  # 0 disables EMA
     val_size: int = 5000  # images held out of train for validation
