@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 14's GPU figures, every one into OUT (README, "On a GPU"). On one H100 or H200:
-#   bash benchmarks/gpu.sh MNIST_DIR OUT            # all of it, about 6 minutes
+#   bash benchmarks/gpu.sh MNIST_DIR OUT            # all of it, about 4 minutes
 #   bash benchmarks/gpu.sh MNIST_DIR OUT timed      # the timed part alone: run it on an otherwise idle GPU
 #   bash benchmarks/gpu.sh MNIST_DIR OUT checks     # resume on CUDA (no timings)
 # timed: configs/mnist-gpu.yaml trains CLIP, prior and decoder from nothing (benchmarks/train_pipeline.py, each
