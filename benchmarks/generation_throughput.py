@@ -36,6 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.overhead import IMPORT_TORCH, walls  # noqa: E402
 from unclip.api import UnCLIPPipeline  # noqa: E402
+from unclip.checkpoint import resolve_folder  # noqa: E402
+from unclip.pipeline import resolve_device  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "compile", "compile+bf16")
 
@@ -97,7 +99,8 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         ap.error(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
-    device = str(UnCLIPPipeline.from_pretrained(args.checkpoints, args.device).device.type)
+    resolve_folder(args.checkpoints)  # a wrong name fails here, not as every variant's error row
+    device = resolve_device(args.device).type  # each variant loads the pipeline itself
     report = {"checkpoints": args.checkpoints, "device": device, "batch": args.batch, "prompt": args.prompt,
               "torch": torch.__version__, "machine": torch.cuda.get_device_name() if device == "cuda" else
               (platform.processor() or platform.machine()), "in_process": []}
