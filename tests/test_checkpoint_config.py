@@ -110,10 +110,9 @@ def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
         load_config(ClipConfig, tmp_path / "c.yaml")
 
 
-def test_a_stage_shipped_on_its_own_resolves_by_name_and_is_no_pipeline(tmp_path, monkeypatch, tiny_pipeline,
-                                                                         tiny_config, mnist_dir):
-    """A stage folder shipped alone beside the pipelines (a CLIP to train stage two against) resolves by name, while
-    generate and the web app, which list shipped pipelines, do not offer it."""
+def test_a_shipped_pipelines_stage_resolves_by_name(tmp_path, monkeypatch, tiny_pipeline, tiny_config, mnist_dir):
+    """`--clip NAME` is the CLIP of the shipped pipeline NAME (stage two trains against it), while a folder of
+    shipped weights that is no pipeline is not offered by name."""
     from typer.testing import CliRunner
 
     import unclip.checkpoint as checkpoint
@@ -121,13 +120,14 @@ def test_a_stage_shipped_on_its_own_resolves_by_name_and_is_no_pipeline(tmp_path
     from unclip.checkpoint import copy_stage, resolve_folder, shipped_pipelines
 
     monkeypatch.setattr(checkpoint, "shipped_root", lambda: tmp_path / "shipped")
+    copy_stage(tiny_pipeline / "clip", tmp_path / "shipped" / "pipe" / "clip")
     copy_stage(tiny_pipeline / "clip", tmp_path / "shipped" / "alone")
-    (tmp_path / "shipped" / "pipe" / "clip").mkdir(parents=True)
-    assert resolve_folder("alone") == tmp_path / "shipped" / "alone" and shipped_pipelines() == ["pipe"]
-    with pytest.raises(CheckpointError, match="checkpoint folder not found: nothing"):
-        resolve_folder("nothing")
-    r = CliRunner().invoke(app, ["decoder-train", "--clip", "alone", "--config", str(tiny_config), "--data-dir",
+    assert resolve_folder("pipe", "clip") == tmp_path / "shipped" / "pipe" / "clip" and shipped_pipelines() == ["pipe"]
+    for name in ("nothing", "alone"):
+        with pytest.raises(CheckpointError, match=f"checkpoint folder not found: {name}"):
+            resolve_folder(name)
+    r = CliRunner().invoke(app, ["decoder-train", "--clip", "pipe", "--config", str(tiny_config), "--data-dir",
                                  str(mnist_dir), "--stage", "prior", "--max-steps", "1", "--out", str(tmp_path / "p")])
-    assert r.exit_code == 0, r.output  # stage two trains against a CLIP shipped on its own, named
-    assert "the pipeline needs its decoder: t2i decoder-train --clip alone --stage decoder" in " ".join(r.output.split())
+    assert r.exit_code == 0, r.output
+    assert "the pipeline needs its decoder: t2i decoder-train --clip pipe --stage decoder" in " ".join(r.output.split())
     assert (tmp_path / "p" / "clip" / "model.safetensors").read_bytes() == (tiny_pipeline / "clip" / "model.safetensors").read_bytes()

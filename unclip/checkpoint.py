@@ -119,15 +119,12 @@ def shipped_pipelines() -> list[str]:
 
 def resolve_folder(spec: str | Path, stage: Optional[str] = None) -> Path:
     """A checkpoint folder from a path, or from the name of a shipped pipeline (`mnist`; with `stage`,
-    that pipeline's stage folder, so `--clip mnist` works as well as `--clip path/to/clip`), or of a stage shipped
-    on its own beside them (a CLIP to train stage two against, say)."""
+    that pipeline's stage folder, so `--clip mnist` works as well as `--clip path/to/clip`)."""
     path = Path(spec)
     if path.is_dir():
         return path
     if len(path.parts) == 1 and str(spec) in shipped_pipelines():
         return shipped_root() / str(spec) / (stage or "")
-    if len(path.parts) == 1 and (shipped_root() / str(spec) / WEIGHTS_FILE).is_file():
-        return shipped_root() / str(spec)
     raise CheckpointError(f"checkpoint folder not found: {spec} (a folder, or a shipped pipeline: "
                           f"{', '.join(shipped_pipelines()) or 'none installed'})")
 
