@@ -39,3 +39,35 @@ def test_resume_benchmark_finds_a_resumed_run_equal_to_an_uninterrupted_one(mnis
         assert 3 <= report[stage]["stopped_at"] < 40, report[stage]
         for pair in ("resumed", "uninterrupted_twice"):
             assert report[stage][pair] == {"steps": 40, "max_loss_difference": 0.0, "max_weight_difference": 0.0}
+
+
+def test_cascade_benchmark_gives_both_arms_the_same_minutes_and_configs_the_cli_accepts():
+    """benchmarks/cascade.py's plan: steps that fill each arm's minutes at the timed step costs, and arm configs that
+    the stages' strict config loading takes; the 64x64 decoder differs from the base only by its resolution and the
+    level that comes with it."""
+    import copy
+    from pathlib import Path
+
+    import torch
+    import yaml
+    from benchmarks import cascade
+    from unclip.config import DecoderConfig, UpsamplerConfig, merge, stage_section
+
+    steps = cascade.planned_steps({"base": 2.0, "upsampler": 1.0, "single": 4.0}, minutes=30, base_share=0.8)
+    assert steps == {"base": 720, "upsampler": 360, "single": 450}  # 24 + 6 minutes against 30
+    raw = yaml.safe_load((Path(cascade.ROOT) / "configs" / "scenes.yaml").read_text())
+    arms = {arm: cascade.arm_config(copy.deepcopy(raw), arm, steps) for arm in ("cascade", "single")}
+    base, single = (merge(DecoderConfig(), stage_section(arms[a], "decoder")) for a in ("cascade", "single"))
+    assert (base.train.max_steps, single.train.max_steps) == (720, 450)
+    assert base.model == merge(DecoderConfig(), stage_section(raw, "decoder")).model  # the shipped recipe's
+    assert single.model.image_size == 64 and base.model.image_size == 32
+    assert single.model.widths[1:] == base.model.widths and single.model.text_levels == [i + 1 for i in base.model.text_levels]
+    kept = {k: v for k, v in vars(single.model).items() if k not in ("image_size", "widths", "text_levels")}
+    assert kept == {k: v for k, v in vars(base.model).items() if k not in ("image_size", "widths", "text_levels")}
+    for arm in arms.values():
+        assert merge(UpsamplerConfig(), stage_section(arm, "upsampler")).train.max_steps == 360
+    # each model's step is timed as built by the stages, at a small batch here
+    for section in ("decoder", "upsampler"):
+        raw[section]["train"]["batch_size"] = 2
+    for kind, model in (("decoder", {}), ("upsampler", {}), ("decoder", cascade.SINGLE_64)):
+        assert 0 < cascade.step_seconds(kind, raw, model, torch.device("cpu"), repeats=1) < 60
