@@ -26,7 +26,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.throughput import seconds_per_call  # noqa: E402
 from stages.runs import read_metrics  # noqa: E402
 from unclip.checkpoint import WEIGHTS_FILE, resolve_folder  # noqa: E402
 from unclip.config import DecoderConfig, UpsamplerConfig, load_yaml, merge, stage_section  # noqa: E402
@@ -74,7 +74,6 @@ def step_seconds(kind: str, raw: dict, model: dict, device: torch.device, repeat
     x = torch.randn(B, 3, size, size).to(device, memory_format=torch.channels_last)
     cond = tuple(c.to(device) for c in cond)
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
         loss = diffusion.loss(x, cond, 0.1)
@@ -82,14 +81,7 @@ def step_seconds(kind: str, raw: dict, model: dict, device: torch.device, repeat
         loss.backward()
         opt.step()
 
-    for _ in range(2):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    sync()
-    return (time.perf_counter() - start) / repeats
+    return seconds_per_call(step, repeats, device, warmup=2)
 
 
 def planned_steps(seconds: dict[str, float], minutes: float, base_share: float) -> dict[str, int]:

@@ -57,6 +57,19 @@ def steps_per_second(run: Path, skip: int) -> float:
     return (last - skip) / (times[last] - times[skip])
 
 
+def seconds_per_call(fn, repeats: int, device: torch.device, warmup: int = 0) -> float:
+    """The mean seconds of `repeats` calls of `fn` after `warmup` untimed ones, a GPU's queue drained at each clock read."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
 def kernel_variants(config: Path, device: torch.device, repeats: int = 10, compiled: bool = True) -> list[dict]:
     """Milliseconds per training step of the decoder and the prior at the config's batch size, per variant."""
     from unclip.config import ClipConfig, DecoderConfig, PriorConfig, load_yaml, merge, stage_section
@@ -102,7 +115,6 @@ def kernel_variants(config: Path, device: torch.device, repeats: int = 10, compi
     else:
         variants += [("torch.compile", {"compiled": True}), ("1 thread", {"threads": 1})]
     variants = [(name, v) for name, v in variants if compiled or not v.get("compiled")]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for kind in ("decoder", "prior"):
         for name, v in variants:
             if name.startswith("channels_last") and kind == "prior":
@@ -121,19 +133,9 @@ def kernel_variants(config: Path, device: torch.device, repeats: int = 10, compi
                     loss.backward()
                     opt.step()
 
-                warm = time.perf_counter()
-                for _ in range(3):
-                    step()
-                sync()
-                warm = time.perf_counter() - warm
-                for _ in range(5):  # caches and allocator warm: the first variant timed is not the slower for it
-                    step()
-                sync()
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    step()
-                sync()
-                ms = (time.perf_counter() - start) / repeats * 1000
+                warm = 3 * seconds_per_call(step, 3, device)
+                # caches and allocator warm first: the first variant timed is not the slower for it
+                ms = seconds_per_call(step, repeats, device, warmup=5) * 1000
                 rows.append({"stage": kind, "variant": name, "ms_per_step": ms, "first_3_steps_s": warm})
             except Exception as e:  # a variant this machine cannot run (no C++ compiler for inductor, say)
                 rows.append({"stage": kind, "variant": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
