@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prompts", type=int, default=25, help="prompts a task for benchmarks/scenes.py")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cascade")
+    ap.add_argument("--arms", nargs="+", choices=("cascade", "single"), default=["cascade", "single"],
+                    help="the arms to train and score: another --base-share changes the cascade's only")
     args = ap.parse_args()
     if not 0 < args.base_share < 1:
         ap.error("--base-share must lie between 0 and 1")
@@ -149,7 +151,7 @@ def main() -> None:
     print(json.dumps(plan), flush=True)
 
     configs = {}
-    for arm in ("cascade", "single"):
+    for arm in args.arms:
         configs[arm] = runs / f"{arm}.yaml"
         configs[arm].write_text(yaml.safe_dump(arm_config(yaml.safe_load(args.config.read_text()), arm, steps),
                                                sort_keys=False))
@@ -165,11 +167,13 @@ def main() -> None:
             subprocess.run([t2i, "upsampler-train", "--pipeline", str(pipe), "--config", str(configs[arm]), *flags],
                            check=True)
 
-    trained = {"base": run_minutes(runs / "cascade" / "decoder"), "upsampler": run_minutes(runs / "cascade" / "upsampler"),
-               "single": run_minutes(runs / "single" / "decoder")}
+    runs_of = {"base": ("cascade", "decoder"), "upsampler": ("cascade", "upsampler"), "single": ("single", "decoder")}
+    trained = {k: run_minutes(runs.joinpath(*run)) for k, run in runs_of.items() if run[0] in args.arms}
     scored = {}
     for name, pipe, extra in (("base alone, enlarged", "cascade", ["--base-only"]), ("cascade", "cascade", []),
                               ("one 64x64 decoder", "single", [])):
+        if pipe not in args.arms:
+            continue
         out = args.out / name.split(",")[0].replace(" ", "-")
         if not (out / "scenes.json").is_file():
             subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scenes.py"), *data, "--checkpoints",
@@ -177,18 +181,23 @@ def main() -> None:
                             *extra], check=True)
         scored[name] = json.loads((out / "scenes.json").read_text())["generation"]
 
-    cascade_minutes = trained["base"][0] + trained["upsampler"][0]
     report = {"minutes": args.minutes, "base_share": args.base_share, "device": args.device, "prompts": args.prompts,
               "step_seconds": seconds, "planned_steps": steps,
               "trained": {k: {"minutes": m, "steps": s} for k, (m, s) in trained.items()}, "scores": scored}
     (args.out / "cascade.json").write_text(json.dumps(report, indent=2))
     tasks = list(next(iter(scored.values())))
+    arms = " ".join(args.arms)
+    done = []
+    if "cascade" in args.arms:
+        (bm, bs), (um, us) = trained["base"], trained["upsampler"]
+        done.append(f"the cascade's base decoder {bs} steps in {bm:.1f} min and its upsampler {us} steps in {um:.1f} min "
+                    f"({bm + um:.1f} min)")
+    if "single" in args.arms:
+        done.append("the 64x64 decoder {1} steps in {0:.1f} min".format(*trained["single"]))
     lines = [f"Each arm {args.minutes:g} minutes of training on {args.device}, from scratch "
-             f"(`python benchmarks/cascade.py --minutes {args.minutes:g} --base-share {args.base_share:g}`):",
-             f"the cascade's base decoder {trained['base'][1]} steps in {trained['base'][0]:.1f} min and its upsampler "
-             f"{trained['upsampler'][1]} steps in {trained['upsampler'][0]:.1f} min ({cascade_minutes:.1f} min); the 64x64 "
-             f"decoder {trained['single'][1]} steps in {trained['single'][0]:.1f} min. Step seconds timed first: "
-             + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()) + f". {args.prompts} prompts a task, 4 images a prompt.",
+             f"(`python benchmarks/cascade.py --minutes {args.minutes:g} --base-share {args.base_share:g} --arms {arms}`):",
+             "; ".join(done) + ". Step seconds timed first: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())
+             + f". {args.prompts} prompts a task, 4 images a prompt.",
              "", "| set | " + " | ".join(scored) + " |", "| --- |" + " --- |" * len(scored)]
     lines += [f"| {t} | " + " | ".join(f"{s[t]:.3f}" for s in scored.values()) + " |" for t in tasks]
     (args.out / "cascade.md").write_text("\n".join(lines) + "\n")

@@ -51,6 +51,7 @@ def test_the_layout_model_learns_layouts_for_captions_and_draws_them():
     assert model.sequence(layouts)[1].tolist()[:8] == [1, 10 + 0, 17, 17, 25, 25, model.stop, -100]
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = model.loss(layouts, text, mask).item()
+    assert first == pytest.approx(model.token_nll(layouts, text, mask)[model.sequence(layouts) != -100].mean().item())
     for _ in range(150):
         opt.zero_grad()
         loss = model.loss(layouts, text, mask)

@@ -112,7 +112,8 @@ class LayoutModel(nn.Module):
     def loss(self, layout: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, net=None) -> torch.Tensor:
         """The cross-entropy of the layouts' sequences, a mean over their tokens."""
         nll = self.token_nll(layout, text, text_mask, net)
-        return nll.sum() / (self.sequence(layout) != -100).sum()
+        tokens = (layout[:, :, 0] >= 0).sum() * self.per_object + layout.shape[0]  # each object's fields, a STOP a row
+        return nll.sum() / tokens
 
     @torch.no_grad()
     def sample(self, text: torch.Tensor, text_mask: torch.Tensor, generator: torch.Generator,
