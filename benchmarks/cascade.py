@@ -34,7 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.throughput import seconds_per_call  # noqa: E402
+from benchmarks.throughput import seconds_per_call, training_step  # noqa: E402
 from stages.runs import read_metrics  # noqa: E402
 from unclip.checkpoint import WEIGHTS_FILE, resolve_folder  # noqa: E402
 from unclip.config import DecoderConfig, UpsamplerConfig, load_yaml, merge, stage_section  # noqa: E402
@@ -73,14 +73,7 @@ def step_seconds(kind: str, raw: dict, model: dict, device: torch.device, repeat
     net = net.to(device, memory_format=torch.channels_last)
     x = torch.randn(B, 3, size, size).to(device, memory_format=torch.channels_last)
     cond = tuple(c.to(device) for c in cond)
-    opt = torch.optim.AdamW(net.parameters(), 1e-3)
-
-    def step():
-        loss = diffusion.loss(x, cond, 0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = training_step(diffusion, x, cond, torch.optim.AdamW(net.parameters(), 1e-3))
     return seconds_per_call(step, repeats, device, warmup=2)
 
 

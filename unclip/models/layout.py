@@ -102,18 +102,17 @@ class LayoutModel(nn.Module):
         x = torch.where((k == n)[:, None], together, x)
         return torch.where(((k > 0) & (k < n))[:, None], self.unseen.to(x.dtype), x)
 
-    def token_nll(self, layout: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, net=None) -> torch.Tensor:
-        """(B, length) each token's negative log-likelihood under teacher forcing, 0 past a layout's STOP; `net`:
-        the module to call (this one, or its DDP wrapper)."""
+    def token_nll(self, layout: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, net=None,
+                  reduction: str = "none") -> torch.Tensor:
+        """(B, length) each token's negative log-likelihood under teacher forcing, 0 past a layout's STOP (`reduction`
+        "mean": their mean over the tokens up to each STOP); `net`: the module to call (this one, or its DDP wrapper)."""
         target = self.sequence(layout)
         logits = (net or self)(target[:, :-1], text, text_mask)
-        return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction=reduction)
 
     def loss(self, layout: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, net=None) -> torch.Tensor:
         """The cross-entropy of the layouts' sequences, a mean over their tokens."""
-        nll = self.token_nll(layout, text, text_mask, net)
-        tokens = (layout[:, :, 0] >= 0).sum() * self.per_object + layout.shape[0]  # each object's fields, a STOP a row
-        return nll.sum() / tokens
+        return self.token_nll(layout, text, text_mask, net, reduction="mean")
 
     @torch.no_grad()
     def sample(self, text: torch.Tensor, text_mask: torch.Tensor, generator: torch.Generator,
