@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
+import re
 import sys
+import typing
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -18,29 +21,43 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from unclip.config import DEFAULT_PIPELINE, DistillConfig
+from unclip.data import SOURCE_USAGE, SOURCES, STREAMABLE
+from unclip.device import DEVICES
+from unclip.diffusion.sampling import SAMPLERS
 from unclip.errors import UserError
+from unclip.options import SamplingOptions
 
 app = typer.Typer(pretty_exceptions_show_locals=False, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   help="unCLIP text-to-image: train CLIP, a diffusion prior and a decoder; generate images.")
 console = Console(stderr=True)
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Sampler(str, Enum):
-    ddpm = "ddpm"
-    ddim = "ddim"
-    dpmpp = "dpmpp"
+# Choices built from the library's registries, so a new sampler or device needs no edit here.
+Device = Enum("Device", {name: name for name in DEVICES}, type=str)
+Sampler = Enum("Sampler", {name: name for name in SAMPLERS}, type=str)
 
 
 class StageChoice(str, Enum):
     prior = "prior"
     decoder = "decoder"
     both = "both"
+
+
+# Library parameters whose flag is not the parameter's name with dashes.
+FLAG_NAMES = {"name_or_path": "--checkpoints", "source": "--from", "target": "--to"}
+
+
+def flag(param: str) -> str:
+    return FLAG_NAMES.get(param, "--" + param.replace("_", "-"))
+
+
+def user_error(e: UserError) -> str:
+    """A library error in the CLI's words: the parameter at fault named by its flag (in place of its name where the
+    message says it, else in front)."""
+    if not e.param:
+        return str(e)
+    said, n = re.subn(rf"(?<![\w-]){re.escape(e.param)}(?![\w-])", flag(e.param), str(e), count=1)
+    return said if n else f"{flag(e.param)}: {e}"
 
 
 def command(name: str):
@@ -52,7 +69,7 @@ def command(name: str):
             try:
                 return fn(*args, **kwargs)
             except UserError as e:
-                console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+                console.print(f"[red]error:[/red] {escape(user_error(e))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
 
         return app.command(name)(run)
@@ -81,7 +98,7 @@ def progress_bar(description: str):
 
 # Options shared by the training commands.
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Stage or pipeline YAML; flags override it.")]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="mnist | fashion-mnist | scenes | folder:PATH | coco:ROOT | parquet:PATH | wds:PATTERN | prepared:FILE")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help=SOURCE_USAGE)]
 ImageColumnOpt = Annotated[Optional[str], typer.Option("--image-column", help="parquet: the image column (default image).")]
 TextColumnOpt = Annotated[Optional[str], typer.Option("--text-column", help="parquet: the caption column (default text).")]
 StreamOpt = Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="coco:, parquet:, wds: stream the training split rather than decode it into memory (default: stream above 2 GiB decoded).")]
@@ -98,6 +115,15 @@ TensorboardOpt = Annotated[bool, typer.Option("--tensorboard", help="Also log to
 InitOpt = Annotated[Optional[str], typer.Option("--init", help="Fine-tune: start from this stage folder's weights (or a pipeline folder's, or a shipped pipeline's, stage of the same name); new layers start fresh.")]
 
 
+# The training flags every training command takes, declared once: `training_flags` adds them to a command.
+# (parameter, annotation, default); the ones a command declares itself (distill's --epochs) keep its own wording.
+TRAIN_FLAGS = [("data", DataOpt, None), ("data_dir", DataDirOpt, None), ("image_column", ImageColumnOpt, None),
+               ("text_column", TextColumnOpt, None), ("stream", StreamOpt, None), ("workers", WorkersOpt, None),
+               ("epochs", EpochsOpt, None), ("max_steps", MaxStepsOpt, None), ("batch_size", BatchOpt, None),
+               ("lr", LrOpt, None), ("seed", SeedOpt, None), ("device", DeviceOpt, None),
+               ("resume", ResumeOpt, False), ("tensorboard", TensorboardOpt, False), ("init", InitOpt, None)]
+
+
 def train_overrides(**flags) -> dict:
     """Flags given on the command line, as overrides of the `train` section of a stage config."""
     train = {k: (v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v)
@@ -107,25 +133,50 @@ def train_overrides(**flags) -> dict:
     return {"train": train}
 
 
+def training_flags(*skip: str):
+    """Give a command the training flags (TRAIN_FLAGS, but those in `skip`). It receives them gathered as `flags`
+    (`train_overrides`), except the ones it names among its own parameters: those it receives as themselves (a plain
+    `resume: bool`), or, declared with an Annotated option of its own, with its own help (distill's --epochs)."""
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = {name for name in sig.parameters if name != "flags"}
+        custom = {name for name in own if typing.get_origin(sig.parameters[name].annotation) is Annotated}
+        shared = [(name, annotation, default) for name, annotation, default in TRAIN_FLAGS
+                  if name not in skip and name not in custom]
+        names = {name for name, _, _ in shared}
+        defaults = {name: default for name, _, default in shared}
+        params = [p for name, p in sig.parameters.items() if name != "flags" and name not in names]
+        params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                   for name, annotation, default in shared]
+
+        @functools.wraps(fn)
+        def run(**kwargs):
+            given = {name: kwargs.pop(name) for name in names}
+            given = {k: v for k, v in given.items() if v is not defaults[k]}  # an unset switch (--tensorboard) overrides nothing
+            passed = {name: given.pop(name) for name in list(given) if name in own}
+            return fn(**kwargs, **passed, flags=train_overrides(**given))
+
+        run.__signature__ = sig.replace(parameters=params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return decorate
+
+
 @command("clip-train")
+@training_flags()
 def clip_train(
-    config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
-    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None, stream: StreamOpt = None,
-    workers: WorkersOpt = None,
+    config: ConfigOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder: weights, metrics, resume state.")] = Path("runs/clip"),
-    epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
-    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
-    init: InitOpt = None,
+    resume: bool = False, flags: dict = None,
 ) -> None:
     """Stage one: train CLIP contrastively on captioned images."""
-    from stages.clip import train_clip
-    from stages.distributed import is_main
+    from t2i.stages.clip import train_clip
+    from t2i.stages.distributed import is_main
     from unclip.config import ClipConfig, load_config, merge
 
-    cfg = merge(load_config(ClipConfig, config), train_overrides(
-        data=data, data_dir=data_dir, image_column=image_column, text_column=text_column, stream=stream,
-        workers=workers, epochs=epochs,
-        max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, device=device, tensorboard=tensorboard or None, init=init))
+    cfg = merge(load_config(ClipConfig, config), flags)
     last = train_clip(cfg, out, resume)
     if not last.get("interrupted") and is_main():
         console.print(f"CLIP saved to {out}" + (f" (val zero-shot {last['val_zero_shot']:.4f})" if "val_zero_shot" in last else ""))
@@ -133,7 +184,7 @@ def clip_train(
 
 @command("prepare")
 def prepare(
-    data: Annotated[str, typer.Option("--data", help="coco:ROOT | parquet:PATH | wds:PATTERN")],
+    data: Annotated[str, typer.Option("--data", help=" | ".join(SOURCES[k].usage for k in STREAMABLE))],
     out: Annotated[Path, typer.Option("--out", help="The file written (and FILE.json beside it); train with --data prepared:FILE.")],
     size: Annotated[int, typer.Option("--size", min=8, help="Side of the square images stored.")] = 64,
     channels: Annotated[int, typer.Option("--channels", min=1, max=3, help="3 (colour) or 1 (grey).")] = 3,
@@ -148,8 +199,8 @@ def prepare(
 
     if channels == 2:
         raise UserError("--channels: 1 (grey) or 3 (colour)")
-    if data.partition(":")[0] not in ("coco", "parquet", "wds"):
-        raise UserError(f"--data {data}: t2i prepare reads coco:ROOT, parquet:PATH or wds:PATTERN")
+    if data.partition(":")[0] not in STREAMABLE:
+        raise UserError(f"--data {data}: t2i prepare reads {', '.join(SOURCES[k].usage for k in STREAMABLE)}")
     source = open_source(data, "train", channels, size, image_column or "image", text_column or "text")
     start = time.perf_counter()
     total = len(source) if hasattr(source, "__len__") else getattr(source, "count", None)
@@ -196,7 +247,7 @@ def clip_eval(
     device: DeviceOpt = None,
 ) -> None:
     """Zero-shot classification of the test split against one prompt per class."""
-    from unclip.pipeline import load_clip
+    from unclip.components.clip import load_clip
     from unclip.zeroshot import evaluate_clip
 
     model, cfg = load_clip(clip, device.value if device else "auto")
@@ -223,7 +274,7 @@ def classify(
     device: DeviceOpt = None,
 ) -> None:
     """Rank captions for each image with CLIP (zero-shot classification)."""
-    from unclip.pipeline import load_clip
+    from unclip.components.clip import load_clip
     from unclip.zeroshot import classify_files
 
     model, cfg = load_clip(clip, device.value if device else "auto")
@@ -233,26 +284,19 @@ def classify(
 
 
 @command("decoder-train")
+@training_flags()
 def decoder_train(
     clip: Annotated[Path, typer.Option("--clip", help="Trained CLIP folder (frozen here).")],
-    config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
-    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None, stream: StreamOpt = None,
-    workers: WorkersOpt = None,
+    config: ConfigOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Pipeline folder: prior/, decoder/ and a copy of clip/.")] = Path("runs/pipeline"),
     stage: Annotated[StageChoice, typer.Option("--stage")] = StageChoice.both,
-    epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
-    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
-    init: InitOpt = None,
+    resume: bool = False, flags: dict = None,
 ) -> None:
     """Stage two: train the diffusion prior and/or the decoder against a frozen CLIP."""
-    from stages.distributed import is_main
-    from stages.stage_two import train_stage_two
+    from t2i.stages.distributed import is_main
+    from t2i.stages.stage_two import train_stage_two
     from unclip.checkpoint import WEIGHTS_FILE
 
-    flags = train_overrides(data=data, data_dir=data_dir, image_column=image_column, text_column=text_column,
-                            stream=stream, workers=workers, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                            lr=lr, seed=seed, device=device,
-                            tensorboard=tensorboard or None, init=init)
     stages = ["prior", "decoder"] if stage == StageChoice.both else [stage.value]
     if train_stage_two(clip, config, flags, out, stages, resume) and is_main():
         if (out / "decoder" / WEIGHTS_FILE).is_file():
@@ -263,43 +307,31 @@ def decoder_train(
 
 
 @command("upsampler-train")
+@training_flags()
 def upsampler_train(
     pipeline: Annotated[Path, typer.Option("--pipeline", help="Pipeline folder with clip/ and decoder/; writes upsampler/.")],
-    config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
-    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None, stream: StreamOpt = None,
-    workers: WorkersOpt = None,
-    epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
-    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
-    init: InitOpt = None,
+    config: ConfigOpt = None, resume: bool = False, flags: dict = None,
 ) -> None:
     """DALL-E 2's cascade: a diffusion upsampler from the decoder's image size to the config's (64 by default)."""
-    from stages.distributed import is_main
-    from stages.upsampler import train_upsampler
+    from t2i.stages.distributed import is_main
+    from t2i.stages.upsampler import train_upsampler
 
-    flags = train_overrides(data=data, data_dir=data_dir, image_column=image_column, text_column=text_column,
-                            stream=stream, workers=workers, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                            lr=lr, seed=seed, device=device,
-                            tensorboard=tensorboard or None, init=init)
     last = train_upsampler(pipeline, config, flags, resume)
     if not last.get("interrupted") and is_main():
         console.print(f"upsampler saved to {pipeline / 'upsampler'}; t2i generate --checkpoints {pipeline} now runs it")
 
 
 @command("layout-train")
+@training_flags("image_column", "text_column", "stream", "workers")  # scenes only: drawn in memory
 def layout_train(
     pipeline: Annotated[Path, typer.Option("--pipeline", help="Pipeline folder with clip/; writes layout/.")],
-    config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
-    epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
-    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
-    init: InitOpt = None,
+    config: ConfigOpt = None, resume: bool = False, flags: dict = None,
 ) -> None:
     """A layout stage: caption -> each object's label and box, drawn before the image, for a decoder trained with
     layout: true (--data scenes)."""
-    from stages.distributed import is_main
-    from stages.layout import train_layout
+    from t2i.stages.distributed import is_main
+    from t2i.stages.layout import train_layout
 
-    flags = train_overrides(data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                            lr=lr, seed=seed, device=device, tensorboard=tensorboard or None, init=init)
     last = train_layout(pipeline, config, flags, resume)
     if not last.get("interrupted") and is_main():
         console.print(f"layout stage saved to {pipeline / 'layout'}; t2i generate --checkpoints {pipeline} draws "
@@ -312,6 +344,7 @@ class DistillStage(str, Enum):
 
 
 @command("distill")
+@training_flags()
 def distill(
     pipeline: Annotated[str, typer.Option("--pipeline", help="The teacher: a pipeline folder or a shipped pipeline's name.")],
     out: Annotated[Path, typer.Option("--out", help="The distilled pipeline folder written (rounds under OUT/distill/).")],
@@ -320,22 +353,16 @@ def distill(
     guidance: Annotated[Optional[float], typer.Option("--guidance", min=1.0, help="The teacher's guidance, learnt by the student (default: the pipeline's own for the stage, its sampling.yaml).")] = None,
     student_guidance: Annotated[Optional[float], typer.Option("--student-guidance", min=1.0, help=f"The guidance the distilled pipeline samples its student at, on top of the learnt one (default {DistillConfig.student_guidance}).")] = None,
     stage: Annotated[Optional[DistillStage], typer.Option("--stage", help=f"The stage distilled (default {DistillConfig.stage}).")] = None,
-    config: ConfigOpt = None, data: DataOpt = None, data_dir: DataDirOpt = None,
-    image_column: ImageColumnOpt = None, text_column: TextColumnOpt = None, stream: StreamOpt = None,
-    workers: WorkersOpt = None,
+    config: ConfigOpt = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Per round.")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Per round; overrides --epochs.")] = None,
-    batch_size: BatchOpt = None, lr: LrOpt = None,
-    seed: SeedOpt = None, device: DeviceOpt = None, resume: ResumeOpt = False, tensorboard: TensorboardOpt = False,
-    init: InitOpt = None,
+    resume: bool = False, flags: dict = None,
 ) -> None:
     """Progressive distillation: a decoder (or prior) that samples in a few DDIM steps, as a new pipeline folder."""
-    from stages.distill import distill as run_distill
-    from stages.distributed import is_main
+    from t2i.stages.distill import distill as run_distill
+    from t2i.stages.distributed import is_main
 
-    flags = train_overrides(data=data, data_dir=data_dir, image_column=image_column, text_column=text_column,
-                            stream=stream, workers=workers, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                            lr=lr, seed=seed, device=device, tensorboard=tensorboard or None, init=init)
+    flags["train"].update(train_overrides(epochs=epochs, max_steps=max_steps)["train"])
     flags.update({k: v for k, v in (("steps", steps), ("teacher_steps", teacher_steps), ("guidance", guidance),
                                     ("student_guidance", student_guidance), ("stage", stage and stage.value)) if v is not None})
     last = run_distill(pipeline, out, config, flags, resume)
@@ -343,14 +370,11 @@ def distill(
         console.print(f"distilled pipeline saved to {out} (t2i generate --checkpoints {out} --prompt ...)")
 
 
-class TuneStage(str, Enum):
-    clip = "clip"
-    prior = "prior"
-    decoder = "decoder"
-    upsampler = "upsampler"
+TuneStage = Enum("TuneStage", {name: name for name in ("clip", "prior", "decoder", "upsampler")}, type=str)
 
 
 @command("tune")
+@training_flags("image_column", "text_column", "stream", "workers", "resume", "tensorboard", "init")
 def tune(
     stage: Annotated[TuneStage, typer.Argument(help="The stage whose config is searched.")],
     space: Annotated[Path, typer.Option("--space", help="YAML: dotted config field -> {low, high[, log, step]} or {choices}.")],
@@ -361,15 +385,12 @@ def tune(
     evaluate_best: Annotated[bool, typer.Option("--evaluate-best", help="Retrain the best config and score it on the test split.")] = False,
     clip: Annotated[Optional[Path], typer.Option("--clip", help="prior, decoder: the trained CLIP folder.")] = None,
     pipeline: Annotated[Optional[Path], typer.Option("--pipeline", help="upsampler: the pipeline folder.")] = None,
-    data: DataOpt = None, data_dir: DataDirOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None,
-    batch_size: BatchOpt = None, lr: LrOpt = None, seed: SeedOpt = None, device: DeviceOpt = None,
+    flags: dict = None,
 ) -> None:
     """Search a stage's hyperparameters with Optuna on the validation split (median pruning, SQLite study)."""
-    from stages.tune import Interrupted, trial_values
-    from stages.tune import tune as run_tune
+    from t2i.stages.tune import Interrupted, trial_values
+    from t2i.stages.tune import tune as run_tune
 
-    flags = train_overrides(data=data, data_dir=data_dir, epochs=epochs, max_steps=max_steps,
-                            batch_size=batch_size, lr=lr, seed=seed, device=device)
     show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
 
     def on_trial(trial, objective, values) -> None:
@@ -406,7 +427,7 @@ def tune(
 @command("runs")
 def runs(folder: Annotated[Path, typer.Argument(help="A run, a pipeline folder, or a folder of runs.")] = Path("runs")) -> None:
     """A table of the training runs under a folder: stage, steps, wall time, losses, whether it can be resumed."""
-    from stages.runs import find_runs, run_labels, summarize
+    from t2i.stages.runs import find_runs, run_labels, summarize
 
     found = find_runs(folder)
     if not found:
@@ -435,7 +456,7 @@ def plot(
     smooth: Annotated[float, typer.Option("--smooth", min=0.0, max=0.999, help="Exponential smoothing, as TensorBoard's.")] = 0.9,
 ) -> None:
     """Training and validation curves of one or several runs on one PNG (the plot extra: matplotlib)."""
-    from stages.runs import plot_runs
+    from t2i.stages.runs import plot_runs
 
     console.print(f"wrote {plot_runs(run_folders, metric, x, out, smooth)}")
 
@@ -459,7 +480,7 @@ def export(
 # Options shared by the sampling commands.
 CheckpointsOpt = Annotated[str, typer.Option("--checkpoints", help="Pipeline folder with clip/, prior/, decoder/, or a shipped pipeline's name (mnist).")]
 SeedSampleOpt = Annotated[int, typer.Option("--seed", help="Same seed, same settings: same images.")]
-SamplerOpt = Annotated[Optional[Sampler], typer.Option("--sampler", help="Default: dpmpp.")]
+SamplerOpt = Annotated[Optional[Sampler], typer.Option("--sampler", help=f"Default: the pipeline's ({SamplingOptions.sampler} unless its sampling.yaml says).")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (ddpm always takes all).")]
 GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="Decoder guidance scale, 1 = none.")]
 TextGuidanceOpt = Annotated[Optional[float], typer.Option(
@@ -472,12 +493,13 @@ SampleDeviceOpt = Annotated[Device, typer.Option("--device")]
 LayoutTemperatureOpt = Annotated[Optional[float], typer.Option(
     "--layout-temperature", help="Pipelines with a layout stage: how freely it draws each object (1: as it learnt; 0: its likeliest).")]
 BoxTemperatureOpt = Annotated[Optional[float], typer.Option(
-    "--box-temperature", help="Pipelines with a layout stage: how freely it draws the boxes, apart from the objects' labels.")]
+    "--layout-box-temperature", "--box-temperature",
+    help="Pipelines with a layout stage: how freely it draws the boxes, apart from the objects' labels.")]
 
 
 def sampling_settings(sampler: Optional[Sampler], **flags) -> dict:
     """The sampling flags given, by SamplingOptions' names (None: the pipeline's default, from its sampling.yaml or
-    the library's)."""
+    the library's); the library's one door (`UnCLIPPipeline.options`) resolves and checks them."""
     return {"sampler": sampler.value if sampler else None, **flags}
 
 
@@ -490,7 +512,7 @@ def generate(
     seed: SeedSampleOpt = 0, sampler: SamplerOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None,
     text_guidance: TextGuidanceOpt = None, prior_guidance: PriorGuidanceOpt = None,
     upsampler_steps: UpsamplerStepsOpt = None, upsampler_strength: UpsamplerStrengthOpt = None,
-    layout_temperature: LayoutTemperatureOpt = None, box_temperature: BoxTemperatureOpt = None,
+    layout_temperature: LayoutTemperatureOpt = None, layout_box_temperature: BoxTemperatureOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images sampled at once.")] = 64,
     device: SampleDeviceOpt = Device.auto,
     animate: Annotated[bool, typer.Option("--animate", help="Also write denoise.gif of the sampling chain.")] = False,
@@ -499,14 +521,14 @@ def generate(
     strength: Annotated[Optional[float], typer.Option("--strength", help="With --init-image: 0 keeps the image, 1 ignores it.")] = None,
 ) -> None:
     """Text -> image: the prior turns the caption into a CLIP image embedding, the decoder draws it."""
-    from unclip.generation import generate_to_folder
+    from t2i.folders import generate_to_folder
 
     if strength is not None and init_image is None:
         raise UserError("--strength is for image-to-image: give the image with --init-image")
     settings = sampling_settings(sampler, steps=steps, guidance=guidance, prior_guidance=prior_guidance,
                                  upsampler_steps=upsampler_steps, upsampler_strength=upsampler_strength,
                                  strength=strength, text_guidance=text_guidance, layout_temperature=layout_temperature,
-                                 layout_box_temperature=box_temperature)
+                                 layout_box_temperature=layout_box_temperature)
     with progress_bar("sampling") as bar:
         folder = generate_to_folder(prompt, num_samples, checkpoints, out, settings, seed, batch_size, device.value,
                                     animate, bar, negative_prompt, init_image)
@@ -524,7 +546,7 @@ def vary(
     device: SampleDeviceOpt = Device.auto,
 ) -> None:
     """Image variations: decode the image's CLIP embedding from fresh noise (same content, new details)."""
-    from unclip.generation import vary_to_folder
+    from t2i.folders import vary_to_folder
 
     settings = sampling_settings(sampler, steps=steps, guidance=guidance, upsampler_steps=upsampler_steps,
                                  upsampler_strength=upsampler_strength)
@@ -545,7 +567,7 @@ def interpolate(
     upsampler_strength: UpsamplerStrengthOpt = None, device: SampleDeviceOpt = Device.auto,
 ) -> None:
     """Slerp between two CLIP image embeddings (of prompts, through the prior, or of images) and decode each frame."""
-    from unclip.generation import interpolate_to_folder
+    from t2i.folders import interpolate_to_folder
 
     settings = sampling_settings(sampler, steps=steps, guidance=guidance, prior_guidance=prior_guidance,
                                  upsampler_steps=upsampler_steps, upsampler_strength=upsampler_strength)
@@ -569,7 +591,7 @@ def serve(
         import uvicorn
     except ImportError as e:
         raise UserError(f"t2i serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
-    from server.app import create_app, pipeline_sources
+    from t2i.server.app import create_app, pipeline_sources
 
     app_ = create_app(pipeline_sources(checkpoints or []), device.value, max_images)
     console.print(f"t2i serving on http://{host}:{port}/ (Ctrl-C stops)")
@@ -577,7 +599,7 @@ def serve(
 
 
 # Commands that hold nothing open once they return: their images are written and closed, so the process may end
-# without Python's teardown, which unloading PyTorch makes 0.4 s or more (README, "Where `t2i generate`'s time goes").
+# without Python's teardown, which unloading PyTorch makes 0.4 s or more (docs/results/generation-time.md).
 FAST_EXIT = {"generate", "vary", "interpolate"}
 
 

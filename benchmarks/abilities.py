@@ -21,7 +21,7 @@ from benchmarks.judge import DIGITS, load_judge, predict  # noqa: E402
 from unclip.data import load_dataset  # noqa: E402
 from unclip.images import grid, save_png  # noqa: E402
 from unclip.api import UnCLIPPipeline  # noqa: E402
-from unclip.pipeline import SamplingOptions  # noqa: E402
+from unclip.options import SamplingOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

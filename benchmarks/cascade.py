@@ -35,13 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.throughput import seconds_per_call, training_step  # noqa: E402
-from stages.runs import read_metrics  # noqa: E402
+from t2i.stages.runs import read_metrics  # noqa: E402
 from unclip.checkpoint import WEIGHTS_FILE, resolve_folder  # noqa: E402
 from unclip.config import DecoderConfig, UpsamplerConfig, load_yaml, merge, stage_section  # noqa: E402
 from unclip.data.scenes import COLOURS  # noqa: E402
 from unclip.models.unet import UNet  # noqa: E402
 from unclip.models.upsampler import Upsampler  # noqa: E402
-from unclip.pipeline import decoder_condition, decoder_diffusion, no_layout, upsampler_diffusion  # noqa: E402
+from unclip.components.decoder import decoder_condition, decoder_diffusion  # noqa: E402
+from unclip.components.upsampler import upsampler_diffusion  # noqa: E402
+from unclip.layouts import no_layout  # noqa: E402
 
 # the 64x64 decoder: configs/scenes.yaml's (patch 2, widths 64, 128 at 16x16 and 8x8, cross-attention at both) with a
 # level at 32x32 in front, as wide as the next (widths [32, 64, 128] would also narrow the embedding, 4 x widths[0]);

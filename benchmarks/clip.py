@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unclip.data.captions import MNIST_TEMPLATES  # noqa: E402
-from unclip.pipeline import load_clip  # noqa: E402
+from unclip.components.clip import load_clip  # noqa: E402
 from unclip.zeroshot import evaluate_clip  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

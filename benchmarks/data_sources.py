@@ -134,7 +134,7 @@ def decoder_rate(batch: int = 64, steps: int = 8) -> float:
     """Images per second one training step of the default decoder at 64x64 RGB consumes (forward, backward, AdamW)."""
     from unclip.config import DecoderConfig
     from unclip.models.unet import UNet
-    from unclip.pipeline import decoder_diffusion
+    from unclip.components.decoder import decoder_diffusion
 
     cfg = DecoderConfig()
     cfg.model.image_channels, cfg.model.image_size = 3, 64
@@ -247,7 +247,7 @@ def main() -> None:
         print(f"decode {name}: {report['decode_images_per_s'][name]:.0f} images/s", flush=True)
     prepared = args.work / "prepared.u8"
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "cli", "prepare", "--data", specs["wds"], "--size", "64", "--out", str(prepared)],
+    subprocess.run([sys.executable, "-m", "t2i.cli", "prepare", "--data", specs["wds"], "--size", "64", "--out", str(prepared)],
                    check=True, cwd=ROOT, capture_output=True)
     report["prepare_seconds"] = time.perf_counter() - start
     report["prepared_mib"] = prepared.stat().st_size / 2**20
@@ -257,14 +257,14 @@ def main() -> None:
           f"a decoder step consumes {report['decoder_step_images_per_s']:.0f} images/s", flush=True)
     rss, seconds = peak_rss_mib([sys.executable, "-c", EPOCH_READ.format(root=str(ROOT), path=str(prepared))])
     report["epoch_read"] = {"peak_rss_mib": rss, "seconds": seconds}
-    rss, seconds = peak_rss_mib([sys.executable, "-m", "cli", "clip-train", "--config", str(config), "--data",
+    rss, seconds = peak_rss_mib([sys.executable, "-m", "t2i.cli", "clip-train", "--config", str(config), "--data",
                                  f"prepared:{prepared}", "--max-steps", str(steps), "--out", str(args.work / "clip")])
     report["clip_train"] = {"steps": steps, "batch": 256, "peak_rss_mib": rss, "seconds": seconds}
     # the same training on 5,000 prepared images: what the model, its activations and torch take by themselves
     small = args.work / "small.u8"
-    subprocess.run([sys.executable, "-m", "cli", "prepare", "--data", f"wds:{args.work}/shards/{{00000..00004}}.tar",
+    subprocess.run([sys.executable, "-m", "t2i.cli", "prepare", "--data", f"wds:{args.work}/shards/{{00000..00004}}.tar",
                     "--size", "64", "--out", str(small)], check=True, cwd=ROOT, capture_output=True)
-    rss, seconds = peak_rss_mib([sys.executable, "-m", "cli", "clip-train", "--config", str(config), "--data",
+    rss, seconds = peak_rss_mib([sys.executable, "-m", "t2i.cli", "clip-train", "--config", str(config), "--data",
                                  f"prepared:{small}", "--max-steps", str(steps), "--out", str(args.work / "clip-small")])
     report["clip_train_5000_images"] = {"steps": steps, "batch": 256, "peak_rss_mib": rss, "seconds": seconds}
     stream(report, specs, args, config, steps)
@@ -286,12 +286,12 @@ def stream(report: dict, specs: dict, args, config: Path, steps: int) -> None:
           flush=True)
     report["stream_epoch"] = tree_memory_mib([sys.executable, "-c", STREAM_EPOCH.format(root=str(ROOT), spec=specs["wds"])])
     report["clip_train_stream"] = {"steps": steps, "batch": 256, **tree_memory_mib(
-        [sys.executable, "-m", "cli", "clip-train", "--config", str(config), "--data", specs["wds"], "--stream",
+        [sys.executable, "-m", "t2i.cli", "clip-train", "--config", str(config), "--data", specs["wds"], "--stream",
          "--max-steps", str(steps), "--out", str(args.work / "clip-stream")])}
     decoder_steps = 40
     config.write_text(config.read_text() + "decoder: {train: {batch_size: 64, ckpt_every: 1000}}\n")
     report["decoder_train_stream"] = {"steps": decoder_steps, "batch": 64, **tree_memory_mib(
-        [sys.executable, "-m", "cli", "decoder-train", "--clip", str(args.work / "clip-stream"), "--config", str(config),
+        [sys.executable, "-m", "t2i.cli", "decoder-train", "--clip", str(args.work / "clip-stream"), "--config", str(config),
          "--data", specs["wds"], "--stream", "--stage", "decoder", "--max-steps", str(decoder_steps),
          "--out", str(args.work / "pipe-stream")])}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Remake the README gallery with the CLI and the shipped weights: bash benchmarks/gallery.sh MNIST_DIR
+# Remake the gallery (docs/gallery) with the CLI and the shipped weights: bash benchmarks/gallery.sh MNIST_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:?usage: bash benchmarks/gallery.sh MNIST_DIR}

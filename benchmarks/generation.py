@@ -36,12 +36,18 @@ from unclip.data import load_dataset  # noqa: E402
 from unclip.images import grid, save_png  # noqa: E402
 from unclip.images import to_uint8  # noqa: E402
 from unclip.api import UnCLIPPipeline  # noqa: E402
-from unclip.generation import generate_images  # noqa: E402
+from t2i.folders import generate_images  # noqa: E402
 from unclip.checkpoint import check_fingerprint, fingerprint  # noqa: E402
-from unclip.pipeline import (Pipeline, SamplingOptions, decode, load_clip, load_prior, load_sampling,  # noqa: E402
-                             prior_cosine, prior_diffusion, resolve_device, sample_image_embeddings)
+from unclip.components import STAGES  # noqa: E402
+from unclip.components.clip import load_clip  # noqa: E402
+from unclip.components.decoder import decode  # noqa: E402
+from unclip.components.prior import prior_cosine, prior_diffusion, sample_image_embeddings  # noqa: E402
+from unclip.device import resolve_device  # noqa: E402
+from unclip.options import SamplingOptions, load_sampling  # noqa: E402
+from unclip.pipeline import Pipeline  # noqa: E402
 from unclip.tokenizer import Tokenizer  # noqa: E402
-from unclip.zeroshot import dataset_class_names, encode_images  # noqa: E402
+from unclip.components.clip import encode_images  # noqa: E402
+from unclip.zeroshot import dataset_class_names  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +141,7 @@ def score_prior_alone(args, prompts: list[str], judge) -> None:
     CLIP space) for a folder with clip/ and prior/ only, e.g. a `--stage prior` run; writes OUT/prior.json."""
     device = resolve_device(args.device)
     clip, clip_cfg = load_clip(args.checkpoints / "clip", device)
-    net, prior_cfg = load_prior(args.checkpoints / "prior", clip_cfg, device)
+    net, prior_cfg = STAGES["prior"].load(args.checkpoints / "prior", clip_cfg, device)
     check_fingerprint(args.checkpoints / "prior", prior_cfg.clip_fingerprint, fingerprint(clip.state_dict()))
     pipe = SimpleNamespace(clip=clip, tokenizer=Tokenizer(clip_cfg.model.text_context), device=device,
                            prior=prior_diffusion(net, prior_cfg, device))

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.overhead import IMPORT_TORCH, walls  # noqa: E402
 from unclip.api import UnCLIPPipeline  # noqa: E402
 from unclip.checkpoint import resolve_folder  # noqa: E402
-from unclip.pipeline import resolve_device  # noqa: E402
+from unclip.device import resolve_device  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "compile", "compile+bf16")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's GPU figures, every one into OUT (README, "On a GPU"). On one H100 or H200:
+# Issue 14's GPU figures, every one into OUT (docs/guides/gpu.md). On one H100 or H200:
 #   bash benchmarks/gpu.sh MNIST_DIR OUT            # all of it, about 4 minutes
 #   bash benchmarks/gpu.sh MNIST_DIR OUT timed      # the timed part alone: run it on an otherwise idle GPU
 #   bash benchmarks/gpu.sh MNIST_DIR OUT checks     # resume on CUDA (no timings)

@@ -1,5 +1,5 @@
 """How well a digit can be read from a noised scene: the ceiling a scenes decoder's x_t leaves for telling one digit
-from another (README, "Scenes: composition"). A small CNN is trained, per noise level, on the objects of two-digit
+from another (docs/results/scenes.md). A small CNN is trained, per noise level, on the objects of two-digit
 training scenes at the base decoder's 32x32, noised as the decoder's cosine schedule noises them at t = strength x 999
 (fresh noise every batch), each object cropped at its true box; it is scored on the objects of test scenes (MNIST's
 test digits). The true box is given, so this is a ceiling: what x_t holds of each digit where the decoder would look.

@@ -37,15 +37,17 @@ import time
 marks = [("start", time.perf_counter())]
 import torch
 marks.append(("import torch", time.perf_counter()))
-import cli  # noqa: F401  (what the t2i command imports before it runs: Typer, Rich)
+import t2i.cli as cli  # noqa: F401  (what the t2i command imports before it runs: Typer, Rich)
 from unclip.api import UnCLIPPipeline
-from unclip.generation import contact_sheet
+from unclip.images import contact_sheet
 from unclip.images import save_numbered, save_png
-from unclip.pipeline import decode_and_upsample, prompt_conditions, sample_image_embeddings
+from unclip.components.clip import prompt_conditions
+from unclip.components.prior import sample_image_embeddings
+from unclip.pipeline import decode_and_upsample
 marks.append(("t2i's imports (cli, unclip)", time.perf_counter()))
 checkpoints, out, n = {checkpoints!r}, {out!r}, {n}
 pipe = UnCLIPPipeline.from_pretrained(checkpoints, "cpu")
-options = pipe.resolve({{}})
+options = pipe.options()
 marks.append(("loading the weights", time.perf_counter()))
 p = pipe.pipeline
 captions = ["six"] * n

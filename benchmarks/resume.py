@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.runs import read_metrics  # noqa: E402
+from t2i.stages.runs import read_metrics  # noqa: E402
 
 
 def losses(run: Path) -> dict[int, float]:

@@ -38,19 +38,23 @@ from benchmarks.overhead import IMPORT_TORCH, walls  # noqa: E402
 from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
-from unclip.data.scene_captions import (NEGATIVES, PLACE_TERMS, REL_WORDS, TASKS, SceneCaptions, Spec, caption, perturb,  # noqa: E402
-                                        stacks, task_prompt, task_scene_args, twin_glyphs)
+from benchmarks.geneval import TASKS, Spec, task_prompt, task_scene_args  # noqa: E402
+from unclip.data.scene_captions import (NEGATIVES, PLACE_TERMS, REL_WORDS, SceneCaptions, caption, perturb,  # noqa: E402
+                                        stacks, twin_glyphs)
 from unclip.data.scenes import COLOURS, HELD_OUT, SIZE, GlyphPool, Scene, sample_scene  # noqa: E402
-from unclip.models.layout import GRID  # noqa: E402
+from unclip.layouts import GRID  # noqa: E402
 from unclip.diffusion.gaussian import q_sample  # noqa: E402
 from unclip.images import grid, resize, save_png, to_float, to_uint8  # noqa: E402
 from unclip.models.unet import attention_shares  # noqa: E402
 from unclip.models.clip import CLIP  # noqa: E402
 from unclip.config import merge  # noqa: E402
-from unclip.pipeline import (Pipeline, SamplingOptions, decode_and_upsample, decoder_condition, draw,  # noqa: E402
-                             load_clip, nearest_candidates, prior_cosine, prompt_conditions, text_condition)
+from unclip.components.clip import load_clip, prompt_conditions, text_condition  # noqa: E402
+from unclip.components.decoder import decoder_condition  # noqa: E402
+from unclip.components.prior import nearest_candidates, prior_cosine  # noqa: E402
+from unclip.options import SamplingOptions  # noqa: E402
+from unclip.pipeline import Pipeline, decode_and_upsample, draw  # noqa: E402
 from unclip.tokenizer import Tokenizer  # noqa: E402
-from unclip.zeroshot import encode_images, encode_texts  # noqa: E402
+from unclip.components.clip import encode_images, encode_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("ceiling", "layout", "generation", "grounding", "negatives", "prior", "time")

@@ -1,4 +1,4 @@
-"""The README's screenshot of `t2i serve`, taken as the browser test drives the page: headless Chromium
+"""The screenshot in docs/guides/serve.md of `t2i serve`, taken as the browser test drives the page: headless Chromium
 (Debian's chromium and chromium-driver) types a prompt, presses Generate and waits for the images.
 
     python benchmarks/screenshot.py --out docs/serve.png
@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server import browser  # noqa: E402
-from server.app import create_app, pipeline_sources  # noqa: E402
+from t2i.server import browser  # noqa: E402
+from t2i.server.app import create_app, pipeline_sources  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -34,7 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.runs import read_metrics  # noqa: E402
+from t2i.stages.runs import read_metrics  # noqa: E402
 STAGES = ("clip", "prior", "decoder")
 
 
@@ -86,7 +86,8 @@ def kernel_variants(config: Path, device: torch.device, repeats: int = 10, compi
     from unclip.config import ClipConfig, DecoderConfig, PriorConfig, load_yaml, merge, stage_section
     from unclip.models.prior import DiffusionPrior
     from unclip.models.unet import UNet
-    from unclip.pipeline import decoder_diffusion, prior_diffusion
+    from unclip.components.decoder import decoder_diffusion
+    from unclip.components.prior import prior_diffusion
 
     raw = load_yaml(config)
     clip = merge(ClipConfig(), stage_section(raw, "clip")).model

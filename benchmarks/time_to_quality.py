@@ -27,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.runs import read_metrics  # noqa: E402
+from t2i.stages.runs import read_metrics  # noqa: E402
 RECIPES = {"old (x0, not whitened)": {"prediction": "x0", "whiten": False},
            "new (v, whitened)": {"prediction": "v", "whiten": True}}
 

@@ -1,1 +1,1 @@
-"""Shipped pipelines (`mnist/`, ...), installed as the package `t2i_checkpoints` so a wheel carries them."""
+"""Shipped pipelines (`mnist/`, ...), installed as the package `t2i.checkpoints` so a wheel carries them."""

@@ -35,9 +35,8 @@ from pydantic import BaseModel, Field
 from unclip.api import BATCH_SIZE, UnCLIPPipeline
 from unclip.checkpoint import resolve_folder, shipped_pipelines
 from unclip.errors import UserError
-from unclip.generation import contact_sheet, generate_images
-from unclip.images import grid, to_pil, to_uint8
-from unclip.pipeline import load_sampling
+from unclip.images import contact_sheet, grid, to_pil, to_uint8
+from unclip.options import load_sampling
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
@@ -143,8 +142,10 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
                 raise UserError("the prompt is empty: say what to draw, e.g. prompt=six")
             with queued(models):
                 pipe = models.get(pipeline)
-                options = pipe.options(steps, guidance, prior_guidance, text_guidance_scale=text_guidance)
-                images = generate_images(pipe, prompt, num_samples, options, seed, batch_size, negative_prompt)
+                options = pipe.options(steps=steps, guidance=guidance, prior_guidance=prior_guidance,
+                                       text_guidance=text_guidance)
+                images = pipe(prompt, negative_prompt, num_samples, pipe.generator(seed=seed), "uint8",
+                              batch_size=batch_size, options=options).images
         except UserError as e:
             raise HTTPException(400, str(e)) from None
         return Response(png_bytes(contact_sheet(images), SHEET_SCALE), media_type="image/png")
@@ -176,31 +177,29 @@ Job = Callable[[Callable], torch.Tensor]  # job(callback) -> uint8 images
 def plan(models: Models, req: RunRequest, limit) -> Job:
     """Check a request completely (a 400 comes before any event) and return the work it asks for."""
     pipe = models.get(req.pipeline)
-    options = pipe.options(req.steps, req.guidance, req.prior_guidance, strength=req.strength,
-                           text_guidance_scale=req.text_guidance)
+    options = pipe.options(steps=req.steps, guidance=req.guidance, prior_guidance=req.prior_guidance,
+                           strength=req.strength, text_guidance=req.text_guidance)
     generator = lambda: pipe.generator(seed=req.seed)  # noqa: E731
     if req.mode == "generate":
         limit(req.num_samples, "images")
         if not req.prompt.strip():
             raise UserError("the prompt is empty: say what to draw")
         init = read_data_url(req.image) if req.image else None
-        return lambda cb: generate_images(pipe, req.prompt, req.num_samples, options, req.seed, BATCH_SIZE, req.negative_prompt,
-                                          init, callback=cb)
+        return lambda cb: pipe(req.prompt, req.negative_prompt, req.num_samples, generator(), "uint8", cb, init,
+                               options=options).images
     if req.mode == "vary":
         limit(req.num_samples, "images")
         if not req.image:
             raise UserError("variations need an image")
         source = read_data_url(req.image)
-        return lambda cb: pipe.variations(source, req.num_samples, options.steps, options.guidance, generator(),
-                                          "uint8", cb).images
+        return lambda cb: pipe.variations(source, req.num_samples, generator(), "uint8", cb, options=options).images
     limit(req.frames, "frames")
     ends = []
     for end in (req.start, req.end):
         if not end or not end.strip():
             raise UserError("an interpolation needs two ends, each a prompt or an image")
         ends.append(read_data_url(end) if end.startswith("data:") else end)
-    return lambda cb: pipe.interpolate(ends[0], ends[1], req.frames, options.steps, options.guidance,
-                                       options.prior_guidance, generator(), "uint8", cb).images
+    return lambda cb: pipe.interpolate(ends[0], ends[1], req.frames, generator(), "uint8", cb, options=options).images
 
 
 def stream(models: Models, job: Job):

@@ -1,5 +1,5 @@
 """Headless Chromium (Debian's `chromium` and `chromium-driver`) driven by Selenium, over a live `t2i serve`
-app on a free local port: used by the browser test and to take the README's screenshot."""
+app on a free local port: used by the browser test and to take the screenshot in docs/guides/serve.md."""
 from __future__ import annotations
 
 import shutil

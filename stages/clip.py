@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from stages import distributed as dist
-from stages.trainer import Stage, fit, seeded
+from t2i.stages import distributed as dist
+from t2i.stages.trainer import Stage, fit, seeded
 from unclip.config import ClipConfig
 from unclip.data import CaptionedImages, load_split
 from unclip.data.prepared import convert
@@ -15,7 +15,8 @@ from unclip.errors import UserError
 from unclip.models.clip import CLIP, contrastive_loss, twin_direction_loss
 from unclip.images import to_float
 from unclip.tokenizer import Tokenizer
-from unclip.zeroshot import encode_images, encode_texts, zero_shot_accuracy
+from unclip.components.clip import encode_images, encode_texts
+from unclip.zeroshot import zero_shot_accuracy
 
 
 PRECISE_BN_IMAGES = 4096

@@ -7,20 +7,22 @@ from typing import Optional
 
 import torch
 
-from stages.clip import caption_seed
-from stages.frozen_clip import FrozenClip
-from stages.samples import chain_recorder, save_sheet
-from stages.trainer import Stage, fit, held_out_loss, seeded
+from t2i.stages.clip import caption_seed
+from t2i.stages.frozen_clip import FrozenClip
+from t2i.stages.samples import chain_recorder, fixed_captions, save_sheet
+from t2i.stages.trainer import Stage, fit, held_out_loss, seeded
 from unclip.config import DecoderConfig
 from unclip.errors import ConfigError
 from unclip.data import CaptionedImages, layout_fields
-from unclip.diffusion.models import Diffusion
+from unclip.diffusion.process import Diffusion
 from unclip.images import resize, to_uint8
-from unclip.models.layout import layout_map
+from unclip.layouts import layout_map
 from unclip.models.unet import UNet, grounding_loss
-from stages.distributed import training_device
-from unclip.pipeline import (SamplingOptions, decode, decoder_condition, decoder_diffusion, sample_image_embeddings,
-                             text_condition)
+from t2i.stages.distributed import training_device
+from unclip.components.clip import text_condition
+from unclip.components.decoder import decode, decoder_condition, decoder_diffusion
+from unclip.components.prior import sample_image_embeddings
+from unclip.options import SamplingOptions
 
 
 def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, prior: Optional[Diffusion],
@@ -29,10 +31,10 @@ def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, pri
     without one, reconstructions of validation images from their CLIP embeddings, the originals on top."""
     device = frozen.device
     generator = torch.Generator(device).manual_seed(0)
-    options = SamplingOptions()  # what `t2i generate` draws with
+    options = SamplingOptions()  # the library's defaults (a shipped pipeline's sampling.yaml may set others)
     text, rows = None, []
     if prior is not None:
-        prompts = frozen.fixed_captions()
+        prompts = fixed_captions(frozen)
         emb = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior, prompts, options.sampler, options.steps,
                                       options.prior_guidance, generator, options.prior_candidates)
         text = text_condition(frozen.clip, frozen.tokenizer, prompts)[1:] if cfg.model.text_tokens else None
@@ -41,7 +43,7 @@ def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, pri
         emb = frozen.clip.encode_image(originals.to(device))
         rows.append(to_uint8(resize(originals, cfg.model.image_size)))
     callback, shots = chain_recorder(options.steps)
-    final = decode(decoder, cfg, emb, options.sampler, options.steps, options.guidance, generator, callback, text=text)
+    final = decode(decoder, cfg, emb, options.sampler, options.steps, options.guidance, generator, callback=callback, text=text)
     return save_sheet(rows + [to_uint8(x) for x in shots + [final]], out, step)
 
 
@@ -81,16 +83,18 @@ def validation_example(frozen: FrozenClip, cfg: DecoderConfig, idx: torch.Tensor
 
 
 def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffusion] = None) -> Stage:
-    t, m = cfg.train, cfg.model
-    device = training_device(t.device)
+    """The decoder's training stage; its config (the Stage's, saved beside the weights) is `cfg` resolved against
+    the CLIP and the data: their channels, size and layout fields, the CLIP's fingerprint. `cfg` is left as it is."""
+    device = training_device(cfg.train.device)
     clip_m = frozen.clip.config
-    m.image_channels = clip_m.image_channels
-    m.image_size = m.image_size or clip_m.image_size  # what CLIP sees, unless the decoder is a cascade's base
-    if m.layout:
-        m.layout_fields = list(layout_fields(frozen.data, "decoder layout").values())
-    cfg.clip_fingerprint = frozen.fingerprint
+    m = cfg.model
+    m = replace(m, image_channels=clip_m.image_channels,
+                image_size=m.image_size or clip_m.image_size,  # what CLIP sees, unless the decoder is a cascade's base
+                layout_fields=list(layout_fields(frozen.data, "decoder layout").values()) if m.layout else m.layout_fields)
+    cfg = replace(cfg, model=m, clip_fingerprint=frozen.fingerprint)
+    t = cfg.train
     model = seeded(t.seed, lambda: UNet(m, clip_m.embed_dim, text_width=clip_m.text_width))
-    model = model.to(device, memory_format=torch.channels_last)  # 1.07x a step on the CPU (README, "Throughput")
+    model = model.to(device, memory_format=torch.channels_last)  # 1.07x a step on the CPU (docs/results/mnist-from-scratch.md, "Throughput")
     base = decoder_diffusion(model, cfg, device)
 
     if m.ground_weight and not (m.text_levels and hasattr(getattr(frozen.data, "captioner", None), "groundings")):

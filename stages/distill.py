@@ -21,23 +21,23 @@ from typing import Callable, Optional
 import torch
 import yaml
 
-from stages.decoder import save_samples, training_example, validation_example
-from stages.prior import save_prior_samples
-from stages.prior import training_example as prior_example, validation_example as prior_validation_example
-from stages.distributed import is_main, training_device
-from stages.frozen_clip import FrozenClip
-from stages.stage_two import stage_config
-from stages.runs import run_status
-from stages.trainer import STATE_FILE, Stage, fit, held_out_loss
-from unclip.checkpoint import (CONFIG_FILE, OPTIONAL_STAGES, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text,
+from t2i.stages.decoder import save_samples, training_example, validation_example
+from t2i.stages.prior import save_prior_samples
+from t2i.stages.prior import training_example as prior_example, validation_example as prior_validation_example
+from t2i.stages.distributed import is_main, training_device
+from t2i.stages.frozen_clip import FrozenClip
+from t2i.stages.stage_two import stage_config
+from t2i.stages.runs import run_status
+from t2i.stages.trainer import STATE_FILE, Stage, fit, held_out_loss
+from unclip.checkpoint import (CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text,
                                check_fingerprint, copy_stage, resolve_folder)
+from unclip.components import STAGES
 from unclip.config import ClipConfig, DecoderConfig, DistillConfig, PriorConfig, load_config, load_yaml, to_yaml
 from unclip.data import CaptionedImages
-from unclip.diffusion.models import Diffusion
+from unclip.diffusion.process import Diffusion
 from unclip.errors import CheckpointError, ConfigError
 from unclip.models.prior import DiffusionPrior
-from unclip.pipeline import (GUIDANCE_KEYS, decoder_diffusion, load_decoder, load_prior, load_sampling,
-                             prior_diffusion)
+from unclip.options import GUIDANCE_KEYS, load_sampling
 
 
 def round_steps(cfg: DistillConfig) -> list[int]:
@@ -104,11 +104,6 @@ def distill_stage(cfg: DistillConfig, student_cfg: DecoderConfig | PriorConfig, 
                  metrics_shown=["loss", "val_loss"], objective="val_loss")
 
 
-STAGES = {  # (load, diffusion) of the stages distillation takes
-    "decoder": (load_decoder, decoder_diffusion),
-    "prior": (load_prior, prior_diffusion),
-}
-
 
 def round_folder(out: Path, stage: str, steps: int) -> Path:
     """A round's run folder: OUT/distill/steps-N (a decoder's), OUT/distill/prior-steps-N."""
@@ -128,7 +123,7 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
     clip_cfg = load_config(ClipConfig, pipeline / "clip" / CONFIG_FILE)
     cfg = stage_config(DistillConfig, "distill", clip_cfg, config_path, flags)
     rounds = round_steps(cfg)
-    (load, diffusion), guidance_key = STAGES[cfg.stage], GUIDANCE_KEYS[cfg.stage]
+    spec, guidance_key = STAGES[cfg.stage], GUIDANCE_KEYS[cfg.stage]
     if cfg.guidance is None:  # checked before minutes of loading and embedding
         sampling = load_sampling(pipeline)
         if cfg.stage == "decoder" and sampling.text_guidance is not None:
@@ -136,18 +131,18 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
                               "does not learn: name the one scale to distill with --guidance")
         cfg = replace(cfg, guidance=getattr(sampling, guidance_key))
     device = training_device(cfg.train.device)
-    teacher_net, teacher_cfg = load(pipeline / cfg.stage, clip_cfg, device)
+    teacher_net, teacher_cfg = spec.load(pipeline / cfg.stage, clip_cfg, device)
     if teacher_cfg.model.distilled_steps:
         raise ConfigError(f"{pipeline / cfg.stage} is already distilled ({teacher_cfg.model.distilled_steps} steps); "
                           "distill the pipeline it came from")
     frozen = FrozenClip.load(pipeline / "clip", cfg.train)
     check_fingerprint(pipeline / cfg.stage, teacher_cfg.clip_fingerprint, frozen.fingerprint)
     if cfg.stage == "decoder":
-        prior = prior_diffusion(*load_prior(pipeline / "prior", clip_cfg, device), device)  # for its sample sheets
+        prior = STAGES["prior"].open(pipeline / "prior", clip_cfg, device)[0]  # for its sample sheets
         target = decoder_target(replace(teacher_cfg, train=cfg.train), frozen, prior)
     else:
         target = prior_target(replace(teacher_cfg, train=cfg.train), frozen, teacher_net)
-    teacher = replace(diffusion(teacher_net.requires_grad_(False), teacher_cfg, device),
+    teacher = replace(spec.diffusion(teacher_net.requires_grad_(False), teacher_cfg, device),
                       distilled_steps=cfg.teacher_steps)  # the first teacher's chain: DDIM, trailing
     if is_main():  # what the rounds were asked to do, beside them
         atomic_write_text(out / "distill" / CONFIG_FILE, to_yaml(cfg))
@@ -162,10 +157,10 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
             last = fit(stage, cfg.train, folder, resume and (folder / STATE_FILE).is_file())
             if last.get("interrupted"):
                 return last
-        net, student_cfg = load(folder, clip_cfg, device)
-        teacher, guidance = diffusion(net.requires_grad_(False), student_cfg, device), 1.0
+        net, student_cfg = spec.load(folder, clip_cfg, device)
+        teacher, guidance = spec.diffusion(net.requires_grad_(False), student_cfg, device), 1.0
     if is_main():
-        for stage in ("clip", "prior", "decoder", *OPTIONAL_STAGES):
+        for stage in STAGES:
             if stage != cfg.stage and (pipeline / stage / WEIGHTS_FILE).is_file():
                 copy_stage(pipeline / stage, out / stage)
         defaults = (load_yaml(pipeline / SAMPLING_FILE) or {}) if (pipeline / SAMPLING_FILE).is_file() else {}

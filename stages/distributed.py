@@ -6,7 +6,7 @@ import os
 import torch
 import torch.distributed as td
 
-from unclip.pipeline import resolve_device
+from unclip.device import resolve_device
 
 
 def world_size() -> int:

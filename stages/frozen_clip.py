@@ -1,4 +1,5 @@
-"""What the prior and the decoder share: the frozen CLIP, its fingerprint, the data and its embeddings."""
+"""What the prior and the decoder share: the frozen CLIP, its fingerprint, the data and its embeddings (computed
+once; a stream's as its batches come)."""
 from __future__ import annotations
 
 import logging
@@ -15,11 +16,11 @@ from unclip.data import CaptionedImages, load_split
 from unclip.data.captions import TextCaptions
 from unclip.data.stream import StreamedCaptions
 from unclip.models.clip import CLIP
-from stages.distributed import is_main, training_device
-from stages.trainer import console
-from unclip.pipeline import load_clip
+from t2i.stages.distributed import is_main, training_device
+from t2i.stages.trainer import console
+from unclip.components.clip import load_clip
 from unclip.tokenizer import Tokenizer
-from unclip.zeroshot import encode_images
+from unclip.components.clip import encode_images
 
 log = logging.getLogger(__name__)
 EMBED_CHUNK = 2000  # images a step of the progress bar (encode_images batches them by 1,000)
@@ -74,18 +75,3 @@ class FrozenClip:
             self._captioned = (CaptionedImages(images=None, labels=torch.arange(len(captions)),
                                                captioner=TextCaptions(captions)), torch.cat(embeddings))
         return self._captioned
-
-    def gallery(self) -> tuple[CaptionedImages, torch.Tensor]:
-        """Images with their embeddings, to show the image nearest an embedding: the training images in memory,
-        else (a stream) the validation images."""
-        if self.image_emb is not None:
-            return self.data, self.image_emb
-        return self.val, encode_images(self.clip, self.val.images)
-
-    def fixed_captions(self, n: int = 10) -> Optional[list[str]]:
-        """Prompts for sample grids: the class names, or the first distinct validation captions."""
-        names = self.data.class_names
-        if names:
-            return names[:n]
-        captions = self.val.captions(torch.arange(min(4 * n, len(self.val))), seed=0)
-        return list(dict.fromkeys(captions))[:n]

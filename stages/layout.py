@@ -6,21 +6,23 @@ It learns from the captions and the layouts of the training scenes alone (no pix
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from stages.clip import caption_seed
-from stages.distributed import training_device
-from stages.stage_two import stage_config
-from stages.trainer import Stage, fit, held_out_loss, seeded
+from t2i.stages.clip import caption_seed
+from t2i.stages.distributed import training_device
+from t2i.stages.stage_two import stage_config
+from t2i.stages.trainer import Stage, fit, held_out_loss, seeded
 from unclip.checkpoint import CONFIG_FILE, fingerprint
 from unclip.config import ClipConfig, LayoutConfig, load_config
 from unclip.data import CaptionedImages, layout_fields, load_split
 from unclip.errors import CheckpointError, ConfigError
 from unclip.models.layout import LayoutModel
-from unclip.pipeline import SamplingOptions, load_clip, text_condition
+from unclip.components.clip import load_clip, text_condition
+from unclip.options import SamplingOptions
 from unclip.tokenizer import Tokenizer, vocabulary_words
 
 CHECKED = 500  # validation captions whose sampled layouts are checked
@@ -32,7 +34,8 @@ def layout_stage(cfg: LayoutConfig, clip_dir: Path, data: CaptionedImages, val: 
     clip, clip_cfg = load_clip(clip_dir, device)
     clip.requires_grad_(False)
     tokenizer = Tokenizer(clip_cfg.model.text_context)
-    cfg.clip_fingerprint = fingerprint(clip.state_dict())
+    cfg = replace(cfg, clip_fingerprint=fingerprint(clip.state_dict()))  # the Stage's config, saved beside the weights
+    m = cfg.model
     model = seeded(t.seed, lambda: LayoutModel(m, clip_cfg.model.text_width)).to(device)
     stray = stray_vocabulary(data.captioner) if cfg.stray_words else []
 
@@ -106,7 +109,8 @@ def layout_setup(pipeline: Path, config_path: Optional[Path], flags: dict) -> tu
     c = clip_cfg.model  # the stage reads captions and layouts, no pixels: scenes are not drawn
     data = load_split(t, "train", c.image_channels, c.image_size, pixels=False)
     fields = layout_fields(data, "the layout stage")
-    m.fields, m.field_names, m.max_objects = list(fields.values()), list(fields), data.captioner.max_objects
+    cfg = replace(cfg, model=replace(m, fields=list(fields.values()), field_names=list(fields),
+                                     max_objects=data.captioner.max_objects))
     return cfg, data, load_split(t, "val", c.image_channels, c.image_size, pixels=False)
 
 

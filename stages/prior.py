@@ -7,25 +7,26 @@ from typing import Optional
 
 import torch
 
-from stages.clip import caption_seed
-from stages.frozen_clip import FrozenClip
-from stages.samples import chain_recorder, save_sheet
-from stages.trainer import Stage, fit, seeded
+from t2i.stages.clip import caption_seed
+from t2i.stages.frozen_clip import FrozenClip
+from t2i.stages.samples import chain_recorder, fixed_captions, gallery, save_sheet
+from t2i.stages.trainer import Stage, fit, seeded
 from unclip.config import PriorConfig
 from unclip.data import CaptionedImages
-from unclip.diffusion.models import Diffusion
+from unclip.diffusion.process import Diffusion
 from unclip.models.prior import DiffusionPrior, residual_whitening
-from stages.distributed import training_device
+from t2i.stages.distributed import training_device
 from unclip.images import to_uint8
-from unclip.pipeline import (SamplingOptions, prior_cosine, prior_diffusion, sample_image_embeddings,
-                             text_condition)
+from unclip.components.clip import text_condition
+from unclip.components.prior import prior_cosine, prior_diffusion, sample_image_embeddings
+from unclip.options import SamplingOptions
 
 
 def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
+    cfg = replace(cfg, clip_fingerprint=frozen.fingerprint)  # the Stage's config, saved beside the weights
     t = cfg.train
     device = training_device(t.device)
     clip_m = frozen.clip.config
-    cfg.clip_fingerprint = frozen.fingerprint
     model = seeded(t.seed, lambda: DiffusionPrior(cfg.model, clip_m.embed_dim, clip_m.text_width, clip_m.text_context))
     model = model.to(device)
     base = prior_diffusion(model, cfg, device)
@@ -70,13 +71,13 @@ def save_prior_samples(frozen: FrozenClip, prior: Diffusion, step: int, out: Pat
                        guidance: Optional[float] = None) -> torch.Tensor:
     """The prior draws embeddings, not pictures: each cell of its sheet is the training image (a stream's:
     validation image) whose CLIP embedding is nearest to the embedding predicted (a column per fixed prompt).
-    `guidance`: the prior's; None, what `t2i generate` draws with."""
-    options = SamplingOptions()  # what `t2i generate` draws with
+    `guidance`: the prior's; None, the library's default (SamplingOptions)."""
+    options = SamplingOptions()  # the library's defaults (a shipped pipeline's sampling.yaml may set others)
     callback, shots = chain_recorder(options.steps)
-    final = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior, frozen.fixed_captions(), options.sampler,
+    final = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior, fixed_captions(frozen), options.sampler,
                                     options.steps, options.prior_guidance if guidance is None else guidance,
                                     torch.Generator(frozen.device).manual_seed(0), callback=callback)
-    images, embeddings = frozen.gallery()
+    images, embeddings = gallery(frozen)
     nearest = lambda emb: images.pixels((emb @ embeddings.T).argmax(1).cpu())  # noqa: E731
     return save_sheet([to_uint8(nearest(e)) for e in [prior.net.decode(s) for s in shots] + [final]], out, step)
 

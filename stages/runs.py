@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from stages.trainer import MAXIMIZE, METRICS_FILE, RUN_FILE, STATE_FILE, direction
+from t2i.stages.trainer import METRICS_FILE, RUN_FILE, STATE_FILE, direction
 from unclip.checkpoint import atomic_write
-from unclip.config import STAGES
+from unclip.components import MAXIMIZE, STAGES
 from unclip.errors import UserError
 
 

@@ -2,20 +2,25 @@
 
 A sheet is one column per fixed prompt (or validation image): optional reference rows (the originals), then
 the chain's x0 prediction after sampling iterations 1, 5, 10, 15 and 20 (those the chain has before its last),
-then the final sample, drawn with `t2i generate`'s sampling options and the same seed every time. Sheets go to
+then the final sample, drawn with the library's default sampling options and the same seed every time. Sheets go to
 `OUT/samples/sheet_<step>.png`; at the end of the stage, `progress.gif` shows the first column's final sample
 across every sheet of the run, so one sees the model learn.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from unclip.components.clip import encode_images
+from unclip.data import CaptionedImages
 from unclip.images import grid, save_gif, save_png
+
+if TYPE_CHECKING:
+    from t2i.stages.frozen_clip import FrozenClip
 
 ITERATIONS = (1, 5, 10, 15, 20)
 SCALE, PAD = 2, 2
@@ -68,3 +73,20 @@ def save_progress_gif(out: Path) -> Optional[Path]:
     path = Path(out) / "samples" / "progress.gif"
     save_gif(frames, path, ms_per_frame=400, hold_last=3)
     return path
+
+
+def gallery(frozen: "FrozenClip") -> tuple[CaptionedImages, torch.Tensor]:
+    """Images with their embeddings, to show the image nearest an embedding: the training images in memory,
+    else (a stream) the validation images."""
+    if frozen.image_emb is not None:
+        return frozen.data, frozen.image_emb
+    return frozen.val, encode_images(frozen.clip, frozen.val.images)
+
+
+def fixed_captions(frozen: "FrozenClip", n: int = 10) -> Optional[list[str]]:
+    """Prompts for sample grids: the class names, or the first distinct validation captions."""
+    names = frozen.data.class_names
+    if names:
+        return names[:n]
+    captions = frozen.val.captions(torch.arange(min(4 * n, len(frozen.val))), seed=0)
+    return list(dict.fromkeys(captions))[:n]

@@ -6,16 +6,18 @@ from typing import Optional
 
 import yaml
 
-from stages.decoder import train_decoder
-from stages.frozen_clip import FrozenClip
-from stages.prior import train_prior
-from stages.trainer import STATE_FILE
-from stages.distributed import is_main
+from t2i.stages.decoder import train_decoder
+from t2i.stages.frozen_clip import FrozenClip
+from t2i.stages.prior import train_prior
+from t2i.stages.trainer import STATE_FILE
+from t2i.stages.distributed import is_main
 from unclip.checkpoint import (CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text, check_fingerprint, copy_stage,
                               resolve_folder)
 from unclip.config import ClipConfig, DecoderConfig, PriorConfig, load_config, load_yaml, merge, stage_section
 from unclip.errors import CheckpointError, ConfigError
-from unclip.pipeline import SamplingOptions, load_prior, prior_diffusion
+from unclip.components import STAGES
+from unclip.components.prior import prior_diffusion
+from unclip.options import SamplingOptions
 
 
 def stage_config(cls, stage: str, clip_cfg: ClipConfig, config_path: Optional[Path], flags: dict):
@@ -49,7 +51,7 @@ def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, ou
         if train_prior(prior_cfg, frozen, out / "prior", resume).get("interrupted"):
             return False
     if (out / "prior" / WEIGHTS_FILE).is_file():
-        model, cfg = load_prior(out / "prior", clip_cfg, frozen.device)
+        model, cfg = STAGES["prior"].load(out / "prior", clip_cfg, frozen.device)
         check_fingerprint(out / "prior", cfg.clip_fingerprint, frozen.fingerprint)
         prior = prior_diffusion(model, cfg, frozen.device)
     if "decoder" in stages:

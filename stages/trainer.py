@@ -27,8 +27,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from stages import distributed as dist
-from stages.samples import save_progress_gif
+from t2i.stages import distributed as dist
+from t2i.stages.samples import save_progress_gif
+from unclip.components import MAXIMIZE
 from unclip.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_write, atomic_write_text, load_state, resolve_folder,
                                save_checkpoint)
 from unclip.config import TrainConfig, load_yaml
@@ -39,7 +40,6 @@ from unclip.errors import UserError
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"  # one JSON record a step ({"step", "time", "loss", ...}) and one a validation
 RUN_FILE = "run.json"  # stage, step, saved step, total, time, finished, objective: for t2i runs
-MAXIMIZE = ("val_zero_shot", "val_retrieval", "prior_cosine")
 VAL_IMAGES = 512  # validation examples of a diffusion stage's validation loss
 console = Console(stderr=True)
 

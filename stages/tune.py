@@ -25,9 +25,10 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from stages.trainer import STATE_FILE, Stage, fit
+from t2i.stages.trainer import STATE_FILE, Stage, fit
 from unclip.checkpoint import atomic_write_text, load_state
-from unclip.config import STAGES, ClipConfig, load_config, load_yaml, merge
+from unclip.components import STAGES
+from unclip.config import ClipConfig, load_config, load_yaml, merge
 from unclip.data import load_split
 from unclip.errors import ConfigError, UserError
 
@@ -36,7 +37,7 @@ STUDY_FILE = "study.db"
 BEST_FILE = "best.yaml"
 # The trials share their data (loaded, and for stage two embedded by CLIP, once), so these are not searched.
 SHARED = ("train.data", "train.data_dir", "train.val_size", "train.device", "train.image_column", "train.text_column")
-DIRECTION = {"clip": "maximize", "prior": "maximize", "decoder": "minimize", "upsampler": "minimize"}
+TUNABLE = ("clip", "prior", "decoder", "upsampler")  # the stages `stage_search` knows how to train and score
 
 
 class Interrupted(Exception):
@@ -152,23 +153,23 @@ def stage_search(stage: str, config_path: Optional[Path], flags: dict, clip: Opt
                  pipeline: Optional[Path]) -> Search:
     """The base config (defaults, config file, flags) of `stage`, and its data loaded once for every trial."""
     if stage == "clip":
-        from stages.clip import clip_stage
+        from t2i.stages.clip import clip_stage
 
         return Search(stage, merge(load_config(ClipConfig, config_path), flags), clip_stage)
     if stage in ("prior", "decoder"):
         if clip is None:
             raise UserError(f"tuning the {stage} needs the CLIP it is trained against: --clip DIR")
-        from stages.decoder import decoder_stage
-        from stages.frozen_clip import FrozenClip
-        from stages.prior import prior_stage
-        from stages.stage_two import stage_config
+        from t2i.stages.decoder import decoder_stage
+        from t2i.stages.frozen_clip import FrozenClip
+        from t2i.stages.prior import prior_stage
+        from t2i.stages.stage_two import stage_config
         from unclip.checkpoint import CONFIG_FILE, resolve_folder
 
         clip = resolve_folder(clip, "clip")
         if not (clip / CONFIG_FILE).is_file():
             raise UserError(f"--clip {clip}: not a CLIP checkpoint folder (no {CONFIG_FILE})")
         clip_cfg = load_config(ClipConfig, clip / CONFIG_FILE)
-        base = stage_config(STAGES[stage], stage, clip_cfg, config_path, flags)
+        base = stage_config(STAGES[stage].config, stage, clip_cfg, config_path, flags)
         frozen = FrozenClip.load(clip, base.train)
         splits = {"val": frozen}
 
@@ -182,7 +183,7 @@ def stage_search(stage: str, config_path: Optional[Path], flags: dict, clip: Opt
     if stage == "upsampler":
         if pipeline is None:
             raise UserError("tuning the upsampler needs the pipeline it sharpens: --pipeline DIR")
-        from stages.upsampler import upsampler_setup, upsampler_stage
+        from t2i.stages.upsampler import upsampler_setup, upsampler_stage
 
         base, data, val = upsampler_setup(pipeline, config_path, flags)
         splits = {"val": val}
@@ -193,7 +194,7 @@ def stage_search(stage: str, config_path: Optional[Path], flags: dict, clip: Opt
             return upsampler_stage(cfg, data, splits[split])
 
         return Search(stage, base, build)
-    raise UserError(f"unknown stage {stage!r}: use one of {', '.join(DIRECTION)}")
+    raise UserError(f"unknown stage {stage!r}: use one of {', '.join(TUNABLE)}", param="stage")
 
 
 @dataclass
@@ -216,7 +217,7 @@ def open_study(out: Path, stage: str, space: dict, seed: int):
     out.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
         storage=f"sqlite:///{out / STUDY_FILE}", study_name=f"t2i-{stage}", load_if_exists=True,
-        direction=DIRECTION[stage], pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+        direction=STAGES[stage].direction, pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
     # seeded, and on a resumed study seeded anew past its trials, so it does not propose the first ones again
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
     recorded = study.user_attrs.get("space")
@@ -262,9 +263,9 @@ def tune(stage: str, space_path: Path, trials: int, out: Path, config_path: Opti
         import optuna
     except ImportError:
         raise UserError("t2i tune needs Optuna: pip install -e '.[tune]'") from None
-    if stage not in DIRECTION:
-        raise UserError(f"unknown stage {stage!r}: use one of {', '.join(DIRECTION)}")
-    space = load_space(space_path, STAGES[stage]())  # checked before any data is loaded or trial runs
+    if stage not in TUNABLE:
+        raise UserError(f"unknown stage {stage!r}: use one of {', '.join(TUNABLE)}", param="stage")
+    space = load_space(space_path, STAGES[stage].config())  # checked before any data is loaded or trial runs
     search = stage_search(stage, config_path, flags or {}, clip, pipeline)
     out = Path(out)
     study = open_study(out, stage, space, search.base.train.seed)
@@ -306,7 +307,7 @@ def tune(stage: str, space_path: Path, trials: int, out: Path, config_path: Opti
                        catch=(UserError,), callbacks=callbacks)
     done = study.get_trials(deepcopy=False)
     best = best_trial(study)
-    result = TuneResult(space, done, found["objective"], DIRECTION[stage], best, None)
+    result = TuneResult(space, done, found["objective"], STAGES[stage].direction, best, None)
     if best is None:
         return result
     best_cfg = with_values(search.base, trial_values(best, space))

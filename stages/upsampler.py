@@ -11,18 +11,20 @@ from typing import Optional
 
 import torch
 
-from stages.distributed import training_device
-from stages.stage_two import stage_config
-from stages.samples import chain_recorder, save_sheet
-from stages.trainer import Stage, fit, held_out_loss, seeded
+from t2i.stages.distributed import training_device
+from t2i.stages.stage_two import stage_config
+from t2i.stages.samples import chain_recorder, save_sheet
+from t2i.stages.trainer import Stage, fit, held_out_loss, seeded
 from unclip.checkpoint import CONFIG_FILE
 from unclip.config import ClipConfig, DecoderConfig, UpsamplerConfig, load_config
 from unclip.data import CaptionedImages, load_split
 from unclip.data.stream import StreamedCaptions
 from unclip.errors import CheckpointError, ConfigError
 from unclip.images import resize, to_uint8
-from unclip.models.upsampler import Upsampler, degrade, sampling_level
-from unclip.pipeline import SamplingOptions, upsample, upsampler_diffusion
+from unclip.components.upsampler import degrade, sampling_level
+from unclip.models.upsampler import Upsampler
+from unclip.components.upsampler import upsample, upsampler_diffusion
+from unclip.options import SamplingOptions
 
 SHOWN = 8  # validation images in the sample sheet
 
@@ -62,7 +64,7 @@ def upsampler_stage(cfg: UpsamplerConfig, data: CaptionedImages | StreamedCaptio
         options = SamplingOptions()
         callback, shots = chain_recorder(options.upsampler_steps)
         final = upsample(upsampler_diffusion(shipped, cfg, device), cfg, low, options.sampler, options.upsampler_steps,
-                         generator, callback)
+                         generator, callback=callback)
         enlarged = torch.nn.functional.interpolate(low, size=m.image_size, mode="nearest")
         return save_sheet([to_uint8(x) for x in [x0, enlarged, *shots, final]], out, step)
 
@@ -82,9 +84,9 @@ def upsampler_setup(pipeline: Path, config_path: Optional[Path], flags: dict,
     clip_cfg = load_config(ClipConfig, pipeline / "clip" / CONFIG_FILE)
     decoder = load_config(DecoderConfig, pipeline / "decoder" / CONFIG_FILE).model
     cfg = stage_config(UpsamplerConfig, "upsampler", clip_cfg, config_path, flags)
+    cfg = replace(cfg, model=replace(cfg.model, image_channels=decoder.image_channels, low_size=decoder.image_size))
     m, t = cfg.model, cfg.train
     training_device(t.device)  # joins the process group (torchrun) before anything is built
-    m.image_channels, m.low_size = decoder.image_channels, decoder.image_size
     if m.image_size <= m.low_size:
         raise ConfigError(f"upsampler image_size {m.image_size} must be larger than the decoder's {m.low_size}")
     return cfg, load_split(t, "train", m.image_channels, m.image_size), load_split(t, eval_split, m.image_channels,

@@ -80,7 +80,7 @@ def tiny_pipeline(tmp_path_factory, mnist_dir, tiny_config) -> Path:
     """CLIP, prior and decoder trained for a few steps through the CLI: a complete pipeline folder."""
     from typer.testing import CliRunner
 
-    from cli import app
+    from t2i.cli import app
 
     root = tmp_path_factory.mktemp("pipeline")
     runner = CliRunner()

@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
+from t2i.cli import app
 from tests.conftest import draw_glyphs
 from unclip import UnCLIPPipeline
 from unclip.errors import UserError
-from unclip.generation import generate_images
-from unclip.pipeline import SamplingOptions, steps_per_image
+from t2i.folders import generate_images
+from unclip.options import SamplingOptions
+from unclip.pipeline import steps_per_image
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -90,7 +91,7 @@ def test_generate_images_draws_with_the_options_it_is_given_every_field(pipe, mo
 def test_variations_and_interpolation_draw_with_the_options_they_are_given(pipe, tiny_pipeline, monkeypatch, tmp_path):
     """t2i vary and interpolate resolve the settings once and hand the options over whole, as generate does."""
     import unclip.api
-    from unclip.generation import interpolate_to_folder, vary_to_folder
+    from t2i.folders import interpolate_to_folder, vary_to_folder
 
     seen, decode = [], unclip.api.decode_and_upsample
     monkeypatch.setattr(unclip.api, "decode_and_upsample",

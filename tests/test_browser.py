@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("fastapi", reason="t2i serve is an optional extra: pip install -e '.[serve]'")
-from server import browser  # noqa: E402
-from server.app import create_app  # noqa: E402
+from t2i.server import browser  # noqa: E402
+from t2i.server.app import create_app  # noqa: E402
 
 if reason := browser.missing():
     pytest.skip(reason, allow_module_level=True)

@@ -12,12 +12,12 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
+from t2i.cli import app
 from tests.conftest import TINY
 from unclip.diffusion.schedule import alphas_cumprod
 from unclip.images import resize
-from unclip.models.upsampler import degrade
-from stages.runs import read_metrics
+from unclip.components.upsampler import degrade
+from t2i.stages.runs import read_metrics
 
 runner = CliRunner()
 # CLIP sees 28x28; the decoder draws 16x16 and reads the caption's tokens, the upsampler draws 28x28.
@@ -218,24 +218,27 @@ def test_the_cascade_draws_at_the_upsampler_size_reproducibly(cascade, tmp_path)
 
 
 def test_text_guidance_scales_the_caption_apart_from_the_image_embedding(cascade, tiny_pipeline, tmp_path):
-    def draw(name, *flags, pipeline=cascade):
-        r = run("generate", "--checkpoints", pipeline, "--prompt", "a six", "-n", 2, "--steps", 3, "--upsampler-steps", 1,
-                "--guidance", 2, *flags, "--out", tmp_path / name)
-        assert r.exit_code == 0, r.output
-        return [np.asarray(Image.open(tmp_path / name / f"{i:04d}.png")) for i in range(2)]
+    from unclip.api import UnCLIPPipeline
+    from unclip.pipeline import draw as chain
 
-    plain, same, apart = draw("plain"), draw("same", "--text-guidance", 2), draw("apart", "--text-guidance", 5)
-    assert all(np.array_equal(a, b) for a, b in zip(plain, same))  # one scale for both: plain guidance
-    assert not all(np.array_equal(a, b) for a, b in zip(plain, apart))
-    defaults = tmp_path / "defaults"  # a pipeline's default, as the flag sets it
+    def draw(pipeline=cascade, **settings):  # the chain's floats: a tiny decoder reads its caption too faintly for uint8
+        pipe = UnCLIPPipeline.from_pretrained(pipeline, "cpu")
+        options = pipe.options(steps=3, upsampler_steps=1, guidance=2.0, **settings)
+        return chain(pipe.pipeline, ["a six", "a six"], options, torch.Generator().manual_seed(0))
+
+    plain, same, apart = draw(), draw(text_guidance=2.0), draw(text_guidance=5.0)
+    assert torch.equal(plain, same)  # one scale for both: plain guidance
+    assert not torch.equal(plain, apart)
+    defaults = tmp_path / "defaults"  # a pipeline's default, as the setting sets it
     shutil.copytree(cascade, defaults)
     (defaults / "sampling.yaml").write_text("text_guidance: 5\n")
-    assert all(np.array_equal(a, b) for a, b in zip(apart, draw("default", pipeline=defaults)))
+    assert torch.equal(apart, draw(defaults))
     r = run("generate", "--checkpoints", tiny_pipeline, "--prompt", "six", "--text-guidance", 3, "--out", tmp_path / "x")
-    assert r.exit_code == 1 and "text guidance is for decoders that read the caption" in r.output
+    assert r.exit_code == 1 and "--text-guidance is for decoders that read the caption" in r.output
     assert "Traceback" not in r.output
     from unclip.api import UnCLIPPipeline
-    from unclip.pipeline import decode, prompt_conditions
+    from unclip.components.clip import prompt_conditions
+    from unclip.components.decoder import decode
 
     p = UnCLIPPipeline.from_pretrained(cascade, "cpu").pipeline  # the caption alone (the embedding dropped, embed_kept):
     cond, _ = prompt_conditions(p.clip, p.tokenizer, ["a six", "a one"])  # its inner condition reads nothing, so the
@@ -248,11 +251,12 @@ def test_text_guidance_scales_the_caption_apart_from_the_image_embedding(cascade
 
 def test_upsampler_strength_refines_the_enlarged_base_image_in_part_of_the_chain(cascade, tmp_path):
     from unclip.api import UnCLIPPipeline
-    from unclip.pipeline import decode, decode_and_upsample
+    from unclip.components.decoder import decode
+    from unclip.pipeline import decode_and_upsample
 
     pipe = UnCLIPPipeline.from_pretrained(cascade, "cpu")
     p, emb = pipe.pipeline, torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
-    draw = lambda s: decode_and_upsample(p, emb, pipe.resolve({"steps": 2, "upsampler_steps": 4, "upsampler_strength": s}),  # noqa: E731
+    draw = lambda s: decode_and_upsample(p, emb, pipe.options(steps=2, upsampler_steps=4, upsampler_strength=s),  # noqa: E731
                                          torch.Generator().manual_seed(0))
     base = decode(p.decoder, p.decoder_config, emb, "dpmpp", 2, 1.0, torch.Generator().manual_seed(0))
     assert torch.equal(draw(0.0), resize(base, 28))  # strength 0: the base image enlarged, untouched
@@ -266,7 +270,7 @@ def test_upsampler_strength_refines_the_enlarged_base_image_in_part_of_the_chain
                                                 callback=lambda step, total, x0: calls.append(total))
     assert len(calls) == calls[0] == 2 + len(p.upsampler.timesteps("dpmpp", 4, 0.5)) < 2 + 4
     r = run("generate", "--checkpoints", cascade, "--prompt", "six", "--upsampler-strength", 1.5, "--out", tmp_path / "g")
-    assert r.exit_code == 1 and "upsampler strength must be between 0 and 1, got 1.5" in r.output
+    assert r.exit_code == 1 and "--upsampler-strength must be between 0 and 1, got 1.5" in r.output
 
 
 def test_the_upsampler_loss_falls_and_samples_are_drawn(cascade):
@@ -286,7 +290,7 @@ def test_without_the_upsampler_the_base_size_is_drawn(cascade, tmp_path):
 
 def test_cascade_errors_are_one_line(cascade, tiny_pipeline, tmp_path):
     r = run("generate", "--checkpoints", cascade, "--prompt", "six", "--upsampler-steps", 0, "--out", tmp_path / "g")
-    assert r.exit_code == 1 and "upsampler steps must be at least 1" in r.output
+    assert r.exit_code == 1 and "--upsampler-steps must be at least 1" in r.output
     r = run("generate", "--checkpoints", cascade, "--prompt", "six", "--upsampler-steps", 51, "--out", tmp_path / "g")
     assert r.exit_code == 1 and "more than the upsampler's 50" in r.output
     mixed = tmp_path / "mixed"  # a 28x28 decoder beside an upsampler of 16x16 images

@@ -116,7 +116,7 @@ def test_a_shipped_pipelines_stage_resolves_by_name(tmp_path, monkeypatch, tiny_
     from typer.testing import CliRunner
 
     import unclip.checkpoint as checkpoint
-    from cli import app
+    from t2i.cli import app
     from unclip.checkpoint import copy_stage, resolve_folder, shipped_pipelines
 
     monkeypatch.setattr(checkpoint, "shipped_root", lambda: tmp_path / "shipped")

@@ -12,8 +12,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from stages.runs import read_metrics
+from t2i.cli import app
+from t2i.stages.runs import read_metrics
 
 runner = CliRunner()
 
@@ -104,10 +104,10 @@ BAD_GENERATE = [
     (["--num-samples", "0"], None, "Invalid value for '--num-samples'"),
     (["--num-samples", "-3"], None, "Invalid value for '--num-samples'"),
     (["--num-samples", "many"], None, "Invalid value for '--num-samples'"),
-    (["--steps", "0"], None, "steps must be at least 1"),
-    (["--guidance", "-1"], None, "guidance"),
+    (["--steps", "0"], None, "--steps must be at least 1"),
+    (["--guidance", "-1"], None, "--guidance must be a finite number >= 0"),
     (["--sampler", "euler"], None, "Invalid value for '--sampler'"),
-    (["--device", "cuda"], None, "no CUDA GPU"),
+    (["--device", "cuda"], None, "--device 'cuda' was asked for, but PyTorch sees no CUDA GPU"),
     (["--steps", "60"], None, "more than the 50 diffusion steps of the prior"),
     ([], "bad-choice", "model.prediction: 'V' is not one of v, x0, eps"),
     ([], "no-prior", "lacks prior/"),
@@ -133,7 +133,7 @@ def test_generate_refuses_bad_input_in_one_line(tiny_pipeline, tmp_path, extra, 
 def test_the_t2i_command_ends_a_sampling_run_with_its_status_and_its_output_written(tiny_pipeline, tmp_path):
     """`t2i` (cli:run) skips Python's teardown after generate: nothing it printed or wrote may be lost."""
     def t2i(*args):
-        return subprocess.run([sys.executable, "-c", "import cli; cli.run()", *map(str, args)], capture_output=True,
+        return subprocess.run([sys.executable, "-c", "import t2i.cli as cli; cli.run()", *map(str, args)], capture_output=True,
                               text=True, cwd=Path(__file__).parents[1])
 
     ok = t2i("generate", "--checkpoints", tiny_pipeline, "--prompt", "six", "-n", 2, "--steps", 2, "--out", tmp_path / "g")
@@ -141,7 +141,7 @@ def test_the_t2i_command_ends_a_sampling_run_with_its_status_and_its_output_writ
     assert sorted(f.name for f in (tmp_path / "g").iterdir()) == ["0000.png", "0001.png", "grid.png"]
     assert Image.open(tmp_path / "g" / "grid.png").size[0] > 0
     bad = t2i("generate", "--checkpoints", tiny_pipeline, "--prompt", "six", "--steps", 0, "--out", tmp_path / "b")
-    assert bad.returncode == 1 and "steps must be at least 1, got 0" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 1 and "--steps must be at least 1 (a whole number), got 0" in bad.stderr and "Traceback" not in bad.stderr
     assert t2i("vary", "--help").returncode == 0 and t2i("--help").returncode == 0
 
 

@@ -7,8 +7,8 @@ import re
 
 import torch
 
-from stages.clip import clip_stage
-from stages.trainer import fit
+from t2i.stages.clip import clip_stage
+from t2i.stages.trainer import fit
 from unclip.config import ClipConfig, merge
 from unclip.models.clip import CLIP, contrastive_loss, twin_direction_loss
 from unclip.tokenizer import Tokenizer
@@ -108,7 +108,7 @@ def test_tiny_clip_learns_glyphs(mnist_dir, tmp_path):
 
 
 def test_precise_batchnorm_recomputes_the_statistics_of_the_current_weights():
-    from stages.clip import precise_batchnorm
+    from t2i.stages.clip import precise_batchnorm
 
     model = CLIP(merge(ClipConfig(), TINY["clip"]).model).eval()
     x = torch.rand(32, 1, 28, 28) * 2 - 1

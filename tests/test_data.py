@@ -54,7 +54,7 @@ def test_mnist_resized_to_the_configured_shape(mnist_dir):
 
 def test_missing_mnist_files_name_what_is_expected(tmp_path, monkeypatch):
     monkeypatch.setattr("unclip.data.mnist._download", lambda name, folder: None)  # offline
-    with pytest.raises(UserError, match=r"train-images-idx3-ubyte.*--data-dir"):
+    with pytest.raises(UserError, match=r"train-images-idx3-ubyte.*data_dir"):
         load_dataset("mnist", "train", tmp_path)
 
 

@@ -7,7 +7,7 @@ import torch
 from unclip.diffusion.gaussian import (diffusion_loss, predict_eps, predict_x0, q_sample, to_x0, training_target, v_target,
                                       x0_from_v)
 from unclip.diffusion.sampling import classifier_free_guidance, sample, sampler_timesteps
-from unclip.diffusion.models import Diffusion
+from unclip.diffusion.process import Diffusion
 from unclip.diffusion.schedule import alphas_cumprod, spaced_timesteps
 from unclip.models.prior import residual_whitening
 
@@ -94,7 +94,7 @@ def test_point_mass_is_recovered_exactly():
 def test_samplers_are_seeded_by_their_generator():
     ac = alphas_cumprod("cosine", 100)
     denoise = gaussian_oracle(torch.zeros(1, 4), 1.0, ac)
-    runs = [sample("ddim", denoise, torch.randn(2, 4, generator=torch.Generator().manual_seed(s)), ac, 10, eta=1.0,
+    runs = [sample("ddpm", denoise, torch.randn(2, 4, generator=torch.Generator().manual_seed(s)), ac, 10,
                    generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 

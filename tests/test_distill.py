@@ -6,12 +6,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from cli import app
-from unclip.diffusion.models import Diffusion
+from t2i.cli import app
+from unclip.diffusion.process import Diffusion
 from unclip.diffusion.gaussian import ddim_step, ddim_x0_target, progressive_distillation_loss, to_x0
 from unclip.diffusion.sampling import sample
 from unclip.diffusion.schedule import alphas_cumprod, spaced_timesteps
-from unclip.pipeline import Pipeline, SamplingOptions, steps_per_image
+from unclip.options import SamplingOptions
+from unclip.pipeline import Pipeline, steps_per_image
 
 runner = CliRunner()
 

@@ -11,9 +11,9 @@ import torch.distributed as td
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from stages import distributed as dist
+from t2i.stages import distributed as dist
 from unclip.models.clip import contrastive_loss
-from stages.runs import read_metrics
+from t2i.stages.runs import read_metrics
 
 
 def free_port() -> int:
@@ -81,11 +81,11 @@ def test_gathered_loss_and_gradients_match_one_process(tmp_path):
 
 def train_worker(rank: int, world: int, port: int, kind: str, pipeline: str, mnist_dir: str, out: str) -> None:
     join(rank, world, port)
-    from stages.clip import clip_stage
-    from stages.decoder import decoder_stage
-    from stages.frozen_clip import FrozenClip
-    from stages.prior import prior_stage
-    from stages.trainer import fit
+    from t2i.stages.clip import clip_stage
+    from t2i.stages.decoder import decoder_stage
+    from t2i.stages.frozen_clip import FrozenClip
+    from t2i.stages.prior import prior_stage
+    from t2i.stages.trainer import fit
     from tests.conftest import TINY
     from unclip.config import ClipConfig, DecoderConfig, PriorConfig, TrainConfig, merge
 
@@ -116,8 +116,8 @@ def test_two_processes_train_in_lockstep_and_write_one_checkpoint(kind, tiny_pip
 
 def equivalence_worker(rank: int, world: int, port: int, mnist_dir: str, out: str) -> None:
     join(rank, world, port)
-    from stages.clip import clip_stage
-    from stages.trainer import fit
+    from t2i.stages.clip import clip_stage
+    from t2i.stages.trainer import fit
     from tests.conftest import TINY
     from unclip.config import ClipConfig, merge
 
@@ -131,7 +131,7 @@ def equivalence_worker(rank: int, world: int, port: int, mnist_dir: str, out: st
 
 
 def test_two_processes_of_half_the_batch_train_clip_like_one(mnist_dir, tmp_path):
-    """The README's promise: N processes of batch B/N train like one of batch B, BatchNorm included
+    """The promise of docs/guides/train-your-data.md: N processes of batch B/N train like one of batch B, BatchNorm included
     (statistics over the global batch, captions a function of the example, not of the rank)."""
     equivalence_worker(0, 1, 0, str(mnist_dir), str(tmp_path))
     mp.spawn(equivalence_worker, args=(2, free_port(), str(mnist_dir), str(tmp_path)), nprocs=2)

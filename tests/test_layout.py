@@ -6,7 +6,8 @@ from unclip.config import DecoderModelConfig, LayoutModelConfig
 from unclip.data.scene_captions import SceneCaptions, mention_order
 from unclip.data.scenes import Obj, Scene
 from unclip.errors import ConfigError
-from unclip.models.layout import GRID, LayoutModel, layout_map, no_layout
+from unclip.layouts import GRID, layout_map, no_layout
+from unclip.models.layout import LayoutModel
 from unclip.models.unet import UNet
 
 FIELDS = [10, 7]
@@ -133,10 +134,11 @@ def test_a_layout_stage_trained_on_scenes_draws_the_named_digits(mnist_dir, tmp_
     and its validation's sampled layouts scored against the true ones (`val_digits`)."""
     from typer.testing import CliRunner
 
-    from cli import app
-    from stages.layout import digits_agree
-    from stages.runs import read_metrics
-    from unclip.pipeline import load_layout, load_clip
+    from t2i.cli import app
+    from t2i.stages.layout import digits_agree
+    from t2i.stages.runs import read_metrics
+    from unclip.components.clip import load_clip
+    from unclip.components import STAGES
     from tests.conftest import TINY
 
     import yaml
@@ -152,7 +154,7 @@ def test_a_layout_stage_trained_on_scenes_draws_the_named_digits(mnist_dir, tmp_
     validations = read_metrics(tmp_path / "p" / "layout")[1]
     assert validations and 0 <= validations[-1]["val_digits"] <= 1
     _, clip_cfg = load_clip(tmp_path / "p" / "clip", "cpu")
-    model, cfg = load_layout(tmp_path / "p" / "layout", clip_cfg, torch.device("cpu"))
+    model, cfg = STAGES["layout"].load(tmp_path / "p" / "layout", clip_cfg, torch.device("cpu"))
     assert cfg.model.fields == FIELDS and cfg.model.field_names == ["digit", "colour"] and cfg.model.max_objects == 4
     assert digits_agree(torch.tensor([[[3, 0], [7, 1], [-1, -1]]]), torch.tensor([[[7, 5], [-1, -1], [3, 2]]])).all()
     assert not digits_agree(torch.tensor([[[3, 0], [3, 1], [-1, -1]]]), torch.tensor([[[7, 5], [-1, -1], [3, 2]]])).any()
@@ -165,7 +167,7 @@ def test_a_layout_decoder_needs_data_that_says_where_each_object_is(tiny_pipelin
     import yaml
     from typer.testing import CliRunner
 
-    from cli import app
+    from t2i.cli import app
     from tests.conftest import TINY
 
     config = {"decoder": {**TINY["decoder"], "model": {**TINY["decoder"]["model"], "text_tokens": True, "layout": True}}}

@@ -11,8 +11,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from unclip.pipeline import load_clip
+from t2i.cli import app
+from unclip.components.clip import load_clip
 from unclip.tokenizer import Tokenizer
 
 open_clip = pytest.importorskip("open_clip")

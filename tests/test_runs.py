@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from stages.runs import read_metrics, smooth
-from stages.samples import PAD, SCALE, first_final
+from t2i.cli import app
+from t2i.stages.runs import read_metrics, smooth
+from t2i.stages.samples import PAD, SCALE, first_final
 
 runner = CliRunner()
 

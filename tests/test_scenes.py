@@ -10,8 +10,8 @@ from PIL import Image
 import torch
 
 from unclip.data import load_dataset
-from unclip.data.scene_captions import (CAPTION_WORDS, TASKS, SceneCaptions, caption, caption_with_negative, perturb,
-                                        task_prompt, task_scene_args)
+from benchmarks.geneval import TASKS, task_prompt, task_scene_args
+from unclip.data.scene_captions import CAPTION_WORDS, SceneCaptions, caption, caption_with_negative, perturb
 from unclip.data.scenes import GAP, HELD_OUT, PALETTE, GlyphPool, make_scenes, relation_holds, sample_scene
 from unclip.errors import UserError
 
@@ -173,7 +173,7 @@ def test_the_evaluator_finds_every_object_its_colour_and_centre():
 def test_two_digit_outcomes_tell_a_copied_digit_from_the_two_named():
     """benchmarks/scenes.py's breakdown of a two-digit prompt's image by its digits alone."""
     from benchmarks.scenes import digit_outcome
-    from unclip.data.scene_captions import Spec
+    from benchmarks.geneval import Spec
 
     spec = Spec([(3, "red"), (7, "blue")], relation=(0, "left", 1))
     read = lambda *digits: [(d, "white", (10.0 * i, 0.0)) for i, d in enumerate(digits)]  # noqa: E731
@@ -225,10 +225,10 @@ def test_each_word_names_the_objects_it_describes_and_its_tokens_are_found():
 
 def test_sample_grid_prompts_come_from_scene_captions(mnist_dir):
     """Scenes have neither classes nor fixed texts: the training grids take validation captions."""
-    from stages.frozen_clip import FrozenClip
+    from t2i.stages.samples import fixed_captions
 
     val = load_dataset("scenes", "val", mnist_dir, channels=3, size=32, val_size=100)
-    prompts = FrozenClip.fixed_captions(SimpleNamespace(data=val, val=val))
+    prompts = fixed_captions(SimpleNamespace(data=val, val=val))
     assert len(prompts) == 10 and len(set(prompts)) == 10 and all(isinstance(p, str) and p for p in prompts)
 
 
@@ -240,8 +240,8 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
     from typer.testing import CliRunner
 
     from benchmarks.scenes import attention_grounding, mnist_test_glyphs, prompt_sets
-    from cli import app
-    from stages.runs import read_metrics
+    from t2i.cli import app
+    from t2i.stages.runs import read_metrics
     from unclip.pipeline import Pipeline
     from tests.conftest import TINY
 
@@ -286,7 +286,7 @@ def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mni
 
 
 def test_stray_words_are_words_no_caption_uses_and_leave_what_a_caption_names_alone():
-    from stages.layout import stray_vocabulary, with_stray_words
+    from t2i.stages.layout import stray_vocabulary, with_stray_words
 
     used = set()
     for i in range(300):  # training captions and held-out phrasings: every word is a caption word

@@ -14,10 +14,11 @@ pytest.importorskip("fastapi", reason="t2i serve is an optional extra: pip insta
 pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (the test extra)")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from cli import app as cli_app  # noqa: E402
-from server.app import create_app, pipeline_sources  # noqa: E402
+from t2i.cli import app as cli_app  # noqa: E402
+from t2i.server.app import create_app, pipeline_sources  # noqa: E402
 from unclip.config import DEFAULT_PIPELINE  # noqa: E402
-from unclip.pipeline import Pipeline, SamplingOptions, steps_per_image  # noqa: E402
+from unclip.options import SamplingOptions  # noqa: E402
+from unclip.pipeline import Pipeline, steps_per_image  # noqa: E402
 
 runner = CliRunner()
 

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
+from t2i.cli import app
 from tests.conftest import TINY, draw_glyphs
 from unclip.data import load_dataset
 from unclip.errors import UserError
@@ -108,8 +108,10 @@ def test_parquet_with_named_columns_and_its_errors(parquet, tmp_path):
     test = load_dataset(f"parquet:{parquet}", "test", channels=1, size=28, val_size=3, columns=("img", "caption"))
     assert (len(data), len(test)) == (27, 3)  # no test split of its own: the validation slice
     assert data.captions(torch.tensor([0]), 0)[0].startswith("an orange")
-    with pytest.raises(UserError, match=r"has no column 'image' \(its columns: img, caption\); name it with --image-column"):
+    with pytest.raises(UserError, match=r"has no column 'image' \(its columns: img, caption\); name it as image_column"):
         load_dataset(f"parquet:{parquet}", "train", channels=1, size=28)
+    r = run("clip-train", "--data", f"parquet:{parquet}", "--max-steps", 1, "--out", tmp_path / "run")
+    assert r.exit_code == 1 and "name it as --image-column" in r.output  # the CLI names its flag
     with pytest.raises(UserError, match="no .parquet file"):
         load_dataset(f"parquet:{tmp_path}", "train")
 
@@ -160,9 +162,9 @@ def test_bad_sources_are_one_line(coco, tmp_path):
         r = run("clip-train", "--data", spec, "--max-steps", 1, "--out", tmp_path / "run")
         assert r.exit_code == 1 and r.output.count("\n") == 1 and message in r.output, (spec, r.output)
     r = run("clip-train", "--data", "mnist", "--stream", "--max-steps", 1, "--out", tmp_path / "run")
-    assert r.exit_code == 1 and "--stream is for coco:, parquet: and wds: sources, not mnist" in r.output
+    assert r.exit_code == 1 and "--stream is for coco:, parquet:, wds: sources, not mnist" in r.output
     r = run("prepare", "--data", "mnist", "--out", tmp_path / "x")
-    assert r.exit_code == 1 and "reads coco:ROOT, parquet:PATH or wds:PATTERN" in r.output
+    assert r.exit_code == 1 and "t2i prepare reads coco:ROOT, parquet:PATH, wds:PATTERN" in r.output
 
 
 @pytest.mark.parametrize("kind", ["prepared", "stream"])
@@ -172,8 +174,8 @@ def test_resume_continues_mid_epoch_exactly(kind, shards, tmp_path):
     stopped."""
     from safetensors.torch import load_file
 
-    from stages.clip import clip_stage
-    from stages.trainer import fit
+    from t2i.stages.clip import clip_stage
+    from t2i.stages.trainer import fit
     from tests.test_training import interrupt_at
     from unclip.config import ClipConfig, merge
 
@@ -250,8 +252,8 @@ def test_streamed_pipeline_trains_every_stage_from_the_cli(shards, tmp_path):
 
 
 def stream_worker(rank: int, world: int, port: int, pattern: str, out: str) -> None:
-    from stages.clip import clip_stage
-    from stages.trainer import fit
+    from t2i.stages.clip import clip_stage
+    from t2i.stages.trainer import fit
     from tests.test_distributed import join, leave
     from unclip.config import ClipConfig, merge
 

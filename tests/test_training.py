@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages.frozen_clip import FrozenClip
-from stages.decoder import decoder_stage
-from stages.prior import prior_stage
-from stages.trainer import TrainingError, fit
+from t2i.stages.frozen_clip import FrozenClip
+from t2i.stages.decoder import decoder_stage
+from t2i.stages.prior import prior_stage
+from t2i.stages.trainer import TrainingError, fit
 from unclip.config import DecoderConfig, PriorConfig, TrainConfig, merge
-from unclip.pipeline import prior_diffusion, sample_image_embeddings
+from unclip.components.prior import prior_diffusion, sample_image_embeddings
 from tests.conftest import TINY
-from stages.runs import read_metrics
+from t2i.stages.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 def test_sigterm_then_resume_equals_an_uninterrupted_run(mnist_dir, tiny_config, tmp_path):
     """A real process, killed with SIGTERM mid-run and resumed, ends with the uninterrupted run's weights."""
-    base = [sys.executable, "-m", "cli", "clip-train", "--config", str(tiny_config), "--data-dir", str(mnist_dir),
+    base = [sys.executable, "-m", "t2i.cli", "clip-train", "--config", str(tiny_config), "--data-dir", str(mnist_dir),
             "--max-steps", "40"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*base, "--out", str(tmp_path / "whole")], cwd=ROOT, env=env, check=True, capture_output=True)

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli import app
-from stages.runs import read_metrics
+from t2i.cli import app
+from t2i.stages.runs import read_metrics
 from unclip.config import ClipConfig, PriorConfig, load_config
 
 pytest.importorskip("optuna", reason="Optuna (the tune extra) is not installed")
@@ -70,7 +70,7 @@ def test_a_three_trial_study_writes_its_best_config_and_scores_it_on_test(space,
 
 def test_an_interrupted_study_resumes_when_the_command_is_run_again(space, tiny_config, mnist_dir, tmp_path):
     out = tmp_path / "study"
-    command = [sys.executable, "-m", "cli", "tune", "clip", "--space", str(space), "--trials", "2", "--out", str(out),
+    command = [sys.executable, "-m", "t2i.cli", "tune", "clip", "--space", str(space), "--trials", "2", "--out", str(out),
                "--config", str(tiny_config), "--data-dir", str(mnist_dir), "--max-steps", "60"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

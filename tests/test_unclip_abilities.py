@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
+from t2i.cli import app
 from tests.conftest import draw_glyphs
 from unclip.pipeline import slerp
 

@@ -4,7 +4,7 @@ __all__ = ["UnCLIPPipeline", "UnCLIPOutput"]
 
 
 def __getattr__(name: str):
-    """The API loads on first use (PEP 562), so `import unclip.errors` (and `t2i --help`) stays free of torch."""
+    """The API loads on first use (PEP 562), so `import unclip.errors` stays free of torch."""
     if name in __all__:
         from unclip import api
 

@@ -12,14 +12,14 @@ from typing import Callable, Optional, Union
 import torch
 from PIL import Image
 
+from unclip.components.clip import encode_images
+from unclip.components.prior import sample_image_embeddings
 from unclip.config import DEFAULT_PIPELINE
-from unclip.data.folder import pil_to_tensor
-from unclip.diffusion.sampling import SAMPLERS
+from unclip.data.folder import load_images, pil_to_tensor
 from unclip.errors import UserError
 from unclip.images import to_float, to_pil, to_uint8
-from unclip.pipeline import (GUIDANCE_KEYS, Pipeline, SamplingOptions, decode_and_upsample, draw,
-                             sample_image_embeddings, slerp, steps_per_image)
-from unclip.zeroshot import encode_images, load_images
+from unclip.options import GUIDANCE_KEYS, SamplingOptions, sampling_options
+from unclip.pipeline import Pipeline, decode_and_upsample, draw, slerp, steps_per_image
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +36,6 @@ class UnCLIPOutput:
     """`images`: a list of PIL images ("pil"), or a (B, C, H, W) tensor, float in [0, 1] ("pt") or uint8."""
 
     images: Union[list[Image.Image], torch.Tensor]
-
-
-def check_options(options: SamplingOptions) -> None:
-    if options.sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {options.sampler!r}: use one of {', '.join(SAMPLERS)}")
-    for name, steps in (("steps", options.steps), ("upsampler steps", options.upsampler_steps)):
-        if steps < 1:
-            raise UserError(f"{name} must be at least 1, got {steps}")
-    if min(options.guidance, options.prior_guidance, options.text_guidance or 0) < 0:
-        raise UserError("guidance scales must be >= 0 (1 means no guidance)")
-    for name, strength in (("strength", options.strength), ("upsampler strength", options.upsampler_strength)):
-        if not 0.0 <= strength <= 1.0:
-            raise UserError(f"{name} must be between 0 and 1, got {strength}")
 
 
 class UnCLIPPipeline:
@@ -72,52 +59,47 @@ class UnCLIPPipeline:
     def image_size(self) -> int:
         return self.pipeline.image_size
 
-    def options(self, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                prior_guidance_scale: Optional[float] = None, sampler: Optional[str] = None,
-                upsampler_steps: Optional[int] = None, strength: Optional[float] = None,
-                prior_candidates: Optional[int] = None, text_guidance_scale: Optional[float] = None,
-                upsampler_strength: Optional[float] = None) -> SamplingOptions:
-        """This pipeline's sampling defaults with the settings given, checked against it."""
-        return self.resolve({"steps": num_inference_steps, "guidance": guidance_scale, "prior_guidance": prior_guidance_scale,
-                             "sampler": sampler, "upsampler_steps": upsampler_steps, "strength": strength,
-                             "prior_candidates": prior_candidates, "text_guidance": text_guidance_scale,
-                             "upsampler_strength": upsampler_strength})
+    def options(self, options: Optional[SamplingOptions] = None, **settings) -> SamplingOptions:
+        """The one way sampling settings come in: `options` (default: this pipeline's own, from its folder's
+        sampling.yaml or the library's) with `settings` on top (SamplingOptions fields, or their diffusers-style
+        ALIASES such as `num_inference_steps`; None keeps the value), validated against this pipeline."""
+        resolved = self.check(sampling_options(options or self.pipeline.defaults, **settings))
+        self._note_distilled(resolved)
+        return resolved
 
-    def resolve(self, settings: dict) -> SamplingOptions:
-        """This pipeline's sampling defaults (the library's, or its folder's sampling.yaml) with `settings`
-        (SamplingOptions fields; None: the default), checked against it."""
-        given = {k: v for k, v in settings.items() if v is not None}
-        pipe = self.pipeline
+    def _note_distilled(self, options: SamplingOptions) -> None:
+        """Say once what distilled stages do with settings that differ from the pipeline's defaults."""
+        pipe, defaults = self.pipeline, self.pipeline.defaults
         own = {stage: d.distilled_steps for stage, d in (("prior", pipe.prior), ("decoder", pipe.decoder))
                if d.distilled_steps}
-        asked = {k for k in ("sampler", "steps") if k in given and given[k] != getattr(pipe.defaults, k)}
+        asked = [k for k in ("sampler", "steps") if getattr(options, k) != getattr(defaults, k)]
         if own and asked and not self._noted_distilled:
             self._noted_distilled = True
             rest = [f"the {stage}" for stage in ("prior", "decoder") if stage not in own] or ["neither"]
             log.info("distilled, so sampling their own DDIM steps whatever is asked: %s; the sampler and steps asked "
                      "for drive %s", ", ".join(f"the {stage} {n}" for stage, n in own.items()), rest[0])
         configs = {"prior": pipe.prior_config, "decoder": pipe.decoder_config}
-        learnt = [f"the {stage} learnt guidance {configs[stage].model.distilled_guidance:g}, so {key} {given[key]:g} "
-                  "guides it again on top of that" for stage, key in GUIDANCE_KEYS.items()
-                  if configs[stage].model.distilled_guidance != 1.0 and given.get(key, 1.0) != 1.0]
+        learnt = [f"the {stage} learnt guidance {configs[stage].model.distilled_guidance:g}, so {key} "
+                  f"{getattr(options, key):g} guides it again on top of that" for stage, key in GUIDANCE_KEYS.items()
+                  if configs[stage].model.distilled_guidance != 1.0 and getattr(options, key) != 1.0
+                  and getattr(options, key) != getattr(defaults, key)]
         if learnt and not self._noted_learnt:
             self._noted_learnt = True
             log.info("distilled with guidance: %s", "; ".join(learnt))
-        return self.check(replace(self.pipeline.defaults, **given))
 
     def check(self, options: SamplingOptions) -> SamplingOptions:
-        """`options` if they are valid for this pipeline; else a UserError saying what is wrong."""
-        check_options(options)
+        """`options` (already `validate`d) if this pipeline can honour them; else a UserError saying what is wrong."""
         pipe = self.pipeline
         if options.text_guidance is not None and not pipe.decoder_config.model.text_tokens:
-            raise UserError("text guidance is for decoders that read the caption; this pipeline's reads only the "
-                            "image embedding: use guidance")
+            raise UserError("text_guidance is for decoders that read the caption; this pipeline's reads only the "
+                            "image embedding: use guidance", param="text_guidance")
         for stage, diffusion in (("prior", pipe.prior), ("decoder", pipe.decoder)):
             if options.steps > len(diffusion.ac):
-                raise UserError(f"steps {options.steps} is more than the {len(diffusion.ac)} diffusion steps of the {stage}")
+                raise UserError(f"steps {options.steps} is more than the {len(diffusion.ac)} diffusion steps of the {stage}",
+                                param="steps")
         if pipe.upsampler is not None and options.upsampler_steps > len(pipe.upsampler.ac):
-            raise UserError(f"upsampler steps {options.upsampler_steps} is more than the upsampler's "
-                            f"{len(pipe.upsampler.ac)} diffusion steps")
+            raise UserError(f"upsampler_steps {options.upsampler_steps} is more than the upsampler's "
+                            f"{len(pipe.upsampler.ac)} diffusion steps", param="upsampler_steps")
         return options
 
     def generator(self, generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> torch.Generator:
@@ -146,25 +128,19 @@ class UnCLIPPipeline:
 
     @torch.no_grad()
     def __call__(self, prompt: Union[str, list[str]], negative_prompt: Union[None, str, list[str]] = None,
-                 num_images_per_prompt: int = 1, num_inference_steps: Optional[int] = None,
-                 guidance_scale: Optional[float] = None, prior_guidance_scale: Optional[float] = None,
-                 generator: Optional[torch.Generator] = None, output_type: str = "pil",
+                 num_images_per_prompt: int = 1, generator: Optional[torch.Generator] = None, output_type: str = "pil",
                  callback: Optional[StepCallback] = None, image: Optional[ImageInput] = None,
-                 strength: Optional[float] = None, sampler: Optional[str] = None,
-                 upsampler_steps: Optional[int] = None, batch_size: int = BATCH_SIZE,
-                 prior_candidates: Optional[int] = None, text_guidance_scale: Optional[float] = None,
-                 upsampler_strength: Optional[float] = None, options: Optional[SamplingOptions] = None) -> UnCLIPOutput:
+                 batch_size: int = BATCH_SIZE, options: Optional[SamplingOptions] = None, **settings) -> UnCLIPOutput:
         """Text -> images: the prior turns each prompt into CLIP image embeddings, the decoder (and upsampler)
         draws them, `num_images_per_prompt` each, in batches of `batch_size`.
 
         `negative_prompt`: what to steer away from (Kandinsky 2.2's way: the prior's and the decoder's
-        unconditional branches take it). `image` and `strength`: image-to-image (SDEdit); strength 0 returns
-        the image, 1 ignores it. `prior_candidates`: the prior's draws per image, the one nearest the prompt's
-        text embedding kept (DALL-E 2). `text_guidance_scale` (decoders that read the caption): the caption's own
-        guidance over the image embedding's, which `guidance_scale` then sets alone. `upsampler_strength` (pipelines
-        with an upsampler): below 1 the upsampler starts from the base image enlarged and noised that far (SDEdit)
-        instead of from noise. Unset settings take the pipeline's defaults. `options`: all of them at once, already
-        resolved (`resolve`; every SamplingOptions field, a layout stage's temperatures too), in place of the settings.
+        unconditional branches take it). `image`: image-to-image (SDEdit), `strength` 0 returns the image, 1
+        ignores it. Sampling settings: `options` (a SamplingOptions; default the pipeline's own) and keywords on
+        top of it, by SamplingOptions' field names (`steps=`, `guidance=`, `prior_guidance=`, `sampler=`,
+        `prior_candidates=`, `text_guidance=`, `upsampler_steps=`, `upsampler_strength=`, `strength=`,
+        `layout_temperature=`, `layout_box_temperature=`) or diffusers' (`num_inference_steps=`, `guidance_scale=`,
+        `prior_guidance_scale=`, `text_guidance_scale=`). See `options`.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p.strip() for p in prompts):
@@ -175,12 +151,10 @@ class UnCLIPPipeline:
         if negatives is not None and all(not n.strip() for n in negatives):
             negatives = None  # an empty negative prompt is no negative prompt
         check_count(num_images_per_prompt, batch_size, output_type)
-        options = options or self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler,
-                                          upsampler_steps, strength, prior_candidates, text_guidance_scale,
-                                          upsampler_strength)
+        options = self.options(options, **settings)
         if negatives is not None and options.prior_guidance == options.guidance == 1 and options.text_guidance is None:
             log.warning("the negative prompt changes nothing at guidance 1: it takes the place of the unconditional "
-                        "branch of guidance, and there is none; set the prior's above 1 (--prior-guidance 1.5)")
+                        "branch of guidance, and there is none; set prior_guidance above 1 (1.5, say)")
         generator = self.generator(generator)
         captions = [p for p in prompts for _ in range(num_images_per_prompt)]
         negs = [n for n in negatives for _ in range(num_images_per_prompt)] if negatives else None
@@ -198,16 +172,13 @@ class UnCLIPPipeline:
         return output(torch.cat(out), output_type)
 
     @torch.no_grad()
-    def variations(self, image: ImageInput, num_images: int = 4, num_inference_steps: Optional[int] = None,
-                   guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                   output_type: str = "pil", callback: Optional[StepCallback] = None, sampler: Optional[str] = None,
-                   upsampler_steps: Optional[int] = None, batch_size: int = BATCH_SIZE,
-                   upsampler_strength: Optional[float] = None, options: Optional[SamplingOptions] = None) -> UnCLIPOutput:
+    def variations(self, image: ImageInput, num_images: int = 4, generator: Optional[torch.Generator] = None,
+                   output_type: str = "pil", callback: Optional[StepCallback] = None, batch_size: int = BATCH_SIZE,
+                   options: Optional[SamplingOptions] = None, **settings) -> UnCLIPOutput:
         """Variations of an image: its CLIP image embedding decoded from fresh noise (DALL-E 2 sec. 3.1).
-        `options`: resolved ones in place of the settings, as `__call__` takes them."""
+        Sampling settings as `__call__` takes them."""
         check_count(num_images, batch_size, output_type)
-        options = options or self.options(num_inference_steps, guidance_scale, None, sampler, upsampler_steps,
-                                          upsampler_strength=upsampler_strength)
+        options = self.options(options, **settings)
         generator = self.generator(generator)
         emb = encode_images(self.pipeline.clip, self.image(image)[None])
         step = Steps(callback, steps_per_image(self.pipeline, options) * -(-num_images // batch_size))
@@ -220,19 +191,16 @@ class UnCLIPPipeline:
 
     @torch.no_grad()
     def interpolate(self, start: Union[str, ImageInput], end: Union[str, ImageInput], frames: int = 8,
-                    num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                    prior_guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                    output_type: str = "pil", callback: Optional[StepCallback] = None, sampler: Optional[str] = None,
-                    upsampler_steps: Optional[int] = None, upsampler_strength: Optional[float] = None,
-                    options: Optional[SamplingOptions] = None) -> UnCLIPOutput:
+                    generator: Optional[torch.Generator] = None, output_type: str = "pil",
+                    callback: Optional[StepCallback] = None, options: Optional[SamplingOptions] = None,
+                    **settings) -> UnCLIPOutput:
         """`frames` images on the arc between the CLIP image embeddings of two prompts (through the prior) or
-        images, all from the same starting noise so that only the content moves (DALL-E 2 sec. 3.2). `options`:
-        resolved ones in place of the settings, as `__call__` takes them."""
+        images, all from the same starting noise so that only the content moves (DALL-E 2 sec. 3.2). Sampling
+        settings as `__call__` takes them."""
         if frames < 2:
-            raise UserError(f"frames must be at least 2, got {frames}")
+            raise UserError(f"frames must be at least 2, got {frames}", param="frames")
         check_count(frames, 1, output_type)
-        options = options or self.options(num_inference_steps, guidance_scale, prior_guidance_scale, sampler,
-                                          upsampler_steps, upsampler_strength=upsampler_strength)
+        options = self.options(options, **settings)
         generator = self.generator(generator)
         a, b = (self.embed(x, options, generator) for x in (start, end))
         emb = slerp(a, b, torch.linspace(0, 1, frames, device=a.device))

@@ -98,8 +98,8 @@ def load_checkpoint(folder: Path, config_cls: type[T], build: Callable[[T], torc
     return model, config
 
 
-SAMPLING_FILE = "sampling.yaml"  # a pipeline folder's own sampling defaults (unclip.pipeline.load_sampling)
-SHIPPED_PACKAGE = "t2i_checkpoints"  # the repository's checkpoints/ folder, installed as package data
+SAMPLING_FILE = "sampling.yaml"  # a pipeline folder's own sampling defaults (unclip.options.load_sampling)
+SHIPPED_PACKAGE = "t2i.checkpoints"  # the repository's checkpoints/ folder, installed as package data
 
 
 def shipped_root() -> Path:
@@ -133,7 +133,7 @@ def check_fingerprint(stage_folder: Path, recorded: str, clip_print: str) -> Non
     if recorded and recorded != clip_print:
         raise CheckpointError(
             f"{stage_folder} was trained against a different CLIP (fingerprint {recorded}, the CLIP beside it is "
-            f"{clip_print}); retrain it with `t2i decoder-train --clip` on this CLIP"
+            f"{clip_print}); retrain it against this CLIP"
         )
 
 
@@ -145,7 +145,6 @@ def copy_stage(src: Path, dst: Path) -> None:
         shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
-OPTIONAL_STAGES = ("upsampler", "layout")  # the stages a pipeline folder may have besides clip/, prior/, decoder/
 
 
 def export_stage(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.float16) -> None:
@@ -162,11 +161,13 @@ def export_pipeline(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.f
     recognise their CLIP. A single stage's folder (a CLIP run, to train stage two against) is exported alike."""
     if (Path(src) / WEIGHTS_FILE).is_file():
         return export_stage(src, dst, dtype)
-    for stage in ("clip", "prior", "decoder"):
+    from unclip.components import REQUIRED, STAGES  # the registry imports this module
+
+    for stage in REQUIRED:
         if not (Path(src) / stage / WEIGHTS_FILE).is_file():
             raise CheckpointError(f"{src} lacks {stage}/{WEIGHTS_FILE} (and is no stage folder: no {WEIGHTS_FILE})")
-    optional = [stage for stage in OPTIONAL_STAGES if (Path(src) / stage / WEIGHTS_FILE).is_file()]
-    for stage in ("clip", "prior", "decoder", *optional):
-        export_stage(Path(src) / stage, Path(dst) / stage, dtype)
+    for stage in STAGES:
+        if (Path(src) / stage / WEIGHTS_FILE).is_file():
+            export_stage(Path(src) / stage, Path(dst) / stage, dtype)
     if (Path(src) / SAMPLING_FILE).is_file():
         atomic_write_text(Path(dst) / SAMPLING_FILE, (Path(src) / SAMPLING_FILE).read_text())

@@ -27,7 +27,7 @@ def choice(default: str, *others: str):
 class TrainConfig:
     """What drives a training run; nothing here is needed to rebuild the model."""
 
-    data: str = "mnist"  # mnist | fashion-mnist | scenes | folder:PATH | coco:ROOT | parquet:PATH | wds:PATTERN | prepared:FILE
+    data: str = "mnist"  # a spec of unclip.data.SOURCES: mnist, scenes, folder:PATH, coco:ROOT, parquet:PATH, ...
     data_dir: Optional[str] = None  # where IDX files live (default: the per-user cache)
     image_column: str = "image"  # parquet: the columns of the images and the captions
     text_column: str = "text"
@@ -46,7 +46,7 @@ class TrainConfig:
     seed: int = 0
     device: str = choice("auto", "cpu", "cuda")
     # bf16: the forward and loss under bfloat16 autocast (weights, gradients and optimizer stay float32), for models
-    # big enough to be bound by arithmetic; ours are not, and it was slower on the CPU and the GPU (README, "On a GPU")
+    # big enough to be bound by arithmetic; ours are not, and it was slower on the CPU and the GPU (docs/guides/gpu.md)
     precision: str = choice("fp32", "bf16")
     ema_decay: float = 0.0  # 0 disables EMA
     val_size: int = 5000  # images held out of train for validation
@@ -126,12 +126,12 @@ class PriorModelConfig:
     heads: int = 4
     timesteps: int = 1000
     schedule: str = choice("cosine", "linear")
-    # DALL-E 2 predicts x0; on MNIST v spreads its samples closer to the real embeddings (README, "the prior").
+    # DALL-E 2 predicts x0; on MNIST v spreads its samples closer to the real embeddings (docs/results/mnist.md, "The prior").
     prediction: str = choice("v", "x0", "eps")
     # diffuse the image embeddings whitened by what the captions leave open (the residual covariance of a linear fit
     # on the text embeddings, fitted when training starts and saved with the weights), so that the unit-variance
     # noise meets unit-variance data in every direction: the prior learns the spread in a few hundred steps where it
-    # took thousands (README, "A prior that learns the spread"). Off for priors trained before it existed.
+    # took thousands (docs/results/mnist-from-scratch.md, "A prior that learns the spread"). Off for priors trained before it existed.
     whiten: bool = False
     cond_drop: float = 0.1  # probability of dropping the text condition (classifier-free guidance)
     min_snr_gamma: Optional[float] = None  # as the decoder's
@@ -142,7 +142,7 @@ class PriorModelConfig:
 @dataclass
 class PriorConfig:
     model: PriorModelConfig = field(default_factory=PriorModelConfig)
-    # 100 epochs: in a few the prior only learns each caption's typical embedding (README, "the prior")
+    # 100 epochs: in a few the prior only learns each caption's typical embedding (docs/results/mnist.md, "The prior")
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=512, lr=1e-3, ema_decay=0.999))
     clip_fingerprint: str = ""  # of the CLIP weights this stage was trained against
 
@@ -288,8 +288,6 @@ class DistillConfig:
 
 
 DEFAULT_PIPELINE = "mnist"  # the shipped pipeline t2i draws with when none is named (CLI, API, web app)
-STAGES = {"clip": ClipConfig, "prior": PriorConfig, "decoder": DecoderConfig, "upsampler": UpsamplerConfig,
-          "layout": LayoutConfig, "distill": DistillConfig}
 T = TypeVar("T")
 
 
@@ -387,10 +385,18 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
+def sections() -> dict[str, type]:
+    """The sections of a pipeline YAML and their dataclasses: every registered stage's (unclip.components), and
+    distillation's."""
+    from unclip.components import STAGES  # the registry imports this module
+
+    return {**{name: spec.config for name, spec in STAGES.items()}, "distill": DistillConfig}
+
+
 def stage_section(data: dict, stage: str) -> dict:
     """A config file holds one stage's config, or a pipeline file with `clip:`/`prior:`/`decoder:` sections (and
     optionally `sampling:`, the sampling defaults `t2i decoder-train` writes beside the stages as sampling.yaml)."""
-    if data and set(data) <= set(STAGES) | {"sampling"}:
+    if data and set(data) <= set(sections()) | {"sampling"}:
         return data.get(stage) or {}
     return data
 
@@ -399,7 +405,7 @@ def load_config(cls: type[T], path: Optional[Path]) -> T:
     """Load a stage config from YAML (or the defaults when `path` is None), strictly."""
     if path is None:
         return cls()
-    stage = next(k for k, v in STAGES.items() if v is cls)
+    stage = next(k for k, v in sections().items() if v is cls)
     try:
         return merge(cls(), stage_section(load_yaml(path), stage))
     except ConfigError as e:

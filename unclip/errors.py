@@ -1,8 +1,18 @@
 """Errors a user can cause. Front ends print them as one line; anything else is a bug."""
+from __future__ import annotations
+
+from typing import Optional
 
 
 class UserError(Exception):
-    """Something the user can fix: a bad flag, a missing file, a mismatched checkpoint."""
+    """Something the user can fix: a bad setting, a missing file, a mismatched checkpoint.
+
+    The message speaks the library's language (parameter names, as the Python API takes them); `param` names the
+    parameter at fault, so that a front end can say it its own way (the CLI names its flag, `--steps`)."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ConfigError(UserError):

@@ -42,6 +42,14 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), w.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
 
 
+GRID_MAX = 1024  # images on a contact sheet; every sample is written as its own PNG regardless
+
+
+def contact_sheet(images: torch.Tensor, ncol: Optional[int] = None) -> torch.Tensor:
+    """The grid.png of a run: its first GRID_MAX images (uint8 (B, C, H, W)) on one sheet."""
+    return grid(images[:GRID_MAX], ncol)
+
+
 def grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:
     """uint8 (B, C, H, W) -> one uint8 (C, H', W') contact sheet, `ncol` images a row."""
     B, C, H, W = images.shape

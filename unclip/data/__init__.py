@@ -14,7 +14,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -117,6 +117,91 @@ def split_indices(n: int, split: str, val_size: int) -> torch.Tensor:
     return perm[:val_size].sort().values if split == "val" else perm[val_size:].sort().values
 
 
+@dataclass(frozen=True)
+class Request:
+    """What `load_dataset` asks of a source, beside its spec and split."""
+
+    data_dir: Optional[Path]
+    channels: int
+    size: int
+    val_size: int
+    columns: tuple[str, str]
+    stream: Optional[bool]
+    pixels: bool
+
+
+def carve(data: CaptionedImages, split: str, val_size: int) -> CaptionedImages:
+    """The split of a source that has no test split of its own: val (and test) its fixed held-out slice."""
+    return data.subset(split_indices(len(data), "val" if split == "test" else split, val_size))
+
+
+def _idx(name: str, where: str, split: str, r: Request) -> CaptionedImages:
+    from unclip.data.mnist import load_idx_dataset
+
+    names, templates = (MNIST_NAMES, MNIST_TEMPLATES) if name == "mnist" else (FASHION_NAMES, FASHION_TEMPLATES)
+    images, labels = load_idx_dataset(name, r.data_dir or default_data_dir(name), train=split != "test")
+    data = _resize(CaptionedImages(images=images, labels=labels.long(), captioner=LabelCaptions(names, templates)),
+                   r.channels, r.size)
+    return data if split == "test" else data.subset(split_indices(len(data), split, r.val_size))
+
+
+def _scene_source(name: str, where: str, split: str, r: Request) -> CaptionedImages:
+    data = _scenes(split, r.data_dir or default_data_dir("mnist"), r.val_size, r.pixels)
+    return _resize(data, r.channels, r.size) if r.pixels else data
+
+
+def _folder(name: str, where: str, split: str, r: Request) -> CaptionedImages:
+    from unclip.data.folder import load_caption_folder
+
+    return carve(load_caption_folder(Path(where), r.channels, r.size), split, r.val_size)
+
+
+def _prepared(name: str, where: str, split: str, r: Request) -> CaptionedImages:
+    from unclip.data.prepared import load_prepared
+
+    return carve(load_prepared(Path(where), r.channels, r.size), split, r.val_size)
+
+
+def _records(name: str, where: str, split: str, r: Request):
+    """COCO, parquet and webdataset: decoded into memory, or (the training split, when `stream` says so or it is
+    larger than STREAM_BYTES) streamed; COCO's test split is val2017, the others carve val and test alike."""
+    spec = f"{name}:{where}"
+    coco_test = split == "test" and name == "coco"
+    if streamed(spec, split, r.channels, r.size, r.columns, r.stream):
+        from unclip.data.stream import StreamedCaptions
+
+        source = _open(spec, split, r.channels, r.size, r.columns)
+        if coco_test:  # val2017, whole
+            return StreamedCaptions(source, 0).load(0, source.total)
+        data = StreamedCaptions(source, held_out(source.total, r.val_size))
+        return data if split == "train" else data.load(0, data.n_val)  # no test split of its own: val
+    data = _resize(load_source(spec, "test" if coco_test else "train", r.channels, r.size, r.columns), r.channels, r.size)
+    return data if coco_test else carve(data, split, r.val_size)
+
+
+class Kind(NamedTuple):
+    """A kind of data source: `open(name, where, split, request)`, and how a user writes it."""
+
+    open: Callable
+    usage: str  # the spec a user writes: `mnist`, `folder:PATH`
+    streams: bool = False  # can be streamed rather than decoded into memory (--stream)
+
+
+# Every data source `--data` takes, by the spec's prefix (before `:`): a new source is an opener and a line here.
+SOURCES = {
+    "mnist": Kind(_idx, "mnist"),
+    "fashion-mnist": Kind(_idx, "fashion-mnist"),
+    "scenes": Kind(_scene_source, "scenes"),
+    "folder": Kind(_folder, "folder:PATH"),
+    "coco": Kind(_records, "coco:ROOT", streams=True),
+    "parquet": Kind(_records, "parquet:PATH", streams=True),
+    "wds": Kind(_records, "wds:PATTERN", streams=True),
+    "prepared": Kind(_prepared, "prepared:FILE"),
+}
+SOURCE_USAGE = " | ".join(kind.usage for kind in SOURCES.values())  # for help texts
+STREAMABLE = tuple(name for name, kind in SOURCES.items() if kind.streams)
+
+
 def load_dataset(
     spec: str,
     split: str = "train",
@@ -128,57 +213,21 @@ def load_dataset(
     stream: Optional[bool] = None,
     pixels: bool = True,
 ):
-    """Load `spec` at `channels` x `size` x `size`: mnist | fashion-mnist | scenes | folder:PATH | coco:ROOT |
-    parquet:PATH (its image and text `columns`) | wds:PATTERN | prepared:FILE. The training split of a COCO,
+    """Load `spec` (one of SOURCES: mnist | fashion-mnist | scenes | folder:PATH | coco:ROOT | parquet:PATH (its image
+    and text `columns`) | wds:PATTERN | prepared:FILE) at `channels` x `size` x `size`. The training split of a COCO,
     parquet or webdataset source streams (a `StreamedCaptions`) when `stream` says so, or, left None, when its
     decoded images would take more than STREAM_BYTES; its validation split is then its first records. Without
     `pixels`, scenes are not drawn (images None: captions and layouts only; other sources load as ever)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
-    if stream and spec.partition(":")[0] not in ("coco", "parquet", "wds"):
-        raise UserError(f"--stream is for coco:, parquet: and wds: sources, not {spec}")
-    if spec in ("mnist", "fashion-mnist"):
-        from unclip.data.mnist import load_idx_dataset
-
-        names, templates = (MNIST_NAMES, MNIST_TEMPLATES) if spec == "mnist" else (FASHION_NAMES, FASHION_TEMPLATES)
-        folder = Path(data_dir) if data_dir else default_data_dir(spec)
-        images, labels = load_idx_dataset(spec, folder, train=split != "test")
-        data = CaptionedImages(images=images, labels=labels.long(), captioner=LabelCaptions(names, templates))
-        data = _resize(data, channels, size)
-    elif spec == "scenes":
-        data = _scenes(split, Path(data_dir) if data_dir else default_data_dir("mnist"), val_size, pixels)
-        return _resize(data, channels, size) if pixels else data
-    elif spec.startswith("folder:"):
-        from unclip.data.folder import load_caption_folder
-
-        data = load_caption_folder(Path(spec[len("folder:") :]), channels, size)
-        if split == "test":
-            split = "val"
-    elif spec.partition(":")[0] in ("coco", "parquet", "wds") and streamed(spec, split, channels, size, columns, stream):
-        from unclip.data.stream import StreamedCaptions
-
-        source = _open(spec, split, channels, size, columns)
-        if split == "test" and spec.startswith("coco:"):  # val2017, whole
-            return StreamedCaptions(source, 0).load(0, source.total)
-        data = StreamedCaptions(source, held_out(source.total, val_size))
-        return data if split == "train" else data.load(0, data.n_val)  # no test split of its own: val
-    elif spec.partition(":")[0] in ("coco", "parquet", "wds"):
-        data = _resize(load_source(spec, "test" if spec.startswith("coco:") and split == "test" else "train",
-                                   channels, size, columns), channels, size)
-        if split == "test" and not spec.startswith("coco:"):
-            split = "val"  # no test split of its own
-    elif spec.startswith("prepared:"):
-        from unclip.data.prepared import load_prepared
-
-        data = load_prepared(Path(spec[len("prepared:"):]), channels, size)
-        if split == "test":
-            split = "val"
-    else:
-        raise UserError(f"unknown dataset {spec!r}: use mnist, fashion-mnist, scenes, folder:PATH, coco:ROOT, "
-                        "parquet:PATH, wds:PATTERN or prepared:FILE")
-    if split == "test":
-        return data
-    return data.subset(split_indices(len(data), split, val_size))
+    name, colon, where = spec.partition(":")
+    kind = SOURCES.get(name)
+    if kind is None or bool(colon) != (":" in kind.usage):
+        raise UserError(f"unknown dataset {spec!r}: use {', '.join(k.usage for k in SOURCES.values())}", param="data")
+    if stream and not kind.streams:
+        raise UserError(f"stream is for {', '.join(s + ':' for s in STREAMABLE)} sources, not {spec}", param="stream")
+    request = Request(Path(data_dir) if data_dir else None, channels, size, val_size, columns, stream, pixels)
+    return kind.open(name, where, split, request)
 
 
 def _scenes(split: str, mnist_dir: Path, val_size: int, render: bool = True) -> CaptionedImages:
@@ -238,7 +287,7 @@ def layout_fields(data, who: str) -> dict[str, int]:
     ConfigError for `who` (a stage that needs layouts) where its source has none."""
     fields = getattr(getattr(data, "captioner", None), "layout_fields", None)
     if not isinstance(data, CaptionedImages) or not fields:
-        raise ConfigError(f"{who} needs data whose scenes say what and where each object is (--data scenes)")
+        raise ConfigError(f"{who} needs data whose scenes say what and where each object is (the scenes data)")
     return fields
 
 

@@ -37,7 +37,7 @@ def read_pairs(folder: Path) -> list[tuple[str, str]]:
                 raise UserError(f"{csv_path}: needs a header with the columns file_name and text")
             pairs = [(row["file_name"], row["text"]) for row in reader]
     else:
-        raise UserError(f"{folder} has neither metadata.jsonl nor captions.csv (see README: Your own data)")
+        raise UserError(f"{folder} has neither metadata.jsonl nor captions.csv (see docs/guides/train-your-data.md)")
     return pairs
 
 
@@ -72,3 +72,16 @@ def load_caption_folder(folder: Path, channels: int, size: int):
     if not images:
         raise UserError(f"{folder}: no usable image+caption pair ({bad} unreadable)")
     return CaptionedImages(images=torch.stack(images), texts=texts)
+
+
+def load_images(paths: list[Path], channels: int, size: int) -> torch.Tensor:
+    """Image files as uint8 (N, C, size, size); a file that is not an image is a UserError."""
+    out = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"image not found: {path}")
+        try:
+            out.append(load_image(path, channels, size))
+        except (UnidentifiedImageError, OSError, ValueError):
+            raise UserError(f"{path} is not an image this tool can read") from None
+    return torch.stack(out)

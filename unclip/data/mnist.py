@@ -61,7 +61,7 @@ def load_idx_dataset(name: str, folder: Path, train: bool) -> tuple[torch.Tensor
     if missing:
         raise UserError(
             f"{name} not found in {folder} and could not be downloaded: expected "
-            f"{', '.join(s + '[.gz]' for s in stems)}; pass the folder holding them with --data-dir"
+            f"{', '.join(s + '[.gz]' for s in stems)}; give the folder holding them as data_dir", param="data_dir"
         )
     images = read_idx(_find(folder, images_stem))
     labels = read_idx(_find(folder, labels_stem))

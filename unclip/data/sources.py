@@ -145,9 +145,10 @@ class Parquet(Source):
             except Exception as e:
                 raise UserError(f"{f}: not a parquet file ({type(e).__name__}: {e})") from None
             columns = meta.schema_arrow.names
-            for c, flag in ((self.image_column, "--image-column"), (self.text_column, "--text-column")):
+            for c, param in ((self.image_column, "image_column"), (self.text_column, "text_column")):
                 if c not in columns:
-                    raise UserError(f"{f} has no column {c!r} (its columns: {', '.join(columns)}); name it with {flag}")
+                    raise UserError(f"{f} has no column {c!r} (its columns: {', '.join(columns)}); name it as {param}",
+                                    param=param)
             self.units += [(f, g) for g in range(meta.num_row_groups)]
             self.counts += [meta.metadata.row_group(g).num_rows for g in range(meta.num_row_groups)]
 

@@ -71,8 +71,8 @@ class StreamedCaptions:
         lanes = [list(range(lane, len(self.source.counts), count)) for lane in range(count)]
         if any(sum(self.held(u) for u in units) == 0 for units in lanes):
             raise UserError(f"{self.source.spec}: its {len(self.source.counts)} units (shards, row groups, runs of "
-                            f"images) cannot give each of {count} readers (processes x --workers) training records; "
-                            "use fewer --workers or cut the source finer")
+                            f"images) cannot give each of {count} readers (processes x workers) training records; "
+                            "use fewer workers or cut the source finer", param="workers")
         return lanes
 
     def cycle(self, units: list[int], seed: int, lane: int, cycle: int) -> Iterator[tuple[int, Raw]]:

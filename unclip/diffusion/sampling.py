@@ -5,7 +5,7 @@ Each takes the starting noise, the schedule and an explicit `torch.Generator`, a
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -74,8 +74,8 @@ def sample_ddpm(denoise: Denoiser, x: torch.Tensor, ac: torch.Tensor, timesteps:
 
 
 @torch.no_grad()
-def sample_ddim(denoise: Denoiser, x: torch.Tensor, ac: torch.Tensor, timesteps: list[int], eta: float = 0.0,
-                generator=None, callback: Callback = None) -> torch.Tensor:
+def sample_ddim(denoise: Denoiser, x: torch.Tensor, ac: torch.Tensor, timesteps: list[int], generator=None,
+                callback: Callback = None, eta: float = 0.0) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) along `timesteps`, ending at clean data; eta=1 is ancestral."""
     for i, t in enumerate(timesteps):
         x0 = denoise(x, _t(x, t))
@@ -119,7 +119,20 @@ def sample_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, ac: torch.Tensor, timest
     return x
 
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp")
+class Sampler(NamedTuple):
+    """A sampler: `fn(denoise, x, ac, timesteps, generator, callback)`, one signature for all (as k-diffusion's
+    `sample_*`), and whether it visits every timestep of the schedule (ancestral DDPM) or a spaced chain."""
+
+    fn: Callable
+    every_step: bool = False
+
+
+# Every sampler t2i offers (`SamplingOptions.sampler`, the CLI's --sampler): a new one is a function and a line here.
+SAMPLERS = {
+    "ddpm": Sampler(sample_ddpm, every_step=True),
+    "ddim": Sampler(sample_ddim),
+    "dpmpp": Sampler(sample_dpmpp_2m),
+}
 
 
 def sampler_timesteps(sampler: str, T: int, steps: int, strength: float = 1.0, trailing: bool = False) -> list[int]:
@@ -130,20 +143,20 @@ def sampler_timesteps(sampler: str, T: int, steps: int, strength: float = 1.0, t
     own timestep, round(strength x (T - 1)), where the full chain starts at strength 1, and goes on along
     the chain below it."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")
+        raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be between 0 and 1, got {strength}")
-    full = list(range(T - 1, -1, -1)) if sampler == "ddpm" else spaced_timesteps(T, steps, trailing)
+    full = list(range(T - 1, -1, -1)) if SAMPLERS[sampler].every_step else spaced_timesteps(T, steps, trailing)
     if trailing:
         start = round(strength * (T - 1))
         return ([start] if start > 0 else []) + [t for t in full if t < start]
     return full[len(full) - round(strength * len(full)):]
 
 
-def sample(sampler: str, denoise: Denoiser, noise: torch.Tensor, ac: torch.Tensor, steps: int, eta: float = 0.0,
-           generator=None, callback: Callback = None, init: Optional[torch.Tensor] = None,
-           strength: float = 1.0, trailing: bool = False) -> torch.Tensor:
-    """Run `sampler` from `noise`; `steps` is ignored by ddpm, which always takes every step.
+def sample(sampler: str, denoise: Denoiser, noise: torch.Tensor, ac: torch.Tensor, steps: int, generator=None,
+           callback: Callback = None, init: Optional[torch.Tensor] = None, strength: float = 1.0,
+           trailing: bool = False) -> torch.Tensor:
+    """Run `sampler` (a name in SAMPLERS) from `noise`; `steps` is ignored by a sampler that takes every step.
 
     `trailing` spaces the chain as a distilled network needs it (`spaced_timesteps`).
     Image-to-image (SDEdit): with `init` data and `strength` < 1 the chain starts at its timestep t_s, from
@@ -155,8 +168,4 @@ def sample(sampler: str, denoise: Denoiser, noise: torch.Tensor, ac: torch.Tenso
         if not timesteps:
             return init
         noise = q_sample(init, torch.full((init.shape[0],), timesteps[0], device=init.device), noise, ac)
-    if sampler == "ddpm":
-        return sample_ddpm(denoise, noise, ac, timesteps, generator, callback)
-    if sampler == "ddim":
-        return sample_ddim(denoise, noise, ac, timesteps, eta, generator, callback)
-    return sample_dpmpp_2m(denoise, noise, ac, timesteps, generator, callback)
+    return SAMPLERS[sampler].fn(denoise, noise, ac, timesteps, generator, callback)

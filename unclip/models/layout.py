@@ -1,7 +1,7 @@
 """A layout stage: caption -> where each object goes and what it is, drawn before the image.
 
 unCLIP's decoder decides what each place in the image becomes while the digits are still mostly noise, and every
-place reads every word (README, "Where the decoder reads each word"): two named digits come out as a coin toss.
+place reads every word (docs/results/scenes.md, "Where the decoder reads each word"): two named digits come out as a coin toss.
 Layout-first systems (Make-A-Scene's token maps, GLIGEN's grounding boxes, LLM-grounded diffusion's boxes from
 a language model) first decide the boxes, then draw an image conditioned on them. Here a small Transformer reads
 the caption's CLIP token features (through bidirectional text layers of its own first: CLIP's text tower is causal,
@@ -24,10 +24,9 @@ from torch import nn
 
 from unclip.config import LayoutModelConfig
 from unclip.errors import ConfigError
+from unclip.layouts import BOX, GRID
 from unclip.models.layers import identity_transformer
 
-GRID = 32  # box corners on a 32 x 32 lattice over the image: 2 px at 64 x 64
-BOX = 4  # x0, y0, x1, y1
 
 
 class LayoutModel(nn.Module):
@@ -38,7 +37,7 @@ class LayoutModel(nn.Module):
     def __init__(self, cfg: LayoutModelConfig, text_width: int):
         super().__init__()
         if not cfg.fields:
-            raise ConfigError("layout fields are set from the data when training (--data scenes)")
+            raise ConfigError("layout fields are set from the data when training (scenes)")
         self.config = cfg
         self.per_object = len(cfg.fields) + BOX
         self.offsets = [sum(cfg.fields[:i]) for i in range(len(cfg.fields))] + [sum(cfg.fields)] * BOX
@@ -143,34 +142,3 @@ class LayoutModel(nn.Module):
         box = layout[..., -BOX:]
         lo, hi = torch.minimum(box[..., :2], box[..., 2:]), torch.maximum(box[..., :2], box[..., 2:])
         return torch.cat([layout[..., :-BOX], lo, hi], -1)
-
-
-def box_tokens(x0: float, y0: float, x1: float, y1: float, size: int) -> list[int]:
-    """A box's corners in pixels of a `size` image as lattice coordinates (0 to GRID)."""
-    return [round(v * GRID / size) for v in (x0, y0, x1, y1)]
-
-
-def layout_map(layout: torch.Tensor, fields: list[int], size: int) -> torch.Tensor:
-    """Layouts (B, N, F) painted as (B, 1 + sum(fields), size, size) floats: channel 0 is 1 everywhere (a layout
-    is given: an all-zero map is none), then each object's field values one-hot over its box (Make-A-Scene's
-    token map, with boxes)."""
-    B, N, _ = layout.shape
-    out = torch.zeros(B, 1 + sum(fields), size, size, device=layout.device)
-    out[:, 0] = 1
-    coords = torch.arange(size, device=layout.device).float() + 0.5  # pixel centres
-    box = layout[..., -BOX:].float() * size / GRID  # (B, N, 4) in pixels
-    inside_x = (coords >= box[..., 0, None]) & (coords < box[..., 2, None])  # (B, N, size)
-    inside_y = (coords >= box[..., 1, None]) & (coords < box[..., 3, None])
-    region = (inside_y[..., :, None] & inside_x[..., None, :]).float()  # (B, N, size, size)
-    region = region * (layout[..., 0] >= 0).float()[..., None, None]
-    offset = 1
-    for k, n in enumerate(fields):
-        onehot = F.one_hot(layout[..., k].clamp(min=0), n).float()  # (B, N, n)
-        out[:, offset: offset + n] = torch.einsum("bnc,bnhw->bchw", onehot, region).clamp(max=1)
-        offset += n
-    return out
-
-
-def no_layout(batch: int, fields: list[int], size: int, device: torch.device) -> torch.Tensor:
-    """The map of no layout (variations, interpolation, a pipeline without a layout stage): all zeros."""
-    return torch.zeros(batch, 1 + sum(fields), size, size, device=device)

@@ -90,15 +90,16 @@ def model_config(arch: str) -> tuple[dict, str]:
         try:
             return json.loads(path.read_text()), path.stem
         except FileNotFoundError:
-            raise UserError(f"--open-clip {arch}: no such model-config file") from None
+            raise UserError(f"open_clip {arch}: no such model-config file", param="open_clip") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"--open-clip {arch}: not a JSON model config ({e})") from None
+            raise UserError(f"open_clip {arch}: not a JSON model config ({e})", param="open_clip") from None
     open_clip = _open_clip()
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         known = open_clip.list_models()
-        raise UserError(f"--open-clip {arch}: open_clip knows no such architecture (it knows {len(known)}, e.g. "
-                        f"{', '.join(k for k in known if k.startswith('ViT-B'))[:120]}...; or give a model-config JSON)")
+        raise UserError(f"open_clip {arch}: open_clip knows no such architecture (it knows {len(known)}, e.g. "
+                        f"{', '.join(k for k in known if k.startswith('ViT-B'))[:120]}...; or give a model-config JSON)",
+                        param="open_clip")
     return cfg, arch
 
 
@@ -110,7 +111,7 @@ def import_open_clip(arch: str, weights: Path, image_size: Optional[int] = None,
     cfg_dict, name = model_config(arch)
     weights = Path(weights)
     if not weights.is_file():
-        raise UserError(f"--weights {weights}: no such file")
+        raise UserError(f"weights {weights}: no such file", param="weights")
     vision, text = cfg_dict.get("vision_cfg", {}), cfg_dict.get("text_cfg", {})
     side = vision.get("image_size", 224)
     side = side[0] if isinstance(side, (list, tuple)) else side
@@ -132,8 +133,8 @@ def import_open_clip(arch: str, weights: Path, image_size: Optional[int] = None,
         _open_clip().load_checkpoint(model.model, str(weights))
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise CheckpointError(f"--weights {weights} do not fit {name}: {' '.join(lines[:3])[:300]}") from None
+        raise CheckpointError(f"weights {weights} do not fit {name}: {' '.join(lines[:3])[:300]}", param="weights") from None
     except Exception as e:  # an unreadable file (pickle, zip, safetensors errors) or open_clip's own conversions
-        raise CheckpointError(f"--weights {weights} could not be loaded into {name} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
+        raise CheckpointError(f"weights {weights} could not be loaded into {name} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no message'})", param="weights") from None
     return model.eval().requires_grad_(False), clip_cfg

@@ -127,7 +127,7 @@ class UNet(nn.Module):
         self.layout_in = None  # a layout's map -> features every residual block is modulated by (`ResBlock`)
         if cfg.layout:
             if not cfg.text_tokens or not cfg.layout_fields:
-                raise ConfigError("decoder layout needs text_tokens and the layout's fields (set from --data scenes)")
+                raise ConfigError("decoder layout needs text_tokens and the layout's fields (set from the training data: scenes)")
             self.layout_in = nn.Sequential(nn.Conv2d((1 + sum(cfg.layout_fields)) * cfg.patch**2, w[0], 3, padding=1),
                                            nn.SiLU(), nn.Conv2d(w[0], w[0], 3, padding=1))
         lay = w[0] if cfg.layout else 0

@@ -13,8 +13,6 @@ import torch
 from torch import nn
 
 from unclip.config import UpsamplerModelConfig
-from unclip.diffusion.gaussian import q_sample
-from unclip.images import gaussian_blur, resize
 from unclip.models.layers import timestep_embedding
 from unclip.models.unet import UNet
 
@@ -32,17 +30,3 @@ class Upsampler(nn.Module):
         return self.unet(x, t, timestep_embedding(s, self.level_dim), drop=drop, image=low)
 
 
-def degrade(low: torch.Tensor, size: int, s: torch.Tensor, ac: torch.Tensor, sigma: float = 0.0,
-            generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The upsampler's condition: low-resolution images (B, C, h, w) in [-1, 1] upsampled to `size`, blurred
-    by `sigma` px (none at 0), then diffused to levels s (B,): sqrt(ab_s) z + sqrt(1 - ab_s) eps."""
-    z = resize(low, size)
-    if sigma > 0:
-        z = gaussian_blur(z, sigma)
-    eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-    return q_sample(z, s, eps, ac)
-
-
-def sampling_level(cfg: UpsamplerModelConfig, batch: int, device: torch.device) -> torch.Tensor:
-    """The augmentation level s (B,) applied and told at sampling (`aug_level` of the timesteps)."""
-    return torch.full((batch,), round(cfg.aug_level * (cfg.timesteps - 1)), device=device, dtype=torch.long)
