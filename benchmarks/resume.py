@@ -1,5 +1,5 @@
 """Interrupt and resume on a device: does a run stopped by SIGTERM and continued with --resume end where an
-uninterrupted run ends? (tests/test_training.py checks this on the CPU; this script is for a GPU.)
+uninterrupted run ends? (tests/stages/test_trainer.py checks this on the CPU; this script is for a GPU.)
 
     python benchmarks/resume.py --data-dir DIR --device cuda
 

@@ -47,11 +47,10 @@ from unclip.diffusion.gaussian import q_sample  # noqa: E402
 from unclip.images import grid, resize, save_png, to_float, to_uint8  # noqa: E402
 from unclip.models.unet import attention_shares  # noqa: E402
 from unclip.models.clip import CLIP  # noqa: E402
-from unclip.config import merge  # noqa: E402
 from unclip.components.clip import load_clip, prompt_conditions, text_condition  # noqa: E402
 from unclip.components.decoder import decoder_condition  # noqa: E402
 from unclip.components.prior import nearest_candidates, prior_cosine  # noqa: E402
-from unclip.options import SamplingOptions  # noqa: E402
+from unclip.options import SamplingOptions, sampling_options  # noqa: E402
 from unclip.pipeline import Pipeline, decode_and_upsample, draw  # noqa: E402
 from unclip.tokenizer import Tokenizer  # noqa: E402
 from unclip.components.clip import encode_images, encode_texts  # noqa: E402
@@ -450,7 +449,7 @@ def main() -> None:
             pipe.upsampler = pipe.upsampler_config = None
         if args.no_layout:
             pipe.layout = pipe.layout_config = None
-        options = merge(pipe.defaults, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.overrides)})
+        options = sampling_options(pipe.defaults, **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.overrides)})
         if args.chain:
             pipe.decoder = replace(pipe.decoder, distilled_steps=args.chain)
     if "generation" in parts:

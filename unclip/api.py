@@ -5,7 +5,7 @@ The CLI and the web server are thin callers of this class, so what they draw for
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 

@@ -17,7 +17,6 @@ import torch
 
 from unclip.checkpoint import load_checkpoint
 from unclip.config import ClipConfig
-from unclip.diffusion.process import Diffusion
 
 
 @dataclass(frozen=True)

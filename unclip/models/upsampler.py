@@ -7,7 +7,6 @@ the image diffused to a level s that the network is told (CDM sec. 4.2).
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn

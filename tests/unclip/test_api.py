@@ -19,7 +19,7 @@ from t2i.folders import generate_images
 from unclip.options import SamplingOptions
 from unclip.pipeline import steps_per_image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

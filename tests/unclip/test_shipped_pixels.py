@@ -2,7 +2,7 @@
 
 The references in tests/golden/ were drawn by the code these pipelines were trained and measured with; a
 refactoring that changes one pixel of them by more than one level (float rounding across CPUs) fails here.
-`T2I_WRITE_GOLDEN=1 pytest tests/test_shipped_pixels.py` draws them anew, for a change that means to.
+`T2I_WRITE_GOLDEN=1 pytest tests/unclip/test_shipped_pixels.py` draws them anew, for a change that means to.
 """
 from __future__ import annotations
 

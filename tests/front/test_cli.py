@@ -134,7 +134,7 @@ def test_the_t2i_command_ends_a_sampling_run_with_its_status_and_its_output_writ
     """`t2i` (cli:run) skips Python's teardown after generate: nothing it printed or wrote may be lost."""
     def t2i(*args):
         return subprocess.run([sys.executable, "-c", "import t2i.cli as cli; cli.run()", *map(str, args)], capture_output=True,
-                              text=True, cwd=Path(__file__).parents[1])
+                              text=True, cwd=Path(__file__).parents[2])
 
     ok = t2i("generate", "--checkpoints", tiny_pipeline, "--prompt", "six", "-n", 2, "--steps", 2, "--out", tmp_path / "g")
     assert ok.returncode == 0 and "wrote 2 image(s) and grid.png" in ok.stderr, ok.stderr

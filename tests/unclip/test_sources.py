@@ -176,7 +176,7 @@ def test_resume_continues_mid_epoch_exactly(kind, shards, tmp_path):
 
     from t2i.stages.clip import clip_stage
     from t2i.stages.trainer import fit
-    from tests.test_training import interrupt_at
+    from tests.stages.test_trainer import interrupt_at
     from unclip.config import ClipConfig, merge
 
     pattern = f"wds:{shards}/{{00000..00002}}.tar"
@@ -254,7 +254,7 @@ def test_streamed_pipeline_trains_every_stage_from_the_cli(shards, tmp_path):
 def stream_worker(rank: int, world: int, port: int, pattern: str, out: str) -> None:
     from t2i.stages.clip import clip_stage
     from t2i.stages.trainer import fit
-    from tests.test_distributed import join, leave
+    from tests.stages.test_distributed import join, leave
     from unclip.config import ClipConfig, merge
 
     join(rank, world, port)
@@ -279,7 +279,7 @@ def test_two_processes_stream_disjoint_shards_in_lockstep(shards, tmp_path):
     and both end with the same weights."""
     import torch.multiprocessing as mp
 
-    from tests.test_distributed import free_port
+    from tests.stages.test_distributed import free_port
 
     mp.spawn(stream_worker, args=(2, free_port(), f"wds:{shards}/{{00000..00002}}.tar", str(tmp_path)), nprocs=2)
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")

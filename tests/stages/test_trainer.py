@@ -23,7 +23,7 @@ from unclip.components.prior import prior_diffusion, sample_image_embeddings
 from tests.conftest import TINY
 from t2i.stages.runs import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def steps_logged(run: Path) -> list[int]:

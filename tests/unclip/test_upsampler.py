@@ -236,7 +236,6 @@ def test_text_guidance_scales_the_caption_apart_from_the_image_embedding(cascade
     r = run("generate", "--checkpoints", tiny_pipeline, "--prompt", "six", "--text-guidance", 3, "--out", tmp_path / "x")
     assert r.exit_code == 1 and "--text-guidance is for decoders that read the caption" in r.output
     assert "Traceback" not in r.output
-    from unclip.api import UnCLIPPipeline
     from unclip.components.clip import prompt_conditions
     from unclip.components.decoder import decode
 

@@ -18,7 +18,7 @@ from t2i.stages.runs import read_metrics
 from unclip.config import ClipConfig, PriorConfig, load_config
 
 pytest.importorskip("optuna", reason="Optuna (the tune extra) is not installed")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 SPACE = {"train.lr": {"low": 1e-3, "high": 1e-2, "log": True}, "model.embed_dim": {"choices": [16, 32]},
          "model.image_widths": {"choices": [[8, 16], [16, 32]]}}
