@@ -583,18 +583,33 @@ def serve(
     checkpoints: Annotated[Optional[list[str]], typer.Option("--checkpoints", help="Pipeline folders to offer besides the shipped ones (repeatable; the first is the default).")] = None,
     device: SampleDeviceOpt = Device.auto,
     max_images: Annotated[int, typer.Option("--max-images", min=1, help="Most images one request may ask for.")] = 64,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait behind the one computing; more get 429.")] = 8,
+    allow_host: Annotated[Optional[list[str]], typer.Option("--allow-host", help="A host name requests may address the server by, besides localhost and --host (repeatable; * for any).")] = None,
+    token: Annotated[Optional[str], typer.Option("--token", help="Require this token (made up and printed when --host is not this machine's).")] = None,
 ) -> None:
     """A local web page (prompt, negative prompt, seed, steps, guidance; live denoising; variations on a click;
     interpolation) and GET /api/generate for scripts."""
+    import secrets
+
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as e:
         raise UserError(f"t2i serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
     from t2i.server.app import create_app, pipeline_sources
+    from t2i.server.guard import LOCAL_HOSTS, is_local
 
-    app_ = create_app(pipeline_sources(checkpoints or []), device.value, max_images)
-    console.print(f"t2i serving on http://{host}:{port}/ (Ctrl-C stops)")
+    local = is_local(host)
+    if not local and token is None:
+        token = secrets.token_urlsafe(24)  # beyond this machine, never without one (as Jupyter does)
+    everywhere = host in ("0.0.0.0", "::", "")
+    hosts = ("*",) if everywhere else (*LOCAL_HOSTS, host, *(allow_host or []))
+    app_ = create_app(pipeline_sources(checkpoints or []), device.value, max_images, max_queue=max_queue,
+                      allowed_hosts=hosts, token=token)
+    shown = "127.0.0.1" if everywhere else f"[{host}]" if ":" in host else host
+    console.print(f"t2i serving on http://{shown}:{port}/{f'?token={token}' if token else ''} (Ctrl-C stops)"
+                  + ("" if local else "; it is reachable from other machines: share that address only with whom you trust"),
+                  highlight=False, soft_wrap=True)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 

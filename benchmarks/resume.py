@@ -43,7 +43,7 @@ def interrupted(cmd: list[str], run: Path, stop_after: int) -> int:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=300)
-    stopped = torch.load(run / "train_state.pt", map_location="cpu", weights_only=False)["step"]
+    stopped = torch.load(run / "train_state.pt", map_location="cpu", weights_only=True)["step"]
     subprocess.run([*cmd, "--resume"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return stopped
 

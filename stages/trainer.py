@@ -16,6 +16,7 @@ import copy
 import itertools
 import json
 import math
+import pickle
 import signal
 import time
 from contextlib import contextmanager
@@ -30,8 +31,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from t2i.stages import distributed as dist
 from t2i.stages.samples import save_progress_gif
 from unclip.components import MAXIMIZE
-from unclip.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_write, atomic_write_text, load_state, resolve_folder,
-                               save_checkpoint)
+from unclip.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_write, atomic_write_text, load_state, remove_stale_temporaries,
+                               resolve_folder, save_checkpoint)
 from unclip.config import TrainConfig, load_yaml
 from unclip.data import CaptionedImages
 from unclip.data.stream import StreamedCaptions
@@ -185,6 +186,21 @@ def tensorboard_writer(out: Path, step: int):
     return SummaryWriter(str(out / "tensorboard"), purge_step=step or None)
 
 
+def load_train_state(path: Path) -> dict:
+    """A run's `train_state.pt`, loaded with `weights_only=True`: tensors and plain values only, so a shared run
+    folder cannot run code when it is resumed; anything else is a one-line UserError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: refused, it holds more than tensors and plain values (loading it could run code); "
+                        "a t2i training state never does") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable training state ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= set(state):
+        raise UserError(f"{path}: not a t2i training state (its keys: {', '.join(map(str, state)) if isinstance(state, dict) else type(state).__name__})")
+    return state
+
+
 class Run:
     """The state of one training run: weights, EMA, optimizer, step; saved and restored as one."""
 
@@ -206,7 +222,7 @@ class Run:
         path = self.out / STATE_FILE
         if not path.exists():
             raise UserError(f"--resume: no {STATE_FILE} in {self.out} to resume from")
-        state = torch.load(path, map_location="cpu", weights_only=False)  # then copied onto the device
+        state = load_train_state(path)  # onto the CPU, then copied onto the device
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])  # moves its state to the parameters' device
         if self.ema is not None:
@@ -304,6 +320,9 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False,
         run.initialize(cfg.init)
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temporaries(run.out)
+        if stale:
+            console.print(f"{stage.name}: removed {stale} temporary file(s) an interrupted save left in {run.out}")
     log = open(run.out / METRICS_FILE, "a", buffering=1) if main else None  # line-buffered: `tail -f` follows it
     board = tensorboard_writer(run.out, run.step) if main and cfg.tensorboard else None
     last: dict = {}

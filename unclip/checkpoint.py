@@ -27,19 +27,60 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+TMP_SUFFIX = ".tmp"  # atomic_write's temporaries: `.NAME.XXXX.tmp` beside NAME
+WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")  # torch.save's words for ENOSPC
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` and rename the result onto `path` (same folder, so the rename is atomic)."""
+    """Call `write(tmp_path)`, flush it to the disk (fsync) and rename it onto `path` (same folder, so the rename is
+    atomic), then fsync the folder so the rename itself survives a power cut. A write that fails for want of space
+    or permission is a one-line CheckpointError naming the folder; `path` keeps its previous version."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+        os.close(fd)
+    except OSError as e:
+        raise unwritable(path.parent, e) from None
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
+        _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+        _fsync(path.parent)
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(w in str(e) for w in WRITE_FAILED)):
+            raise unwritable(path.parent, e) from None
         raise
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unwritable(folder: Path, e: BaseException) -> CheckpointError:
+    """A failed write as one line naming the folder: no space, no permission, a read-only disk."""
+    if isinstance(e, OSError) and e.strerror:
+        why = e.strerror.lower()
+    else:  # torch.save says only "unexpected pos": say what the disk has left
+        try:
+            why = f"the write failed with {shutil.disk_usage(folder).free / 2**20:.1f} MiB free on its disk"
+        except OSError:
+            why = "the write failed"
+    return CheckpointError(f"cannot write to {folder}: {why}; what was saved there before is intact")
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporaries a killed save left in `folder` (`.NAME.XXXX.tmp`); how many there were."""
+    stale = [p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file()] if Path(folder).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

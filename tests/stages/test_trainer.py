@@ -52,7 +52,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(mnist_dir, tiny_config,
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 0, output
-    stopped_at = torch.load(run / "train_state.pt", weights_only=False)["step"]
+    stopped_at = torch.load(run / "train_state.pt", weights_only=True)["step"]
     assert 20 <= stopped_at < 40 and "--resume" in output
     status = json.loads((run / "run.json").read_text())
     assert (status["saved"], status["total"], status["finished"], status["stage"]) == (stopped_at, 40, False, "clip")
@@ -100,8 +100,8 @@ def test_in_process_interrupt_and_resume_is_exact_with_ema_and_noise(frozen, tmp
     resumed = make()
     fit(resumed, resumed.config.train, tmp_path / "cut", resume=True)
     assert_same_weights(tmp_path / "whole", tmp_path / "cut")
-    state_a = torch.load(tmp_path / "whole" / "train_state.pt", weights_only=False)
-    state_b = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)
+    state_a = torch.load(tmp_path / "whole" / "train_state.pt", weights_only=True)
+    state_b = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)
     for k in state_a["model"]:
         torch.testing.assert_close(state_a["model"][k], state_b["model"][k], atol=1e-5, rtol=0)
     assert steps_logged(tmp_path / "cut") == list(range(1, 9))
@@ -113,7 +113,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(frozen, tmp_path):
     stage.loss = lambda idx, s, m: (inner(idx, s, m)[0] * (float("nan") if s == 6 else 1.0), {})
     with pytest.raises(TrainingError, match="at step 6; stopped, the checkpoint of step 4"):
         fit(stage, stage.config.train, tmp_path)
-    assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == 4  # ckpt_every 4
+    assert torch.load(tmp_path / "train_state.pt", weights_only=True)["step"] == 4  # ckpt_every 4
     assert (tmp_path / "model.safetensors").exists()
 
 
@@ -187,7 +187,7 @@ def test_bf16_autocast_trains_in_bfloat16_and_keeps_float32_weights(frozen, tmp_
     losses = runs["bf16"]
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, (losses[:10], losses[-10:])
     weights = load_file(tmp_path / "bf16" / "model.safetensors")
-    state = torch.load(tmp_path / "bf16" / "train_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "bf16" / "train_state.pt", weights_only=True)
     assert {v.dtype for v in weights.values()} == {torch.float32}
     assert {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float32}
 

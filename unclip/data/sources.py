@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unclip.data.files import Skipped, inside, open_image, read_regular
 from unclip.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ Record = tuple[Optional[torch.Tensor], list[str], str]  # (uint8 image (C, S, S)
 
 def decode_image(data: bytes, channels: int, size: int) -> torch.Tensor:
     """Encoded image bytes -> uint8 (channels, size, size): the centre square, resized (antialiased)."""
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(data) as image:  # refused from its header when it holds more than MAX_PIXELS
         image = image.convert("RGB" if channels == 3 else "L")
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -49,7 +50,9 @@ def decode_image(data: bytes, channels: int, size: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).reshape(size, size, channels).permute(2, 0, 1)
 
 
-Raw = tuple[str, "bytes | Path | None", list[str]]  # (record name, encoded image or its file, captions): undecoded
+# (record name, encoded image or its file, captions): undecoded; the image or the captions may be the Skipped
+# reason the record cannot be used
+Raw = tuple[str, "bytes | Path | Skipped | None", "list[str] | Skipped"]
 
 
 def decode_raw(raw: Raw, channels: int, size: int) -> Record:
@@ -57,14 +60,16 @@ def decode_raw(raw: Raw, channels: int, size: int) -> Record:
     name, payload, captions = raw
     if payload is None:
         return None, captions, f"{name}: no image"
+    for why in (payload, captions):
+        if isinstance(why, Skipped):
+            return None, [], f"{name}: {why}"
     if not captions:
         return None, captions, f"{name}: no caption"
     try:
-        data = payload.read_bytes() if isinstance(payload, Path) else payload
-    except OSError:
-        return None, captions, f"{name}: missing"
-    try:
+        data = read_regular(payload) if isinstance(payload, Path) else payload
         return decode_image(data, channels, size), captions, ""
+    except Skipped as e:
+        return None, captions, f"{name}: {e}"
     except Exception as e:  # PIL's errors for truncated or foreign bytes are many
         return None, captions, f"{name}: not a readable image ({type(e).__name__})"
 
@@ -119,7 +124,10 @@ class Coco(Source):
 
     def raw(self, unit: int) -> Iterator[Raw]:
         for name, captions in self.items[unit * COCO_UNIT : (unit + 1) * COCO_UNIT]:
-            yield name, self.root / self.split / name, captions
+            try:
+                yield name, inside(self.root / self.split, name), captions
+            except Skipped as e:  # a file_name that leads out of the image folder
+                yield name, e, captions
 
 
 @dataclass
@@ -168,22 +176,30 @@ def as_captions(value) -> list[str]:
     return [t.strip() for t in texts if t.strip()]
 
 
-def wds_captions(sample: dict) -> list[str]:
+def wds_captions(sample: dict) -> list[str] | Skipped:
+    """A sample's captions (its .txt, or the "caption" or "text" of its .json); Skipped where they are not UTF-8."""
     if "txt" in sample:
-        return as_captions(sample["txt"].decode("utf-8", "replace"))
+        try:
+            return as_captions(sample["txt"].decode("utf-8"))
+        except UnicodeDecodeError:
+            return Skipped("caption not UTF-8 text")
     if "json" in sample:
         try:
             meta = json.loads(sample["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except UnicodeDecodeError:
+            return Skipped("caption not UTF-8 text")
+        except json.JSONDecodeError:
             return []
         return as_captions(meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None)
     return []
 
 
-def shard_keys(path: str) -> int:
-    """The samples of a tar shard, counted from its member headers (the data is seeked over, not read), grouped
-    by key as webdataset groups them (the name up to the first dot of its last part)."""
-    keys, previous = 0, None
+def shard_keys(path: str) -> tuple[int, bool]:
+    """(the samples of a tar shard, whether it is truncated), counted from its member headers (the data is seeked
+    over, not read), grouped by key as webdataset groups them (the name up to the first dot of its last part). Of a
+    shard cut short (a copy that stopped), the samples whose members are whole are counted, and a warning says so."""
+    keys, previous, truncated = 0, None, False
+    size = Path(path).stat().st_size
     try:
         with tarfile.open(path) as tar:
             for member in tar:
@@ -193,11 +209,16 @@ def shard_keys(path: str) -> int:
                 if "." not in base:
                     continue  # webdataset skips a member without an extension
                 key = f"{folder}/{base.split('.', 1)[0]}"
+                if member.offset_data + member.size > size:  # its data runs past the end of the file
+                    truncated, keys = True, keys - (key == previous)  # its sample is not whole
+                    break
                 if key != previous:
                     keys, previous = keys + 1, key
-    except (tarfile.TarError, OSError) as e:
-        log.warning("%s: %s (counted %d samples before it)", path, e, keys)
-    return keys
+    except (tarfile.TarError, OSError):
+        truncated = True
+    if truncated:
+        log.warning("%s is truncated: its tail is missing (%d whole samples before it are read)", path, keys)
+    return keys, truncated
 
 
 @dataclass
@@ -215,7 +236,9 @@ class Shards(Source):
         self.shards = [s for s in expand_urls(self.pattern) if Path(s).is_file()]
         if not self.shards:
             raise UserError(f"wds:{self.pattern}: the pattern matches no shard file")
-        self.counts = [shard_keys(s) for s in self.shards]
+        counted = [shard_keys(s) for s in self.shards]
+        self.counts = [n for n, _ in counted]
+        self.opened_skips = {"truncated shard": sum(t for _, t in counted)} if any(t for _, t in counted) else {}
 
     def raw(self, unit: int) -> Iterator[Raw]:
         import webdataset as wds
@@ -278,7 +301,7 @@ def decode_source(source, workers: int = 2, batch_size: int = 64,
     in an order fixed by the source and the number of workers. Skipped records are counted in `skips`."""
     loader = torch.utils.data.DataLoader(Decoded(source), batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                                          persistent_workers=False, prefetch_factor=4 if workers else None)
-    source.skips = {}
+    source.skips = dict(getattr(source, "opened_skips", {}))  # what was found wrong when it was opened
     for batch in loader:
         kept = [(image, captions) for image, captions, why in batch if image is not None]
         for _, _, why in batch:

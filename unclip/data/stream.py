@@ -51,7 +51,7 @@ class StreamedCaptions:
     def __init__(self, source: Source, n_val: int):
         self.source, self.n_val = source, n_val
         self.offsets = [0, *itertools.accumulate(source.counts)]  # each unit's first record in the source's order
-        self.skips: dict[str, int] = {}
+        self.skips: dict[str, int] = dict(getattr(source, "opened_skips", {}))  # found when it was opened
 
     def __len__(self) -> int:
         return self.source.total - self.n_val
