@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import typing
+import warnings
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -24,7 +25,7 @@ from unclip.config import DEFAULT_PIPELINE, DistillConfig
 from unclip.data import SOURCE_USAGE, SOURCES, STREAMABLE
 from unclip.device import DEVICES
 from unclip.diffusion.sampling import SAMPLERS
-from unclip.errors import UserError
+from unclip.errors import T2iWarning, UserError
 from unclip.options import SamplingOptions
 
 app = typer.Typer(pretty_exceptions_show_locals=False, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -77,10 +78,31 @@ def command(name: str):
     return decorate
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The library's warnings (a word the pipeline never saw, a setting it cannot honour) as one yellow line."""
+    console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+def version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as installed
+
+        try:
+            typer.echo(f"t2i {installed('t2i')}")
+        except PackageNotFoundError:
+            typer.echo("t2i (not installed: run from a source checkout)")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+         show_version: Annotated[bool, typer.Option("--version", callback=version, is_eager=True,
+                                                    help="Print t2i's version and exit.")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", force=True,
                         handlers=[RichHandler(console=console, show_time=False, show_path=False)])
+    warnings.showwarning = show_warning
+    warnings.simplefilter("always", T2iWarning)  # each time it applies, not once per place in the code
 
 
 @contextmanager
@@ -111,6 +133,7 @@ LrOpt = Annotated[Optional[float], typer.Option("--lr", min=0.0)]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
 DeviceOpt = Annotated[Optional[Device], typer.Option("--device")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run saved in the output folder.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a run the output folder holds (without it, t2i refuses to).")]
 TensorboardOpt = Annotated[bool, typer.Option("--tensorboard", help="Also log to OUT/tensorboard (the tensorboard extra).")]
 InitOpt = Annotated[Optional[str], typer.Option("--init", help="Fine-tune: start from this stage folder's weights (or a pipeline folder's, or a shipped pipeline's, stage of the same name); new layers start fresh.")]
 
@@ -121,7 +144,16 @@ TRAIN_FLAGS = [("data", DataOpt, None), ("data_dir", DataDirOpt, None), ("image_
                ("text_column", TextColumnOpt, None), ("stream", StreamOpt, None), ("workers", WorkersOpt, None),
                ("epochs", EpochsOpt, None), ("max_steps", MaxStepsOpt, None), ("batch_size", BatchOpt, None),
                ("lr", LrOpt, None), ("seed", SeedOpt, None), ("device", DeviceOpt, None),
-               ("resume", ResumeOpt, False), ("tensorboard", TensorboardOpt, False), ("init", InitOpt, None)]
+               ("resume", ResumeOpt, False), ("overwrite", OverwriteOpt, False), ("tensorboard", TensorboardOpt, False),
+               ("init", InitOpt, None)]
+
+
+def ended(last: dict) -> None:
+    """A training command's exit: 130 after SIGINT, 143 after SIGTERM (saved, resumable), 0 when finished."""
+    from t2i.stages.trainer import EXIT_CODES
+
+    if last.get("interrupted"):
+        raise typer.Exit(EXIT_CODES.get(last["interrupted"], 1))
 
 
 def train_overrides(**flags) -> dict:
@@ -153,7 +185,7 @@ def training_flags(*skip: str):
         @functools.wraps(fn)
         def run(**kwargs):
             given = {name: kwargs.pop(name) for name in names}
-            given = {k: v for k, v in given.items() if v is not defaults[k]}  # an unset switch (--tensorboard) overrides nothing
+            given = {k: v for k, v in given.items() if v is not defaults[k] or k in own}  # an unset switch overrides nothing
             passed = {name: given.pop(name) for name in list(given) if name in own}
             return fn(**kwargs, **passed, flags=train_overrides(**given))
 
@@ -169,7 +201,7 @@ def training_flags(*skip: str):
 def clip_train(
     config: ConfigOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder: weights, metrics, resume state.")] = Path("runs/clip"),
-    resume: bool = False, flags: dict = None,
+    resume: bool = False, overwrite: bool = False, flags: dict = None,
 ) -> None:
     """Stage one: train CLIP contrastively on captioned images."""
     from t2i.stages.clip import train_clip
@@ -177,8 +209,9 @@ def clip_train(
     from unclip.config import ClipConfig, load_config, merge
 
     cfg = merge(load_config(ClipConfig, config), flags)
-    last = train_clip(cfg, out, resume)
-    if not last.get("interrupted") and is_main():
+    last = train_clip(cfg, out, resume, overwrite)
+    ended(last)
+    if not last.get("finished") and is_main():
         console.print(f"CLIP saved to {out}" + (f" (val zero-shot {last['val_zero_shot']:.4f})" if "val_zero_shot" in last else ""))
 
 
@@ -290,7 +323,7 @@ def decoder_train(
     config: ConfigOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Pipeline folder: prior/, decoder/ and a copy of clip/.")] = Path("runs/pipeline"),
     stage: Annotated[StageChoice, typer.Option("--stage")] = StageChoice.both,
-    resume: bool = False, flags: dict = None,
+    resume: bool = False, overwrite: bool = False, flags: dict = None,
 ) -> None:
     """Stage two: train the diffusion prior and/or the decoder against a frozen CLIP."""
     from t2i.stages.distributed import is_main
@@ -298,7 +331,9 @@ def decoder_train(
     from unclip.checkpoint import WEIGHTS_FILE
 
     stages = ["prior", "decoder"] if stage == StageChoice.both else [stage.value]
-    if train_stage_two(clip, config, flags, out, stages, resume) and is_main():
+    last = train_stage_two(clip, config, flags, out, stages, resume, overwrite)
+    ended(last)
+    if not last.get("finished") and is_main():
         if (out / "decoder" / WEIGHTS_FILE).is_file():
             console.print(f"pipeline saved to {out} (generate with: t2i generate --checkpoints {out} --prompt ...)")
         else:
@@ -310,14 +345,15 @@ def decoder_train(
 @training_flags()
 def upsampler_train(
     pipeline: Annotated[Path, typer.Option("--pipeline", help="Pipeline folder with clip/ and decoder/; writes upsampler/.")],
-    config: ConfigOpt = None, resume: bool = False, flags: dict = None,
+    config: ConfigOpt = None, resume: bool = False, overwrite: bool = False, flags: dict = None,
 ) -> None:
     """DALL-E 2's cascade: a diffusion upsampler from the decoder's image size to the config's (64 by default)."""
     from t2i.stages.distributed import is_main
     from t2i.stages.upsampler import train_upsampler
 
-    last = train_upsampler(pipeline, config, flags, resume)
-    if not last.get("interrupted") and is_main():
+    last = train_upsampler(pipeline, config, flags, resume, overwrite)
+    ended(last)
+    if not last.get("finished") and is_main():
         console.print(f"upsampler saved to {pipeline / 'upsampler'}; t2i generate --checkpoints {pipeline} now runs it")
 
 
@@ -325,15 +361,16 @@ def upsampler_train(
 @training_flags("image_column", "text_column", "stream", "workers")  # scenes only: drawn in memory
 def layout_train(
     pipeline: Annotated[Path, typer.Option("--pipeline", help="Pipeline folder with clip/; writes layout/.")],
-    config: ConfigOpt = None, resume: bool = False, flags: dict = None,
+    config: ConfigOpt = None, resume: bool = False, overwrite: bool = False, flags: dict = None,
 ) -> None:
     """A layout stage: caption -> each object's label and box, drawn before the image, for a decoder trained with
     layout: true (--data scenes)."""
     from t2i.stages.distributed import is_main
     from t2i.stages.layout import train_layout
 
-    last = train_layout(pipeline, config, flags, resume)
-    if not last.get("interrupted") and is_main():
+    last = train_layout(pipeline, config, flags, resume, overwrite)
+    ended(last)
+    if not last.get("finished") and is_main():
         console.print(f"layout stage saved to {pipeline / 'layout'}; t2i generate --checkpoints {pipeline} draws "
                       "layouts first when its decoder reads them")
 
@@ -356,7 +393,7 @@ def distill(
     config: ConfigOpt = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Per round.")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Per round; overrides --epochs.")] = None,
-    resume: bool = False, flags: dict = None,
+    resume: bool = False, overwrite: bool = False, flags: dict = None,
 ) -> None:
     """Progressive distillation: a decoder (or prior) that samples in a few DDIM steps, as a new pipeline folder."""
     from t2i.stages.distill import distill as run_distill
@@ -365,8 +402,9 @@ def distill(
     flags["train"].update(train_overrides(epochs=epochs, max_steps=max_steps)["train"])
     flags.update({k: v for k, v in (("steps", steps), ("teacher_steps", teacher_steps), ("guidance", guidance),
                                     ("student_guidance", student_guidance), ("stage", stage and stage.value)) if v is not None})
-    last = run_distill(pipeline, out, config, flags, resume)
-    if not last.get("interrupted") and is_main():
+    last = run_distill(pipeline, out, config, flags, resume, overwrite)
+    ended(last)
+    if not last.get("finished") and is_main():
         console.print(f"distilled pipeline saved to {out} (t2i generate --checkpoints {out} --prompt ...)")
 
 
@@ -374,7 +412,7 @@ TuneStage = Enum("TuneStage", {name: name for name in ("clip", "prior", "decoder
 
 
 @command("tune")
-@training_flags("image_column", "text_column", "stream", "workers", "resume", "tensorboard", "init")
+@training_flags("image_column", "text_column", "stream", "workers", "resume", "overwrite", "tensorboard", "init")
 def tune(
     stage: Annotated[TuneStage, typer.Argument(help="The stage whose config is searched.")],
     space: Annotated[Path, typer.Option("--space", help="YAML: dotted config field -> {low, high[, log, step]} or {choices}.")],
@@ -433,8 +471,8 @@ def runs(folder: Annotated[Path, typer.Argument(help="A run, a pipeline folder, 
     if not found:
         raise UserError(f"no training runs (folders with metrics.jsonl) under {folder}")
     table = Table(title=f"runs under {folder}")
-    for col in ("run", "stage", "steps", "wall time", "last loss", "best validation", "state"):
-        table.add_column(col, justify="right" if col in ("steps", "wall time", "last loss") else "left")
+    for col in ("run", "stage", "steps", "wall time", "last loss", "best validation", "state"):  # folded, never cut
+        table.add_column(col, justify="right" if col in ("steps", "wall time", "last loss") else "left", overflow="fold")
     for path, label in zip(found, run_labels(found)):
         r = summarize(path)
         steps = f"{r.step:,}" + (f"/{r.total:,}" if r.total else "")
@@ -444,7 +482,7 @@ def runs(folder: Annotated[Path, typer.Argument(help="A run, a pipeline folder, 
         best = f"{r.objective} {r.best:.4g} (step {r.best_step:,})" if r.best is not None else "-"
         loss = f"{r.last_loss:.4g}" if r.last_loss is not None else "-"
         table.add_row(label, r.stage, steps, wall, loss, best, r.state)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: wide enough for whole paths
 
 
 @command("plot")
@@ -552,7 +590,7 @@ def vary(
                                  upsampler_strength=upsampler_strength)
     with progress_bar("sampling") as bar:
         folder = vary_to_folder(image, num_samples, checkpoints, out, settings, seed, device.value, progress=bar)
-    console.print(f"wrote {num_samples} variation(s) and grid.png to {folder}/")
+    console.print(f"wrote {num_samples} variation(s), grid.png and source.png to {folder}/")
 
 
 @command("interpolate")

@@ -2,6 +2,7 @@
 PNGs, a contact sheet, an animation), batch by batch. The library draws; this module only writes."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -16,6 +17,12 @@ from unclip.options import SamplingOptions
 from unclip.pipeline import steps_per_image
 
 GIF_FRAMES = 60
+LARGE_RUN = 1000  # a generate run larger than this says its size and where it writes before it starts
+log = logging.getLogger(__name__)
+
+
+def size_words(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 Progress = Optional[Callable[[int], Callable[[], None]]]  # progress(total_steps) -> advance()
 
 
@@ -73,6 +80,10 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, o
     if init_image is not None:  # read once, at the output size; a bad file fails before anything is written
         init_image = pipe.image(init_image, pipe.image_size)
     out = writable_folder(Path(out) if out else Path("outputs") / slug(prompt))
+    if num_samples > LARGE_RUN:  # say what is coming before minutes of it
+        side, channels = pipe.image_size, pipe.pipeline.decoder_config.model.image_channels
+        log.info("drawing %s images of %dx%d into %s/ (%s of pixels before PNG compression); Ctrl-C stops, what is "
+                 "written stays", f"{num_samples:,}", side, side, out, size_words(num_samples * channels * side * side))
     strength = options.strength if init_image is not None else 1.0
     batches = -(-num_samples // batch_size)
     tick = advance(progress, steps_per_image(pipe.pipeline, options, strength) * batches)
@@ -101,7 +112,8 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, o
 
 def vary_to_folder(image: Path, num_samples: int, checkpoints: str | Path, out: Optional[Path], settings: dict,
                    seed: int = 0, device: str = "auto", batch_size: int = BATCH_SIZE, progress: Progress = None) -> Path:
-    """Write variations of `image` as OUT/0000.png ... and OUT/grid.png (the source first)."""
+    """Write variations of `image` as OUT/0000.png ..., their contact sheet OUT/grid.png (as many cells as variations)
+    and the source beside them at their size, OUT/source.png."""
     check_count(num_samples, batch_size)
     pipe = UnCLIPPipeline.from_pretrained(checkpoints, device)
     options = pipe.options(**settings)
@@ -111,8 +123,8 @@ def vary_to_folder(image: Path, num_samples: int, checkpoints: str | Path, out: 
     images = pipe.variations(source, num_samples, generator=pipe.generator(seed=seed), output_type="uint8",
                              callback=advance(progress, total), batch_size=batch_size, options=options).images
     save_numbered(images, out)
-    shown = pipe.image(image, pipe.image_size)[None]  # the source beside them, at their size
-    save_png(contact_sheet(torch.cat([shown, images])), out / "grid.png", scale=2)
+    save_png(contact_sheet(images), out / "grid.png", scale=2)
+    save_png(pipe.image(image, pipe.image_size), out / "source.png", scale=2)  # what they vary, at their size
     return out
 
 

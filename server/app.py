@@ -282,16 +282,19 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
             pipe = models.get(pipeline)
             options = pipe.options(steps=steps, guidance=guidance, prior_guidance=prior_guidance,
                                    text_guidance=text_guidance)
+            said.extend(pipe.unknown_words(prompt))
             return lambda: pipe(prompt, negative_prompt, num_samples, pipe.generator(seed=seed), "uint8",
                                 stepper(cancel), batch_size=batch_size, options=options).images
 
+        said: list[str] = []
         try:
             images = await queue(request, await run_in_threadpool(prepare), cancel)
         except UserError as e:
             raise refuse(e) from None
         except Cancelled:
             return Response(status_code=499)  # the client has gone; nobody reads this
-        return Response(png_bytes(contact_sheet(images), SHEET_SCALE), media_type="image/png")
+        headers = {"X-T2I-Unknown-Words": ", ".join(said)} if said else {}  # words its captions never used
+        return Response(png_bytes(contact_sheet(images), SHEET_SCALE), media_type="image/png", headers=headers)
 
     @app.post("/api/run")
     async def run(req: RunRequest, request: Request) -> StreamingResponse:
@@ -323,6 +326,8 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
             finally:
                 put(None)
 
+        words = models.get(req.pipeline).unknown_words(req.prompt if req.mode == "generate" else
+                                                       " ".join(e for e in (req.start, req.end) if e and not e.startswith("data:")))
         try:
             future, ahead = compute.submit(work, cancel)
         except Busy:
@@ -332,6 +337,9 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
         async def stream():
             try:
                 yield json.dumps({"type": "queued", "ahead": ahead}) + "\n"
+                if words:
+                    yield json.dumps({"type": "warning", "message": f"{', '.join(repr(w) for w in words)} never appeared "
+                                      "in this pipeline's training captions: it draws only what they taught it"}) + "\n"
                 while True:
                     try:
                         event = await asyncio.wait_for(events.get(), POLL_SECONDS)

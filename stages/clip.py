@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from t2i.stages import distributed as dist
-from t2i.stages.trainer import Stage, fit, seeded
+from t2i.stages.trainer import Stage, check_out, fit, nothing_to_resume, seeded
+from unclip.vocabulary import save_vocabulary
 from unclip.config import ClipConfig
 from unclip.data import CaptionedImages, load_split
 from unclip.data.prepared import convert
@@ -127,5 +128,11 @@ def precise_batchnorm(model: CLIP, batches) -> None:
     model.train(was_training)
 
 
-def train_clip(cfg: ClipConfig, out: Path, resume: bool = False) -> dict:
-    return fit(clip_stage(cfg), cfg.train, out, resume)
+def train_clip(cfg: ClipConfig, out: Path, resume: bool = False, overwrite: bool = False) -> dict:
+    if check_out(out, "clip", resume, overwrite) == "finished":  # before the data loads: said at once
+        return nothing_to_resume(out, "clip")
+    stage = clip_stage(cfg)
+    vocabulary = getattr(getattr(stage.data, "captioner", None), "vocabulary", None)  # a stream's is not known
+    if vocabulary is not None and dist.is_main():
+        save_vocabulary(out, vocabulary())  # the words of its captions, for warnings of words it never saw
+    return fit(stage, cfg.train, out, resume, overwrite=overwrite)

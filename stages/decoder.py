@@ -130,5 +130,5 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
 
 
 def train_decoder(cfg: DecoderConfig, frozen: FrozenClip, out: Path, prior: Optional[Diffusion] = None,
-                  resume: bool = False) -> dict:
-    return fit(decoder_stage(cfg, frozen, prior), cfg.train, out, resume)
+                  resume: bool = False, overwrite: bool = False) -> dict:
+    return fit(decoder_stage(cfg, frozen, prior), cfg.train, out, resume, overwrite=overwrite)

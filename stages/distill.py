@@ -28,14 +28,14 @@ from t2i.stages.distributed import is_main, training_device
 from t2i.stages.frozen_clip import FrozenClip
 from t2i.stages.stage_two import stage_config
 from t2i.stages.runs import run_status
-from t2i.stages.trainer import STATE_FILE, Stage, fit, held_out_loss
+from t2i.stages.trainer import STATE_FILE, Stage, fit, held_out_loss, nothing_to_resume
 from unclip.checkpoint import (CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text,
                                check_fingerprint, copy_stage, resolve_folder)
 from unclip.components import STAGES
 from unclip.config import ClipConfig, DecoderConfig, DistillConfig, PriorConfig, load_config, load_yaml, to_yaml
 from unclip.data import CaptionedImages
 from unclip.diffusion.process import Diffusion
-from unclip.errors import CheckpointError, ConfigError
+from unclip.errors import CheckpointError, ConfigError, UserError
 from unclip.models.prior import DiffusionPrior
 from unclip.options import GUIDANCE_KEYS, load_sampling
 
@@ -110,7 +110,8 @@ def round_folder(out: Path, stage: str, steps: int) -> Path:
     return out / "distill" / (f"steps-{steps}" if stage == "decoder" else f"{stage}-steps-{steps}")
 
 
-def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags: dict, resume: bool = False) -> dict:
+def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags: dict, resume: bool = False,
+            overwrite: bool = False) -> dict:
     """Distill `pipeline`'s decoder (or prior) round by round into `out` (a pipeline folder); the last round's
     metrics, with "interrupted" when a round was stopped (the rest is left for --resume)."""
     pipeline, out = resolve_folder(pipeline), Path(out)
@@ -123,6 +124,12 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
     clip_cfg = load_config(ClipConfig, pipeline / "clip" / CONFIG_FILE)
     cfg = stage_config(DistillConfig, "distill", clip_cfg, config_path, flags)
     rounds = round_steps(cfg)
+    if (out / cfg.stage / WEIGHTS_FILE).is_file():  # a distilled pipeline is there already: said at once
+        if resume:
+            return nothing_to_resume(out, f"distill {cfg.stage}")
+        if not overwrite:
+            raise UserError(f"{out} holds a distilled {cfg.stage}: replace it with --overwrite, or distill into "
+                            "another --out")
     spec, guidance_key = STAGES[cfg.stage], GUIDANCE_KEYS[cfg.stage]
     if cfg.guidance is None:  # checked before minutes of loading and embedding
         sampling = load_sampling(pipeline)
@@ -152,9 +159,9 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
         folder = round_folder(out, cfg.stage, n)
         student_cfg = replace(teacher_cfg, model=replace(teacher_cfg.model, distilled_steps=n,
                                                          distilled_guidance=cfg.guidance), train=cfg.train)
-        if not (run_status(folder).get("finished") and (folder / WEIGHTS_FILE).is_file()):
+        if overwrite or not (run_status(folder).get("finished") and (folder / WEIGHTS_FILE).is_file()):
             stage = distill_stage(cfg, student_cfg, teacher, guidance, frozen, target)
-            last = fit(stage, cfg.train, folder, resume and (folder / STATE_FILE).is_file())
+            last = fit(stage, cfg.train, folder, resume and (folder / STATE_FILE).is_file(), overwrite=overwrite)
             if last.get("interrupted"):
                 return last
         net, student_cfg = spec.load(folder, clip_cfg, device)

@@ -15,7 +15,7 @@ import torch
 from t2i.stages.clip import caption_seed
 from t2i.stages.distributed import training_device
 from t2i.stages.stage_two import stage_config
-from t2i.stages.trainer import Stage, fit, held_out_loss, seeded
+from t2i.stages.trainer import Stage, check_out, fit, held_out_loss, nothing_to_resume, seeded
 from unclip.checkpoint import CONFIG_FILE, fingerprint
 from unclip.config import ClipConfig, LayoutConfig, load_config
 from unclip.data import CaptionedImages, layout_fields, load_split
@@ -114,6 +114,10 @@ def layout_setup(pipeline: Path, config_path: Optional[Path], flags: dict) -> tu
     return cfg, data, load_split(t, "val", c.image_channels, c.image_size, pixels=False)
 
 
-def train_layout(pipeline: Path, config_path: Optional[Path], flags: dict, resume: bool = False) -> dict:
+def train_layout(pipeline: Path, config_path: Optional[Path], flags: dict, resume: bool = False,
+                 overwrite: bool = False) -> dict:
+    if check_out(Path(pipeline) / "layout", "layout", resume, overwrite) == "finished":  # before the data loads
+        return nothing_to_resume(Path(pipeline) / "layout", "layout")
     cfg, data, val = layout_setup(pipeline, config_path, flags)
-    return fit(layout_stage(cfg, Path(pipeline) / "clip", data, val), cfg.train, Path(pipeline) / "layout", resume)
+    return fit(layout_stage(cfg, Path(pipeline) / "clip", data, val), cfg.train, Path(pipeline) / "layout", resume,
+               overwrite=overwrite)

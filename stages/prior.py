@@ -93,5 +93,5 @@ def fit_whitening(frozen: FrozenClip, data: CaptionedImages, image_emb: torch.Te
     return residual_whitening(image_emb[idx.to(image_emb.device)] * scale, text)
 
 
-def train_prior(cfg: PriorConfig, frozen: FrozenClip, out: Path, resume: bool = False) -> dict:
-    return fit(prior_stage(cfg, frozen), cfg.train, out, resume)
+def train_prior(cfg: PriorConfig, frozen: FrozenClip, out: Path, resume: bool = False, overwrite: bool = False) -> dict:
+    return fit(prior_stage(cfg, frozen), cfg.train, out, resume, overwrite=overwrite)

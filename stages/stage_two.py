@@ -9,7 +9,7 @@ import yaml
 from t2i.stages.decoder import train_decoder
 from t2i.stages.frozen_clip import FrozenClip
 from t2i.stages.prior import train_prior
-from t2i.stages.trainer import STATE_FILE
+from t2i.stages.trainer import RUN_FILE, STATE_FILE, check_out, console
 from t2i.stages.distributed import is_main
 from unclip.checkpoint import (CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text, check_fingerprint, copy_stage,
                               resolve_folder)
@@ -35,33 +35,43 @@ def copy_clip(clip_dir: Path, out: Path) -> None:
 
 
 def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, out: Path, stages: list[str],
-                    resume: bool = False) -> bool:
-    """Train `stages` in order; False if a stage was interrupted (the rest is left for --resume)."""
+                    resume: bool = False, overwrite: bool = False) -> dict:
+    """Train `stages` in order; {"interrupted": signal} if a stage was stopped (the rest is left for --resume),
+    {"finished": True} if `resume` found every one finished (said at once, nothing loaded), else {}."""
     clip_dir, out = resolve_folder(clip_dir, "clip"), Path(out)  # a folder, or a shipped name (mnist, scenes)
     clip_cfg = load_config(ClipConfig, clip_dir / CONFIG_FILE) if (clip_dir / CONFIG_FILE).is_file() else None
     if clip_cfg is None:
         raise CheckpointError(f"--clip {clip_dir}: not a CLIP checkpoint folder (no {CONFIG_FILE})")
+    modes = {}
+    for stage in stages:  # before minutes of loading and embedding: a refusal, or nothing to do, is said at once
+        folder = out / stage
+        begun = (folder / STATE_FILE).is_file() or (folder / RUN_FILE).is_file()  # --resume: a stage not begun starts
+        modes[stage] = check_out(folder, stage, resume and begun, overwrite)
+    if all(m == "finished" for m in modes.values()):
+        if is_main():
+            console.print(f"{', '.join(stages)}: finished in {out}; nothing to resume", soft_wrap=True, highlight=False)
+        return {"finished": True}
     sampling = sampling_section(config_path)
     prior_cfg = stage_config(PriorConfig, "prior", clip_cfg, config_path, flags)
     decoder_cfg = stage_config(DecoderConfig, "decoder", clip_cfg, config_path, flags)
     frozen = FrozenClip.load(clip_dir, (prior_cfg if stages[0] == "prior" else decoder_cfg).train)
     copy_clip(clip_dir, out)
     prior = None
-    if "prior" in stages:
-        if train_prior(prior_cfg, frozen, out / "prior", resume).get("interrupted"):
-            return False
+    if "prior" in stages and modes["prior"] != "finished":
+        last = train_prior(prior_cfg, frozen, out / "prior", modes["prior"] == "resume")
+        if last.get("interrupted"):
+            return last
     if (out / "prior" / WEIGHTS_FILE).is_file():
         model, cfg = STAGES["prior"].load(out / "prior", clip_cfg, frozen.device)
         check_fingerprint(out / "prior", cfg.clip_fingerprint, frozen.fingerprint)
         prior = prior_diffusion(model, cfg, frozen.device)
-    if "decoder" in stages:
-        # `--resume` of a run stopped during the prior: the decoder has no state yet and starts afresh.
-        resume = resume and (out / "decoder" / STATE_FILE).is_file()
-        if train_decoder(decoder_cfg, frozen, out / "decoder", prior, resume).get("interrupted"):
-            return False
+    if "decoder" in stages and modes["decoder"] != "finished":
+        last = train_decoder(decoder_cfg, frozen, out / "decoder", prior, modes["decoder"] == "resume")
+        if last.get("interrupted"):
+            return last
     if sampling and is_main():
         atomic_write_text(out / SAMPLING_FILE, yaml.safe_dump(sampling, sort_keys=False))
-    return True
+    return {}
 
 
 def sampling_section(config_path: Optional[Path]) -> Optional[dict]:

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import pickle
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -186,6 +187,51 @@ def tensorboard_writer(out: Path, step: int):
     return SummaryWriter(str(out / "tensorboard"), purge_step=step or None)
 
 
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # a stopped run's exit status, as a shell reports a killed command
+RUN_FILES = (STATE_FILE, METRICS_FILE, RUN_FILE, WEIGHTS_FILE, CONFIG_FILE)  # what a run writes, all replaced by --overwrite
+
+
+def check_out(out: Path, name: str, resume: bool = False, overwrite: bool = False) -> str:
+    """What training `name` into `out` will do: "fresh" (nothing there, or --overwrite, which clears the old run),
+    "resume" (--resume of a run that is not finished) or "finished" (--resume of a finished one: nothing to do).
+    A folder that holds a run (or a stage's weights) is never written over without --overwrite: a UserError
+    names the ways on."""
+    out = Path(out)
+    status = {}
+    if (out / RUN_FILE).is_file():
+        try:
+            status = json.loads((out / RUN_FILE).read_text())
+        except json.JSONDecodeError:
+            status = {}
+    held = [f for f in (STATE_FILE, RUN_FILE, WEIGHTS_FILE) if (out / f).is_file()]
+    if resume and overwrite:
+        raise UserError("--resume continues the run in the folder, --overwrite replaces it: give one of them")
+    if resume:
+        if status.get("finished"):
+            return "finished"
+        if not (out / STATE_FILE).is_file():
+            raise UserError(f"--resume: no {STATE_FILE} in {out} to resume from")
+        return "resume"
+    if held and not overwrite:
+        what = (f"a finished {name} run (step {status.get('step')} of {status.get('total')})" if status.get("finished")
+                else f"a resumable {name} run (saved at step {status.get('saved')})" if (out / STATE_FILE).is_file()
+                else f"{name} weights")
+        raise UserError(f"{out} holds {what}: continue it with --resume, replace it with --overwrite, or train into "
+                        "another --out")
+    if held and dist.is_main():
+        for f in RUN_FILES:
+            (out / f).unlink(missing_ok=True)
+        for folder in ("samples", "tensorboard"):
+            shutil.rmtree(out / folder, ignore_errors=True)
+    return "fresh"
+
+
+def nothing_to_resume(out: Path, name: str) -> dict:
+    if dist.is_main():
+        console.print(f"{name}: the run in {out} is finished; nothing to resume", soft_wrap=True, highlight=False)
+    return {"finished": True}
+
+
 def load_train_state(path: Path) -> dict:
     """A run's `train_state.pt`, loaded with `weights_only=True`: tensors and plain values only, so a shared run
     folder cannot run code when it is resumed; anything else is a one-line UserError."""
@@ -258,9 +304,11 @@ class Run:
                 console.print(f"{self.stage.name}: note: {folder} was trained against another CLIP (fingerprint "
                               f"{recorded}, this run's is {expected}); it starts reading this one's embeddings as that one's")
 
-    def save(self) -> None:
-        """Every rank calls this (it holds collectives); rank 0 writes."""
-        if self.stage.finalize is not None:
+    def save(self, finalize: bool = True) -> None:
+        """Every rank calls this (it holds collectives); rank 0 writes. `finalize` brings the shipped model up to date
+        first (CLIP's BatchNorm statistics, seconds); a save on a signal skips it, to stop within the step (the
+        statistics are recomputed at every later save and do not touch training)."""
+        if finalize and self.stage.finalize is not None:
             self.stage.finalize(self.shipped)
         dist.broadcast_buffers(self.model)  # what rank 0 saves is what every rank holds
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
@@ -301,11 +349,15 @@ class Run:
 
 
 def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False,
-        on_validate: Optional[Callable[[dict], None]] = None) -> dict:
-    """Train `stage` into the folder `out`; return the last logged metrics (with "interrupted" if stopped).
+        on_validate: Optional[Callable[[dict], None]] = None, overwrite: bool = False) -> dict:
+    """Train `stage` into the folder `out`; return the last logged metrics (with "interrupted": the signal's name
+    if stopped, or "finished": True when `resume` found the run finished). A folder holding a run is continued
+    (`resume`) or replaced (`overwrite`), never written over otherwise (`check_out`).
 
     The stage is validated at the end of every epoch and of the run; `on_validate(record)` sees each result
     (t2i tune reports it to Optuna, whose pruner may stop the run by raising)."""
+    if check_out(out, stage.name, resume, overwrite) == "finished":
+        return nothing_to_resume(out, stage.name)
     run = Run(stage, cfg, out)
     world, main = dist.world_size(), dist.is_main()
     if cfg.batch_size % world:
@@ -346,10 +398,10 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False,
         if main:
             write_run_file(run.out, stage, run.step, run.saved_step, total, seconds())
 
-    def save() -> None:
+    def save(finalize: bool = True) -> None:
         if log:
             log.flush()
-        run.save()
+        run.save(finalize)
         status()
 
     try:
@@ -363,7 +415,8 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False,
                 stats = "  ".join(f"{k} {last[k]:.4g}" for k in stage.metrics_shown if k in last)
                 speed = f"{(run.step - step0) / (time.perf_counter() - t0):.1f} it/s"
                 progress.update(task, completed=run.step, stats=stats, speed=speed)
-                validating = stage.validate is not None and (run.step % steps_per_epoch == 0 or run.step == total)
+                stop = dist.any_rank(flag["stop"] is not None)  # asked to stop: save this step and go, nothing else
+                validating = not stop and stage.validate is not None and (run.step % steps_per_epoch == 0 or run.step == total)
                 if validating and stage.finalize is not None:
                     stage.finalize(run.shipped)  # every rank: it may hold collectives (BatchNorm over ranks)
                 if main and validating:
@@ -375,16 +428,15 @@ def fit(stage: Stage, cfg: TrainConfig, out: Path, resume: bool = False,
                     status()
                     if on_validate is not None:
                         on_validate(val)
-                if main and stage.sample is not None and cfg.sample_every and run.step % cfg.sample_every == 0 \
-                        and run.step < total:
+                if main and not stop and stage.sample is not None and cfg.sample_every and \
+                        run.step % cfg.sample_every == 0 and run.step < total:
                     show_samples()
-                stop = dist.any_rank(flag["stop"] is not None)
                 if run.step % cfg.ckpt_every == 0 or run.step == total or stop:
-                    save()
+                    save(finalize=not stop)
                 if stop:
                     progress.console.print(f"{flag['stop'] or 'stop'}: saved step {run.step} to {run.out}; "
                                            "continue with --resume")
-                    return {**last, "interrupted": True}
+                    return {**last, "interrupted": flag["stop"] or "SIGTERM"}
         if run.step == step0:
             save()  # resumed a finished run: make sure the shippable weights exist
         if main and stage.sample is not None:

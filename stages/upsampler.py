@@ -14,7 +14,7 @@ import torch
 from t2i.stages.distributed import training_device
 from t2i.stages.stage_two import stage_config
 from t2i.stages.samples import chain_recorder, save_sheet
-from t2i.stages.trainer import Stage, fit, held_out_loss, seeded
+from t2i.stages.trainer import Stage, check_out, fit, held_out_loss, nothing_to_resume, seeded
 from unclip.checkpoint import CONFIG_FILE
 from unclip.config import ClipConfig, DecoderConfig, UpsamplerConfig, load_config
 from unclip.data import CaptionedImages, load_split
@@ -93,6 +93,9 @@ def upsampler_setup(pipeline: Path, config_path: Optional[Path], flags: dict,
                                                                                   m.image_size)
 
 
-def train_upsampler(pipeline: Path, config_path: Optional[Path], flags: dict, resume: bool = False) -> dict:
+def train_upsampler(pipeline: Path, config_path: Optional[Path], flags: dict, resume: bool = False,
+                    overwrite: bool = False) -> dict:
+    if check_out(Path(pipeline) / "upsampler", "upsampler", resume, overwrite) == "finished":  # before the data loads
+        return nothing_to_resume(Path(pipeline) / "upsampler", "upsampler")
     cfg, data, val = upsampler_setup(pipeline, config_path, flags)
-    return fit(upsampler_stage(cfg, data, val), cfg.train, Path(pipeline) / "upsampler", resume)
+    return fit(upsampler_stage(cfg, data, val), cfg.train, Path(pipeline) / "upsampler", resume, overwrite=overwrite)

@@ -56,6 +56,7 @@ def test_a_hostile_train_state_is_refused_in_one_line_and_runs_nothing(tiny_conf
                             "--out", str(out)])
     assert r.exit_code == 0, r.output
     torch.save({"model": Payload(marker), "optimizer": {}, "step": 1, "rng": []}, out / "train_state.pt")
+    (out / "run.json").unlink()  # as a shared folder of a stopped run might look: resume reads the state
     r = runner.invoke(app, ["clip-train", "--config", str(tiny_config), "--data-dir", str(mnist_dir), "--max-steps", "4",
                             "--out", str(out), "--resume"])
     assert r.exit_code == 1 and "train_state.pt: refused" in r.output and "Traceback" not in r.output, r.output

@@ -5,6 +5,8 @@ The CLI and the web server are thin callers of this class, so what they draw for
 from __future__ import annotations
 
 import logging
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -16,10 +18,11 @@ from unclip.components.clip import encode_images
 from unclip.components.prior import sample_image_embeddings
 from unclip.config import DEFAULT_PIPELINE
 from unclip.data.folder import load_images, pil_to_tensor
-from unclip.errors import UserError
+from unclip.errors import SettingWarning, UnknownWordsWarning, UserError
 from unclip.images import to_float, to_pil, to_uint8
-from unclip.options import GUIDANCE_KEYS, SamplingOptions, sampling_options
+from unclip.options import GUIDANCE_KEYS, SamplingOptions, canonical, sampling_options
 from unclip.pipeline import Pipeline, decode_and_upsample, draw, slerp, steps_per_image
+from unclip.vocabulary import unknown_words
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,17 @@ class UnCLIPOutput:
     """`images`: a list of PIL images ("pil"), or a (B, C, H, W) tensor, float in [0, 1] ("pt") or uint8."""
 
     images: Union[list[Image.Image], torch.Tensor]
+
+
+LIBRARY_DIRS = (str(Path(__file__).resolve().parent), str(Path(torch.__file__).resolve().parent))
+
+
+def user_frame() -> int:
+    """The stack level of the first caller outside unclip and torch: where a warning points (the user's call)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class UnCLIPPipeline:
@@ -63,29 +77,44 @@ class UnCLIPPipeline:
         """The one way sampling settings come in: `options` (default: this pipeline's own, from its folder's
         sampling.yaml or the library's) with `settings` on top (SamplingOptions fields, or their diffusers-style
         ALIASES such as `num_inference_steps`; None keeps the value), validated against this pipeline."""
-        resolved = self.check(sampling_options(options or self.pipeline.defaults, **settings))
-        self._note_distilled(resolved)
+        given = canonical(settings)
+        resolved = self.check(sampling_options(options or self.pipeline.defaults, **given))
+        self._note_distilled(resolved, given)
         return resolved
 
-    def _note_distilled(self, options: SamplingOptions) -> None:
-        """Say once what distilled stages do with settings that differ from the pipeline's defaults."""
+    def _note_distilled(self, options: SamplingOptions, given: dict) -> None:
+        """Warn once of settings asked for that distilled stages do not take as asked: a sampler or steps (they keep
+        their own chain), a guidance other than the pipeline's default (it adds to what they learnt)."""
         pipe, defaults = self.pipeline, self.pipeline.defaults
         own = {stage: d.distilled_steps for stage, d in (("prior", pipe.prior), ("decoder", pipe.decoder))
                if d.distilled_steps}
-        asked = [k for k in ("sampler", "steps") if getattr(options, k) != getattr(defaults, k)]
+        asked = [k for k in ("sampler", "steps") if k in given]
         if own and asked and not self._noted_distilled:
             self._noted_distilled = True
             rest = [f"the {stage}" for stage in ("prior", "decoder") if stage not in own] or ["neither"]
-            log.info("distilled, so sampling their own DDIM steps whatever is asked: %s; the sampler and steps asked "
-                     "for drive %s", ", ".join(f"the {stage} {n}" for stage, n in own.items()), rest[0])
+            warnings.warn(SettingWarning(
+                f"distilled, so sampling their own DDIM steps whatever is asked: "
+                f"{', '.join(f'the {stage} {n}' for stage, n in own.items())}; the sampler and steps asked for drive "
+                f"{rest[0]}"), stacklevel=user_frame())
         configs = {"prior": pipe.prior_config, "decoder": pipe.decoder_config}
         learnt = [f"the {stage} learnt guidance {configs[stage].model.distilled_guidance:g}, so {key} "
                   f"{getattr(options, key):g} guides it again on top of that" for stage, key in GUIDANCE_KEYS.items()
-                  if configs[stage].model.distilled_guidance != 1.0 and getattr(options, key) != 1.0
-                  and getattr(options, key) != getattr(defaults, key)]
+                  if configs[stage].model.distilled_guidance != 1.0 and key in given and given[key] != 1.0
+                  and given[key] != getattr(defaults, key)]
         if learnt and not self._noted_learnt:
             self._noted_learnt = True
-            log.info("distilled with guidance: %s", "; ".join(learnt))
+            warnings.warn(SettingWarning(f"distilled with guidance: {'; '.join(learnt)}"), stacklevel=user_frame())
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """The words of `prompt` that never appeared in this pipeline's training captions ([] when it saved none)."""
+        return unknown_words(prompt, self.pipeline.vocabulary)
+
+    def _warn_unknown(self, prompts: list[str]) -> None:
+        unknown = list(dict.fromkeys(w for p in prompts for w in self.unknown_words(p)))
+        if unknown:
+            warnings.warn(UnknownWordsWarning(
+                f"{', '.join(repr(w) for w in unknown)} never appeared in this pipeline's training captions: it draws "
+                "only what its captions taught it, and reads an unknown word as noise"), stacklevel=user_frame())
 
     def check(self, options: SamplingOptions) -> SamplingOptions:
         """`options` (already `validate`d) if this pipeline can honour them; else a UserError saying what is wrong."""
@@ -152,9 +181,11 @@ class UnCLIPPipeline:
             negatives = None  # an empty negative prompt is no negative prompt
         check_count(num_images_per_prompt, batch_size, output_type)
         options = self.options(options, **settings)
+        self._warn_unknown(prompts)
         if negatives is not None and options.prior_guidance == options.guidance == 1 and options.text_guidance is None:
-            log.warning("the negative prompt changes nothing at guidance 1: it takes the place of the unconditional "
-                        "branch of guidance, and there is none; set prior_guidance above 1 (1.5, say)")
+            warnings.warn(SettingWarning("the negative prompt changes nothing at guidance 1: it takes the place of the "
+                                         "unconditional branch of guidance, and there is none; set prior_guidance above "
+                                         "1 (1.5, say)"), stacklevel=user_frame())
         generator = self.generator(generator)
         captions = [p for p in prompts for _ in range(num_images_per_prompt)]
         negs = [n for n in negatives for _ in range(num_images_per_prompt)] if negatives else None
@@ -220,6 +251,7 @@ class UnCLIPPipeline:
         if isinstance(source, str) and not (Path(source).suffix.lower() in IMAGE_SUFFIXES or Path(source).is_file()):
             if not source.strip():
                 raise UserError("an empty prompt: give a caption or the path of an image")
+            self._warn_unknown([source])
             pipe = self.pipeline
             return sample_image_embeddings(pipe.clip, pipe.tokenizer, pipe.prior, [source], options.sampler,
                                            options.steps, options.prior_guidance, generator, options.prior_candidates)[0]

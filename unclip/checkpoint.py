@@ -179,10 +179,16 @@ def check_fingerprint(stage_folder: Path, recorded: str, clip_print: str) -> Non
 
 
 
+SHIPPED_EXTRAS = ("vocabulary.txt",)  # what a stage folder may hold beside its config and weights, and ships
+
+
 def copy_stage(src: Path, dst: Path) -> None:
-    """Copy a stage folder's `config.yaml` and `model.safetensors` as they are (no training state)."""
+    """Copy a stage folder's `config.yaml` and `model.safetensors` (and its vocabulary) as they are (no training
+    state)."""
     Path(dst).mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    for name in (CONFIG_FILE, WEIGHTS_FILE, *SHIPPED_EXTRAS):
+        if name in SHIPPED_EXTRAS and not (Path(src) / name).is_file():
+            continue
         shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
@@ -193,6 +199,9 @@ def export_stage(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.floa
     state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in load_state(src).items()}
     atomic_write(Path(dst) / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
     atomic_write_text(Path(dst) / CONFIG_FILE, (Path(src) / CONFIG_FILE).read_text())
+    for name in SHIPPED_EXTRAS:
+        if (Path(src) / name).is_file():
+            atomic_write_text(Path(dst) / name, (Path(src) / name).read_text())
 
 
 def export_pipeline(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.float16) -> None:

@@ -7,6 +7,7 @@ a default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -346,7 +347,9 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {where + '.' if where else ''}{unknown[0]} (known: {', '.join(sorted(names))})")
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"unknown config key {where + '.' if where else ''}{unknown[0]} ({hint}known: {', '.join(sorted(names))})")
     kwargs = {k: _check(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in data.items()}
     for f in dataclasses.fields(cls):
         options = f.metadata.get("choices")
@@ -376,8 +379,11 @@ def load_yaml(path: Path) -> dict:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:  # where: the line and column YAML stopped at
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -409,4 +415,4 @@ def load_config(cls: type[T], path: Optional[Path]) -> T:
     try:
         return merge(cls(), stage_section(load_yaml(path), stage))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None

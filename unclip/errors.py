@@ -21,3 +21,15 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint folder that is missing, incomplete, corrupt or mismatched."""
+
+
+class T2iWarning(UserWarning):
+    """Something the user asked for that will not come out as asked; front ends show it as one line."""
+
+
+class UnknownWordsWarning(T2iWarning):
+    """A prompt holds words the pipeline's training captions never used."""
+
+
+class SettingWarning(T2iWarning):
+    """A setting the pipeline cannot honour as asked (a distilled stage keeps its own steps)."""

@@ -22,6 +22,7 @@ from unclip.device import resolve_device
 from unclip.errors import CheckpointError
 from unclip.options import SamplingOptions, load_sampling
 from unclip.tokenizer import Tokenizer
+from unclip.vocabulary import load_vocabulary
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Pipeline:
     tokenizer: Tokenizer
     device: torch.device
     defaults: SamplingOptions = field(default_factory=SamplingOptions)  # the folder's sampling.yaml, if any
+    vocabulary: Optional[frozenset[str]] = None  # the words of its training captions (clip/vocabulary.txt), if saved
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "auto") -> "Pipeline":
@@ -63,7 +65,8 @@ class Pipeline:
             upsampler_stage.check_fits(configs["upsampler"], base.model.image_size, folder / "upsampler")
         if "layout" in configs:
             layout_stage.check_fits(configs["layout"], base, folder / "layout")
-        return cls(stages, configs, Tokenizer(configs["clip"].model.text_context), dev, load_sampling(folder))
+        return cls(stages, configs, Tokenizer(configs["clip"].model.text_context), dev, load_sampling(folder),
+                   load_vocabulary(folder / "clip"))
 
     def __getattr__(self, name: str):
         stage, is_config = _stage_attribute(name)

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow
 def test_generation_throughput_reports_images_per_second_per_variant(tiny_pipeline, tmp_path, monkeypatch):
     from benchmarks import generation_throughput
 
@@ -25,6 +26,7 @@ def test_generation_throughput_reports_images_per_second_per_variant(tiny_pipeli
         generation_throughput.main()
 
 
+@pytest.mark.slow
 def test_resume_benchmark_finds_a_resumed_run_equal_to_an_uninterrupted_one(mnist_dir, tiny_config, tmp_path,
                                                                             monkeypatch):
     """benchmarks/resume.py on the CPU, where a resumed run is exact: it reports no difference at all, and a run

@@ -11,6 +11,7 @@ if reason := browser.missing():
     pytest.skip(reason, allow_module_level=True)
 
 
+@pytest.mark.slow
 def test_generate_then_vary_in_a_real_browser(tiny_pipeline):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -130,6 +130,7 @@ def test_generate_refuses_bad_input_in_one_line(tiny_pipeline, tmp_path, extra, 
     assert "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_the_t2i_command_ends_a_sampling_run_with_its_status_and_its_output_written(tiny_pipeline, tmp_path):
     """`t2i` (cli:run) skips Python's teardown after generate: nothing it printed or wrote may be lost."""
     def t2i(*args):
@@ -190,14 +191,16 @@ def test_export_stores_half_precision_and_still_generates(tiny_pipeline, tmp_pat
 
     r = run("export", "--checkpoints", tiny_pipeline, "--out", tmp_path / "ship")
     assert r.exit_code == 0, r.output
-    for stage in ("clip", "prior", "decoder"):
-        assert sorted(p.name for p in (tmp_path / "ship" / stage).iterdir()) == ["config.yaml", "model.safetensors"]
+    for stage in ("clip", "prior", "decoder"):  # CLIP keeps the vocabulary of the captions it was trained on
+        extra = ["vocabulary.txt"] if stage == "clip" else []
+        assert sorted(p.name for p in (tmp_path / "ship" / stage).iterdir()) == ["config.yaml", "model.safetensors", *extra]
         weights = load_file(tmp_path / "ship" / stage / "model.safetensors")
         assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
     r = run("generate", "--checkpoints", tmp_path / "ship", "--prompt", "six", "-n", 2, "--steps", 2, "--out", tmp_path / "g")
     assert r.exit_code == 0, r.output  # the fingerprints still match across precisions
     r = run("export", "--checkpoints", tiny_pipeline / "clip", "--out", tmp_path / "clip")  # one stage: a CLIP to train on
-    assert r.exit_code == 0 and sorted(p.name for p in (tmp_path / "clip").iterdir()) == ["config.yaml", "model.safetensors"]
+    assert r.exit_code == 0 and sorted(p.name for p in (tmp_path / "clip").iterdir()) == \
+        ["config.yaml", "model.safetensors", "vocabulary.txt"]
     assert (tmp_path / "clip" / "model.safetensors").read_bytes() == (tmp_path / "ship" / "clip" / "model.safetensors").read_bytes()
     (tmp_path / "empty").mkdir()
     r = run("export", "--checkpoints", tmp_path / "empty", "--out", tmp_path / "nothing")

@@ -148,3 +148,13 @@ def test_serve_offers_the_users_pipelines_then_the_shipped_ones_and_lists_a_brok
         assert c.get("/api/generate", params={"prompt": "six", "num_samples": 1, "steps": 1}).status_code == 200
     with pytest.raises(UserError, match="no pipeline could be loaded"):
         create_app({"mine": tmp_path / "[nowhere]"}, "cpu")
+
+
+def test_words_the_pipeline_never_saw_are_said_to_the_page_and_to_scripts(client):
+    r = client.get("/api/generate", params={"prompt": "a cat", "num_samples": 1, "steps": 1})
+    assert r.status_code == 200 and r.headers["x-t2i-unknown-words"] == "cat"
+    assert "x-t2i-unknown-words" not in client.get("/api/generate", params={"prompt": "a six", "num_samples": 1,
+                                                                             "steps": 1}).headers
+    ev = events(client.post("/api/run", json={"prompt": "a red cat", "num_samples": 1, "steps": 1}))
+    warning = [e for e in ev if e["type"] == "warning"]
+    assert len(warning) == 1 and "'red', 'cat' never appeared" in warning[0]["message"] and ev[-1]["type"] == "done"

@@ -72,6 +72,7 @@ def test_a_student_distilled_from_an_exact_teacher_matches_its_two_step_chain():
     assert (two - four).abs().max() > 0.1
 
 
+@pytest.mark.slow
 def test_a_student_of_a_guided_teacher_learns_the_guided_chain_and_keeps_its_unconditional_one():
     """Guidance distilled (Meng et al. 2023): the teacher's conditional branch is the exact denoiser of N(mu, s^2),
     its unconditional one that of N(0, s^2); guided at w, both are affine in x_t, and so is a student with its own
@@ -115,6 +116,7 @@ def test_a_student_of_a_guided_teacher_learns_the_guided_chain_and_keeps_its_unc
     assert (guided - teacher.sample("ddim", teacher.denoiser(cond, 1.0), noise, 4)).abs().max() > 0.1  # guidance moved it
 
 
+@pytest.mark.slow
 def test_distill_writes_a_pipeline_that_samples_in_its_own_steps(tiny_pipeline, mnist_dir, tmp_path):
     """Two rounds (8 -> 4 -> 2) through the CLI: each a run folder, the last one the new pipeline's decoder, which
     then takes 2 DDIM steps whatever sampler and steps are asked; --resume after the end redoes nothing."""
@@ -146,6 +148,7 @@ def test_distill_writes_a_pipeline_that_samples_in_its_own_steps(tiny_pipeline, 
     assert (out / "decoder" / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_distill_with_guidance_writes_a_pipeline_that_samples_unguided(tiny_pipeline, mnist_dir, tmp_path):
     """The teacher's guidance is learnt, so the distilled pipeline's sampling.yaml sets guidance 1, keeping the
     teacher's other defaults, and its decoder records what it learnt, which a guidance asked for then adds to;

@@ -65,6 +65,7 @@ def loss_worker(rank: int, world: int, port: int, out: str) -> None:
     leave()
 
 
+@pytest.mark.slow
 def test_gathered_loss_and_gradients_match_one_process(tmp_path):
     mp.spawn(loss_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     torch.manual_seed(0)
@@ -102,6 +103,7 @@ def train_worker(rank: int, world: int, port: int, kind: str, pipeline: str, mni
 
 
 @pytest.mark.parametrize("kind", ["clip", "prior", "decoder"])
+@pytest.mark.slow
 def test_two_processes_train_in_lockstep_and_write_one_checkpoint(kind, tiny_pipeline, mnist_dir, tmp_path):
     mp.spawn(train_worker, args=(2, free_port(), kind, str(tiny_pipeline), str(mnist_dir), str(tmp_path)), nprocs=2)
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -130,6 +132,7 @@ def equivalence_worker(rank: int, world: int, port: int, mnist_dir: str, out: st
         leave()
 
 
+@pytest.mark.slow
 def test_two_processes_of_half_the_batch_train_clip_like_one(mnist_dir, tmp_path):
     """The promise of docs/guides/train-your-data.md: N processes of batch B/N train like one of batch B, BatchNorm included
     (statistics over the global batch, captions a function of the example, not of the rank)."""

@@ -82,6 +82,7 @@ def test_smoothing_is_tensorboards_debiased_average():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib (the plot extra) is not installed")
+@pytest.mark.slow
 def test_t2i_plot_draws_runs_by_step_and_by_time(tiny_pipeline, tmp_path):
     out = tmp_path / "p.png"
     r = run("plot", tiny_pipeline / "prior", tiny_pipeline / "decoder", "--out", out)

@@ -40,6 +40,7 @@ def space(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_three_trial_study_writes_its_best_config_and_scores_it_on_test(space, tiny_config, mnist_dir, tmp_path):
     space.write_text(space.read_text().replace("0.001", "1e-3").replace("0.01", "1e-2"))  # as the issue writes them
     assert "1e-3" in space.read_text()
@@ -68,6 +69,7 @@ def test_a_three_trial_study_writes_its_best_config_and_scores_it_on_test(space,
     assert r.exit_code == 1 and "holds trial folders but no study.db" in r.output
 
 
+@pytest.mark.slow
 def test_an_interrupted_study_resumes_when_the_command_is_run_again(space, tiny_config, mnist_dir, tmp_path):
     out = tmp_path / "study"
     command = [sys.executable, "-m", "t2i.cli", "tune", "clip", "--space", str(space), "--trials", "2", "--out", str(out),

@@ -5,6 +5,7 @@ import logging
 import math
 import re
 
+import pytest
 import torch
 
 from t2i.stages.clip import clip_stage
@@ -101,6 +102,7 @@ def test_text_encoder_ignores_padding_after_the_end_token():
         torch.testing.assert_close(model.encode_text(tokens)[0], model.encode_text(noisy)[0])
 
 
+@pytest.mark.slow
 def test_tiny_clip_learns_glyphs(mnist_dir, tmp_path):
     cfg = merge(ClipConfig(), {**TINY["clip"], "train": {**TINY["clip"]["train"], "data_dir": str(mnist_dir)}})
     last = fit(clip_stage(cfg), cfg.train, tmp_path)

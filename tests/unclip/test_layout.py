@@ -129,6 +129,7 @@ def test_a_layout_decoder_starts_as_the_decoder_without_and_reads_the_map():
         UNet(DecoderModelConfig(**{**cfg, "text_tokens": False}, layout=True, layout_fields=FIELDS), 32, text_width=8)
 
 
+@pytest.mark.slow
 def test_a_layout_stage_trained_on_scenes_draws_the_named_digits(mnist_dir, tmp_path):
     """The stage end to end from the CLI: trained on scenes' captions and layouts (no pixels), saved beside CLIP,
     and its validation's sampled layouts scored against the true ones (`val_digits`)."""
@@ -158,7 +159,7 @@ def test_a_layout_stage_trained_on_scenes_draws_the_named_digits(mnist_dir, tmp_
     assert cfg.model.fields == FIELDS and cfg.model.field_names == ["digit", "colour"] and cfg.model.max_objects == 4
     assert digits_agree(torch.tensor([[[3, 0], [7, 1], [-1, -1]]]), torch.tensor([[[7, 5], [-1, -1], [3, 2]]])).all()
     assert not digits_agree(torch.tensor([[[3, 0], [3, 1], [-1, -1]]]), torch.tensor([[[7, 5], [-1, -1], [3, 2]]])).any()
-    r = run("layout-train", "--pipeline", tmp_path / "p", "--data", "mnist", "--data-dir", mnist_dir)
+    r = run("layout-train", "--pipeline", tmp_path / "p", "--data", "mnist", "--data-dir", mnist_dir, "--overwrite")
     assert r.exit_code != 0 and "needs data whose scenes say" in r.output and "Traceback" not in r.output
 
 

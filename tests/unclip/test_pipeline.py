@@ -35,7 +35,7 @@ def test_vary_from_any_image(tiny_pipeline, tmp_path):
     r = runner.invoke(app, ["vary", str(src), "-n", "3", "--steps", "3", "--checkpoints", str(tiny_pipeline),
                             "--out", str(tmp_path / "v")])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["0000.png", "0001.png", "0002.png", "grid.png"]
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["0000.png", "0001.png", "0002.png", "grid.png", "source.png"]
     a = runner.invoke(app, ["vary", str(tmp_path / "nothing.png"), "--checkpoints", str(tiny_pipeline)])
     assert a.exit_code == 1 and "image not found" in a.output
 

@@ -232,6 +232,7 @@ def test_sample_grid_prompts_come_from_scene_captions(mnist_dir):
     assert len(prompts) == 10 and len(set(prompts)) == 10 and all(isinstance(p, str) and p for p in prompts)
 
 
+@pytest.mark.slow
 def test_a_scenes_pipeline_trains_with_hard_negatives_and_draws_from_the_cli(mnist_dir, tmp_path):
     """--data scenes end to end on tiny models: NegCLIP with twin images and their changes' directions, then prior and a text-reading decoder, its
     cross-attention grounded and reading layouts, with sample grids; a layout stage; the benchmark's grounding measure

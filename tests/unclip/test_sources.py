@@ -223,6 +223,7 @@ def test_a_stream_deals_each_shard_to_one_lane_and_resumes_at_its_batch(shards):
         next(data.batches(seed=0, start_step=0, batch_size=5, workers=4))
 
 
+@pytest.mark.slow
 def test_streamed_pipeline_trains_every_stage_from_the_cli(shards, tmp_path):
     """clip-train, decoder-train (the prior reads the stream once for its embeddings) and upsampler-train on a
     streamed source, end to end."""
@@ -274,6 +275,7 @@ def stream_worker(rank: int, world: int, port: int, pattern: str, out: str) -> N
     leave()
 
 
+@pytest.mark.slow
 def test_two_processes_stream_disjoint_shards_in_lockstep(shards, tmp_path):
     """Under torchrun, each process streams its own lanes' shards (three shards, two lanes: 0 and 2, then 1)
     and both end with the same weights."""

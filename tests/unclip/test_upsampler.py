@@ -160,6 +160,7 @@ def test_text_layers_and_levels_are_checked_when_the_decoder_is_built():
         UNet(DecoderModelConfig(image_size=16, widths=[8, 16], heads=2, attn_levels=[-1]), 8)
 
 
+@pytest.mark.slow
 def test_grounding_needs_cross_attention_and_captions_that_say_what_each_word_names(cascade, tmp_path):
     config = tmp_path / "ground.yaml"
     for extra in ({}, {"text_levels": [0]}):  # the tiny data is MNIST's: its captions name no objects
@@ -169,6 +170,7 @@ def test_grounding_needs_cross_attention_and_captions_that_say_what_each_word_na
         assert r.exit_code == 1 and "ground_weight needs text_levels" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_init_fine_tunes_a_stage_from_saved_weights_and_new_layers_start_fresh(cascade, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -9,6 +9,8 @@ import random
 
 import torch
 
+from unclip.vocabulary import vocabulary_of
+
 MNIST_NAMES = [
     [word, str(i)]
     for i, word in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
@@ -63,6 +65,10 @@ class LabelCaptions:
     def class_names(self) -> list[str]:
         return [n[0] for n in self.names]
 
+    def vocabulary(self) -> frozenset[str]:
+        """Every word a caption of these templates and names can hold."""
+        return vocabulary_of(t.format(n) for t in self.templates for names in self.names for n in names)
+
     def sample(self, labels: torch.Tensor, keys: list[str]) -> list[str]:
         """A caption per label, its template and name drawn with `random.Random(key)`."""
         out = []
@@ -80,6 +86,9 @@ class TextCaptions:
 
     def __init__(self, options: list[list[str]]):
         self.options = options
+
+    def vocabulary(self) -> frozenset[str]:
+        return vocabulary_of(c for options in self.options for c in options)
 
     def sample(self, labels: torch.Tensor, keys: list[str]) -> list[str]:
         return [random.Random(key).choice(self.options[i]) for i, key in zip(labels.tolist(), keys)]

@@ -18,6 +18,7 @@ import torch
 
 from unclip.data.scenes import COLOURS, MAX_OBJECTS, SIZE, GlyphPool, Obj, Scene
 from unclip.layouts import GRID, box_tokens
+from unclip.vocabulary import vocabulary_of
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PLURALS = ["zeros", "ones", "twos", "threes", "fours", "fives", "sixes", "sevens", "eights", "nines"]
@@ -47,6 +48,12 @@ CAPTION_WORDS = frozenset(re.findall(r"[a-z]+", " ".join([
     *WORDS, *PLURALS, *COLOURS, "a an the digit in coloured colored pair of and", *HELD_OUT_FORMS.values(),
     *HELD_OUT_REL.values(), *(w for ws in (*COUNTS.values(), *PLACE_WORDS.values(), *REL_WORDS.values(),
                                            *SIZE_WORDS.values()) for w in ws)])))
+
+
+TRAINING_WORDS = vocabulary_of([*WORDS, *PLURALS, *COLOURS, "a an the digit in coloured colored pair of and s",
+                                *(str(d) for d in range(10)),
+                                *(w for ws in (*COUNTS.values(), *PLACE_WORDS.values(), *REL_WORDS.values(),
+                                               *SIZE_WORDS.values()) for w in ws)])
 
 
 def word_objects(scene: Scene, text: str) -> list[int]:
@@ -173,6 +180,11 @@ class SceneCaptions:
 
     def __init__(self, scenes: list[Scene], pool: Optional[GlyphPool] = None, picks: Optional[list[list[int]]] = None):
         self.scenes, self.pool, self.picks = scenes, pool, picks
+
+    @staticmethod
+    def vocabulary() -> frozenset[str]:
+        """The words training captions are written with: the grammar's, without the held-out phrasings'."""
+        return TRAINING_WORDS
 
     def sample(self, labels: torch.Tensor, keys: list[str]) -> list[str]:
         return [caption(self.scenes[i], random.Random(key)) for i, key in zip(labels.tolist(), keys)]

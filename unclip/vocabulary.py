@@ -1,0 +1,39 @@
+"""The words a pipeline's training captions used, saved beside its CLIP (`clip/vocabulary.txt`, one a line), so
+that a prompt's words it never saw are named in a warning rather than drawn as something else in silence."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable, Optional
+
+VOCABULARY_FILE = "vocabulary.txt"
+
+
+def words(text: str) -> list[str]:
+    """The words of a caption or prompt as the vocabulary counts them: lower-case letter runs and digit runs."""
+    return re.findall(r"[a-z]+|[0-9]+", text.lower())
+
+
+def vocabulary_of(captions: Iterable[str]) -> frozenset[str]:
+    return frozenset(w for caption in captions for w in words(caption))
+
+
+def save_vocabulary(folder: Path, vocabulary: Iterable[str]) -> None:
+    from unclip.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(folder) / VOCABULARY_FILE, "".join(f"{w}\n" for w in sorted(set(vocabulary))))
+
+
+def load_vocabulary(folder: Path) -> Optional[frozenset[str]]:
+    """The vocabulary saved in a stage folder, or None (a pipeline trained before vocabularies were saved)."""
+    path = Path(folder) / VOCABULARY_FILE
+    if not path.is_file():
+        return None
+    return frozenset(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def unknown_words(prompt: str, vocabulary: Optional[frozenset[str]]) -> list[str]:
+    """The words of `prompt` its pipeline's training captions never used, in order, once each ([] without one)."""
+    if not vocabulary:
+        return []
+    return list(dict.fromkeys(w for w in words(prompt) if w not in vocabulary))
