@@ -8,11 +8,9 @@ import errno
 import io
 import json
 import os
-import shutil
 import socket
 import struct
 import tarfile
-import threading
 import time
 import zlib
 from pathlib import Path

@@ -8,7 +8,6 @@ import time
 import warnings
 
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 

@@ -3,7 +3,6 @@ describes, from the caption folder to a served pipeline."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import signal

@@ -19,7 +19,6 @@ tar member) are skipped and counted.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import tarfile
