@@ -156,6 +156,14 @@ def _folder(name: str, where: str, split: str, r: Request) -> CaptionedImages:
     return carve(load_caption_folder(Path(where), r.channels, r.size), split, r.val_size)
 
 
+def _emoji(name: str, where: str, split: str, r: Request) -> CaptionedImages:
+    from unclip.data.emoji import load_emoji
+
+    if r.channels != 3:
+        raise UserError("emoji are colour: train them with image_channels 3", param="data")
+    return load_emoji(Path(where), split, r.size, r.val_size, carve)
+
+
 def _prepared(name: str, where: str, split: str, r: Request) -> CaptionedImages:
     from unclip.data.prepared import load_prepared
 
@@ -197,6 +205,7 @@ SOURCES = {
     "parquet": Kind(_records, "parquet:PATH", streams=True),
     "wds": Kind(_records, "wds:PATTERN", streams=True),
     "prepared": Kind(_prepared, "prepared:FILE"),
+    "emoji": Kind(_emoji, "emoji:DIR"),
 }
 SOURCE_USAGE = " | ".join(kind.usage for kind in SOURCES.values())  # for help texts
 STREAMABLE = tuple(name for name, kind in SOURCES.items() if kind.streams)
