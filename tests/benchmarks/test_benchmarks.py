@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from tests.unclip.test_emoji import emoji_dir  # noqa: F401  (the tiny emoji folder, a fixture)
+
 
 @pytest.mark.slow
 def test_generation_throughput_reports_images_per_second_per_variant(tiny_pipeline, tmp_path, monkeypatch):
@@ -73,3 +75,24 @@ def test_cascade_benchmark_gives_both_arms_the_same_minutes_and_configs_the_cli_
         raw[section]["train"]["batch_size"] = 2
     for kind, model in (("decoder", {}), ("upsampler", {}), ("decoder", cascade.SINGLE_64)):
         assert 0 < cascade.step_seconds(kind, raw, model, torch.device("cpu"), repeats=1) < 60
+
+
+def test_emoji_clip_benchmark_ranks_each_image_name_among_every_things(tmp_path, monkeypatch, request):
+    pytest.importorskip("cairosvg", reason="OpenMoji's SVGs need the emoji extra")
+    from benchmarks import emoji_clip
+
+    folder = request.getfixturevalue("emoji_dir")
+    config = tmp_path / "c.yaml"
+    config.write_text("clip:\n  model: {image_channels: 3, image_size: 32, image_widths: [8, 16], text_context: 24,\n"
+                      "          text_width: 32, text_layers: 1, text_heads: 2, embed_dim: 16}\n"
+                      "  train: {batch_size: 8, val_size: 4, warmup_steps: 1}\n")
+    monkeypatch.setattr(sys, "argv", ["emoji_clip.py", "--data-dir", str(folder), "--config", str(config), "--steps", "2",
+                                      "--run", str(tmp_path / "clip"), "--out", str(tmp_path / "out")])
+    emoji_clip.main()
+    report = json.loads((tmp_path / "out" / "emoji_clip.json").read_text())
+    assert report["things"] == 5 and report["train"]["steps"] == 2  # four things and the OpenMoji extra
+    for split in ("seen (val)", "held out (test)"):
+        for per in report[split].values():
+            for r in per.values():
+                assert 0 <= r["top1"] <= r["top5"] <= 1 and r["images"] > 0
+    assert "| held out (test) | name, style |" in (tmp_path / "out" / "emoji_clip.md").read_text()
