@@ -48,6 +48,7 @@ class Payload:
 
 # ---- nothing t2i loads runs code ----
 
+@pytest.mark.slow
 def test_a_hostile_train_state_is_refused_in_one_line_and_runs_nothing(tiny_config, mnist_dir, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "pwned"
     r = runner.invoke(app, ["clip-train", "--config", str(tiny_config), "--data-dir", str(mnist_dir), "--max-steps", "2",
@@ -137,6 +138,7 @@ def slow_request(base: str, params: str) -> socket.socket:
     return s
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_429_an_abandoned_job_stops_and_the_page_stays_fast(tiny_pipeline, monkeypatch):
     pytest.importorskip("uvicorn", reason="t2i serve is an optional extra")
     import httpx

@@ -77,6 +77,7 @@ def test_cascade_benchmark_gives_both_arms_the_same_minutes_and_configs_the_cli_
         assert 0 < cascade.step_seconds(kind, raw, model, torch.device("cpu"), repeats=1) < 60
 
 
+@pytest.mark.slow
 def test_emoji_clip_benchmark_ranks_each_image_name_among_every_things(tmp_path, monkeypatch, request):
     pytest.importorskip("cairosvg", reason="OpenMoji's SVGs need the emoji extra")
     from benchmarks import emoji_clip

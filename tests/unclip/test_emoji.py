@@ -130,6 +130,7 @@ def test_a_missing_or_half_copied_folder_says_what_it_expected(emoji_dir, tmp_pa
         load_dataset(f"emoji:{half}", "train", channels=3, size=32)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(SVG is not None, reason=SVG or "")
 def test_clip_trains_on_emoji_from_the_cli(emoji_dir, tmp_path):
     from t2i.cli import app
