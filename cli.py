@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from t2i.stages.tune import TUNABLE
 from unclip.config import DEFAULT_PIPELINE, DistillConfig
 from unclip.data import SOURCE_USAGE, SOURCES, STREAMABLE
 from unclip.device import DEVICES
@@ -408,7 +409,7 @@ def distill(
         console.print(f"distilled pipeline saved to {out} (t2i generate --checkpoints {out} --prompt ...)")
 
 
-TuneStage = Enum("TuneStage", {name: name for name in ("clip", "prior", "decoder", "upsampler")}, type=str)
+TuneStage = Enum("TuneStage", {name: name for name in TUNABLE}, type=str)  # the stages stages/tune.py can search
 
 
 @command("tune")

@@ -80,7 +80,8 @@ def main() -> None:
                  for s in ("val", "test"))
     every = {e.identity: base_name(e) for d in (val, test) for e in d.captioner.emoji}
     names = sorted(set(every.values()))
-    index = {identity: names.index(name) for identity, name in every.items()}
+    position = {name: i for i, name in enumerate(names)}
+    index = {identity: position[name] for identity, name in every.items()}
     report["things"] = len(names)
     for split, data in (("seen (val)", val), ("held out (test)", test)):
         report[split] = {"name": score(clip, cfg, data, names, index, False),

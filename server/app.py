@@ -41,7 +41,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from t2i.server.guard import LOCAL_HOSTS, LocalService, public
-from unclip.api import BATCH_SIZE, UnCLIPPipeline
+from unclip.api import BATCH_SIZE, UnCLIPPipeline, unknown_words_note
 from unclip.checkpoint import CONFIG_FILE, resolve_folder, shipped_pipelines
 from unclip.components import REQUIRED, STAGES
 from unclip.config import load_config
@@ -140,9 +140,7 @@ def read_image(url: str, pipe: UnCLIPPipeline, size: Optional[int] = None) -> to
     what the pipeline reads at once (uint8 (C, size, size)): a queued job never holds the upload."""
     try:
         data = base64.b64decode(url.split(",", 1)[-1], validate=True)
-        with decoding, open_image(data) as im:
-            if im.width * im.height > MAX_UPLOAD_PIXELS:
-                raise Skipped("too many pixels")
+        with decoding, open_image(data, MAX_UPLOAD_PIXELS) as im:
             return pipe.image(im, size)
     except Skipped as e:
         raise UserError(f"the image sent has {e} (this server takes at most {MAX_UPLOAD_PIXELS:,})") from None
@@ -275,20 +273,20 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
         """The contact sheet of `num_samples` images as a PNG: `t2i generate`'s grid.png for the same settings."""
         cancel = threading.Event()
 
-        def prepare() -> Callable:
+        def prepare() -> tuple[Callable, list[str]]:
             limit(num_samples, "images")
             if not prompt.strip():
                 raise UserError("the prompt is empty: say what to draw, e.g. prompt=six")
             pipe = models.get(pipeline)
             options = pipe.options(steps=steps, guidance=guidance, prior_guidance=prior_guidance,
                                    text_guidance=text_guidance)
-            said.extend(pipe.unknown_words(prompt))
-            return lambda: pipe(prompt, negative_prompt, num_samples, pipe.generator(seed=seed), "uint8",
-                                stepper(cancel), batch_size=batch_size, options=options).images
+            return (lambda: pipe(prompt, negative_prompt, num_samples, pipe.generator(seed=seed), "uint8",
+                                 stepper(cancel), batch_size=batch_size, options=options).images,
+                    pipe.unknown_words(prompt))
 
-        said: list[str] = []
         try:
-            images = await queue(request, await run_in_threadpool(prepare), cancel)
+            job, said = await run_in_threadpool(prepare)
+            images = await queue(request, job, cancel)
         except UserError as e:
             raise refuse(e) from None
         except Cancelled:
@@ -300,7 +298,7 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
     async def run(req: RunRequest, request: Request) -> StreamingResponse:
         """Generate, vary or interpolate, streamed as JSON lines: queued, progress (with a preview), done."""
         try:
-            job = await run_in_threadpool(plan, models, req, limit)
+            job, words = await run_in_threadpool(plan, models, req, limit)
         except UserError as e:
             raise refuse(e) from None
         cancel, loop, events = threading.Event(), asyncio.get_running_loop(), asyncio.Queue()
@@ -326,8 +324,6 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
             finally:
                 put(None)
 
-        words = models.get(req.pipeline).unknown_words(req.prompt if req.mode == "generate" else
-                                                       " ".join(e for e in (req.start, req.end) if e and not e.startswith("data:")))
         try:
             future, ahead = compute.submit(work, cancel)
         except Busy:
@@ -338,8 +334,7 @@ def create_app(sources: dict[str, str | Path], device: str = "auto", max_images:
             try:
                 yield json.dumps({"type": "queued", "ahead": ahead}) + "\n"
                 if words:
-                    yield json.dumps({"type": "warning", "message": f"{', '.join(repr(w) for w in words)} never appeared "
-                                      "in this pipeline's training captions: it draws only what they taught it"}) + "\n"
+                    yield json.dumps({"type": "warning", "message": unknown_words_note(words)}) + "\n"
                 while True:
                     try:
                         event = await asyncio.wait_for(events.get(), POLL_SECONDS)
@@ -372,9 +367,9 @@ def stepper(cancel: threading.Event):
 Job = Callable[[Callable], torch.Tensor]  # job(callback) -> uint8 images
 
 
-def plan(models: Models, req: RunRequest, limit) -> Job:
+def plan(models: Models, req: RunRequest, limit) -> tuple[Job, list[str]]:
     """Check a request completely (a 400 comes before any event), decode and reduce its images, and return the
-    work it asks for."""
+    work it asks for, with its prompts' words the pipeline never saw."""
     pipe = models.get(req.pipeline)
     options = pipe.options(steps=req.steps, guidance=req.guidance, prior_guidance=req.prior_guidance,
                            strength=req.strength, text_guidance=req.text_guidance)
@@ -384,14 +379,14 @@ def plan(models: Models, req: RunRequest, limit) -> Job:
         if not req.prompt.strip():
             raise UserError("the prompt is empty: say what to draw")
         init = read_image(req.image, pipe, pipe.image_size) if req.image else None
-        return lambda cb: pipe(req.prompt, req.negative_prompt, req.num_samples, generator(), "uint8", cb, init,
-                               options=options).images
+        return (lambda cb: pipe(req.prompt, req.negative_prompt, req.num_samples, generator(), "uint8", cb, init,
+                                options=options).images), pipe.unknown_words(req.prompt)
     if req.mode == "vary":
         limit(req.num_samples, "images")
         if not req.image:
             raise UserError("variations need an image")
         source = read_image(req.image, pipe)
-        return lambda cb: pipe.variations(source, req.num_samples, generator(), "uint8", cb, options=options).images
+        return (lambda cb: pipe.variations(source, req.num_samples, generator(), "uint8", cb, options=options).images), []
     limit(req.frames, "frames")
     ends = []
     for end in (req.start, req.end):
@@ -400,7 +395,8 @@ def plan(models: Models, req: RunRequest, limit) -> Job:
         if len(end) > MAX_TEXT and not end.startswith("data:"):
             raise UserError(f"an interpolation's end is a prompt of at most {MAX_TEXT} characters, or an image")
         ends.append(read_image(end, pipe) if end.startswith("data:") else end)
-    return lambda cb: pipe.interpolate(ends[0], ends[1], req.frames, generator(), "uint8", cb, options=options).images
+    words = pipe.unknown_words(" ".join(e for e in ends if isinstance(e, str)))
+    return (lambda cb: pipe.interpolate(ends[0], ends[1], req.frames, generator(), "uint8", cb, options=options).images), words
 
 
 def pipeline_sources(checkpoints: list[str]) -> dict[str, str]:

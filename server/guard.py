@@ -122,9 +122,9 @@ class LocalService:
 PATH = re.compile(r"(?<![\w.\]])(?:[A-Za-z]:)?[/\\](?:[^\s'\"(),;:]+[/\\])+([^\s'\"(),;:]*)")
 
 
-def public(message: str, names: dict[str, str] = {}) -> str:  # noqa: B006 (read only)
+def public(message: str, names: Optional[dict[str, str]] = None) -> str:
     """A message fit for a web client: a pipeline's folder said by the name it is served under, and any other
     absolute path cut to its last part (the server's file layout is nobody else's business)."""
-    for folder, name in sorted(names.items(), key=lambda kv: -len(kv[0])):
+    for folder, name in sorted((names or {}).items(), key=lambda kv: -len(kv[0])):
         message = message.replace(folder, f"[{name}]")
     return PATH.sub(lambda m: m.group(1) or "[folder]", message)

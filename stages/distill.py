@@ -27,8 +27,7 @@ from t2i.stages.prior import training_example as prior_example, validation_examp
 from t2i.stages.distributed import is_main, training_device
 from t2i.stages.frozen_clip import FrozenClip
 from t2i.stages.stage_two import stage_config
-from t2i.stages.runs import run_status
-from t2i.stages.trainer import STATE_FILE, Stage, fit, held_out_loss, nothing_to_resume
+from t2i.stages.trainer import STATE_FILE, Stage, fit, held_out_loss, nothing_to_resume, run_status
 from unclip.checkpoint import (CONFIG_FILE, SAMPLING_FILE, WEIGHTS_FILE, atomic_write_text,
                                check_fingerprint, copy_stage, resolve_folder)
 from unclip.components import STAGES

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from t2i.stages.trainer import METRICS_FILE, RUN_FILE, STATE_FILE, direction
+from t2i.stages.trainer import METRICS_FILE, STATE_FILE, direction, run_status
 from unclip.checkpoint import atomic_write
 from unclip.components import MAXIMIZE, STAGES
 from unclip.errors import UserError
@@ -64,13 +64,6 @@ def objective_of(run: Path, val: list[dict]) -> Optional[str]:
         return status["objective"]
     keys = [k for r in val for k in r]
     return next((k for k in (*MAXIMIZE, "val_loss") if k in keys), None)
-
-
-def run_status(run: Path) -> dict:
-    try:
-        return json.loads((Path(run) / RUN_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def summarize(run: Path) -> RunSummary:

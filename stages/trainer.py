@@ -191,18 +191,21 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # a stopped run's exit status, as 
 RUN_FILES = (STATE_FILE, METRICS_FILE, RUN_FILE, WEIGHTS_FILE, CONFIG_FILE)  # what a run writes, all replaced by --overwrite
 
 
+def run_status(run: Path) -> dict:
+    """A run's run.json (`write_run_file`), or {} where it has none (a run from before run.json, or no run)."""
+    try:
+        return json.loads((Path(run) / RUN_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 def check_out(out: Path, name: str, resume: bool = False, overwrite: bool = False) -> str:
     """What training `name` into `out` will do: "fresh" (nothing there, or --overwrite, which clears the old run),
     "resume" (--resume of a run that is not finished) or "finished" (--resume of a finished one: nothing to do).
     A folder that holds a run (or a stage's weights) is never written over without --overwrite: a UserError
     names the ways on."""
     out = Path(out)
-    status = {}
-    if (out / RUN_FILE).is_file():
-        try:
-            status = json.loads((out / RUN_FILE).read_text())
-        except json.JSONDecodeError:
-            status = {}
+    status = run_status(out)
     held = [f for f in (STATE_FILE, RUN_FILE, WEIGHTS_FILE) if (out / f).is_file()]
     if resume and overwrite:
         raise UserError("--resume continues the run in the folder, --overwrite replaces it: give one of them")

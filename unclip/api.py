@@ -4,7 +4,6 @@ The CLI and the web server are thin callers of this class, so what they draw for
 """
 from __future__ import annotations
 
-import logging
 import sys
 import warnings
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ from unclip.images import to_float, to_pil, to_uint8
 from unclip.options import GUIDANCE_KEYS, SamplingOptions, canonical, sampling_options
 from unclip.pipeline import Pipeline, decode_and_upsample, draw, slerp, steps_per_image
 from unclip.vocabulary import unknown_words
-
-log = logging.getLogger(__name__)
 
 ImageInput = Union[str, Path, Image.Image, torch.Tensor]
 """An image file's path, a PIL image, or a uint8 tensor (C, H, W); converted to what the model expects."""
@@ -50,6 +47,12 @@ def user_frame() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(LIBRARY_DIRS):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def unknown_words_note(words: list[str]) -> str:
+    """What is said of a prompt's words the pipeline's training captions never used (API, CLI and page alike)."""
+    return (f"{', '.join(repr(w) for w in words)} never appeared in this pipeline's training captions: it draws only "
+            "what its captions taught it, and reads an unknown word as noise")
 
 
 class UnCLIPPipeline:
@@ -112,9 +115,7 @@ class UnCLIPPipeline:
     def _warn_unknown(self, prompts: list[str]) -> None:
         unknown = list(dict.fromkeys(w for p in prompts for w in self.unknown_words(p)))
         if unknown:
-            warnings.warn(UnknownWordsWarning(
-                f"{', '.join(repr(w) for w in unknown)} never appeared in this pipeline's training captions: it draws "
-                "only what its captions taught it, and reads an unknown word as noise"), stacklevel=user_frame())
+            warnings.warn(UnknownWordsWarning(unknown_words_note(unknown)), stacklevel=user_frame())
 
     def check(self, options: SamplingOptions) -> SamplingOptions:
         """`options` (already `validate`d) if this pipeline can honour them; else a UserError saying what is wrong."""

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from unclip.checkpoint import load_checkpoint, resolve_folder
+from unclip.checkpoint import resolve_folder
 from unclip.components import StageSpec
 from unclip.config import ClipConfig
 from unclip.device import resolve_device
@@ -31,8 +31,7 @@ SPEC = StageSpec("clip", ClipConfig, build_clip, required=True, clip_bound=False
 
 def load_clip(folder: str | Path, device: str | torch.device = "auto") -> tuple[CLIP, ClipConfig]:
     """A CLIP checkpoint folder, or a shipped pipeline's CLIP by name (`mnist`)."""
-    model, cfg = load_checkpoint(resolve_folder(folder, "clip"), ClipConfig, build_clip)
-    return model.to(resolve_device(device)).eval(), cfg
+    return SPEC.load(resolve_folder(folder, "clip"), None, resolve_device(device))
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

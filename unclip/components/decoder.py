@@ -20,9 +20,7 @@ def build_decoder(cfg: DecoderConfig, clip_cfg: ClipConfig) -> UNet:
 
 
 def decoder_diffusion(decoder: UNet, cfg: DecoderConfig, device: torch.device) -> Diffusion:
-    m = cfg.model
-    return Diffusion.build(decoder, m.schedule, m.timesteps, m.prediction, device, clip_x0=1.0,
-                           distilled_steps=m.distilled_steps)
+    return Diffusion.build(decoder, cfg.model, device, clip_x0=1.0)  # pixels: x0 estimates clamped to [-1, 1]
 
 
 SPEC = StageSpec("decoder", DecoderConfig, build_decoder, required=True, diffusion=decoder_diffusion)

@@ -21,8 +21,7 @@ def build_prior(cfg: PriorConfig, clip_cfg: ClipConfig) -> DiffusionPrior:
 
 
 def prior_diffusion(prior: DiffusionPrior, cfg: PriorConfig, device: torch.device) -> Diffusion:
-    m = cfg.model
-    return Diffusion.build(prior, m.schedule, m.timesteps, m.prediction, device, distilled_steps=m.distilled_steps)
+    return Diffusion.build(prior, cfg.model, device)
 
 
 SPEC = StageSpec("prior", PriorConfig, build_prior, required=True, diffusion=prior_diffusion, maximize=("prior_cosine",))

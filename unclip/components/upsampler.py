@@ -23,9 +23,7 @@ def build_upsampler(cfg: UpsamplerConfig, clip_cfg=None) -> Upsampler:
 
 
 def upsampler_diffusion(upsampler: Upsampler, cfg: UpsamplerConfig, device: torch.device) -> Diffusion:
-    m = cfg.model
-    return Diffusion.build(upsampler, m.schedule, m.timesteps, m.prediction, device, clip_x0=1.0,
-                           distilled_steps=m.distilled_steps)
+    return Diffusion.build(upsampler, cfg.model, device, clip_x0=1.0)
 
 
 SPEC = StageSpec("upsampler", UpsamplerConfig, build_upsampler, diffusion=upsampler_diffusion, clip_bound=False)

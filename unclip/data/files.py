@@ -45,8 +45,8 @@ def read_regular(path: Path) -> bytes:
         os.close(fd)
 
 
-def open_image(data: bytes | io.IOBase) -> Image.Image:
-    """A PIL image, its header read and its size checked against MAX_PIXELS before anything is decoded;
+def open_image(data: bytes | io.IOBase, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A PIL image, its header read and its size checked against `max_pixels` before anything is decoded;
     Skipped("too many pixels") otherwise (PIL's own DecompressionBombError included)."""
     try:
         with warnings.catch_warnings():  # PIL warns of what MAX_PIXELS refuses anyway
@@ -54,7 +54,7 @@ def open_image(data: bytes | io.IOBase) -> Image.Image:
             im = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise Skipped("too many pixels") from None
-    if im.width * im.height > MAX_PIXELS:
+    if im.width * im.height > max_pixels:
         im.close()
         raise Skipped("too many pixels")
     return im

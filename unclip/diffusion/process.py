@@ -25,9 +25,10 @@ class Diffusion:
     distilled_steps: int = 0
 
     @classmethod
-    def build(cls, net: Callable, schedule: str, timesteps: int, prediction: str, device: torch.device,
-              clip_x0: Optional[float] = None, distilled_steps: int = 0) -> "Diffusion":
-        return cls(net, alphas_cumprod(schedule, timesteps).to(device), prediction, clip_x0, distilled_steps)
+    def build(cls, net: Callable, m, device: torch.device, clip_x0: Optional[float] = None) -> "Diffusion":
+        """`net` with the schedule, target and distilled chain its model config `m` names (every diffusion stage's
+        config has `schedule`, `timesteps`, `prediction`, `distilled_steps`)."""
+        return cls(net, alphas_cumprod(m.schedule, m.timesteps).to(device), m.prediction, clip_x0, m.distilled_steps)
 
     def chain(self, sampler: str, steps: int) -> tuple[str, int, bool]:
         """(sampler, steps, trailing) this network samples with when `sampler` and `steps` are asked for."""
