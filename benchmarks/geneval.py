@@ -4,9 +4,12 @@ not the library's: no training code reads them."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import permutations
+from pathlib import Path
 from typing import Optional
+
+import yaml
 
 from unclip.data.scene_captions import COUNTS, HELD_OUT_FORMS, HELD_OUT_REL, REL_WORDS, article, noun, phrase, plural
 from unclip.data.scenes import Scene, relation_holds
@@ -14,11 +17,12 @@ from unclip.data.scenes import Scene, relation_holds
 
 @dataclass
 class Spec:
-    """What a generated image must show: exactly these objects (digit, colour or None for any), and
-    optionally a relation between required objects i and j."""
+    """What a generated image must show: exactly these objects (digit, colour; None for any), and
+    optionally relations between required objects i and j."""
 
-    objects: list[tuple[int, Optional[str]]]
+    objects: list[tuple[Optional[int], Optional[str]]]
     relation: Optional[tuple[int, str, int]] = None  # (i, left|right|above|below, j)
+    relations: list[tuple[int, str, int]] = field(default_factory=list)  # more of them, all to hold
 
     def met_by(self, found: list[tuple[int, str, tuple[float, float]]]) -> bool:
         """`found`: detected objects as (digit, colour, centre). Count, digits, colours, relation all match."""
@@ -26,13 +30,11 @@ class Spec:
             return False
         for order in permutations(range(len(found))):
             pairs = [(self.objects[i], found[j]) for i, j in enumerate(order)]
-            if not all(d == fd and (c is None or c == fc) for (d, c), (fd, fc, _) in pairs):
+            if not all((d is None or d == fd) and (c is None or c == fc) for (d, c), (fd, fc, _) in pairs):
                 continue
-            if self.relation:
-                i, rel, j = self.relation
-                if not relation_holds(found[order[i]][2], found[order[j]][2], rel):
-                    continue
-            return True
+            relations = [self.relation, *self.relations] if self.relation else self.relations
+            if all(relation_holds(found[order[i]][2], found[order[j]][2], rel) for i, rel, j in relations):
+                return True
         return False
 
 
@@ -82,3 +84,14 @@ def task_prompt(task: str, scene: Scene, r: random.Random, held_out: bool = Fals
     pa, pb = article(noun(first.digit, r)), article(noun(second.digit, r))
     text = form.format(a=pa, rel=HELD_OUT_REL[rel], b=pb) if form else f"{pa} {r.choice(REL_WORDS[rel])} {pb}"
     return text, Spec([(first.digit, None), (second.digit, None)], relation=(0, rel, 1))
+
+
+PHRASINGS = Path(__file__).parent / "phrasings" / "scenes.yaml"
+
+
+def phrasings(path: Path = PHRASINGS) -> list[tuple[str, Spec]]:
+    """The held-out phrasings (benchmarks/phrasings/scenes.yaml: prompts written apart from the caption generator),
+    each with its Spec."""
+    entries = yaml.safe_load(Path(path).read_text())
+    return [(e["prompt"], Spec([tuple(o) for o in e["objects"]], relations=[tuple(r) for r in e.get("relations", [])]))
+            for e in entries]

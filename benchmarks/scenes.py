@@ -7,12 +7,16 @@ negatives, the prior against its text baseline, and the time `t2i generate` take
     python benchmarks/scenes.py --data-dir DIR --only grounding --checkpoints DIR    # where the decoder reads each word
     python benchmarks/scenes.py --data-dir DIR --only layout --checkpoints DIR       # the layout stage's draws, rendered
     python benchmarks/scenes.py --only time --time-against runs/teacher --time-runs 5   # generate -n 16, in turns
+    python benchmarks/scenes.py --data-dir DIR --only phrasings   # benchmarks/phrasings/scenes.yaml, 8 images a prompt
 
 Prompts come from real test scenes (MNIST test digits): each task's prompt is what its scene satisfies,
 so the same evaluator (benchmarks/scene_eval.py) run on those real scenes gives the ceiling. A generated
 image scores 1 when the objects read from it match the prompt's Spec exactly: count, digits, colours named,
 relation named. Tasks sample seen colour-digit pairs; "held-out pairs" prompts name one of the ten pairs
-no training image shows; "held-out phrasings" states each task in words training never used.
+no training image shows; "held-out phrasings" states each task in words training never used (the grammar's own
+HELD_OUT_FORMS). The part "phrasings" scores prompts written apart from the grammar, as people type them
+(benchmarks/phrasings/scenes.yaml), each image against its prompt's Spec, and the same prompts' layouts drawn with
+real digits; no real scene stands behind them, so they have no ceiling.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,7 +43,7 @@ from benchmarks.overhead import IMPORT_TORCH, walls  # noqa: E402
 from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
-from benchmarks.geneval import TASKS, Spec, task_prompt, task_scene_args  # noqa: E402
+from benchmarks.geneval import PHRASINGS, TASKS, Spec, phrasings, task_prompt, task_scene_args  # noqa: E402
 from unclip.data.scene_captions import (NEGATIVES, PLACE_TERMS, REL_WORDS, SceneCaptions, caption, perturb,  # noqa: E402
                                         stacks, twin_glyphs)
 from unclip.data.scenes import COLOURS, HELD_OUT, SIZE, GlyphPool, Scene, sample_scene  # noqa: E402
@@ -56,7 +61,7 @@ from unclip.tokenizer import Tokenizer  # noqa: E402
 from unclip.components.clip import encode_images, encode_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("ceiling", "layout", "generation", "grounding", "negatives", "prior", "time")
+PARTS = ("ceiling", "layout", "generation", "phrasings", "grounding", "negatives", "prior", "time")
 TORCH = 'python -c "import torch"'
 HELD_COLOUR = {d: c for c, d in HELD_OUT}
 
@@ -161,6 +166,42 @@ def spread(layouts: torch.Tensor) -> float:
     distance = torch.cdist(centre, centre)  # (prompts, draws, draws)
     draws = layouts.shape[1]
     return float(distance.sum() / (len(layouts) * draws * (draws - 1)))
+
+
+@torch.no_grad()
+def phrasing_scores(pipe: Pipeline, judge, glyphs: GlyphPool, options: SamplingOptions, per_prompt: int,
+                    path: Path = PHRASINGS, data_dir: Optional[str] = None, batch: int = 64) -> dict:
+    """The prompts of a phrasings file (`phrasings`), `per_prompt` images each: the share of images meeting their
+    prompt's Spec, generated and (with a layout stage) its layouts drawn with real digits, and per prompt how many
+    of its images are right."""
+    items = phrasings(path)
+    said = said_in_training([text for text, _ in items], data_dir)
+    prompts = [text for text, _ in items for _ in range(per_prompt)]
+    images = []
+    for start in range(0, len(prompts), batch):
+        generator = torch.Generator(pipe.device).manual_seed(start)
+        images.append(to_uint8(resize(draw(pipe, prompts[start: start + batch], options, generator), SIZE)))
+    drawn = {"generated": torch.cat(images)}
+    if pipe.layout is not None:
+        drawn["layouts drawn"] = draw_layouts(pipe, {"p": [(t, s, None, None) for t, s in items]}, per_prompt, glyphs,
+                                              options)[0]["p"]
+    out: dict = {"file": str(path), "prompts": len(items), "per_prompt": per_prompt, "said_in_training": sorted(said)}
+    unsaid = np.array([text.lower() not in said for text, _ in items])
+    for kind, ims in drawn.items():
+        met = np.array([spec.met_by(f) for (_, spec), f in zip([i for i in items for _ in range(per_prompt)],
+                                                                read_scenes(judge, ims))]).reshape(len(items), per_prompt)
+        out[kind] = {"score": float(met.mean()), "unsaid_score": float(met[unsaid].mean()),
+                     "right": {text: int(m.sum()) for (text, _), m in zip(items, met)}}
+    return out
+
+
+def said_in_training(prompts: list[str], data_dir: Optional[str] = None, per_scene: int = 4) -> set[str]:
+    """Which of `prompts` (lower-cased) the caption generator writes word for word among `per_scene` random captions
+    of each training scene (220,000 for scenes' 55,000): short prompts ("a 4", "three digits") are also the grammar's."""
+    wanted = {p.lower() for p in prompts}
+    train = load_dataset("scenes", "train", data_dir, 3, SIZE, pixels=False).captioner
+    return {c for k in range(per_scene) for i, scene in enumerate(train.scenes)
+            if (c := caption(scene, random.Random(f"said:{k}:{i}"))) in wanted}
 
 
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
@@ -355,6 +396,16 @@ def table(report: dict) -> list[str]:
                 pair = shares["both"] + shares["one twice"]
                 lines.append(f"| {name}, {label} | " + " | ".join(f"{shares[o]:.3f}" for o in OUTCOMES) +
                              f" | {shares['both'] / pair if pair else float('nan'):.3f} |")
+    if "phrasings" in report:
+        p = report["phrasings"]
+        kinds = [k for k in ("generated", "layouts drawn") if k in p]
+        lines += ["", f"Held-out phrasings ({p['file']}, {p['prompts']} prompts x {p['per_prompt']} images): " +
+                  ", ".join(f"{k} {p[k]['score']:.3f}" for k in kinds) + f"; without the {len(p['said_in_training'])} "
+                  "prompts the caption generator also writes (4 captions of each training scene): " +
+                  ", ".join(f"{k} {p[k]['unsaid_score']:.3f}" for k in kinds), "",
+                  "| prompt | " + " | ".join(f"right, {k}" for k in kinds) + " |", "| --- |" + " --- |" * len(kinds)]
+        for text in p["generated"]["right"]:
+            lines.append(f"| {text} | " + " | ".join(f"{p[k]['right'][text]}/{p['per_prompt']}" for k in kinds) + " |")
     if "relation_reading" in report:
         r = report["relation_reading"]
         lines += ["", f"Layout stage, position prompts: the real layout likelier under the prompt than under it with the "
@@ -422,6 +473,8 @@ def main() -> None:
     ap.add_argument("--time-against", action="append", default=[], metavar="DIR",
                     help="another pipeline to time in turns with --checkpoints (repeatable)")
     ap.add_argument("--time-runs", type=int, default=3, help="timed runs of each command")
+    ap.add_argument("--phrasings", type=Path, default=PHRASINGS, help="the phrasings file the part of that name scores")
+    ap.add_argument("--phrasing-images", type=int, default=8, help="images a prompt of the phrasings file")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scenes")
     args = ap.parse_args()
     parts = set(args.only.split(","))
@@ -443,7 +496,7 @@ def main() -> None:
             report["ceiling_base"], _ = task_scores(judge, shrunk, specs)
             report["base_size"] = args.base_size
     pipe = None
-    if parts & {"generation", "grounding", "prior", "layout"}:
+    if parts & {"generation", "grounding", "prior", "layout", "phrasings"}:
         pipe = Pipeline.load(args.checkpoints, "cpu")
         if args.base_only:
             pipe.upsampler = pipe.upsampler_config = None
@@ -468,6 +521,9 @@ def main() -> None:
         gallery = torch.cat([images[t][: 2 * args.per_prompt] for t in TASKS])  # two prompts a task
         save_png(grid(gallery, ncol=2 * args.per_prompt), args.out / "gallery.png", scale=2)
         report["gallery_prompts"] = {t: [text for text, *_ in sets[t][:2]] for t in TASKS}
+    if "phrasings" in parts:
+        report["phrasings"] = phrasing_scores(pipe, judge, glyphs, options, args.phrasing_images, args.phrasings,
+                                              args.data_dir)
     if "layout" in parts and pipe.layout is None and parts == {"layout"}:
         ap.error(f"--only layout: {args.checkpoints} has no layout stage its decoder reads")
     if "layout" in parts and pipe.layout is not None:  # (a pipeline without one skips the part)

@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 import torch
 
+from pathlib import Path
+
 from unclip.data import load_dataset
-from benchmarks.geneval import TASKS, task_prompt, task_scene_args
+from benchmarks.geneval import TASKS, Spec, task_prompt, task_scene_args
 from unclip.data.scene_captions import CAPTION_WORDS, SceneCaptions, caption, caption_with_negative, perturb
 from unclip.data.scenes import GAP, HELD_OUT, PALETTE, GlyphPool, make_scenes, relation_holds, sample_scene
 from unclip.errors import UserError
@@ -70,13 +72,21 @@ def test_training_captions_vary_and_hard_negatives_change_the_meaning():
     a = captioner.sample(idx, [f"0:{i}" for i in range(200)])
     assert a == captioner.sample(idx, [f"0:{i}" for i in range(200)])  # a pure function of the key
     assert len(set(a)) > 150 and a != captioner.sample(idx, [f"1:{i}" for i in range(200)])
-    for scene, text in zip(scenes, a):  # every digit is named, as a word or a numeral
+    from unclip.data.scene_captions import MISSPELT, is_count
+
+    unnamed = 0
+    for scene, text in zip(scenes, a):  # every digit is named, as a word or a numeral, or none is ("three digits")
         words = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9}
-        tokens = text.replace(",", " ").split()
+        tokens = [MISSPELT.get(w, w) for w in text.replace(",", " ").replace("!", "").replace(".", "").split()]
+        tokens = [w for i, w in enumerate(tokens) if not is_count(tokens, i)]  # "two" of "two 7s" names no digit
         named = {words.get(w.rstrip("s").replace("sixe", "six")) for w in tokens} | {int(w[0]) for w in tokens if w[0].isdigit()}
+        if {"digit", "digits", "number", "numbers"} & set(tokens) and named <= {None}:
+            unnamed += 1  # "three digits", "a digit in red"
+            continue
         assert {o.digit for o in scene.objects} <= named, text
+    assert 0 < unnamed < 30
     positives, negatives = captioner.sample_with_negatives(idx, [f"0:{i}" for i in range(200)])
-    assert positives == a and all(p != n for p, n in zip(positives, negatives))
+    assert sum(p == q for p, q in zip(positives, a)) >= 200 - unnamed and all(p != n for p, n in zip(positives, negatives))
 
 
 def test_each_kind_of_negative_changes_what_it_should():
@@ -107,7 +117,8 @@ def test_twins_draw_each_hard_negative_scene_with_the_glyphs_it_kept():
     captioner = SceneCaptions(scenes, pool, picks)
     idx, keys = torch.arange(60), [f"0:{i}" for i in range(60)]
     texts, negatives, twins = captioner.twins(idx, keys)
-    assert texts == captioner.sample(idx, keys) and twins.shape == pixels.shape and twins.dtype == torch.uint8
+    same = [t == s for t, s in zip(texts, captioner.sample(idx, keys))]  # but where sample's names no digit
+    assert sum(same) >= 55 and twins.shape == pixels.shape and twins.dtype == torch.uint8
     torch.testing.assert_close(captioner.twins(idx, keys)[2], twins)  # a pure function of the key
     for scene, key, negative, twin, found in zip(scenes, keys, negatives, twins, detect(twins)):
         _, expected, other = caption_with_negative(scene, key, drawable=True)
@@ -295,7 +306,10 @@ def test_stray_words_are_words_no_caption_uses_and_leave_what_a_caption_names_al
         task = TASKS[i % len(TASKS)]
         held_out = task_prompt(task, sample_scene(rng, False, **task_scene_args(task, r)), r, held_out=True)[0]
         used |= {w.strip(",") for w in f"{caption(sample_scene(rng, True), r)} {held_out}".split()}
-    used = {w for w in used if w.isalpha()}  # numerals and their plurals ("7s") are no vocabulary word
+    from unclip.data.scene_captions import typos
+
+    misspelt = set().union(*(typos(w) for w in CAPTION_WORDS))  # a caption may misspell a word ("numbeer")
+    used = {w for w in used if w.isalpha()} - misspelt  # numerals and their plurals ("7s") are no vocabulary word
     assert used <= CAPTION_WORDS and {"painted", "exactly", "higher"} <= used
     stray = stray_vocabulary(SceneCaptions([]))
     assert len(stray) > 30_000 and not CAPTION_WORDS & set(stray)
@@ -335,3 +349,75 @@ def test_noised_digits_benchmark_cuts_each_box_and_reports_every_strength(mnist_
     report = json.loads((tmp_path / "out" / "noised_digits.json").read_text())
     assert (report["train_objects"], report["test_objects"]) == (128, 32)
     assert list(report["accuracy"]) == ["0.0", "0.9"] and all(0 <= a <= 1 for a in report["accuracy"].values())
+
+
+def test_no_training_code_reads_the_held_out_phrasings():
+    """benchmarks/phrasings/scenes.yaml is text written apart from the caption generator: nothing that trains sees it."""
+    root = Path(__file__).resolve().parents[2]
+    for path in [*root.glob("unclip/**/*.py"), *root.glob("stages/**/*.py"), root / "cli.py"]:
+        assert "phrasings/" not in path.read_text(), path
+
+
+def test_speech_says_what_each_word_names_counts_typos_and_unnamed_digits_included():
+    from unclip.data.scene_captions import MISSPELT, mention_order, word_objects
+    from unclip.data.scenes import Obj, Scene
+
+    six, zero = Obj(6, "magenta", 20, 0, 0), Obj(0, "yellow", 20, 40, 0)
+    scene = Scene((six, zero), "row")
+    # "one" counts here, as "two" in "two 7s": it names nothing; "six" and "zero" name their objects
+    assert word_objects(scene, "one magenta six and one yellow zero") == [0, 0b01, 0b01, 0, 0, 0b10, 0b10]
+    assert word_objects(scene, "a one") == [0, 0]  # the digit one: no object of it here
+    assert word_objects(scene, "a yelow zero") == [0, 0b10, 0b10] and MISSPELT["yelow"] == "yellow"
+    assert word_objects(scene, "a magenta-coloured 6!") == [0, 0b01, 0b01]
+    assert mention_order(scene, "a 0 with a 6 to its left") == [1, 0]
+    fives = Scene((Obj(5, "green", 20, 0, 0), Obj(5, "green", 20, 40, 0), Obj(1, "yellow", 20, 20, 40)), "grid")
+    assert word_objects(fives, "two green 5s above a yellow 1") == [0, 0b011, 0b011, 0, 0, 0b100, 0b100]
+    assert word_objects(fives, "three digits") == [0, 0]
+
+
+def test_training_captions_stay_true_and_within_the_context():
+    """Many random training captions of random training scenes: every digit or colour word names an object of the
+    scene, every digit of a scene whose caption names digits is named, and (with the layout stage's stray words) the
+    captions fit scenes' 48-token context but for a rare few."""
+    from t2i.stages.layout import stray_vocabulary, with_stray_words
+    from unclip.data.scene_captions import is_count, object_word, word_objects
+    from unclip.data.scenes import TRAIN_SHARES
+    from unclip.tokenizer import Tokenizer
+
+    pool = GlyphPool(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), torch.arange(10))
+    scenes = make_scenes(pool, 3000, 5, False, render=False, shares=TRAIN_SHARES)[0]
+    stray, r = stray_vocabulary(SceneCaptions([])), random.Random(0)
+    texts = [caption(s, random.Random(i)) for i, s in enumerate(scenes)]
+    for scene, text in zip(scenes, texts):
+        words = [w.strip(",.!").lower() for w in text.split()]
+        for i, bits in enumerate(word_objects(scene, text)):  # a word naming a digit or a colour names an object of it
+            digit, colour = object_word(words[i])
+            if colour is not None or (digit is not None and not is_count(words, i)):
+                assert bits, (text, words[i], scene)
+    lengths = (Tokenizer(100)([with_stray_words(t, r, 0.5, stray) for t in texts]) > 0).sum(1)
+    assert (lengths > 48).sum() == 0 and (lengths > 46).float().mean() < 0.002
+
+
+def test_training_scenes_share_colours_where_asked_and_never_show_a_held_out_pair():
+    from unclip.data.scenes import HELD_OUT, TRAIN_SHARES
+
+    pool = GlyphPool(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), torch.arange(10))
+    plain = make_scenes(pool, 2000, 3, False, render=False)[0]
+    shared = make_scenes(pool, 2000, 3, False, render=False, shares=(1.0, 0.0))[0]
+    every = make_scenes(pool, 2000, 3, False, render=False, shares=(0.0, 1.0))[0]
+    for a, b, c in zip(plain, shared, every):  # the same scenes, only their colours made to agree
+        assert [(o.digit, o.x, o.y) for o in a.objects] == [(o.digit, o.x, o.y) for o in b.objects]
+        assert all(len({o.colour for o in b.objects if o.digit == d}) == 1 for d in {o.digit for o in b.objects})
+        assert len({o.colour for o in c.objects}) == 1
+        assert not any((o.colour, o.digit) in HELD_OUT for s in (b, c) for o in s.objects)
+    mixed = make_scenes(pool, 4000, 4, False, render=False, shares=TRAIN_SHARES)[0]
+    same = [len({o.colour for o in s.objects}) == 1 for s in mixed if len(s.objects) > 2]
+    assert 0.1 < sum(same) / len(same) < 0.3  # about TRAIN_SHARES[1], and a few by chance
+
+
+def test_a_spec_may_leave_digits_open_and_ask_several_relations():
+    spec = Spec([(5, "green"), (5, "green"), (None, "yellow")], relations=[(0, "above", 2), (1, "above", 2)])
+    top, bottom = (16, 16), (48, 48)
+    assert spec.met_by([(5, "green", top), (5, "green", (48, 16)), (1, "yellow", bottom)])
+    assert not spec.met_by([(5, "green", top), (5, "green", (48, 48)), (1, "yellow", (16, 48))])  # one 5 not above
+    assert not spec.met_by([(5, "green", top), (5, "red", (48, 16)), (1, "yellow", bottom)])

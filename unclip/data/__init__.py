@@ -241,7 +241,7 @@ def load_dataset(
 
 def _scenes(split: str, mnist_dir: Path, val_size: int, render: bool = True) -> CaptionedImages:
     from unclip.data.mnist import load_idx_dataset
-    from unclip.data.scenes import GlyphPool, make_scenes
+    from unclip.data.scenes import TRAIN_SHARES, GlyphPool, make_scenes
 
     try:
         images, labels = load_idx_dataset("mnist", mnist_dir, train=split != "test")
@@ -252,7 +252,8 @@ def _scenes(split: str, mnist_dir: Path, val_size: int, render: bool = True) -> 
         images, labels = images[keep], labels[keep]
     seed = SPLITS.index(split) + 1
     pool = GlyphPool(images, labels.long())
-    scenes, pixels, picks = make_scenes(pool, len(images), seed, allow_held_out=split == "test", render=render)
+    scenes, pixels, picks = make_scenes(pool, len(images), seed, allow_held_out=split == "test", render=render,
+                                        shares=(0, 0) if split == "test" else TRAIN_SHARES)
     return CaptionedImages(images=pixels, labels=torch.arange(len(scenes)), captioner=SceneCaptions(scenes, pool, picks))
 
 

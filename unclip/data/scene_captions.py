@@ -3,7 +3,12 @@
 Training captions are drawn afresh per sample and step (`SceneCaptions.sample`): sometimes the full
 description of every object, sometimes a true partial one (only the digits, a count, one relation),
 so the text encoder has to learn words, not template ids. `HELD_OUT_FORMS` are phrasings that never
-appear in training (benchmarks/geneval.py writes the benchmark's prompts from this grammar).
+appear in training (benchmarks/geneval.py writes the benchmark's prompts from this grammar's core:
+`noun`, `phrase`, `COUNTS`, `REL_WORDS`). Training captions also speak as people do (`spoken_phrase`, `related`, `grouped`, `unnamed`, `caption`): more
+ways to say a relation ("next to", "with a 9 above it", the relation first), a count ("a couple of", "one",
+"three digits" with the digits unnamed), a colour ("a red-coloured 3"), fillers ("draw", "a picture of")
+and typos. Prompts written apart from all of this are the scenes benchmark's phrasings file, which no training
+code reads. (Case needs no teaching: the tokenizer lowercases.)
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from unclip.data.scenes import COLOURS, MAX_OBJECTS, SIZE, GlyphPool, Obj, Scene
+from unclip.data.scenes import COLOURS, MAX_OBJECTS, SIZE, GlyphPool, Obj, Scene, relation_holds
 from unclip.layouts import GRID, box_tokens
 from unclip.vocabulary import vocabulary_of
 
@@ -43,34 +48,88 @@ REL_WORDS = {"left": ["to the left of", "left of"], "right": ["to the right of",
              "above": ["above", "over"], "below": ["below", "under", "beneath"]}
 HELD_OUT_REL = {"left": "to the left side of", "right": "to the right side of", "above": "higher than", "below": "lower than"}
 SIZE_WORDS = {"small": ["small", "tiny", "little"], "large": ["large", "big"]}
+# What speech adds to the grammar (`spoken`); none of HELD_OUT_FORMS' words ("painted", "exactly", "both", "placed",
+# "higher", "lower", "side of") nor "there is": the grammar's held-out phrasings stay held out.
+SPOKEN_REL = {"left": ["on the left of", "at the left of"], "right": ["on the right of", "at the right of"],
+              "above": ["on top of", "atop"], "below": ["underneath"]}
+IT_REL = {"left": ["to its left", "on its left", "left of it"], "right": ["to its right", "on its right", "right of it"],
+          "above": ["above it", "over it", "on top of it"], "below": ["below it", "under it", "beneath it"]}
+BESIDE = ["next to", "beside", "alongside", "by"]  # a row's two objects, the relation unsaid
+COPULAS = ["is", "sits", "stands"]
+ONE = ["one", "a single", "just one", "only one"]  # a count of one, where "a" would do
+COUPLE = ["a couple of"]  # two, with a plural
+COLOUR_FORMS = ["{n} in {c}", "{n} coloured {c}", "{n} colored {c}", "{c}-coloured {n}", "{c}-colored {n}",
+                "{n} that is {c}", "{n} which is {c}", "{n} in the colour {c}"]
+PREFIXES = ["a picture of", "an image of", "a photo of", "draw", "draw me", "show", "show me", "i want", "i'd like",
+            "give me", "make", "there's", "here's", "here is", "please draw", "can you draw", "generate"]
+SUFFIXES = [" please", ".", "!"]
+DIGITS_WORD = ["digits", "numbers"]  # objects counted with their digits unnamed: "three digits", "2 red numbers"
+def typos(word: str) -> set[str]:
+    """The misspellings `typo` makes of a word: a letter dropped, doubled, or swapped with the next."""
+    out = {word[:i] + word[i + 1:] for i in range(len(word))} | {word[:i] + word[i] + word[i:] for i in range(len(word))}
+    out |= {word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(len(word) - 1)}
+    return out - {word}
+
+
+TYPO_MIN = 4  # letters a word needs before a caption misspells it
+# the misspelt digit and colour words a caption may hold, read as the word they misspell ("yelow": yellow)
+MISSPELT = {t: w for w in (*WORDS, *PLURALS, *COLOURS) if len(w) >= TYPO_MIN for t in sorted(typos(w))
+            if t not in (*WORDS, *PLURALS, *COLOURS)}
+SPOKEN_WORDS = ["the digit number digit numbers with", "side by side one above the other a few and also plus", *BESIDE,
+                *COPULAS, *ONE, *COUPLE, *(f.format(n="", c="") for f in COLOUR_FORMS), *PREFIXES, *SUFFIXES, *DIGITS_WORD,
+                *(w for ws in (*SPOKEN_REL.values(), *IT_REL.values()) for w in ws)]
+GRAMMAR_WORDS = [*WORDS, *PLURALS, *COLOURS, "a an the digit in coloured colored pair of and",
+                 *(w for ws in (*COUNTS.values(), *PLACE_WORDS.values(), *REL_WORDS.values(), *SIZE_WORDS.values())
+                   for w in ws)]
 # every word the captions are written with, training's and the held-out phrasings': what a stray word never is
-CAPTION_WORDS = frozenset(re.findall(r"[a-z]+", " ".join([
-    *WORDS, *PLURALS, *COLOURS, "a an the digit in coloured colored pair of and", *HELD_OUT_FORMS.values(),
-    *HELD_OUT_REL.values(), *(w for ws in (*COUNTS.values(), *PLACE_WORDS.values(), *REL_WORDS.values(),
-                                           *SIZE_WORDS.values()) for w in ws)])))
+# (and the misspellings of digits and colours, read as what they misspell)
+CAPTION_WORDS = frozenset(re.findall(r"[a-z]+", " ".join([*GRAMMAR_WORDS, *SPOKEN_WORDS, *HELD_OUT_FORMS.values(),
+                                                         *HELD_OUT_REL.values(), *MISSPELT])))
+TRAINING_WORDS = vocabulary_of([*GRAMMAR_WORDS, *SPOKEN_WORDS, "s", *(str(d) for d in range(10))])
 
 
-TRAINING_WORDS = vocabulary_of([*WORDS, *PLURALS, *COLOURS, "a an the digit in coloured colored pair of and s",
-                                *(str(d) for d in range(10)),
-                                *(w for ws in (*COUNTS.values(), *PLACE_WORDS.values(), *REL_WORDS.values(),
-                                               *SIZE_WORDS.values()) for w in ws)])
+COUNT_WORDS = {"one", "1", *(w for ws in COUNTS.values() for w in ws)}
+NOUN_BEFORE = {"a", "an", "the", "number", "digit"}  # after these a number word is the digit, never a count
+
+
+def object_word(w: str) -> tuple[Optional[int], Optional[str]]:
+    """The digit (word, numeral or plural) or colour a whitespace word of a caption names, if any: punctuation,
+    a misspelling (`MISSPELT`) and a "-coloured" suffix read through."""
+    w = w.strip(",.!?:;").lower()
+    w = MISSPELT.get(w, w)
+    if "-" in w:
+        w = w.split("-")[0]
+    digit = next((d for d in range(10) if w in (WORDS[d], str(d), PLURALS[d], f"{d}s")), None)
+    return digit, (w if w in COLOURS else None)
+
+
+def is_count(words: list[str], i: int) -> bool:
+    """Whether number word `words[i]` counts what follows ("two 7s", "one magenta six", "three blue digits") rather
+    than naming a digit ("a one", "digit 2", "a 1 and a 7"): it counts when, past colour and size words, a digit
+    or "digit(s)"/"number(s)" follows it, and no article or "number" comes before it."""
+    if words[i] not in COUNT_WORDS or (i and words[i - 1] in NOUN_BEFORE):
+        return False
+    sizes = {w for ws in SIZE_WORDS.values() for w in ws}
+    for w in words[i + 1:]:
+        digit, colour = object_word(w)
+        if colour or w in sizes:
+            continue
+        return digit is not None or w in ("digit", "digits", "number", "numbers")
+    return False
 
 
 def word_objects(scene: Scene, text: str) -> list[int]:
     """What each whitespace word of a caption of `scene` names, as a bitmask of its objects (bit i: object i): a
     digit (word, numeral or plural) every object of that digit, a colour every object of that colour; a count ("two"
-    in "two red 7s") and every other word nothing. What a decoder's cross-attention is taught to ground."""
-    words = [w.strip(",").lower() for w in text.split()]
-    plural = lambda w: w in PLURALS or (len(w) == 2 and w[0].isdigit() and w[1] == "s")  # noqa: E731
-    counts = {w for ws in COUNTS.values() for w in ws}
+    in "two red 7s", "one" in "one red 7") and every other word nothing. What a decoder's cross-attention is taught
+    to ground, and the order the layout stage writes objects in (`mention_order`)."""
+    words = [w.strip(",.!?:;").lower() for w in text.split()]
     bits = []
     for i, w in enumerate(words):
-        digit = next((d for d in range(10) if w in (WORDS[d], str(d), PLURALS[d], f"{d}s")), None)
-        after = words[i + 1 : i + 3]
-        if digit is not None and w in counts and after and (plural(after[0]) or after[0] in COLOURS and after[1:]
-                                                            and plural(after[1])):
-            digit = None  # a count ("two 7s", "three red sevens"): the plural after it names the objects
-        named = [o.digit == digit if digit is not None else o.colour == w for o in scene.objects]
+        digit, colour = object_word(w)
+        if digit is not None and is_count(words, i):
+            digit = None
+        named = [o.digit == digit if digit is not None else o.colour == colour for o in scene.objects]
         bits.append(sum(1 << j for j, hit in enumerate(named) if hit))
     return bits
 
@@ -122,51 +181,149 @@ def join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def counted(scene: Scene, r: random.Random, colour: bool) -> str:
-    """Every digit of the scene with its count: 'two sevens and a three', '3 red 6s'."""
+def counted(objs: tuple[Obj, ...] | list[Obj], r: random.Random, colour: bool) -> str:
+    """Every digit of `objs` with its count: 'two sevens and a three', '3 red 6s', 'one magenta six', 'a couple of
+    7s in blue'; a colour only where every object of that digit has it."""
     groups: dict[int, list] = {}
-    for o in scene.objects:
+    for o in objs:
         groups.setdefault(o.digit, []).append(o)
     parts = []
-    for d, objs in groups.items():
-        same = colour and len({o.colour for o in objs}) == 1
-        c = objs[0].colour + " " if same else ""
-        if len(objs) == 1:
-            parts.append(article(c + noun(d, r)))
-        elif len(objs) == 2 and r.random() < 0.25:
-            parts.append(f"a pair of {c}{PLURALS[d]}")
+    for d, same_digit in groups.items():
+        c = same_digit[0].colour if colour and len({o.colour for o in same_digit}) == 1 else None
+        if len(same_digit) == 1:
+            parts.append(spoken_phrase(same_digit[0], r, c is not None, False, short=len(objs) > 2))
+            continue
+        k = len(same_digit)
+        if k == 2 and r.random() < 0.25:
+            count, p = r.choice(["a pair of", *COUPLE]), r.choice([PLURALS[d], plural(d, r)])
         else:
-            parts.append(f"{r.choice(COUNTS[len(objs)])} {c}{plural(d, r)}")
+            count, p = r.choice(COUNTS[k]), plural(d, r)
+        parts.append(f"{count} {p}" if c is None else r.choice([f"{count} {c} {p}", f"{count} {c} {p}",
+                                                                  f"{count} {p} in {c}", f"{count} {c}-coloured {p}"]))
     r.shuffle(parts)
     return join(parts)
 
 
-def caption(scene: Scene, r: random.Random) -> str:
-    """One random true caption of `scene` (the training distribution)."""
+def spoken_phrase(obj: Obj, r: random.Random, colour: bool, size: bool, place: Optional[str] = None,
+                  short: bool = False) -> str:
+    """One object as `phrase` writes it, or as people also say it: 'one red 7', 'a red-coloured 7', 'a 7 that is
+    red', 'the number 7 in red', 'a single small seven'. `short`: the grammar's words but for the determiner (a
+    caption of three or four objects stays within scenes' 48-token context)."""
+    if short or r.random() < 0.5:
+        text = phrase(obj, r, colour, size, place)
+    else:
+        n = r.choice([noun(obj.digit, r), noun(obj.digit, r), f"number {obj.digit}", f"number {WORDS[obj.digit]}"])
+        if size and obj.size_word:
+            n = f"{r.choice(SIZE_WORDS[obj.size_word])} {n}"
+        core = r.choice([*COLOUR_FORMS, "{c} {n}"]).format(n=n, c=obj.colour) if colour else n
+        text = article(core) + (" " + r.choice(PLACE_WORDS[place]) if place else "")
+    if r.random() < 0.2:  # another determiner than "a"
+        text = r.choice(["one", "the"] if short else [*ONE, "the"]) + text[text.index(" "):]
+    return text
+
+
+def unnamed(objs: tuple[Obj, ...], r: random.Random, colour: bool) -> str:
+    """The objects counted with their digits unnamed: 'three digits', '2 red numbers', 'a digit in blue'."""
+    c = objs[0].colour if colour and len({o.colour for o in objs}) == 1 else None
+    if len(objs) == 1:
+        word = r.choice(["digit", "number"])
+        return r.choice([f"a {word}", f"a single {word}", f"one {word}"]) if c is None else \
+            r.choice([f"a {c} {word}", f"a {word} in {c}", f"one {c} {word}", f"a {c}-coloured {word}"])
+    count, word = r.choice([WORDS[len(objs)], str(len(objs))] + (COUPLE if len(objs) == 2 else [])), r.choice(DIGITS_WORD)
+    return f"{count} {word}" if c is None else r.choice([f"{count} {c} {word}", f"{count} {word} in {c}"])
+
+
+def related(a: Obj, rel: str, b: Obj, r: random.Random, colour: bool, size: bool, row: bool) -> str:
+    """Two objects, `a` `rel` of `b` (left | right | above | below), in the grammar's words or as people say it: the
+    relation named, after a copula, from the second object ('a 2 with a 9 above it'), first ('left of a 7, a 3'), as
+    places ('a 3 on the left and a 1 on the right'), or unsaid ('a 3 next to a 7', 'one above the other')."""
+    pa, pb = spoken_phrase(a, r, colour, size), spoken_phrase(b, r, colour, size)
+    words = REL_WORDS[rel] + SPOKEN_REL[rel]
+    form = r.random()
+    if form < 0.35:
+        return f"{pa} {r.choice(words)} {pb}"
+    if form < 0.45:
+        return f"{pa} {r.choice(COPULAS)} {r.choice(words)} {pb}"
+    if form < 0.6:
+        return f"{pb} with {pa} {r.choice(IT_REL[rel])}"
+    if form < 0.7:
+        return r.choice([f"{r.choice(words)} {pb}, {pa}", f"{r.choice(words)} {pb} {r.choice(COPULAS)} {pa}"])
+    if form < 0.85:
+        where = {"left": "left", "right": "right", "above": "top", "below": "bottom"}
+        other = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+        pa_place = r.choice(PLACE_WORDS[where[rel]])
+        pb_place = r.choice(PLACE_WORDS[other[where[rel]]])
+        return r.choice([f"{pa} {pa_place} and {pb} {pb_place}", f"{pa} {pa_place}, {pb} {pb_place}",
+                         f"{pa_place} {pa}, {pb_place} {pb}"])
+    if row:
+        return r.choice([f"{pa} {r.choice(BESIDE)} {pb}", f"{pa} and {pb} side by side"])
+    return f"{pa} and {pb}, one above the other"
+
+
+def grouped(scene: Scene, r: random.Random, colour: bool) -> Optional[str]:
+    """A grid scene as two groups, one above (or left of) the other, each counted: 'two green 5s above a yellow 1';
+    None where the scene's objects do not split so (every object of one group that way of every object of the other)."""
+    rel = r.choice(["above", "left"])
+    axis = 1 if rel == "above" else 0
+    first = [o for o in scene.objects if o.centre[axis] < SIZE / 2]
+    second = [o for o in scene.objects if o.centre[axis] >= SIZE / 2]
+    if not first or not second or not all(relation_holds(a.centre, b.centre, rel) for a in first for b in second):
+        return None
+    if r.random() < 0.5:
+        first, second, rel = second, first, {"above": "below", "left": "right"}[rel]
+    return f"{counted(first, r, colour)} {r.choice(REL_WORDS[rel] + SPOKEN_REL[rel])} {counted(second, r, colour)}"
+
+
+def grammar_caption(scene: Scene, r: random.Random) -> str:
+    """One random true caption of `scene` before speech's fillers and typos (`caption`)."""
     objs, kind = scene.objects, r.random()
     colour, size = r.random() < 0.75, r.random() < 0.4
+    if r.random() < 0.06:
+        return unnamed(objs, r, colour)
     if len(objs) == 1:
         place = scene.place if scene.place and r.random() < 0.75 else None
-        text = phrase(objs[0], r, colour, size, place)
+        text = spoken_phrase(objs[0], r, colour, size, place)
         return r.choice(["the " + text[text.index(" ") + 1:], text]) if kind < 0.2 else text
     if kind < 0.25:
-        return counted(scene, r, colour)
+        return counted(objs, r, colour)
     if scene.layout in ("row", "column") and kind < 0.75:
         a, b = objs if r.random() < 0.5 else objs[::-1]
         rel = ("left" if a is objs[0] else "right") if scene.layout == "row" else ("above" if a is objs[0] else "below")
-        pa, pb = phrase(a, r, colour, size), phrase(b, r, colour, size)
-        if r.random() < 0.2:
-            first, second = (("on the left", "on the right") if scene.layout == "row" else ("at the top", "at the bottom"))
-            pa, pb = (phrase(objs[0], r, colour, size), phrase(objs[1], r, colour, size))
-            return f"{first} {pa}, {second} {pb}"
-        return f"{pa} {r.choice(REL_WORDS[rel])} {pb}"
+        return related(a, rel, b, r, colour, size, scene.layout == "row")
+    if scene.layout == "grid" and kind < 0.5:
+        text = grouped(scene, r, colour)
+        if text is not None:
+            return text
     if scene.layout == "grid" and kind < 0.75:
         quadrants = [("top " if o.centre[1] < 32 else "bottom ") + ("left" if o.centre[0] < 32 else "right") for o in objs]
-        parts = [phrase(o, r, colour, size, q) for o, q in zip(objs, quadrants)]
+        parts = [spoken_phrase(o, r, colour, size, q, short=True) for o, q in zip(objs, quadrants)]
         return join(parts)
-    parts = [phrase(o, r, colour, size) for o in objs]
+    parts = [spoken_phrase(o, r, colour, size, short=len(objs) > 2) for o in objs]
     r.shuffle(parts)
-    return join(parts)
+    return r.choice([join(parts), join(parts), ", ".join(parts), " with ".join(parts), " plus ".join(parts)])
+
+
+def typo(text: str, r: random.Random) -> str:
+    """`text` with one word of `TYPO_MIN` letters or more misspelt (`typos`), if it has one."""
+    words = text.split(" ")
+    long = [i for i, w in enumerate(words) if len(w) >= TYPO_MIN and w.isalpha()]
+    if long:
+        i = r.choice(long)
+        words[i] = r.choice(sorted(typos(words[i])))
+    return " ".join(words)
+
+
+def caption(scene: Scene, r: random.Random) -> str:
+    """One random true caption of `scene` (the training distribution): the grammar's, sometimes with a filler
+    before or after it ('draw a 7 please') or a word misspelt."""
+    text = grammar_caption(scene, r)
+    if r.random() < 0.2:
+        text = f"{r.choice(PREFIXES)} {text}"
+    if r.random() < 0.08:
+        text += r.choice(SUFFIXES)
+    if r.random() < 0.08:
+        text = typo(text, r)
+    return text
 
 
 class SceneCaptions:
@@ -234,8 +391,8 @@ class SceneCaptions:
         return Scene(tuple(objects), "list")
 
     def sample_with_negatives(self, labels: torch.Tensor, keys: list[str]) -> tuple[list[str], list[str]]:
-        """Captions (the same as `sample`'s) and, for each, a hard negative: the same words about a minimally
-        changed scene (NegCLIP)."""
+        """Captions (`sample`'s, but where no change of the scene would show in one, as in "three digits", another)
+        and, for each, a hard negative: the same words about a minimally changed scene (NegCLIP)."""
         pairs = [caption_with_negative(self.scenes[i], key)[:2] for i, key in zip(labels.tolist(), keys)]
         return [p for p, _ in pairs], [n for _, n in pairs]
 
@@ -301,19 +458,21 @@ def caption_with_negative(scene: Scene, seed: int | str, drawable: bool = False)
     """A random caption, the same caption (same random choices) of a perturbed scene that means something
     else, and that scene. A swap of places only counts where the caption says where things are. `drawable`:
     only perturbations that render as they read (not the count's third digit added on top of the first)."""
-    r = random.Random(seed)
-    text = caption(scene, random.Random(seed))
-    kinds = [k for k in NEGATIVES if k != "digit" and (k != "relation" or any(w in text for w in PLACE_TERMS))
-             and not (drawable and stacks(scene, k))]
-    r.shuffle(kinds)
-    for kind in [*kinds, "digit"]:  # a digit change always shows: every caption names every digit
-        other = perturb(scene, kind, r)
-        if other is not None:
-            negative = caption(other, random.Random(seed))
-            if negative != text:
-                return text, negative, other
+    for attempt in range(8):  # a caption no change shows in ("three digits") gives way to another
+        key = seed if attempt == 0 else f"{seed}:{attempt}"
+        r = random.Random(key)
+        text = caption(scene, random.Random(key))
+        kinds = [k for k in NEGATIVES if k != "digit" and (k != "relation" or any(w in text for w in PLACE_TERMS))
+                 and not (drawable and stacks(scene, k))]
+        r.shuffle(kinds)
+        for kind in [*kinds, "digit"]:  # a digit change shows in every caption that names the digits
+            other = perturb(scene, kind, r)
+            if other is not None:
+                negative = caption(other, random.Random(key))
+                if negative != text:
+                    return text, negative, other
     other = perturb(scene, "digit", r)
-    return text, caption(other, random.Random(seed)), other
+    return text, caption(other, random.Random(key)), other
 
 
 def twin_glyphs(scene: Scene, picks: list[int], other: Scene, pool: GlyphPool, rng: np.random.Generator) -> list[int]:

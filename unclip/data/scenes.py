@@ -37,6 +37,9 @@ PLACES = {
     "top left": (16, 16), "top right": (48, 16), "bottom left": (16, 48), "bottom right": (48, 48),
 }
 RELATIONS = ("left", "right", "above", "below")
+# training scenes whose objects of a digit share one colour, and whose objects all do: so that "three blue 7s",
+# "two green 5s above a yellow 1" and "three blue digits" are said often enough to learn (issue 46); test has none
+TRAIN_SHARES = (0.3, 0.1)
 
 
 @dataclass(frozen=True)
@@ -98,12 +101,25 @@ def _digits(rng: np.random.Generator, n: int) -> list[int]:
     return [int(d) for d in rng.integers(0, 10, n)]
 
 
+def shared(colours: list[str], digits: list[int], share: str | None, allow_held_out: bool) -> list[str]:
+    """The colours of a scene's objects made to agree: `share` "digit": the objects of a digit take its first
+    object's colour; "all": every object takes the first colour that no digit of the scene is held out from."""
+    if share == "digit":
+        first = {}
+        return [first.setdefault(d, c) for d, c in zip(digits, colours)]
+    if share == "all":
+        return [next(c for c in (colours[0], *COLOURS) if allow_held_out or all((c, d) not in HELD_OUT for d in digits))] \
+            * len(colours)
+    return colours
+
+
 def sample_scene(rng: np.random.Generator, allow_held_out: bool, n: int | None = None, layout: str | None = None,
-                 digits: list[int] | None = None) -> Scene:
-    """A random scene; `n`, `layout` and `digits` may be fixed by the caller (the benchmark's tasks do)."""
+                 digits: list[int] | None = None, share: str | None = None) -> Scene:
+    """A random scene; `n`, `layout` and `digits` may be fixed by the caller (the benchmark's tasks do); `share`
+    makes its colours agree (`shared`)."""
     n = n or int(rng.choice(range(1, MAX_OBJECTS + 1), p=[0.3, 0.35, 0.15, 0.2]))
     digits = digits or _digits(rng, n)
-    colours = [_colour(rng, d, allow_held_out) for d in digits]
+    colours = shared([_colour(rng, d, allow_held_out) for d in digits], digits, share, allow_held_out)
     place = None
     if n == 1:
         layout = layout or ("place" if rng.random() < 0.6 else "single")
@@ -169,14 +185,17 @@ class GlyphPool:
 
 
 def make_scenes(pool: GlyphPool, count: int, seed: int, allow_held_out: bool, render: bool = True,
-                **fixed) -> tuple[list[Scene], Optional[torch.Tensor], list[list[int]]]:
+                shares: tuple[float, float] = (0.0, 0.0), **fixed) -> tuple[list[Scene], Optional[torch.Tensor], list[list[int]]]:
     """`count` scenes drawn with glyphs from `pool`; deterministic for `seed`. Returns (scenes, uint8 images
     (count, 3, 64, 64), or None without `render` (the same scenes and glyphs), each scene's glyphs as indices into
-    the pool's images)."""
-    rng = np.random.default_rng(seed)
+    the pool's images). `shares`: the chance that a scene's objects of one digit share a colour, and that all its
+    objects do (`shared`; drawn from a generator of their own, so the scenes are otherwise those of (0, 0))."""
+    rng, agree = np.random.default_rng(seed), np.random.default_rng([seed, 46])
     scenes, out, picks = [], torch.zeros(count, 3, SIZE, SIZE, dtype=torch.uint8) if render else None, []
     for i in range(count):
-        scene = sample_scene(rng, allow_held_out, **fixed)
+        u = agree.random()
+        share = "all" if u < shares[1] else "digit" if u < shares[0] + shares[1] else None
+        scene = sample_scene(rng, allow_held_out, share=share, **fixed)
         picks.append(pool.picks(scene, rng))
         if render:
             out[i] = pool.render(scene, picks[-1])
