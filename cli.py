@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from t2i.stages.tune import TUNABLE
-from unclip.config import DEFAULT_PIPELINE, DistillConfig
+from unclip.config import DEFAULT_PIPELINE, DistillConfig, TextConfig
 from unclip.data import SOURCE_USAGE, SOURCES, STREAMABLE
 from unclip.device import DEVICES
 from unclip.diffusion.sampling import SAMPLERS
@@ -317,6 +317,37 @@ def classify(
         typer.echo(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranking[:top]))
 
 
+class Pooling(str, Enum):
+    mean = "mean"
+    first = "first"
+
+
+@command("text-import")
+def text_import(
+    transformers: Annotated[Path, typer.Option("--transformers", help="A Hugging Face transformers text model saved "
+                                               "locally (save_pretrained: config.json, model.safetensors, tokenizer.json).")],
+    out: Annotated[Path, typer.Option("--out", help="The text encoder folder written (config.yaml, model.safetensors, tokenizer/).")],
+    context: Annotated[int, typer.Option("--context", min=2, help="Tokens a caption is cut to.")] = TextConfig.context,
+    pooling: Annotated[Pooling, typer.Option("--pooling", help="The caption's embedding: its tokens' mean (T5) or the "
+                                             "first token's (BERT's [CLS]).")] = Pooling.mean,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the text encoder --out holds.")] = False,
+) -> None:
+    """A frozen pretrained text encoder (T5's encoder, BERT, a CLIP text model) for stage two to read captions with,
+    from a local folder (no network): t2i decoder-train --text OUT trains the prior and the decoder against it."""
+    from unclip.checkpoint import CONFIG_FILE, save_checkpoint
+    from unclip.models.pretrained_text import TOKENIZER_DIR, feature_width, import_transformers
+
+    if (out / CONFIG_FILE).is_file() and not overwrite:
+        raise UserError(f"--out {out} already holds a stage ({CONFIG_FILE}): replace it with --overwrite, or choose another --out")
+    text, cfg, tokenizer = import_transformers(transformers, context, pooling.value)
+    save_checkpoint(out, text, cfg)
+    tokenizer.save_pretrained(out / TOKENIZER_DIR)
+    params = sum(p.numel() for p in text.parameters())
+    console.print(f"imported the {cfg.model.get('model_type')} text encoder {cfg.name} ({params / 1e6:.2f}M parameters, "
+                  f"features {feature_width(cfg)} wide, context {context}) to {out}. "
+                  f"Next: t2i decoder-train --clip CLIP --text {out} --config YAML --out DIR", highlight=False)
+
+
 @command("decoder-train")
 @training_flags()
 def decoder_train(
@@ -324,6 +355,8 @@ def decoder_train(
     config: ConfigOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Pipeline folder: prior/, decoder/ and a copy of clip/.")] = Path("runs/pipeline"),
     stage: Annotated[StageChoice, typer.Option("--stage")] = StageChoice.both,
+    text: Annotated[Optional[Path], typer.Option("--text", help="A pretrained text encoder (t2i text-import) to read "
+                                                 "captions with instead of CLIP's text tower; copied to OUT/text.")] = None,
     resume: bool = False, overwrite: bool = False, flags: dict = None,
 ) -> None:
     """Stage two: train the diffusion prior and/or the decoder against a frozen CLIP."""
@@ -332,7 +365,7 @@ def decoder_train(
     from unclip.checkpoint import WEIGHTS_FILE
 
     stages = ["prior", "decoder"] if stage == StageChoice.both else [stage.value]
-    last = train_stage_two(clip, config, flags, out, stages, resume, overwrite)
+    last = train_stage_two(clip, config, flags, out, stages, resume, overwrite, text)
     ended(last)
     if not last.get("finished") and is_main():
         if (out / "decoder" / WEIGHTS_FILE).is_file():

@@ -35,9 +35,9 @@ def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, pri
     text, rows = None, []
     if prior is not None:
         prompts = fixed_captions(frozen)
-        emb = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior, prompts, options.sampler, options.steps,
+        emb = sample_image_embeddings(*frozen.captions(), prior, prompts, options.sampler, options.steps,
                                       options.prior_guidance, generator, options.prior_candidates)
-        text = text_condition(frozen.clip, frozen.tokenizer, prompts)[1:] if cfg.model.text_tokens else None
+        text = text_condition(*frozen.captions(), prompts)[1:] if cfg.model.text_tokens else None
     else:
         originals = frozen.val.pixels(torch.arange(min(10, len(frozen.val))))
         emb = frozen.clip.encode_image(originals.to(device))
@@ -57,7 +57,7 @@ def training_example(frozen: FrozenClip, cfg: DecoderConfig, batch: CaptionedIma
     text = None
     if m.text_tokens:  # the captions CLIP and the prior saw for these images
         captions = batch.captions(seed=caption_seed(cfg.train.seed, step))
-        _, features, mask = text_condition(frozen.clip, frozen.tokenizer, captions)
+        _, features, mask = text_condition(*frozen.captions(), captions)
         text = (features, mask & (torch.rand(len(batch), device=device) >= m.text_drop)[:, None])
         if m.embed_drop:
             text += (torch.rand(len(batch), device=device) >= m.embed_drop,)
@@ -75,7 +75,7 @@ def true_layouts(cfg: DecoderConfig, captioner, labels: torch.Tensor, device: to
 def validation_example(frozen: FrozenClip, cfg: DecoderConfig, idx: torch.Tensor) -> tuple:
     """(x0, condition) of validation examples `idx`: fixed captions, no caption dropped."""
     pixels = frozen.val.pixels(idx).to(frozen.device)
-    text = text_condition(frozen.clip, frozen.tokenizer, frozen.val.captions(idx, seed=0))[1:] \
+    text = text_condition(*frozen.captions(), frozen.val.captions(idx, seed=0))[1:] \
         if cfg.model.text_tokens else None
     val = frozen.val
     layout = true_layouts(cfg, val.captioner, val.labels[idx], frozen.device) if cfg.model.layout else None
@@ -91,15 +91,17 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
     m = replace(m, image_channels=clip_m.image_channels,
                 image_size=m.image_size or clip_m.image_size,  # what CLIP sees, unless the decoder is a cascade's base
                 layout_fields=list(layout_fields(frozen.data, "decoder layout").values()) if m.layout else m.layout_fields)
-    cfg = replace(cfg, model=m, clip_fingerprint=frozen.fingerprint)
+    cfg = replace(cfg, model=m, clip_fingerprint=frozen.fingerprint, text=frozen.text_dims if m.text_tokens else None)
     t = cfg.train
-    model = seeded(t.seed, lambda: UNet(m, clip_m.embed_dim, text_width=clip_m.text_width))
+    model = seeded(t.seed, lambda: UNet(m, clip_m.embed_dim, text_width=frozen.text_width()))
     model = model.to(device, memory_format=torch.channels_last)  # 1.07x a step on the CPU (docs/results/mnist-from-scratch.md, "Throughput")
     base = decoder_diffusion(model, cfg, device)
 
     if m.ground_weight and not (m.text_levels and hasattr(getattr(frozen.data, "captioner", None), "groundings")):
         raise ConfigError("decoder ground_weight needs text_levels (cross-attentions to ground) and data whose captions "
                           "say which object each word names (--data scenes)")
+    if m.ground_weight and frozen.text is not None:
+        raise ConfigError("decoder ground_weight grounds CLIP's BPE tokens: it does not combine with a text/ encoder")
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
         x0, cond = training_example(frozen, cfg, batch, step)

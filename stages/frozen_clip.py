@@ -11,7 +11,7 @@ import torch
 from rich.progress import track
 
 from unclip.checkpoint import fingerprint
-from unclip.config import TrainConfig
+from unclip.config import TextEncoderDims, TrainConfig
 from unclip.data import CaptionedImages, load_split
 from unclip.data.captions import TextCaptions
 from unclip.data.stream import StreamedCaptions
@@ -37,21 +37,36 @@ class FrozenClip:
     # (N, D) unit-norm embeddings of `data` in memory, on the device; a stream's are made as batches come
     image_emb: Optional[torch.Tensor] = None
     _captioned: Optional[tuple[CaptionedImages, torch.Tensor]] = None
+    # a pretrained caption encoder (text/, `t2i text-import`) that stage two reads captions with instead of CLIP's
+    # text tower: (encoder, tokenizer), and what a stage trained against it records
+    text: Optional[tuple[torch.nn.Module, object]] = None
+    text_dims: Optional[TextEncoderDims] = None
 
     @classmethod
-    def load(cls, clip_dir: Path, train: TrainConfig) -> "FrozenClip":
+    def load(cls, clip_dir: Path, train: TrainConfig, text_dir: Optional[Path] = None) -> "FrozenClip":
         device = training_device(train.device)  # joins the process group before anything is built
         clip, cfg = load_clip(clip_dir, device)
         clip.requires_grad_(False)
         m = cfg.model
+        text = load_text(text_dir, device) if text_dir is not None else None  # before minutes of data
         data = load_split(train, "train", m.image_channels, m.image_size)
         val = load_split(train, "val", m.image_channels, m.image_size)
         frozen = cls(clip, Tokenizer(m.text_context), fingerprint(clip.state_dict()), data, val, device)
+        if text is not None:
+            frozen.text, frozen.text_dims = text[:2], text[2]
         if isinstance(data, CaptionedImages):  # minutes for 55,000 scenes on 2 cores: a progress bar
             chunks = track(data.images.split(EMBED_CHUNK), f"embedding {len(data)} training images with CLIP",
                            console=console, disable=not is_main())
             frozen.image_emb = torch.cat([encode_images(clip, chunk) for chunk in chunks])
         return frozen
+
+    def captions(self) -> tuple[torch.nn.Module, object]:
+        """(encoder, tokenizer) stage two reads captions with: the pretrained text encoder's, else CLIP's."""
+        return self.text or (self.clip, self.tokenizer)
+
+    def text_width(self) -> int:
+        """The width of the token features stage two reads."""
+        return self.text_dims.width if self.text_dims else self.clip.config.text_width
 
     @torch.no_grad()
     def embed(self, batch: CaptionedImages) -> torch.Tensor:
@@ -75,3 +90,13 @@ class FrozenClip:
             self._captioned = (CaptionedImages(images=None, labels=torch.arange(len(captions)),
                                                captioner=TextCaptions(captions)), torch.cat(embeddings))
         return self._captioned
+
+
+def load_text(folder: Path, device: torch.device) -> tuple[torch.nn.Module, object, TextEncoderDims]:
+    """A text/ stage folder (`t2i text-import`): its encoder, frozen, its tokenizer, and what a stage records of it."""
+    from unclip.components import STAGES
+    from unclip.components.text import dims, text_tokenizer
+
+    encoder, cfg = STAGES["text"].load(Path(folder), None, device)
+    encoder.requires_grad_(False)
+    return encoder, text_tokenizer(Path(folder), cfg), dims(encoder, cfg)

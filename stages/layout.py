@@ -14,6 +14,9 @@ import torch
 
 from t2i.stages.clip import caption_seed
 from t2i.stages.distributed import training_device
+from t2i.stages.distributed import is_main
+from t2i.stages.frozen_clip import load_text
+from unclip.vocabulary import extend_vocabulary
 from t2i.stages.stage_two import stage_config
 from t2i.stages.trainer import Stage, check_out, fit, held_out_loss, nothing_to_resume, seeded
 from unclip.checkpoint import CONFIG_FILE, fingerprint
@@ -28,19 +31,24 @@ from unclip.tokenizer import Tokenizer, vocabulary_words
 CHECKED = 500  # validation captions whose sampled layouts are checked
 
 
-def layout_stage(cfg: LayoutConfig, clip_dir: Path, data: CaptionedImages, val: CaptionedImages) -> Stage:
+def layout_stage(cfg: LayoutConfig, clip_dir: Path, data: CaptionedImages, val: CaptionedImages,
+                 text_dir: Optional[Path] = None) -> Stage:
+    """`text_dir`: the pipeline's own caption encoder (text/), read instead of CLIP's text tower."""
     t, m = cfg.train, cfg.model
     device = training_device(t.device)
     clip, clip_cfg = load_clip(clip_dir, device)
     clip.requires_grad_(False)
-    tokenizer = Tokenizer(clip_cfg.model.text_context)
-    cfg = replace(cfg, clip_fingerprint=fingerprint(clip.state_dict()))  # the Stage's config, saved beside the weights
+    reader, dims = (clip, Tokenizer(clip_cfg.model.text_context)), None
+    if text_dir is not None:
+        *reader, dims = load_text(text_dir, device)
+    # the Stage's config, saved beside the weights
+    cfg = replace(cfg, clip_fingerprint=fingerprint(clip.state_dict()), text=dims)
     m = cfg.model
-    model = seeded(t.seed, lambda: LayoutModel(m, clip_cfg.model.text_width)).to(device)
+    model = seeded(t.seed, lambda: LayoutModel(m, dims.width if dims else clip_cfg.model.text_width)).to(device)
     stray = stray_vocabulary(data.captioner) if cfg.stray_words else []
 
     def example(examples: CaptionedImages, labels: torch.Tensor, captions: list[str]) -> tuple:
-        _, features, mask = text_condition(clip, tokenizer, captions)
+        _, features, mask = text_condition(*reader, captions)
         return examples.captioner.layouts(labels, captions).to(device), features, mask
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
@@ -119,5 +127,8 @@ def train_layout(pipeline: Path, config_path: Optional[Path], flags: dict, resum
     if check_out(Path(pipeline) / "layout", "layout", resume, overwrite) == "finished":  # before the data loads
         return nothing_to_resume(Path(pipeline) / "layout", "layout")
     cfg, data, val = layout_setup(pipeline, config_path, flags)
-    return fit(layout_stage(cfg, Path(pipeline) / "clip", data, val), cfg.train, Path(pipeline) / "layout", resume,
-               overwrite=overwrite)
+    if is_main():
+        extend_vocabulary(Path(pipeline) / "clip", data.captioner)
+    text = Path(pipeline) / "text"
+    return fit(layout_stage(cfg, Path(pipeline) / "clip", data, val, text if text.is_dir() else None), cfg.train,
+               Path(pipeline) / "layout", resume, overwrite=overwrite)

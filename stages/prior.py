@@ -23,11 +23,14 @@ from unclip.options import SamplingOptions
 
 
 def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
-    cfg = replace(cfg, clip_fingerprint=frozen.fingerprint)  # the Stage's config, saved beside the weights
-    t = cfg.train
+    # the Stage's config, saved beside the weights
+    cfg = replace(cfg, clip_fingerprint=frozen.fingerprint, text=frozen.text_dims)
+    t, d = cfg.train, frozen.text_dims
     device = training_device(t.device)
     clip_m = frozen.clip.config
-    model = seeded(t.seed, lambda: DiffusionPrior(cfg.model, clip_m.embed_dim, clip_m.text_width, clip_m.text_context))
+    model = seeded(t.seed, lambda: DiffusionPrior(cfg.model, clip_m.embed_dim, d.width if d else clip_m.text_width,
+                                                  d.context if d else clip_m.text_context,
+                                                  text_embed_dim=d.embed_dim if d else None))
     model = model.to(device)
     base = prior_diffusion(model, cfg, device)
     data, image_emb = frozen.captioned(t.workers)
@@ -43,7 +46,8 @@ def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
         val = frozen.val
         idx = torch.arange(min(500, len(val)))  # fixed images and captions: comparable across epochs
         captions = val.captions(idx, seed=0)
-        return prior_cosine(frozen.clip, frozen.tokenizer, prior_diffusion(shipped, cfg, device), val.images[idx], captions)
+        return prior_cosine(frozen.clip, frozen.tokenizer, prior_diffusion(shipped, cfg, device), val.images[idx], captions,
+                            reader=frozen.text)
 
     def sample(shipped: DiffusionPrior, step: int, out: Path) -> torch.Tensor:
         return save_prior_samples(frozen, prior_diffusion(shipped, cfg, device), step, out)
@@ -56,14 +60,14 @@ def training_example(frozen: FrozenClip, cfg: PriorConfig, prior: DiffusionPrior
                      batch: CaptionedImages, step: int) -> tuple:
     """(x0, condition) of a training batch: its images' CLIP embeddings (`image_emb`, looked up), in the space the
     prior diffuses, and one of each image's captions."""
-    cond = text_condition(frozen.clip, frozen.tokenizer, batch.captions(seed=caption_seed(cfg.train.seed, step)))
+    cond = text_condition(*frozen.captions(), batch.captions(seed=caption_seed(cfg.train.seed, step)))
     return prior.encode(image_emb[batch.example_ids.to(frozen.device)]), cond
 
 
 def validation_example(frozen: FrozenClip, prior: DiffusionPrior, idx: torch.Tensor) -> tuple:
     """(x0, condition) of validation examples `idx`: fixed captions."""
     emb = frozen.clip.encode_image(frozen.val.pixels(idx).to(frozen.device))
-    return prior.encode(emb), text_condition(frozen.clip, frozen.tokenizer, frozen.val.captions(idx, seed=0))
+    return prior.encode(emb), text_condition(*frozen.captions(), frozen.val.captions(idx, seed=0))
 
 
 @torch.no_grad()
@@ -74,7 +78,7 @@ def save_prior_samples(frozen: FrozenClip, prior: Diffusion, step: int, out: Pat
     `guidance`: the prior's; None, the library's default (SamplingOptions)."""
     options = SamplingOptions()  # the library's defaults (a shipped pipeline's sampling.yaml may set others)
     callback, shots = chain_recorder(options.steps)
-    final = sample_image_embeddings(frozen.clip, frozen.tokenizer, prior, fixed_captions(frozen), options.sampler,
+    final = sample_image_embeddings(*frozen.captions(), prior, fixed_captions(frozen), options.sampler,
                                     options.steps, options.prior_guidance if guidance is None else guidance,
                                     torch.Generator(frozen.device).manual_seed(0), callback=callback)
     images, embeddings = gallery(frozen)
@@ -88,7 +92,7 @@ def fit_whitening(frozen: FrozenClip, data: CaptionedImages, image_emb: torch.Te
     """`residual_whitening` of up to `n` training examples (a fixed draw), each with one of its captions."""
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
     captions = data.subset(idx, batch=True).captions(seed=caption_seed(seed, 0))
-    text = torch.cat([text_condition(frozen.clip, frozen.tokenizer, captions[i:i + 1024])[0]
+    text = torch.cat([text_condition(*frozen.captions(), captions[i:i + 1024])[0]
                       for i in range(0, len(captions), 1024)])
     return residual_whitening(image_emb[idx.to(image_emb.device)] * scale, text)
 

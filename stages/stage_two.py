@@ -18,6 +18,7 @@ from unclip.errors import CheckpointError, ConfigError
 from unclip.components import STAGES
 from unclip.components.prior import prior_diffusion
 from unclip.options import SamplingOptions
+from unclip.vocabulary import extend_vocabulary
 
 
 def stage_config(cls, stage: str, clip_cfg: ClipConfig, config_path: Optional[Path], flags: dict):
@@ -35,13 +36,18 @@ def copy_clip(clip_dir: Path, out: Path) -> None:
 
 
 def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, out: Path, stages: list[str],
-                    resume: bool = False, overwrite: bool = False) -> dict:
+                    resume: bool = False, overwrite: bool = False, text_dir: Optional[Path] = None) -> dict:
     """Train `stages` in order; {"interrupted": signal} if a stage was stopped (the rest is left for --resume),
-    {"finished": True} if `resume` found every one finished (said at once, nothing loaded), else {}."""
+    {"finished": True} if `resume` found every one finished (said at once, nothing loaded), else {}. `text_dir`: a
+    pretrained caption encoder (`t2i text-import`) to read captions with instead of CLIP's text tower, copied into
+    `out`/text/; an `out` that already has one reads with it."""
     clip_dir, out = resolve_folder(clip_dir, "clip"), Path(out)  # a folder, or a shipped name (mnist, scenes)
     clip_cfg = load_config(ClipConfig, clip_dir / CONFIG_FILE) if (clip_dir / CONFIG_FILE).is_file() else None
     if clip_cfg is None:
         raise CheckpointError(f"--clip {clip_dir}: not a CLIP checkpoint folder (no {CONFIG_FILE})")
+    text_dir = Path(text_dir) if text_dir is not None else (out / "text" if (out / "text").is_dir() else None)
+    if text_dir is not None and not (text_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"--text {text_dir}: not a text encoder folder (no {CONFIG_FILE}; t2i text-import writes one)")
     modes = {}
     for stage in stages:  # before minutes of loading and embedding: a refusal, or nothing to do, is said at once
         folder = out / stage
@@ -54,8 +60,12 @@ def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, ou
     sampling = sampling_section(config_path)
     prior_cfg = stage_config(PriorConfig, "prior", clip_cfg, config_path, flags)
     decoder_cfg = stage_config(DecoderConfig, "decoder", clip_cfg, config_path, flags)
-    frozen = FrozenClip.load(clip_dir, (prior_cfg if stages[0] == "prior" else decoder_cfg).train)
+    frozen = FrozenClip.load(clip_dir, (prior_cfg if stages[0] == "prior" else decoder_cfg).train, text_dir)
     copy_clip(clip_dir, out)
+    if text_dir is not None and (out / "text").resolve() != text_dir.resolve():
+        copy_stage(text_dir, out / "text")
+    if is_main():
+        extend_vocabulary(out / "clip", getattr(frozen.data, "captioner", None))
     prior = None
     if "prior" in stages and modes["prior"] != "finished":
         last = train_prior(prior_cfg, frozen, out / "prior", modes["prior"] == "resume")

@@ -254,7 +254,7 @@ class UnCLIPPipeline:
                 raise UserError("an empty prompt: give a caption or the path of an image")
             self._warn_unknown([source])
             pipe = self.pipeline
-            return sample_image_embeddings(pipe.clip, pipe.tokenizer, pipe.prior, [source], options.sampler,
+            return sample_image_embeddings(*pipe.captions(), pipe.prior, [source], options.sampler,
                                            options.steps, options.prior_guidance, generator, options.prior_candidates)[0]
         return encode_images(self.pipeline.clip, self.image(source)[None])[0]
 

@@ -100,10 +100,13 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, config, dtype: Optional[torch.dtype] = None) -> None:
     """Write `config.yaml` and `model.safetensors` into `folder`, floats cast to `dtype` if given."""
-    state = {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-    }
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        if v.untyped_storage().data_ptr() in seen:  # tied weights (T5's embeddings): safetensors stores each once
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        state[k] = v
     folder = Path(folder)
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
     atomic_write_text(folder / CONFIG_FILE, to_yaml(config))
@@ -180,18 +183,24 @@ def check_fingerprint(stage_folder: Path, recorded: str, clip_print: str) -> Non
 
 
 SHIPPED_EXTRAS = ("vocabulary.txt",)  # what a stage folder may hold beside its config and weights, and ships
+SHIPPED_DIRS = ("tokenizer",)  # ... and folders (a text/ encoder's tokenizer files)
+
+
+def copy_extra_dirs(src: Path, dst: Path) -> None:
+    for name in SHIPPED_DIRS:
+        if (Path(src) / name).is_dir():
+            shutil.copytree(Path(src) / name, Path(dst) / name, dirs_exist_ok=True)
 
 
 def copy_stage(src: Path, dst: Path) -> None:
-    """Copy a stage folder's `config.yaml` and `model.safetensors` (and its vocabulary) as they are (no training
-    state)."""
+    """Copy a stage folder's `config.yaml` and `model.safetensors` (and its vocabulary, its tokenizer) as they are
+    (no training state)."""
     Path(dst).mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE, *SHIPPED_EXTRAS):
         if name in SHIPPED_EXTRAS and not (Path(src) / name).is_file():
             continue
         shutil.copyfile(Path(src) / name, Path(dst) / name)
-
-
+    copy_extra_dirs(src, dst)
 
 
 def export_stage(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.float16) -> None:
@@ -202,6 +211,7 @@ def export_stage(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.floa
     for name in SHIPPED_EXTRAS:
         if (Path(src) / name).is_file():
             atomic_write_text(Path(dst) / name, (Path(src) / name).read_text())
+    copy_extra_dirs(src, dst)
 
 
 def export_pipeline(src: Path, dst: Path, dtype: Optional[torch.dtype] = torch.float16) -> None:

@@ -119,6 +119,31 @@ class ClipConfig:
 
 
 @dataclass
+class TextConfig:
+    """A frozen pretrained text encoder from Hugging Face `transformers` (T5's encoder, BERT, a CLIP text model) as
+    the caption encoder of stage two (`t2i text-import`). Its model config as transformers writes it (config.json) is
+    saved here, so the stage builds without the folder it came from; its tokenizer's files are kept in tokenizer/."""
+
+    model: dict = field(default_factory=dict)  # config.json: model_type, d_model or hidden_size, ...
+    name: str = ""  # the folder it was imported from, for the record
+    context: int = 64  # tokens a caption is cut to (its special tokens included)
+    # the caption's embedding, which the prior reads beside the token features: their mean over the caption's
+    # tokens (Sentence-T5's choice for T5's encoder), or the first token's (BERT's [CLS])
+    pooling: str = choice("mean", "first")
+
+
+@dataclass
+class TextEncoderDims:
+    """The caption encoder a stage of stage two was trained against, where a pipeline has one of its own (text/, from
+    `t2i text-import`) rather than reading CLIP's text tower: its sizes and fingerprint, set when the stage trains."""
+
+    embed_dim: int = 0  # the caption embedding's width
+    width: int = 0  # the token features' width
+    context: int = 0
+    fingerprint: str = ""  # of its weights, checked when the pipeline loads
+
+
+@dataclass
 class PriorModelConfig:
     """DALL-E 2 style diffusion prior: a Transformer over the caption and the noised image embedding."""
 
@@ -146,6 +171,7 @@ class PriorConfig:
     # 100 epochs: in a few the prior only learns each caption's typical embedding (docs/results/mnist.md, "The prior")
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=512, lr=1e-3, ema_decay=0.999))
     clip_fingerprint: str = ""  # of the CLIP weights this stage was trained against
+    text: Optional[TextEncoderDims] = None  # the pipeline's own caption encoder it reads, if not CLIP's text tower
 
 
 @dataclass
@@ -208,6 +234,7 @@ class DecoderConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, batch_size=128, lr=1e-3, warmup_steps=200,
                                                                    ema_decay=0.999, sample_every=1000))
     clip_fingerprint: str = ""
+    text: Optional[TextEncoderDims] = None  # as the prior's
 
 
 @dataclass
@@ -266,6 +293,7 @@ class LayoutConfig:
     # does not know, as in "exactly three 7s" (held-out phrasings)
     stray_words: float = 0.0
     clip_fingerprint: str = ""
+    text: Optional[TextEncoderDims] = None  # as the prior's
 
 
 @dataclass

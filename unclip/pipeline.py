@@ -17,6 +17,7 @@ from unclip.components.clip import prompt_conditions
 from unclip.components.decoder import decode, decoder_condition
 from unclip.components.layout import sample_layouts
 from unclip.components.prior import sample_image_embeddings
+from unclip.components.text import check_reads, text_tokenizer
 from unclip.components.upsampler import upsample
 from unclip.device import resolve_device
 from unclip.errors import CheckpointError
@@ -40,6 +41,13 @@ class Pipeline:
     device: torch.device
     defaults: SamplingOptions = field(default_factory=SamplingOptions)  # the folder's sampling.yaml, if any
     vocabulary: Optional[frozenset[str]] = None  # the words of its training captions (clip/vocabulary.txt), if saved
+    text_tokenizer: Optional[object] = None  # its text/ encoder's tokenizer, where it has one
+
+    def captions(self) -> tuple[torch.nn.Module, object]:
+        """(encoder, tokenizer) that the pipeline reads captions with: its text/ encoder's, else CLIP's text tower's."""
+        if self.text is not None:
+            return self.text, self.text_tokenizer
+        return self.clip, self.tokenizer
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "auto") -> "Pipeline":
@@ -60,13 +68,18 @@ class Pipeline:
                 clip_print = fingerprint(stages["clip"].state_dict())
             elif spec.clip_bound:
                 check_fingerprint(folder / name, configs[name].clip_fingerprint, clip_print)
+        text_print = fingerprint(stages["text"].state_dict()) if "text" in stages else None
+        for name, cfg in configs.items():
+            if STAGES[name].reads_captions(cfg):
+                check_reads(name, cfg.text, text_print, folder / name)
         base = configs["decoder"]
         if "upsampler" in configs:
             upsampler_stage.check_fits(configs["upsampler"], base.model.image_size, folder / "upsampler")
         if "layout" in configs:
             layout_stage.check_fits(configs["layout"], base, folder / "layout")
         return cls(stages, configs, Tokenizer(configs["clip"].model.text_context), dev, load_sampling(folder),
-                   load_vocabulary(folder / "clip"))
+                   load_vocabulary(folder / "clip"),
+                   text_tokenizer(folder / "text", configs["text"]) if "text" in configs else None)
 
     def __getattr__(self, name: str):
         stage, is_config = _stage_attribute(name)
@@ -135,10 +148,10 @@ def draw(pipe: Pipeline, captions: list[str], options: SamplingOptions, generato
     Negative prompts (one per caption) work as in Kandinsky 2.2: the prior's guidance steers away from their
     text condition, and the decoder's (when its guidance is not 1) away from their image embeddings."""
     embed = lambda texts, neg: sample_image_embeddings(  # noqa: E731
-        pipe.clip, pipe.tokenizer, pipe.prior, texts, options.sampler, options.steps, options.prior_guidance,
+        *pipe.captions(), pipe.prior, texts, options.sampler, options.steps, options.prior_guidance,
         generator, options.prior_candidates, neg)
     emb = embed(captions, negatives)
-    cond, neg = prompt_conditions(pipe.clip, pipe.tokenizer, captions, negatives)
+    cond, neg = prompt_conditions(*pipe.captions(), captions, negatives)
     negative = None  # the caption's tokens go to decoders that read them (decoder_condition)
     if negatives is not None and options.guidance != 1.0:
         negative = decoder_condition(pipe.decoder_config, embed(negatives, None), neg[1:])

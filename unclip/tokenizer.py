@@ -83,3 +83,9 @@ class Tokenizer:
     def __call__(self, texts: list[str]) -> torch.Tensor:
         return torch.stack([self.ids(t) for t in texts])
 
+    @staticmethod
+    def mask(tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) True up to and including each caption's end token, which has the largest id. Not `tokens != 0`:
+        id 0 is padding but also the BPE token of a "!" inside a word."""
+        return torch.arange(tokens.shape[1], device=tokens.device)[None] <= tokens.argmax(-1)[:, None]
+

@@ -37,3 +37,11 @@ def unknown_words(prompt: str, vocabulary: Optional[frozenset[str]]) -> list[str
     if not vocabulary:
         return []
     return list(dict.fromkeys(w for w in words(prompt) if w not in vocabulary))
+
+
+def extend_vocabulary(folder: Path, captioner) -> None:
+    """Add the words of a captioner's captions (a later stage's training data) to the vocabulary saved in `folder` (a
+    pipeline's clip/), where there is one and the captioner lists its words: the pipeline has now seen them too."""
+    known, vocabulary = load_vocabulary(folder), getattr(captioner, "vocabulary", None)
+    if known is not None and vocabulary is not None and not vocabulary() <= known:
+        save_vocabulary(folder, known | vocabulary())

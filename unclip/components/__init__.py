@@ -33,6 +33,9 @@ class StageSpec:
     # the validation metrics its training reports where higher is better (the rest, a loss, are lower-is-better);
     # the first is the one `t2i tune` optimises, else val_loss
     maximize: tuple[str, ...] = ()
+    # reads_captions(cfg): the stage, so configured, reads the caption encoder's output (CLIP's text tower, or the
+    # pipeline's text/ encoder: unclip/components/text.py), and records which it was trained against
+    reads_captions: Callable[[object], bool] = lambda cfg: False
 
     def load(self, folder: Path, clip_cfg: Optional[ClipConfig], device: torch.device) -> tuple[torch.nn.Module, object]:
         """(network in eval mode on `device`, config) of this stage's folder."""
@@ -54,11 +57,12 @@ class StageSpec:
 
 
 def _registry() -> dict[str, StageSpec]:
-    from unclip.components import clip, decoder, layout, prior, upsampler
+    from unclip.components import clip, decoder, layout, prior, text, upsampler
 
-    # in the order a pipeline loads them: CLIP first (the others are checked against it), the decoder before the
-    # stages that fit it (the upsampler enlarges its images, the layout stage writes the fields it reads)
-    return {spec.name: spec for spec in (clip.SPEC, prior.SPEC, decoder.SPEC, upsampler.SPEC, layout.SPEC)}
+    # in the order a pipeline loads them: CLIP and the caption encoder first (the others are checked against them),
+    # the decoder before the stages that fit it (the upsampler enlarges its images, the layout stage writes the
+    # fields it reads)
+    return {spec.name: spec for spec in (clip.SPEC, text.SPEC, prior.SPEC, decoder.SPEC, upsampler.SPEC, layout.SPEC)}
 
 
 STAGES: dict[str, StageSpec] = _registry()

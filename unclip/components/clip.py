@@ -60,18 +60,12 @@ def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str]) -> tuple[t
     return emb, features, tokens
 
 
-def token_mask(tokens: torch.Tensor) -> torch.Tensor:
-    """(B, L) True up to and including each caption's end token, which has the largest id. Not `tokens != 0`:
-    id 0 is padding but also the BPE token of a "!" inside a word."""
-    return torch.arange(tokens.shape[1], device=tokens.device)[None] <= tokens.argmax(-1)[:, None]
-
-
 @torch.no_grad()
 def text_condition(clip: CLIP, tokenizer: Tokenizer, captions: list[str]) -> tuple[torch.Tensor, ...]:
     """The condition captions give the later stages: (scaled text embedding (B, D), token features (B, L, W),
-    mask (B, L))."""
+    mask (B, L)). `clip` and `tokenizer` may be a pipeline's text/ encoder and its tokenizer (`Pipeline.captions`)."""
     emb, features, tokens = encode_texts(clip, tokenizer, captions)
-    mask = token_mask(tokens)
+    mask = tokenizer.mask(tokens)
     length = int(mask.sum(1).max())  # positions after every caption's end carry nothing: drop them
     return emb * embed_scale(emb.shape[-1]), features[:, :length], mask[:, :length]
 

@@ -16,14 +16,15 @@ from unclip.models.unet import UNet
 
 def build_decoder(cfg: DecoderConfig, clip_cfg: ClipConfig) -> UNet:
     m = clip_cfg.model
-    return UNet(cfg.model, m.embed_dim, text_width=m.text_width)
+    return UNet(cfg.model, m.embed_dim, text_width=cfg.text.width if cfg.text else m.text_width)
 
 
 def decoder_diffusion(decoder: UNet, cfg: DecoderConfig, device: torch.device) -> Diffusion:
     return Diffusion.build(decoder, cfg.model, device, clip_x0=1.0)  # pixels: x0 estimates clamped to [-1, 1]
 
 
-SPEC = StageSpec("decoder", DecoderConfig, build_decoder, required=True, diffusion=decoder_diffusion)
+SPEC = StageSpec("decoder", DecoderConfig, build_decoder, required=True, diffusion=decoder_diffusion,
+                 reads_captions=lambda cfg: cfg.model.text_tokens)
 
 
 def decoder_condition(cfg: DecoderConfig, image_emb: torch.Tensor, text: Optional[tuple] = None,

@@ -14,10 +14,10 @@ from unclip.models.layout import LayoutModel
 
 
 def build_layout(cfg: LayoutConfig, clip_cfg: ClipConfig) -> LayoutModel:
-    return LayoutModel(cfg.model, clip_cfg.model.text_width)
+    return LayoutModel(cfg.model, cfg.text.width if cfg.text else clip_cfg.model.text_width)
 
 
-SPEC = StageSpec("layout", LayoutConfig, build_layout)
+SPEC = StageSpec("layout", LayoutConfig, build_layout, reads_captions=lambda cfg: True)
 
 
 def check_fits(cfg: LayoutConfig, decoder_cfg: DecoderConfig, folder) -> None:

@@ -16,15 +16,18 @@ from unclip.tokenizer import Tokenizer
 
 
 def build_prior(cfg: PriorConfig, clip_cfg: ClipConfig) -> DiffusionPrior:
-    m = clip_cfg.model
-    return DiffusionPrior(cfg.model, m.embed_dim, m.text_width, m.text_context)
+    m, t = clip_cfg.model, cfg.text
+    if t is None:
+        return DiffusionPrior(cfg.model, m.embed_dim, m.text_width, m.text_context)
+    return DiffusionPrior(cfg.model, m.embed_dim, t.width, t.context, text_embed_dim=t.embed_dim)
 
 
 def prior_diffusion(prior: DiffusionPrior, cfg: PriorConfig, device: torch.device) -> Diffusion:
     return Diffusion.build(prior, cfg.model, device)
 
 
-SPEC = StageSpec("prior", PriorConfig, build_prior, required=True, diffusion=prior_diffusion, maximize=("prior_cosine",))
+SPEC = StageSpec("prior", PriorConfig, build_prior, required=True, diffusion=prior_diffusion, maximize=("prior_cosine",),
+                 reads_captions=lambda cfg: True)
 
 
 @torch.no_grad()
@@ -53,13 +56,15 @@ def nearest_candidates(emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def prior_cosine(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, images: torch.Tensor, captions: list[str],
-                 sampler: str = "ddim", steps: int = 16, seed: int = 0) -> dict:
+                 sampler: str = "ddim", steps: int = 16, seed: int = 0, reader: Optional[tuple] = None) -> dict:
     """How well the prior does its job: the mean cosine similarity between the embedding it samples for a
     caption and the true CLIP embedding of that caption's image, next to the same for the caption's own
-    text embedding (the baseline a prior must beat; DALL-E 2 sec. 5.1)."""
+    text embedding (the baseline a prior must beat; DALL-E 2 sec. 5.1). `reader`: the (encoder, tokenizer) the
+    prior reads captions with, when not CLIP's (its embeddings live in another space: no baseline, NaN)."""
     device = model_device(clip)
     true = encode_images(clip, images).to(device)
     generator = torch.Generator(device).manual_seed(seed)
-    sampled = sample_image_embeddings(clip, tokenizer, prior, captions, sampler, steps, 1.0, generator, 1)
-    text = F.normalize(text_condition(clip, tokenizer, captions)[0], dim=-1)
-    return {"prior_cosine": (sampled * true).sum(-1).mean().item(), "text_cosine": (text * true).sum(-1).mean().item()}
+    sampled = sample_image_embeddings(*(reader or (clip, tokenizer)), prior, captions, sampler, steps, 1.0, generator, 1)
+    text = F.normalize(text_condition(clip, tokenizer, captions)[0], dim=-1) if reader is None else None
+    return {"prior_cosine": (sampled * true).sum(-1).mean().item(),
+            "text_cosine": (text * true).sum(-1).mean().item() if text is not None else float("nan")}

@@ -11,6 +11,8 @@ whitened by the residual covariance of the image embeddings given the text embed
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,17 +27,21 @@ def embed_scale(dim: int) -> float:
 
 
 class DiffusionPrior(nn.Module):
-    def __init__(self, cfg: PriorModelConfig, embed_dim: int, text_width: int, text_context: int):
+    def __init__(self, cfg: PriorModelConfig, embed_dim: int, text_width: int, text_context: int,
+                 text_embed_dim: Optional[int] = None):
+        """`embed_dim`: CLIP's image embeddings'; the caption's embedding is as wide unless `text_embed_dim` says
+        otherwise (a pretrained text encoder's)."""
         super().__init__()
         self.config = cfg
         w = cfg.width
+        text_embed_dim = text_embed_dim or embed_dim
         self.text_tokens_in = nn.Linear(text_width, w)
-        self.text_embed_in = nn.Linear(embed_dim, w)
+        self.text_embed_in = nn.Linear(text_embed_dim, w)
         self.x_in = nn.Linear(embed_dim, w)
         self.time = TimestepMLP(w, w)
         self.query = nn.Parameter(torch.randn(w) * 0.02)
         self.positions = nn.Parameter(torch.randn(text_context + 4, w) * 0.02)
-        self.null_text_embed = nn.Parameter(torch.zeros(embed_dim))
+        self.null_text_embed = nn.Parameter(torch.zeros(text_embed_dim))
         layer = nn.TransformerEncoderLayer(w, cfg.heads, 4 * w, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
