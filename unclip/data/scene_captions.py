@@ -4,11 +4,11 @@ Training captions are drawn afresh per sample and step (`SceneCaptions.sample`):
 description of every object, sometimes a true partial one (only the digits, a count, one relation),
 so the text encoder has to learn words, not template ids. `HELD_OUT_FORMS` are phrasings that never
 appear in training (benchmarks/geneval.py writes the benchmark's prompts from this grammar's core:
-`noun`, `phrase`, `COUNTS`, `REL_WORDS`). Training captions also speak as people do (`spoken_phrase`, `related`, `grouped`, `unnamed`, `caption`): more
-ways to say a relation ("next to", "with a 9 above it", the relation first), a count ("a couple of", "one",
-"three digits" with the digits unnamed), a colour ("a red-coloured 3"), fillers ("draw", "a picture of")
-and typos. Prompts written apart from all of this are the scenes benchmark's phrasings file, which no training
-code reads. (Case needs no teaching: the tokenizer lowercases.)
+`noun`, `phrase`, `COUNTS`, `REL_WORDS`). Training captions also speak as people do (`caption` and the
+functions it calls): more ways to say a relation ("next to", "with a 9 above it", the relation first), a count
+("a couple of", "one", "three digits" with the digits unnamed), a colour ("a red-coloured 3"), fillers ("draw",
+"a picture of") and typos. Prompts written apart from all of this are the scenes benchmark's phrasings file,
+which no training code reads. (Case needs no teaching: the tokenizer lowercases.)
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ REL_WORDS = {"left": ["to the left of", "left of"], "right": ["to the right of",
              "above": ["above", "over"], "below": ["below", "under", "beneath"]}
 HELD_OUT_REL = {"left": "to the left side of", "right": "to the right side of", "above": "higher than", "below": "lower than"}
 SIZE_WORDS = {"small": ["small", "tiny", "little"], "large": ["large", "big"]}
-# What speech adds to the grammar (`spoken`); none of HELD_OUT_FORMS' words ("painted", "exactly", "both", "placed",
+# What speech adds to the grammar (`caption`); none of HELD_OUT_FORMS' words ("painted", "exactly", "both", "placed",
 # "higher", "lower", "side of") nor "there is": the grammar's held-out phrasings stay held out.
 SPOKEN_REL = {"left": ["on the left of", "at the left of"], "right": ["on the right of", "at the right of"],
               "above": ["on top of", "atop"], "below": ["underneath"]}
@@ -64,6 +64,8 @@ PREFIXES = ["a picture of", "an image of", "a photo of", "draw", "draw me", "sho
             "give me", "make", "there's", "here's", "here is", "please draw", "can you draw", "generate"]
 SUFFIXES = [" please", ".", "!"]
 DIGITS_WORD = ["digits", "numbers"]  # objects counted with their digits unnamed: "three digits", "2 red numbers"
+
+
 def typos(word: str) -> set[str]:
     """The misspellings `typo` makes of a word: a letter dropped, doubled, or swapped with the next."""
     out = {word[:i] + word[i + 1:] for i in range(len(word))} | {word[:i] + word[i] + word[i:] for i in range(len(word))}
@@ -75,7 +77,7 @@ TYPO_MIN = 4  # letters a word needs before a caption misspells it
 # the misspelt digit and colour words a caption may hold, read as the word they misspell ("yelow": yellow)
 MISSPELT = {t: w for w in (*WORDS, *PLURALS, *COLOURS) if len(w) >= TYPO_MIN for t in sorted(typos(w))
             if t not in (*WORDS, *PLURALS, *COLOURS)}
-SPOKEN_WORDS = ["the digit number digit numbers with", "side by side one above the other a few and also plus", *BESIDE,
+SPOKEN_WORDS = ["number with", "side by side one above the other a few and also plus", *BESIDE,
                 *COPULAS, *ONE, *COUPLE, *(f.format(n="", c="") for f in COLOUR_FORMS), *PREFIXES, *SUFFIXES, *DIGITS_WORD,
                 *(w for ws in (*SPOKEN_REL.values(), *IT_REL.values()) for w in ws)]
 GRAMMAR_WORDS = [*WORDS, *PLURALS, *COLOURS, "a an the digit in coloured colored pair of and",
@@ -90,6 +92,7 @@ TRAINING_WORDS = vocabulary_of([*GRAMMAR_WORDS, *SPOKEN_WORDS, "s", *(str(d) for
 
 COUNT_WORDS = {"one", "1", *(w for ws in COUNTS.values() for w in ws)}
 NOUN_BEFORE = {"a", "an", "the", "number", "digit"}  # after these a number word is the digit, never a count
+SIZE_TERMS = {w for ws in SIZE_WORDS.values() for w in ws}
 
 
 def object_word(w: str) -> tuple[Optional[int], Optional[str]]:
@@ -109,10 +112,9 @@ def is_count(words: list[str], i: int) -> bool:
     or "digit(s)"/"number(s)" follows it, and no article or "number" comes before it."""
     if words[i] not in COUNT_WORDS or (i and words[i - 1] in NOUN_BEFORE):
         return False
-    sizes = {w for ws in SIZE_WORDS.values() for w in ws}
     for w in words[i + 1:]:
         digit, colour = object_word(w)
-        if colour or w in sizes:
+        if colour or w in SIZE_TERMS:
             continue
         return digit is not None or w in ("digit", "digits", "number", "numbers")
     return False
