@@ -421,3 +421,14 @@ def test_a_spec_may_leave_digits_open_and_ask_several_relations():
     assert spec.met_by([(5, "green", top), (5, "green", (48, 16)), (1, "yellow", bottom)])
     assert not spec.met_by([(5, "green", top), (5, "green", (48, 48)), (1, "yellow", (16, 48))])  # one 5 not above
     assert not spec.met_by([(5, "green", top), (5, "red", (48, 16)), (1, "yellow", bottom)])
+
+
+def test_a_later_stage_adds_its_captions_words_to_the_pipelines_vocabulary(tmp_path):
+    from unclip.vocabulary import extend_vocabulary, load_vocabulary, save_vocabulary
+
+    save_vocabulary(tmp_path, ["a", "seven"])
+    extend_vocabulary(tmp_path, SceneCaptions([]))
+    known = load_vocabulary(tmp_path)
+    assert {"a", "seven", "beside", "couple", "digits"} <= known and known == {"a", "seven"} | SceneCaptions.vocabulary()
+    extend_vocabulary(tmp_path / "none", SceneCaptions([]))  # a CLIP that saved none: none is started
+    assert load_vocabulary(tmp_path / "none") is None
