@@ -38,7 +38,7 @@ def t5_folder(tmp_path_factory) -> Path:
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(folder)
-    config = transformers.T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+    config = transformers.T5Config(vocab_size=len(vocab), d_model=24, d_kv=6, d_ff=48, num_layers=2, num_heads=4,
                                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     torch.manual_seed(0)
     transformers.T5EncoderModel(config).save_pretrained(folder)
@@ -61,7 +61,7 @@ def test_the_imported_encoder_and_tokenizer_compute_what_transformers_computes(i
 
     encoder, cfg = STAGES["text"].load(imported, None, torch.device("cpu"))
     saved = yaml.safe_load((imported / "config.yaml").read_text())
-    assert saved["model"]["model_type"] == "t5" and saved["model"]["d_model"] == 32 and saved["context"] == 12
+    assert saved["model"]["model_type"] == "t5" and saved["model"]["d_model"] == 24 and saved["context"] == 12
     ours = text_tokenizer(imported, cfg)(CAPTIONS)
     theirs = transformers.AutoTokenizer.from_pretrained(t5_folder)(CAPTIONS, padding="max_length", max_length=12,
                                                                     truncation=True, return_tensors="pt")
@@ -89,7 +89,8 @@ def test_stage_two_trains_against_the_imported_encoder_and_generates(imported, m
     assert r.exit_code == 0, r.output
     assert (pipe_dir / "text" / "tokenizer" / "tokenizer.json").is_file()
     prior = yaml.safe_load((pipe_dir / "prior" / "config.yaml").read_text())
-    assert prior["text"]["width"] == prior["text"]["embed_dim"] == 32 and prior["text"]["context"] == 12
+    # 24 wide where CLIP's embeddings are 32: the prior reads one and draws the other
+    assert prior["text"]["width"] == prior["text"]["embed_dim"] == 24 and prior["text"]["context"] == 12
     pipe = Pipeline.load(pipe_dir, "cpu")
     encoder, tokenizer = pipe.captions()
     assert encoder is pipe.text and tokenizer(["a seven"]).shape == (1, 12)
@@ -98,6 +99,13 @@ def test_stage_two_trains_against_the_imported_encoder_and_generates(imported, m
             "--out", out, "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert len(list(out.glob("0*.png"))) == 2  # and grid.png
+    from unclip.api import UnCLIPPipeline
+    from unclip.errors import UserError
+
+    api = UnCLIPPipeline.from_pretrained(pipe_dir, device="cpu")
+    assert api("a seven", num_images_per_prompt=2, num_inference_steps=2, output_type="uint8").images.shape[0] == 2
+    with pytest.raises(UserError, match="leave it at 1"):  # DALL-E 2's reranking needs CLIP's text embedding
+        api("a seven", num_inference_steps=2, prior_candidates=2)
     # a stage trained against CLIP's text tower does not load beside a text/ encoder
     shutil.copytree(pipe_dir, tmp_path / "mixed")
     r = run("decoder-train", "--clip", clip, "--config", tiny_config, "--data-dir", mnist_dir, "--out",

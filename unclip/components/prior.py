@@ -10,6 +10,7 @@ from unclip.components import StageSpec
 from unclip.components.clip import encode_images, model_device, prompt_conditions, text_condition
 from unclip.config import ClipConfig, PriorConfig
 from unclip.diffusion.process import Diffusion
+from unclip.errors import UserError
 from unclip.models.clip import CLIP
 from unclip.models.prior import DiffusionPrior
 from unclip.tokenizer import Tokenizer
@@ -39,11 +40,16 @@ def sample_image_embeddings(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, 
     guidance steers away from those captions instead of from no caption (Kandinsky 2.2's negative prompt).
     `callback(i, t, x_t, x0)` sees every step of the chain."""
     cond, negative = prompt_conditions(clip, tokenizer, captions, negatives)
-    B, D = cond[0].shape
+    B, D = len(captions), prior.net.x_in.in_features  # CLIP's image embedding width (the caption's may differ)
     repeat = lambda c: tuple(x.repeat_interleave(candidates, 0) for x in c) if c is not None else None  # noqa: E731
     noise = torch.randn((B * candidates, D), generator=generator, device=generator.device)
     denoise = prior.denoiser(repeat(cond), guidance, repeat(negative))
     emb = prior.net.decode(prior.sample(sampler, denoise, noise, steps, generator=generator, callback=callback))
+    if candidates == 1:
+        return emb
+    if not hasattr(clip, "encode_image"):  # a text/ encoder: its caption embeddings are not in CLIP's space
+        raise UserError("prior_candidates ranks the prior's draws by CLIP's text embedding; this pipeline reads "
+                        "captions with a text encoder of its own: leave it at 1", param="prior_candidates")
     emb = emb.view(B, candidates, D)
     return emb[torch.arange(B), nearest_candidates(emb, cond[0])]
 
