@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import re
 import zlib
+from functools import lru_cache
 from dataclasses import replace
 from typing import Optional
 
@@ -23,6 +24,7 @@ import torch
 
 from unclip.data.scenes import COLOURS, MAX_OBJECTS, SIZE, GlyphPool, Obj, Scene, relation_holds
 from unclip.layouts import GRID, box_tokens
+from unclip.tokenizer import vocabulary_words
 from unclip.vocabulary import vocabulary_of
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -74,9 +76,18 @@ def typos(word: str) -> set[str]:
 
 
 TYPO_MIN = 4  # letters a word needs before a caption misspells it
-# the misspelt digit and colour words a caption may hold, read as the word they misspell ("yelow": yellow)
-MISSPELT = {t: w for w in (*WORDS, *PLURALS, *COLOURS) if len(w) >= TYPO_MIN for t in sorted(typos(w))
-            if t not in (*WORDS, *PLURALS, *COLOURS)}
+DIGIT_NOUNS = ("digit", "digits", "number", "numbers")  # what an object is called when its digit is not said
+READ_WORDS = (*WORDS, *PLURALS, *COLOURS, *DIGIT_NOUNS, *(w for ws in SIZE_WORDS.values() for w in ws))
+
+
+@lru_cache(maxsize=1)
+def misspelt() -> dict[str, str]:
+    """The misspelt words a caption may hold that its reading relies on (digits, colours, sizes, "digit"/"number"),
+    each read as the word it misspells ("yelow": yellow); never a real word ("can" is no cyan, "even" no seven):
+    none of the tokenizer's whole words."""
+    named = READ_WORDS
+    real = set(vocabulary_words()) | set(named)
+    return {t: w for w in named if len(w) >= TYPO_MIN for t in sorted(typos(w)) if t not in real}
 SPOKEN_WORDS = ["number with", "side by side one above the other a few and also plus", *BESIDE,
                 *COPULAS, *ONE, *COUPLE, *(f.format(n="", c="") for f in COLOUR_FORMS), *PREFIXES, *SUFFIXES, *DIGITS_WORD,
                 *(w for ws in (*SPOKEN_REL.values(), *IT_REL.values()) for w in ws)]
@@ -84,9 +95,9 @@ GRAMMAR_WORDS = [*WORDS, *PLURALS, *COLOURS, "a an the digit in coloured colored
                  *(w for ws in (*COUNTS.values(), *PLACE_WORDS.values(), *REL_WORDS.values(), *SIZE_WORDS.values())
                    for w in ws)]
 # every word the captions are written with, training's and the held-out phrasings': what a stray word never is
-# (and the misspellings of digits and colours, read as what they misspell)
+# (misspellings are none: stray words are the tokenizer's whole words, which no misspelling is)
 CAPTION_WORDS = frozenset(re.findall(r"[a-z]+", " ".join([*GRAMMAR_WORDS, *SPOKEN_WORDS, *HELD_OUT_FORMS.values(),
-                                                         *HELD_OUT_REL.values(), *MISSPELT])))
+                                                         *HELD_OUT_REL.values()])))
 TRAINING_WORDS = vocabulary_of([*GRAMMAR_WORDS, *SPOKEN_WORDS, "s", *(str(d) for d in range(10))])
 
 
@@ -97,9 +108,9 @@ SIZE_TERMS = {w for ws in SIZE_WORDS.values() for w in ws}
 
 def object_word(w: str) -> tuple[Optional[int], Optional[str]]:
     """The digit (word, numeral or plural) or colour a whitespace word of a caption names, if any: punctuation,
-    a misspelling (`MISSPELT`) and a "-coloured" suffix read through."""
+    a misspelling (`misspelt`) and a "-coloured" suffix read through."""
     w = w.strip(",.!?:;").lower()
-    w = MISSPELT.get(w, w)
+    w = misspelt().get(w, w)
     if "-" in w:
         w = w.split("-")[0]
     digit = next((d for d in range(10) if w in (WORDS[d], str(d), PLURALS[d], f"{d}s")), None)
@@ -116,8 +127,15 @@ def is_count(words: list[str], i: int) -> bool:
         digit, colour = object_word(w)
         if colour or w in SIZE_TERMS:
             continue
-        return digit is not None or w in ("digit", "digits", "number", "numbers")
+        return digit is not None or misspelt().get(w, w) in DIGIT_NOUNS
     return False
+
+
+def pronoun(words: list[str], i: int) -> bool:
+    """Whether `words[i]` is "one" standing for an object, not the digit: bare, before a place word ("one above the
+    other")."""
+    return words[i] == "one" and not (i and words[i - 1] in NOUN_BEFORE) and i + 1 < len(words) and \
+        words[i + 1] in PLACE_TERMS
 
 
 def word_objects(scene: Scene, text: str) -> list[int]:
@@ -126,10 +144,11 @@ def word_objects(scene: Scene, text: str) -> list[int]:
     in "two red 7s", "one" in "one red 7") and every other word nothing. What a decoder's cross-attention is taught
     to ground, and the order the layout stage writes objects in (`mention_order`)."""
     words = [w.strip(",.!?:;").lower() for w in text.split()]
+    words = [misspelt().get(w, w) for w in words]  # "fou zeros" counts as "four zeros" does
     bits = []
     for i, w in enumerate(words):
         digit, colour = object_word(w)
-        if digit is not None and is_count(words, i):
+        if digit is not None and (is_count(words, i) or pronoun(words, i)):
             digit = None
         named = [o.digit == digit if digit is not None else o.colour == colour for o in scene.objects]
         bits.append(sum(1 << j for j, hit in enumerate(named) if hit))
@@ -285,7 +304,7 @@ def grammar_caption(scene: Scene, r: random.Random) -> str:
     if len(objs) == 1:
         place = scene.place if scene.place and r.random() < 0.75 else None
         text = spoken_phrase(objs[0], r, colour, size, place)
-        return r.choice(["the " + text[text.index(" ") + 1:], text]) if kind < 0.2 else text
+        return r.choice([f"the {text.split(' ', 1)[1]}", text]) if kind < 0.2 and text.startswith(("a ", "an ")) else text
     if kind < 0.25:
         return counted(objs, r, colour)
     if scene.layout in ("row", "column") and kind < 0.75:
@@ -306,12 +325,16 @@ def grammar_caption(scene: Scene, r: random.Random) -> str:
 
 
 def typo(text: str, r: random.Random) -> str:
-    """`text` with one word of `TYPO_MIN` letters or more misspelt (`typos`), if it has one."""
+    """`text` with one word of `TYPO_MIN` letters or more misspelt (`typos`), if it has one; a digit or a colour only
+    as `misspelt` reads it back (never into another real word)."""
     words = text.split(" ")
     long = [i for i, w in enumerate(words) if len(w) >= TYPO_MIN and w.isalpha()]
     if long:
         i = r.choice(long)
-        words[i] = r.choice(sorted(typos(words[i])))
+        wrong = sorted(typos(words[i]))
+        if words[i] in READ_WORDS:
+            wrong = [t for t in wrong if misspelt().get(t) == words[i]]
+        words[i] = r.choice(wrong)
     return " ".join(words)
 
 
