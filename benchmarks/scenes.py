@@ -44,9 +44,9 @@ from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
 from benchmarks.geneval import PHRASINGS, TASKS, Spec, phrasings, task_prompt, task_scene_args  # noqa: E402
-from unclip.data.scene_captions import (NEGATIVES, PLACE_TERMS, REL_WORDS, SceneCaptions, caption, perturb,  # noqa: E402
-                                        stacks, twin_glyphs)
-from unclip.data.scenes import COLOURS, HELD_OUT, SIZE, GlyphPool, Scene, sample_scene  # noqa: E402
+from unclip.data.scene_captions import (IT_REL, NEGATIVES, PLACE_TERMS, PLACE_WORDS, REL_WORDS,  # noqa: E402
+                                        SceneCaptions, caption, perturb, phrase, stacks, twin_glyphs)
+from unclip.data.scenes import COLOURS, HELD_OUT, SIZE, GlyphPool, Scene, relation_holds, sample_scene  # noqa: E402
 from unclip.layouts import GRID  # noqa: E402
 from unclip.diffusion.gaussian import q_sample  # noqa: E402
 from unclip.images import grid, resize, save_png, to_float, to_uint8  # noqa: E402
@@ -61,7 +61,7 @@ from unclip.tokenizer import Tokenizer  # noqa: E402
 from unclip.components.clip import encode_images, encode_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("ceiling", "layout", "generation", "phrasings", "grounding", "negatives", "prior", "time")
+PARTS = ("ceiling", "layout", "forms", "generation", "phrasings", "grounding", "negatives", "prior", "time")
 TORCH = 'python -c "import torch"'
 HELD_COLOUR = {d: c for c, d in HELD_OUT}
 
@@ -208,6 +208,42 @@ def said_in_training(prompts: list[str], data_dir: Optional[str] = None, per_sce
     train = load_dataset("scenes", "train", data_dir, 3, SIZE, pixels=False).captioner
     return {c for k in range(per_scene) for i, scene in enumerate(train.scenes)
             if (c := caption(scene, random.Random(f"said:{k}:{i}"))) in wanted}
+
+
+RELATION_FORMS = {  # how a caption may say that a is `rel` of b (unclip/data/scene_captions.py's `related` says all)
+    "a REL b": lambda pa, rel, pb, r: f"{pa} {r.choice(REL_WORDS[rel])} {pb}",
+    "b with a REL it": lambda pa, rel, pb, r: f"{pb} with {pa} {r.choice(IT_REL[rel])}",
+    "a at PLACE and b at PLACE": lambda pa, rel, pb, r: f"{pa} {PLACE_WORDS[SIDE[rel]][0]} and {pb} {PLACE_WORDS[SIDE[OPPOSITE[rel]]][0]}",
+    "REL b, a": lambda pa, rel, pb, r: f"{r.choice(REL_WORDS[rel])} {pb}, {pa}",
+}
+SIDE = {"left": "left", "right": "right", "above": "top", "below": "bottom"}
+
+
+@torch.no_grad()
+def relation_forms(pipe: Pipeline, count: int = 200, seed: int = 0) -> dict:
+    """Per way of saying a relation (`RELATION_FORMS`), the share of the layout stage's layouts, for captions of `count`
+    test scenes of two different digits side by side or one above the other, that put the two digits the way the
+    caption says (scenes' `relation_holds`, on the boxes' centres)."""
+    out, rng = {}, np.random.default_rng(seed)
+    scenes = [sample_scene(rng, True, n=2, layout=("row", "column")[i % 2], digits=rng.choice(10, 2, replace=False).tolist())
+              for i in range(count)]
+    for name, form in RELATION_FORMS.items():
+        texts, truth = [], []
+        for i, s in enumerate(scenes):
+            r = random.Random(f"{name}:{i}")
+            a, b = s.objects if r.random() < 0.5 else s.objects[::-1]
+            rel = ("left" if a is s.objects[0] else "right") if s.layout == "row" else ("above" if a is s.objects[0] else "below")
+            texts.append(form(phrase(a, r, True, False), rel, phrase(b, r, True, False), r))
+            truth.append((a.digit, rel, b.digit))
+        _, features, mask = text_condition(*pipe.captions(), texts)
+        layouts = pipe.layout.sample(features, mask, torch.Generator(pipe.device).manual_seed(seed), 0.5, 0.1).cpu()
+        right = 0
+        for layout, (da, rel, db) in zip(layouts, truth):
+            centres = {o[0]: ((o[2] + o[4]) / 2 * SIZE / GRID, (o[3] + o[5]) / 2 * SIZE / GRID) for o in layout.tolist()
+                       if o[0] >= 0}
+            right += da in centres and db in centres and relation_holds(centres[da], centres[db], rel)
+        out[name] = {"right": right / count, "example": texts[0]}
+    return out
 
 
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
@@ -415,6 +451,10 @@ def table(report: dict) -> list[str]:
                   "| prompt | " + " | ".join(f"right, {k}" for k in kinds) + " |", "| --- |" + " --- |" * len(kinds)]
         for text in p["generated"]["right"]:
             lines.append(f"| {text} | " + " | ".join(f"{p[k]['right'][text]}/{p['per_prompt']}" for k in kinds) + " |")
+    if "relation_forms" in report:
+        lines += ["", "| a relation said as | the layout stage's layouts put the two digits that way (200 test scenes) | "
+                  "example |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {v['right']:.3f} | {v['example']} |" for name, v in report["relation_forms"].items()]
     if "relation_reading" in report:
         r = report["relation_reading"]
         lines += ["", f"Layout stage, position prompts: the real layout likelier under the prompt than under it with the "
@@ -505,7 +545,7 @@ def main() -> None:
             report["ceiling_base"], _ = task_scores(judge, shrunk, specs)
             report["base_size"] = args.base_size
     pipe = None
-    if parts & {"generation", "grounding", "prior", "layout", "phrasings"}:
+    if parts & {"generation", "grounding", "prior", "layout", "phrasings", "forms"}:
         pipe = Pipeline.load(args.checkpoints, "cpu")
         if args.base_only:
             pipe.upsampler = pipe.upsampler_config = None
@@ -530,6 +570,8 @@ def main() -> None:
         gallery = torch.cat([images[t][: 2 * args.per_prompt] for t in TASKS])  # two prompts a task
         save_png(grid(gallery, ncol=2 * args.per_prompt), args.out / "gallery.png", scale=2)
         report["gallery_prompts"] = {t: [text for text, *_ in sets[t][:2]] for t in TASKS}
+    if "forms" in parts and pipe.layout is not None:
+        report["relation_forms"] = relation_forms(pipe)
     if "phrasings" in parts:
         report["phrasings"] = phrasing_scores(pipe, judge, glyphs, options, args.phrasing_images, args.phrasings,
                                               args.data_dir)
