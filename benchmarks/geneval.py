@@ -11,7 +11,8 @@ from typing import Optional
 
 import yaml
 
-from unclip.data.scene_captions import COUNTS, HELD_OUT_FORMS, HELD_OUT_REL, REL_WORDS, article, noun, phrase, plural
+from unclip.data.scene_captions import (COUNTS, HELD_OUT_FORMS, HELD_OUT_REL, REL_WORDS, article, noun, phrase, plural,
+                                        relation_of)
 from unclip.data.scenes import Scene, relation_holds
 
 
@@ -79,8 +80,7 @@ def task_prompt(task: str, scene: Scene, r: random.Random, held_out: bool = Fals
         return text, Spec([(a.digit, a.colour), (b.digit, b.colour)])
     # position: the relation the layout guarantees, stated from either side
     first, second = (a, b) if r.random() < 0.5 else (b, a)
-    horizontal = scene.layout == "row"
-    rel = ("left" if first is a else "right") if horizontal else ("above" if first is a else "below")
+    rel = relation_of(scene, first)
     pa, pb = article(noun(first.digit, r)), article(noun(second.digit, r))
     text = form.format(a=pa, rel=HELD_OUT_REL[rel], b=pb) if form else f"{pa} {r.choice(REL_WORDS[rel])} {pb}"
     return text, Spec([(first.digit, None), (second.digit, None)], relation=(0, rel, 1))

@@ -44,8 +44,9 @@ from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
 from benchmarks.geneval import PHRASINGS, TASKS, Spec, phrasings, task_prompt, task_scene_args  # noqa: E402
-from unclip.data.scene_captions import (IT_REL, NEGATIVES, PLACE_TERMS, PLACE_WORDS, REL_WORDS,  # noqa: E402
-                                        SceneCaptions, caption, perturb, phrase, stacks, twin_glyphs)
+from unclip.data.scene_captions import (IT_REL, NEGATIVES, OPPOSITE, PLACE_TERMS, PLACE_WORDS, REL_WORDS,  # noqa: E402
+                                        SIDE, SceneCaptions, caption, perturb, phrase, relation_of, stacks,
+                                        twin_glyphs)
 from unclip.data.scenes import COLOURS, HELD_OUT, SIZE, GlyphPool, Scene, relation_holds, sample_scene  # noqa: E402
 from unclip.layouts import GRID  # noqa: E402
 from unclip.diffusion.gaussian import q_sample  # noqa: E402
@@ -189,10 +190,10 @@ def phrasing_scores(pipe: Pipeline, judge, glyphs: GlyphPool, options: SamplingO
     out: dict = {"file": str(path), "prompts": len(items), "per_prompt": per_prompt, "said_in_training": sorted(said)}
     unsaid = np.array([text.lower() not in said for text, _ in items])
     open_ = [len(spec.objects) > 1 and all(d is None for d, _ in spec.objects) for _, spec in items]
+    specs = [spec for _, spec in items for _ in range(per_prompt)]
     for kind, ims in drawn.items():
         found = read_scenes(judge, ims)
-        met = np.array([spec.met_by(f) for (_, spec), f in zip([i for i in items for _ in range(per_prompt)],
-                                                                found)]).reshape(len(items), per_prompt)
+        met = np.array([spec.met_by(f) for spec, f in zip(specs, found)]).reshape(len(items), per_prompt)
         one_digit = [len({d for d, _, _ in f}) == 1 for k, f in enumerate(found) if open_[k // per_prompt]
                      and met.flat[k]]
         out[kind] = {"score": float(met.mean()), "unsaid_score": float(met[unsaid].mean()),
@@ -216,7 +217,6 @@ RELATION_FORMS = {  # how a caption may say that a is `rel` of b (unclip/data/sc
     "a at PLACE and b at PLACE": lambda pa, rel, pb, r: f"{pa} {PLACE_WORDS[SIDE[rel]][0]} and {pb} {PLACE_WORDS[SIDE[OPPOSITE[rel]]][0]}",
     "REL b, a": lambda pa, rel, pb, r: f"{r.choice(REL_WORDS[rel])} {pb}, {pa}",
 }
-SIDE = {"left": "left", "right": "right", "above": "top", "below": "bottom"}
 
 
 @torch.no_grad()
@@ -232,7 +232,7 @@ def relation_forms(pipe: Pipeline, count: int = 200, seed: int = 0) -> dict:
         for i, s in enumerate(scenes):
             r = random.Random(f"{name}:{i}")
             a, b = s.objects if r.random() < 0.5 else s.objects[::-1]
-            rel = ("left" if a is s.objects[0] else "right") if s.layout == "row" else ("above" if a is s.objects[0] else "below")
+            rel = relation_of(s, a)
             texts.append(form(phrase(a, r, True, False), rel, phrase(b, r, True, False), r))
             truth.append((a.digit, rel, b.digit))
         _, features, mask = text_condition(*pipe.captions(), texts)
@@ -246,7 +246,6 @@ def relation_forms(pipe: Pipeline, count: int = 200, seed: int = 0) -> dict:
     return out
 
 
-OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 # each relation phrase of the captions' grammar -> a phrase of the opposite relation
 REVERSED = {p: REL_WORDS[OPPOSITE[rel]][min(k, len(REL_WORDS[OPPOSITE[rel]]) - 1)]
             for rel, phrases in REL_WORDS.items() for k, p in enumerate(phrases)}

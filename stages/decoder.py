@@ -20,7 +20,7 @@ from unclip.layouts import layout_map
 from unclip.models.unet import UNet, grounding_loss
 from t2i.stages.distributed import training_device
 from unclip.components.clip import text_condition
-from unclip.components.decoder import decode, decoder_condition, decoder_diffusion
+from unclip.components.decoder import build_decoder, decode, decoder_condition, decoder_diffusion
 from unclip.components.prior import sample_image_embeddings
 from unclip.options import SamplingOptions
 
@@ -93,7 +93,7 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
                 layout_fields=list(layout_fields(frozen.data, "decoder layout").values()) if m.layout else m.layout_fields)
     cfg = replace(cfg, model=m, clip_fingerprint=frozen.fingerprint, text=frozen.text_dims if m.text_tokens else None)
     t = cfg.train
-    model = seeded(t.seed, lambda: UNet(m, clip_m.embed_dim, text_width=frozen.text_width()))
+    model = seeded(t.seed, lambda: build_decoder(cfg, frozen.clip_config))
     model = model.to(device, memory_format=torch.channels_last)  # 1.07x a step on the CPU (docs/results/mnist-from-scratch.md, "Throughput")
     base = decoder_diffusion(model, cfg, device)
 

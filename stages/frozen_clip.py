@@ -11,7 +11,7 @@ import torch
 from rich.progress import track
 
 from unclip.checkpoint import fingerprint
-from unclip.config import TextEncoderDims, TrainConfig
+from unclip.config import ClipConfig, TextEncoderDims, TrainConfig
 from unclip.data import CaptionedImages, load_split
 from unclip.data.captions import TextCaptions
 from unclip.data.stream import StreamedCaptions
@@ -29,6 +29,7 @@ EMBED_CHUNK = 2000  # images a step of the progress bar (encode_images batches t
 @dataclass
 class FrozenClip:
     clip: CLIP
+    clip_config: ClipConfig  # the stage's builders (`STAGES[name].build`) take it
     tokenizer: Tokenizer
     fingerprint: str
     data: CaptionedImages | StreamedCaptions  # train split at CLIP's resolution
@@ -51,7 +52,7 @@ class FrozenClip:
         text = load_text(text_dir, device) if text_dir is not None else None  # before minutes of data
         data = load_split(train, "train", m.image_channels, m.image_size)
         val = load_split(train, "val", m.image_channels, m.image_size)
-        frozen = cls(clip, Tokenizer(m.text_context), fingerprint(clip.state_dict()), data, val, device)
+        frozen = cls(clip, cfg, Tokenizer(m.text_context), fingerprint(clip.state_dict()), data, val, device)
         if text is not None:
             frozen.text, frozen.text_dims = text[:2], text[2]
         if isinstance(data, CaptionedImages):  # minutes for 55,000 scenes on 2 cores: a progress bar
@@ -63,10 +64,6 @@ class FrozenClip:
     def captions(self) -> tuple[torch.nn.Module, object]:
         """(encoder, tokenizer) stage two reads captions with: the pretrained text encoder's, else CLIP's."""
         return self.text or (self.clip, self.tokenizer)
-
-    def text_width(self) -> int:
-        """The width of the token features stage two reads."""
-        return self.text_dims.width if self.text_dims else self.clip.config.text_width
 
     @torch.no_grad()
     def embed(self, batch: CaptionedImages) -> torch.Tensor:

@@ -13,10 +13,8 @@ from typing import Optional, Sequence
 import torch
 
 from t2i.stages.clip import caption_seed
-from t2i.stages.distributed import training_device
-from t2i.stages.distributed import is_main
+from t2i.stages.distributed import is_main, training_device
 from t2i.stages.frozen_clip import load_text
-from unclip.vocabulary import extend_vocabulary
 from t2i.stages.stage_two import stage_config
 from t2i.stages.trainer import Stage, check_out, fit, held_out_loss, nothing_to_resume, seeded
 from unclip.checkpoint import CONFIG_FILE, fingerprint
@@ -25,8 +23,10 @@ from unclip.data import CaptionedImages, layout_fields, load_split
 from unclip.errors import CheckpointError, ConfigError
 from unclip.models.layout import LayoutModel
 from unclip.components.clip import load_clip, text_condition
+from unclip.components.layout import build_layout
 from unclip.options import SamplingOptions
 from unclip.tokenizer import Tokenizer, vocabulary_words
+from unclip.vocabulary import extend_vocabulary
 
 CHECKED = 500  # validation captions whose sampled layouts are checked
 
@@ -34,7 +34,7 @@ CHECKED = 500  # validation captions whose sampled layouts are checked
 def layout_stage(cfg: LayoutConfig, clip_dir: Path, data: CaptionedImages, val: CaptionedImages,
                  text_dir: Optional[Path] = None) -> Stage:
     """`text_dir`: the pipeline's own caption encoder (text/), read instead of CLIP's text tower."""
-    t, m = cfg.train, cfg.model
+    t = cfg.train
     device = training_device(t.device)
     clip, clip_cfg = load_clip(clip_dir, device)
     clip.requires_grad_(False)
@@ -43,8 +43,7 @@ def layout_stage(cfg: LayoutConfig, clip_dir: Path, data: CaptionedImages, val: 
         *reader, dims = load_text(text_dir, device)
     # the Stage's config, saved beside the weights
     cfg = replace(cfg, clip_fingerprint=fingerprint(clip.state_dict()), text=dims)
-    m = cfg.model
-    model = seeded(t.seed, lambda: LayoutModel(m, dims.width if dims else clip_cfg.model.text_width)).to(device)
+    model = seeded(t.seed, lambda: build_layout(cfg, clip_cfg)).to(device)
     stray = stray_vocabulary(data.captioner) if cfg.stray_words else []
 
     def example(examples: CaptionedImages, labels: torch.Tensor, captions: list[str]) -> tuple:

@@ -18,19 +18,16 @@ from unclip.models.prior import DiffusionPrior, residual_whitening
 from t2i.stages.distributed import training_device
 from unclip.images import to_uint8
 from unclip.components.clip import text_condition
-from unclip.components.prior import prior_cosine, prior_diffusion, sample_image_embeddings
+from unclip.components.prior import build_prior, prior_cosine, prior_diffusion, sample_image_embeddings
 from unclip.options import SamplingOptions
 
 
 def prior_stage(cfg: PriorConfig, frozen: FrozenClip) -> Stage:
     # the Stage's config, saved beside the weights
     cfg = replace(cfg, clip_fingerprint=frozen.fingerprint, text=frozen.text_dims)
-    t, d = cfg.train, frozen.text_dims
+    t = cfg.train
     device = training_device(t.device)
-    clip_m = frozen.clip.config
-    model = seeded(t.seed, lambda: DiffusionPrior(cfg.model, clip_m.embed_dim, d.width if d else clip_m.text_width,
-                                                  d.context if d else clip_m.text_context,
-                                                  text_embed_dim=d.embed_dim if d else None))
+    model = seeded(t.seed, lambda: build_prior(cfg, frozen.clip_config))
     model = model.to(device)
     base = prior_diffusion(model, cfg, device)
     data, image_emb = frozen.captioned(t.workers)

@@ -40,7 +40,7 @@ def sample_image_embeddings(clip: CLIP, tokenizer: Tokenizer, prior: Diffusion, 
     guidance steers away from those captions instead of from no caption (Kandinsky 2.2's negative prompt).
     `callback(i, t, x_t, x0)` sees every step of the chain."""
     cond, negative = prompt_conditions(clip, tokenizer, captions, negatives)
-    B, D = len(captions), prior.net.x_in.in_features  # CLIP's image embedding width (the caption's may differ)
+    B, D = len(captions), prior.net.embed_dim  # CLIP's image embedding width (the caption's may differ)
     repeat = lambda c: tuple(x.repeat_interleave(candidates, 0) for x in c) if c is not None else None  # noqa: E731
     noise = torch.randn((B * candidates, D), generator=generator, device=generator.device)
     denoise = prior.denoiser(repeat(cond), guidance, repeat(negative))

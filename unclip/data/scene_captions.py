@@ -57,6 +57,8 @@ SPOKEN_REL = {"left": ["on the left of", "at the left of"], "right": ["on the ri
 IT_REL = {"left": ["to its left", "on its left", "left of it"], "right": ["to its right", "on its right", "right of it"],
           "above": ["above it", "over it", "on top of it"], "below": ["below it", "under it", "beneath it"]}
 BESIDE = ["next to", "beside", "alongside", "by"]  # a row's two objects, the relation unsaid
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+SIDE = {"left": "left", "right": "right", "above": "top", "below": "bottom"}  # where `a` is when a is REL of b
 COPULAS = ["is", "sits", "stands"]
 ONE = ["one", "a single", "just one", "only one"]  # a count of one, where "a" would do
 COUPLE = ["a couple of"]  # two, with a plural
@@ -77,7 +79,8 @@ def typos(word: str) -> set[str]:
 
 TYPO_MIN = 4  # letters a word needs before a caption misspells it
 DIGIT_NOUNS = ("digit", "digits", "number", "numbers")  # what an object is called when its digit is not said
-READ_WORDS = (*WORDS, *PLURALS, *COLOURS, *DIGIT_NOUNS, *(w for ws in SIZE_WORDS.values() for w in ws))
+SIZE_TERMS = {w for ws in SIZE_WORDS.values() for w in ws}
+READ_WORDS = (*WORDS, *PLURALS, *COLOURS, *DIGIT_NOUNS, *SIZE_TERMS)
 
 
 @lru_cache(maxsize=1)
@@ -103,7 +106,6 @@ TRAINING_WORDS = vocabulary_of([*GRAMMAR_WORDS, *SPOKEN_WORDS, "s", *(str(d) for
 
 COUNT_WORDS = {"one", "1", *(w for ws in COUNTS.values() for w in ws)}
 NOUN_BEFORE = {"a", "an", "the", "number", "digit"}  # after these a number word is the digit, never a count
-SIZE_TERMS = {w for ws in SIZE_WORDS.values() for w in ws}
 
 
 def object_word(w: str) -> tuple[Optional[int], Optional[str]]:
@@ -270,15 +272,19 @@ def related(a: Obj, rel: str, b: Obj, r: random.Random, colour: bool, size: bool
     if form < 0.7:
         return r.choice([f"{r.choice(words)} {pb}, {pa}", f"{r.choice(words)} {pb} {r.choice(COPULAS)} {pa}"])
     if form < 0.85:
-        where = {"left": "left", "right": "right", "above": "top", "below": "bottom"}
-        other = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
-        pa_place = r.choice(PLACE_WORDS[where[rel]])
-        pb_place = r.choice(PLACE_WORDS[other[where[rel]]])
+        pa_place = r.choice(PLACE_WORDS[SIDE[rel]])
+        pb_place = r.choice(PLACE_WORDS[SIDE[OPPOSITE[rel]]])
         return r.choice([f"{pa} {pa_place} and {pb} {pb_place}", f"{pa} {pa_place}, {pb} {pb_place}",
                          f"{pa_place} {pa}, {pb_place} {pb}"])
     if row:
         return r.choice([f"{pa} {r.choice(BESIDE)} {pb}", f"{pa} and {pb} side by side"])
     return f"{pa} and {pb}, one above the other"
+
+
+def relation_of(scene: Scene, first: Obj) -> str:
+    """Where `first`, one object of a two-object row or column scene, is of the other: left, right, above or below."""
+    on_top = first is scene.objects[0]  # a row's objects left to right, a column's top to bottom
+    return ("left" if on_top else "right") if scene.layout == "row" else ("above" if on_top else "below")
 
 
 def grouped(scene: Scene, r: random.Random, colour: bool) -> Optional[str]:
@@ -291,7 +297,7 @@ def grouped(scene: Scene, r: random.Random, colour: bool) -> Optional[str]:
     if not first or not second or not all(relation_holds(a.centre, b.centre, rel) for a in first for b in second):
         return None
     if r.random() < 0.5:
-        first, second, rel = second, first, {"above": "below", "left": "right"}[rel]
+        first, second, rel = second, first, OPPOSITE[rel]
     return f"{counted(first, r, colour)} {r.choice(REL_WORDS[rel] + SPOKEN_REL[rel])} {counted(second, r, colour)}"
 
 
@@ -309,8 +315,7 @@ def grammar_caption(scene: Scene, r: random.Random) -> str:
         return counted(objs, r, colour)
     if scene.layout in ("row", "column") and kind < 0.75:
         a, b = objs if r.random() < 0.5 else objs[::-1]
-        rel = ("left" if a is objs[0] else "right") if scene.layout == "row" else ("above" if a is objs[0] else "below")
-        return related(a, rel, b, r, colour, size, scene.layout == "row")
+        return related(a, relation_of(scene, a), b, r, colour, size, scene.layout == "row")
     if scene.layout == "grid" and kind < 0.5:
         text = grouped(scene, r, colour)
         if text is not None:

@@ -11,6 +11,7 @@ layout stage train and sample against it as against CLIP's text tower.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,19 +47,30 @@ def feature_width(cfg: TextConfig) -> int:
     return int(width)
 
 
-class PretrainedText(nn.Module):
-    """A transformers text encoder, frozen: token ids -> (unit-norm caption embedding (B, W), token features (B, L, W))."""
+def pad_id(cfg: TextConfig) -> int:
+    return int(cfg.model.get("pad_token_id") or 0)
 
-    def __init__(self, cfg: TextConfig):
+
+def caption_mask(tokens: torch.Tensor, pad: int) -> torch.Tensor:
+    """(B, L) True where a caption's tokens are; its first token always counts (BERT's [CLS], an empty caption's
+    end token)."""
+    mask = tokens != pad
+    mask[:, 0] = True
+    return mask
+
+
+class PretrainedText(nn.Module):
+    """A transformers text encoder, frozen: token ids -> (unit-norm caption embedding (B, W), token features (B, L, W)).
+    Built from its config, or around an `encoder` already loaded (`import_transformers`)."""
+
+    def __init__(self, cfg: TextConfig, encoder: Optional[nn.Module] = None):
         super().__init__()
-        self.config = cfg
-        self.pad_id = int(cfg.model.get("pad_token_id") or 0)
-        self.encoder = transformers_module().AutoModelForTextEncoding.from_config(hf_config(cfg.model))
+        self.config, self.pad_id = cfg, pad_id(cfg)
+        self.encoder = encoder or transformers_module().AutoModelForTextEncoding.from_config(hf_config(cfg.model))
         self.encoder.requires_grad_(False)
 
     def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = tokens != self.pad_id
-        mask[:, 0] = True  # a caption's first token always counts (BERT's [CLS], an empty caption's end token)
+        mask = caption_mask(tokens, self.pad_id)
         features = self.encoder(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
         if self.config.pooling == "first":
             pooled = features[:, 0]
@@ -78,17 +90,14 @@ class PretrainedTokenizer:
             raise CheckpointError(f"{path}: no tokenizer.json (t2i text-import keeps the fast tokenizer's files there)")
         # local files only; a tokenizer_config.json naming code of its own (auto_map) is refused without trust_remote_code
         self.tokenizer = transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
-        self.context = cfg.context
-        self.pad_id = int(cfg.model.get("pad_token_id") or 0)
+        self.context, self.pad_id = cfg.context, pad_id(cfg)
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.context,
                               return_tensors="pt")["input_ids"]
 
     def mask(self, tokens: torch.Tensor) -> torch.Tensor:
-        mask = tokens != self.pad_id
-        mask[:, 0] = True
-        return mask
+        return caption_mask(tokens, self.pad_id)
 
 
 def import_transformers(folder: Path, context: int, pooling: str) -> tuple[PretrainedText, TextConfig, object]:
@@ -113,6 +122,4 @@ def import_transformers(folder: Path, context: int, pooling: str) -> tuple[Pretr
     if tokenizer.pad_token_id is not None:
         config["pad_token_id"] = tokenizer.pad_token_id
     cfg = TextConfig(model=config, name=folder.name, context=context, pooling=pooling)
-    text = PretrainedText(cfg)
-    text.encoder.load_state_dict(model.state_dict())
-    return text.eval(), cfg, tokenizer
+    return PretrainedText(cfg, model.float()).eval(), cfg, tokenizer  # float32, as a model built from its config

@@ -32,7 +32,7 @@ class DiffusionPrior(nn.Module):
         """`embed_dim`: CLIP's image embeddings'; the caption's embedding is as wide unless `text_embed_dim` says
         otherwise (a pretrained text encoder's)."""
         super().__init__()
-        self.config = cfg
+        self.config, self.embed_dim = cfg, embed_dim
         w = cfg.width
         text_embed_dim = text_embed_dim or embed_dim
         self.text_tokens_in = nn.Linear(text_width, w)
