@@ -46,16 +46,17 @@ def layout_stage(cfg: LayoutConfig, clip_dir: Path, data: CaptionedImages, val: 
     model = seeded(t.seed, lambda: build_layout(cfg, clip_cfg)).to(device)
     stray = stray_vocabulary(data.captioner) if cfg.stray_words else []
 
-    def example(examples: CaptionedImages, labels: torch.Tensor, captions: list[str]) -> tuple:
+    def example(examples: CaptionedImages, labels: torch.Tensor, captions: list[str], seed: int) -> tuple:
         _, features, mask = text_condition(*reader, captions)
-        return examples.captioner.layouts(labels, captions).to(device), features, mask
+        layouts = examples.captioner.layouts(labels, captions, unnamed=torch.Generator().manual_seed(seed))
+        return layouts.to(device), features, mask
 
     def loss(batch: CaptionedImages, step: int, module: torch.nn.Module):
         captions = batch.captions(seed=caption_seed(t.seed, step))
         if stray:
             r = random.Random(caption_seed(t.seed, step))
             captions = [with_stray_words(c, r, cfg.stray_words, stray) for c in captions]
-        layouts, features, mask = example(batch, batch.labels, captions)
+        layouts, features, mask = example(batch, batch.labels, captions, caption_seed(t.seed, step))
         return model.loss(layouts, features, mask, module), {}
 
     @torch.no_grad()
@@ -63,10 +64,10 @@ def layout_stage(cfg: LayoutConfig, clip_dir: Path, data: CaptionedImages, val: 
         shipped.eval()
 
         def batch_loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-            return shipped.loss(*example(val, val.labels[idx], val.captions(idx, seed=0)))
+            return shipped.loss(*example(val, val.labels[idx], val.captions(idx, seed=0), 0))
 
         idx = torch.arange(min(CHECKED, len(val)))
-        layouts, features, mask = example(val, val.labels[idx], val.captions(idx, seed=0))
+        layouts, features, mask = example(val, val.labels[idx], val.captions(idx, seed=0), 0)
         drawn = shipped.sample(features, mask, torch.Generator(device).manual_seed(0), SamplingOptions().layout_temperature)
         return {"val_loss": held_out_loss(batch_loss, len(val), t.batch_size, device),
                 "val_digits": digits_agree(drawn, layouts).float().mean().item()}

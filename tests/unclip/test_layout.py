@@ -23,6 +23,21 @@ def test_scene_layouts_hold_each_objects_digit_colour_and_box():
     assert torch.equal(named[1], layouts[0]) and torch.equal(named[2], layouts[0])  # unnamed: the scene's order
 
 
+def test_the_layout_stage_learns_an_unnamed_digit_as_any_digit():
+    """What the layout stage is taught to write: a digit its caption leaves unnamed is drawn uniformly (so a colour
+    never says which digit, as the training scenes, short of the held-out pairs, would teach), a named one kept."""
+    scene = Scene((Obj(3, "green", 20, 4, 10), Obj(7, "green", 30, 34, 30)), "row")
+    captions = SceneCaptions([scene] * 200)
+    true = captions.layouts(torch.zeros(200, dtype=torch.long))
+    kept = captions.layouts(torch.zeros(200, dtype=torch.long), ["a green 3 and a 7 in green"] * 200, torch.Generator())
+    assert torch.equal(kept, true)
+    some = captions.layouts(torch.zeros(200, dtype=torch.long), ["a 7 and a green digit"] * 200, torch.Generator())
+    assert (some[:, 0, 0] == 7).all() and torch.equal(some[:, :, 1:], true[:, [1, 0, 2, 3], 1:])
+    assert set(some[:, 1, 0].tolist()) == set(range(10))  # the unnamed 3: every digit, its colour and box kept
+    none = captions.layouts(torch.zeros(200, dtype=torch.long), ["two green digits"] * 200, torch.Generator())
+    assert set(none[:, :2, 0].flatten().tolist()) == set(range(10)) and (none[:, 2:] == -1).all()
+
+
 def test_objects_are_ordered_by_the_words_that_name_them_in_turn():
     scene = Scene((Obj(7, "red", 20, 4, 10), Obj(3, "red", 20, 34, 10), Obj(7, "blue", 20, 4, 40)), "list")
     assert mention_order(scene, "a red 3 and a red 7 and a blue 7") == [1, 0, 2]  # 'red' names both reds first

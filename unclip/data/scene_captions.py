@@ -140,18 +140,23 @@ def pronoun(words: list[str], i: int) -> bool:
         words[i + 1] in PLACE_TERMS
 
 
-def word_objects(scene: Scene, text: str) -> list[int]:
-    """What each whitespace word of a caption of `scene` names, as a bitmask of its objects (bit i: object i): a
-    digit (word, numeral or plural) every object of that digit, a colour every object of that colour; a count ("two"
-    in "two red 7s", "one" in "one red 7") and every other word nothing. What a decoder's cross-attention is taught
-    to ground, and the order the layout stage writes objects in (`mention_order`)."""
+def word_names(text: str) -> list[tuple[Optional[int], Optional[str]]]:
+    """The digit or the colour each whitespace word of a caption names (`object_word`), but a count ("two" in "two
+    red 7s", "one" in "one red 7") or the pronoun "one" names no digit."""
     words = [w.strip(",.!?:;").lower() for w in text.split()]
     words = [misspelt().get(w, w) for w in words]  # "fou zeros" counts as "four zeros" does
+    names = [object_word(w) for w in words]
+    return [(None, colour) if digit is not None and (is_count(words, i) or pronoun(words, i)) else (digit, colour)
+            for i, (digit, colour) in enumerate(names)]
+
+
+def word_objects(scene: Scene, text: str) -> list[int]:
+    """What each whitespace word of a caption of `scene` names, as a bitmask of its objects (bit i: object i): a
+    digit (word, numeral or plural) every object of that digit, a colour every object of that colour, every other word
+    nothing (`word_names`). What a decoder's cross-attention is taught to ground, and the order the layout stage
+    writes objects in (`mention_order`)."""
     bits = []
-    for i, w in enumerate(words):
-        digit, colour = object_word(w)
-        if digit is not None and (is_count(words, i) or pronoun(words, i)):
-            digit = None
+    for digit, colour in word_names(text):
         named = [o.digit == digit if digit is not None else o.colour == colour for o in scene.objects]
         bits.append(sum(1 << j for j, hit in enumerate(named) if hit))
     return bits
@@ -387,12 +392,24 @@ class SceneCaptions:
                     row[:] = [(bits >> j) & 1 for j in range(MAX_OBJECTS)]
         return torch.stack([box_masks(self.scenes[i]) for i in labels.tolist()]), torch.tensor(names, dtype=torch.float)
 
-    def layouts(self, labels: torch.Tensor, captions: Optional[list[str]] = None) -> torch.Tensor:
+    def layouts(self, labels: torch.Tensor, captions: Optional[list[str]] = None,
+                unnamed: Optional[torch.Generator] = None) -> torch.Tensor:
         """Scenes `labels`' layouts (B, MAX_OBJECTS, 6) long: each object's digit, colour and box corners on the
         layout lattice (`box_tokens`), -1 past a scene's last object; the objects in the order `captions` (one a
-        label) name them, else the scene's."""
+        label) name them, else the scene's. With `unnamed`, a digit no word of its caption names ("three red digits")
+        is drawn from it uniformly instead: what the layout stage learns to write, so that a colour never tells it a
+        digit (no training scene shows a held-out pair: from true digits, "a green digit" is never a 1, and it learns
+        to read "a green 1" as a 7)."""
         texts = captions if captions is not None else [None] * len(labels)
-        return torch.stack([self.scene_layout(self.scenes[i], text) for i, text in zip(labels.tolist(), texts)])
+        layouts = torch.stack([self.scene_layout(self.scenes[i], text) for i, text in zip(labels.tolist(), texts)])
+        if unnamed is not None and captions is not None:
+            named = torch.tensor([[any(d == digit for d, _ in word_names(text)) for digit in range(10)]
+                                  for text in captions])  # (B, 10): the digits each caption names
+            digit = layouts[:, :, 0]
+            said = (digit < 0) | named.gather(1, digit.clamp(min=0))
+            guess = torch.randint(10, digit.shape, generator=unnamed)
+            layouts[:, :, 0] = torch.where(said, digit, guess)
+        return layouts
 
     @staticmethod
     def scene_layout(scene: Scene, text: Optional[str] = None) -> torch.Tensor:
