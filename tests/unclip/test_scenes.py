@@ -376,6 +376,28 @@ def test_speech_says_what_each_word_names_counts_typos_and_unnamed_digits_includ
     assert word_objects(fives, "three digits") == [0, 0]
 
 
+def test_a_relation_between_two_alike_objects_is_taught_the_right_way_round():
+    """Two objects no word tells apart (two yellow 0s) are written in the scene's order (`mention_order`): captions of
+    them name them in that order, so the second written object lies where the relation puts it ('a 0 with a 0 left of
+    it': the second left of the first), never backwards."""
+    from unclip.data.scene_captions import IT_REL, SceneCaptions, caption
+    from unclip.data.scenes import Obj, Scene
+    from unclip.layouts import GRID
+
+    for scene in [Scene((Obj(0, "yellow", 20, 0, 20), Obj(0, "yellow", 20, 40, 20)), "row"),
+                  Scene((Obj(0, "yellow", 20, 20, 0), Obj(0, "yellow", 20, 20, 40)), "column")]:
+        seen = set()
+        for key in range(400):
+            text = caption(scene, random.Random(key))
+            rel = next((rel for rel, ends in IT_REL.items() for end in ends if end in text and " with " in text), None)
+            if rel is None:
+                continue
+            first, second = (((x0 + x1) / 2, (y0 + y1) / 2) for *_, x0, y0, x1, y1 in SceneCaptions.scene_layout(scene, text)[:2].tolist())
+            assert relation_holds(second, first, rel, GRID), text
+            seen.add(rel)
+        assert seen  # one way: 'with' names the scene's first object first, as the other forms' may
+
+
 def test_training_captions_stay_true_and_within_the_context():
     """Many random training captions of random training scenes: every digit or colour word names an object of the
     scene, every digit of a scene whose caption names digits is named, and (with the layout stage's stray words) the

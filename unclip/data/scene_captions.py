@@ -261,29 +261,45 @@ def unnamed(objs: tuple[Obj, ...], r: random.Random, colour: bool) -> str:
     return f"{count} {word}" if c is None else r.choice([f"{count} {c} {word}", f"{count} {word} in {c}"])
 
 
-def related(a: Obj, rel: str, b: Obj, r: random.Random, colour: bool, size: bool, row: bool) -> str:
+def related(a: Obj, rel: str, b: Obj, r: random.Random, colour: bool, size: bool, row: bool) -> tuple[str, list[Obj]]:
     """Two objects, `a` `rel` of `b` (left | right | above | below), in the grammar's words or as people say it: the
     relation named, after a copula, from the second object ('a 2 with a 9 above it'), first ('left of a 7, a 3'), as
-    places ('a 3 on the left and a 1 on the right'), or unsaid ('a 3 next to a 7', 'one above the other')."""
+    places ('a 3 on the left and a 1 on the right'), or unsaid ('a 3 next to a 7', 'one above the other'); and the
+    object it names first where the relation is said (`in_order`)."""
     pa, pb = spoken_phrase(a, r, colour, size), spoken_phrase(b, r, colour, size)
     words = REL_WORDS[rel] + SPOKEN_REL[rel]
     form = r.random()
     if form < 0.35:
-        return f"{pa} {r.choice(words)} {pb}"
+        return f"{pa} {r.choice(words)} {pb}", [a]
     if form < 0.45:
-        return f"{pa} {r.choice(COPULAS)} {r.choice(words)} {pb}"
+        return f"{pa} {r.choice(COPULAS)} {r.choice(words)} {pb}", [a]
     if form < 0.6:
-        return f"{pb} with {pa} {r.choice(IT_REL[rel])}"
+        return f"{pb} with {pa} {r.choice(IT_REL[rel])}", [b]
     if form < 0.7:
-        return r.choice([f"{r.choice(words)} {pb}, {pa}", f"{r.choice(words)} {pb} {r.choice(COPULAS)} {pa}"])
+        return r.choice([f"{r.choice(words)} {pb}, {pa}", f"{r.choice(words)} {pb} {r.choice(COPULAS)} {pa}"]), [b]
     if form < 0.85:
         pa_place = r.choice(PLACE_WORDS[SIDE[rel]])
         pb_place = r.choice(PLACE_WORDS[SIDE[OPPOSITE[rel]]])
         return r.choice([f"{pa} {pa_place} and {pb} {pb_place}", f"{pa} {pa_place}, {pb} {pb_place}",
-                         f"{pa_place} {pa}, {pb_place} {pb}"])
+                         f"{pa_place} {pa}, {pb_place} {pb}"]), [a]
     if row:
-        return r.choice([f"{pa} {r.choice(BESIDE)} {pb}", f"{pa} and {pb} side by side"])
-    return f"{pa} and {pb}, one above the other"
+        return r.choice([f"{pa} {r.choice(BESIDE)} {pb}", f"{pa} and {pb} side by side"]), []
+    return f"{pa} and {pb}, one above the other", []
+
+
+def in_order(scene: Scene, draw) -> Optional[str]:
+    """A caption of `scene` from `draw()` (text and the objects it names first, or None), drawn again (up to 8 times)
+    while the layout stage would be taught its objects in another order: where its words cannot tell two apart ('a 0
+    with a 0 left of it'), they are written in the scene's order (`mention_order`), and its relation taught backwards."""
+    for _ in range(8):
+        drawn = draw()
+        if drawn is None:
+            return None
+        text, first = drawn
+        named = {j for j, o in enumerate(scene.objects) if any(o is f for f in first)}
+        if set(mention_order(scene, text)[:len(named)]) == named:
+            break
+    return text
 
 
 def relation_of(scene: Scene, first: Obj) -> str:
@@ -292,9 +308,9 @@ def relation_of(scene: Scene, first: Obj) -> str:
     return ("left" if on_top else "right") if scene.layout == "row" else ("above" if on_top else "below")
 
 
-def grouped(scene: Scene, r: random.Random, colour: bool) -> Optional[str]:
-    """A grid scene as two groups, one above (or left of) the other, each counted: 'two green 5s above a yellow 1';
-    None where the scene's objects do not split so (every object of one group that way of every object of the other)."""
+def grouped(scene: Scene, r: random.Random, colour: bool) -> Optional[tuple[str, list[Obj]]]:
+    """A grid scene as two groups, one above (or left of) the other, each counted: 'two green 5s above a yellow 1',
+    and the group it names first; None where the scene's objects do not split so (every object of one group that way of every object of the other)."""
     rel = r.choice(["above", "left"])
     axis = 1 if rel == "above" else 0
     first = [o for o in scene.objects if o.centre[axis] < SIZE / 2]
@@ -303,7 +319,7 @@ def grouped(scene: Scene, r: random.Random, colour: bool) -> Optional[str]:
         return None
     if r.random() < 0.5:
         first, second, rel = second, first, OPPOSITE[rel]
-    return f"{counted(first, r, colour)} {r.choice(REL_WORDS[rel] + SPOKEN_REL[rel])} {counted(second, r, colour)}"
+    return f"{counted(first, r, colour)} {r.choice(REL_WORDS[rel] + SPOKEN_REL[rel])} {counted(second, r, colour)}", first
 
 
 def grammar_caption(scene: Scene, r: random.Random) -> str:
@@ -319,10 +335,12 @@ def grammar_caption(scene: Scene, r: random.Random) -> str:
     if kind < 0.25:
         return counted(objs, r, colour)
     if scene.layout in ("row", "column") and kind < 0.75:
-        a, b = objs if r.random() < 0.5 else objs[::-1]
-        return related(a, relation_of(scene, a), b, r, colour, size, scene.layout == "row")
+        def pair():
+            a, b = objs if r.random() < 0.5 else objs[::-1]
+            return related(a, relation_of(scene, a), b, r, colour, size, scene.layout == "row")
+        return in_order(scene, pair)
     if scene.layout == "grid" and kind < 0.5:
-        text = grouped(scene, r, colour)
+        text = in_order(scene, lambda: grouped(scene, r, colour))
         if text is not None:
             return text
     if scene.layout == "grid" and kind < 0.75:
