@@ -310,7 +310,8 @@ def relation_of(scene: Scene, first: Obj) -> str:
 
 def grouped(scene: Scene, r: random.Random, colour: bool) -> Optional[tuple[str, list[Obj]]]:
     """A grid scene as two groups, one above (or left of) the other, each counted: 'two green 5s above a yellow 1',
-    and the group it names first; None where the scene's objects do not split so (every object of one group that way of every object of the other)."""
+    and the group it names first; None where the scene's objects do not split so (every object of one group that way
+    of every object of the other)."""
     rel = r.choice(["above", "left"])
     axis = 1 if rel == "above" else 0
     first = [o for o in scene.objects if o.centre[axis] < SIZE / 2]
