@@ -23,9 +23,10 @@ def test_scene_layouts_hold_each_objects_digit_colour_and_box():
     assert torch.equal(named[1], layouts[0]) and torch.equal(named[2], layouts[0])  # unnamed: the scene's order
 
 
-def test_the_layout_stage_learns_an_unnamed_digit_as_any_digit():
-    """What the layout stage is taught to write: a digit its caption leaves unnamed is drawn uniformly (so a colour
-    never says which digit, as the training scenes, short of the held-out pairs, would teach), a named one kept."""
+def test_the_layout_stage_learns_an_unnamed_digit_or_colour_as_any():
+    """What the layout stage is taught to write: a digit or a colour its caption leaves unnamed is drawn uniformly (so
+    neither says which the other is, as the training scenes, short of the held-out pairs, would teach), a named one
+    kept."""
     scene = Scene((Obj(3, "green", 20, 4, 10), Obj(7, "green", 30, 34, 30)), "row")
     captions = SceneCaptions([scene] * 200)
     true = captions.layouts(torch.zeros(200, dtype=torch.long))
@@ -36,6 +37,9 @@ def test_the_layout_stage_learns_an_unnamed_digit_as_any_digit():
     assert set(some[:, 1, 0].tolist()) == set(range(10))  # the unnamed 3: every digit, its colour and box kept
     none = captions.layouts(torch.zeros(200, dtype=torch.long), ["two green digits"] * 200, torch.Generator())
     assert set(none[:, :2, 0].flatten().tolist()) == set(range(10)) and (none[:, 2:] == -1).all()
+    plain = captions.layouts(torch.zeros(200, dtype=torch.long), ["a 3 and a 7"] * 200, torch.Generator())
+    assert torch.equal(plain[:, :, [0, 2, 3, 4, 5]], true[:, :, [0, 2, 3, 4, 5]])
+    assert set(plain[:, :2, 1].flatten().tolist()) == set(range(7))  # every colour, digits and boxes kept
 
 
 def test_objects_are_ordered_by_the_words_that_name_them_in_turn():

@@ -415,19 +415,19 @@ class SceneCaptions:
                 unnamed: Optional[torch.Generator] = None) -> torch.Tensor:
         """Scenes `labels`' layouts (B, MAX_OBJECTS, 6) long: each object's digit, colour and box corners on the
         layout lattice (`box_tokens`), -1 past a scene's last object; the objects in the order `captions` (one a
-        label) name them, else the scene's. With `unnamed`, a digit no word of its caption names ("three red digits")
-        is drawn from it uniformly instead: what the layout stage learns to write, so that a colour never tells it a
-        digit (no training scene shows a held-out pair: from true digits, "a green digit" is never a 1, and it learns
-        to read "a green 1" as a 7)."""
+        label) name them, else the scene's. With `unnamed`, a digit or a colour no word of its caption names ("three
+        red digits", "a 5") is drawn from it uniformly instead: what the layout stage learns to write, so that one
+        never tells it the other (no training scene shows a held-out pair: from true labels, "a green digit" is never
+        a 1 nor "a 5" cyan, and it learns to read "a green 1" as a 7 and "a 5 in cyan" as a green 5)."""
         texts = captions if captions is not None else [None] * len(labels)
         layouts = torch.stack([self.scene_layout(self.scenes[i], text) for i, text in zip(labels.tolist(), texts)])
         if unnamed is not None and captions is not None:
-            named = torch.tensor([[any(d == digit for d, _ in word_names(text)) for digit in range(10)]
-                                  for text in captions])  # (B, 10): the digits each caption names
-            digit = layouts[:, :, 0]
-            said = (digit < 0) | named.gather(1, digit.clamp(min=0))
-            guess = torch.randint(10, digit.shape, generator=unnamed)
-            layouts[:, :, 0] = torch.where(said, digit, guess)
+            names = [word_names(text) for text in captions]
+            for field, values in enumerate([list(range(10)), COLOURS]):
+                named = torch.tensor([[any(n[field] == v for n in words) for v in values] for words in names])
+                value = layouts[:, :, field]
+                said = (value < 0) | named.gather(1, value.clamp(min=0))
+                layouts[:, :, field] = torch.where(said, value, torch.randint(len(values), value.shape, generator=unnamed))
         return layouts
 
     @staticmethod
