@@ -80,8 +80,19 @@ def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, ou
         if last.get("interrupted"):
             return last
     if sampling and is_main():
-        atomic_write_text(out / SAMPLING_FILE, yaml.safe_dump(sampling, sort_keys=False))
+        write_sampling(out, sampling)
     return {}
+
+
+def write_sampling(out: Path, sampling: dict) -> None:
+    """The config's `sampling:` section as OUT/sampling.yaml, unless OUT has one: that one (set by hand, or by `t2i
+    distill` for its student) is kept, and named where it differs."""
+    path = out / SAMPLING_FILE
+    if not path.is_file():
+        atomic_write_text(path, yaml.safe_dump(sampling, sort_keys=False))
+    elif (load_yaml(path) or {}) != sampling:
+        console.print(f"note: {path} kept as it is; the config's sampling: {sampling} was not written over it",
+                      soft_wrap=True, highlight=False)
 
 
 def sampling_section(config_path: Optional[Path]) -> Optional[dict]:

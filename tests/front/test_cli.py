@@ -247,6 +247,12 @@ def test_a_pipeline_config_may_carry_the_sampling_defaults_its_recipe_was_judged
     r = run("decoder-train", *common, "--config", tmp_path / "good.yaml", "--out", tmp_path / "good")
     assert r.exit_code == 0, r.output
     assert yaml.safe_load((tmp_path / "good" / "sampling.yaml").read_text()) == {"guidance": 1.5}
+    (tmp_path / "good" / "sampling.yaml").write_text("guidance: 2.0\n")  # set by hand (or by distill): kept
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump({**config, "sampling": {"guidance": 3.0}}))
+    r = run("decoder-train", *common, "--config", tmp_path / "good.yaml", "--out", tmp_path / "good", "--overwrite")
+    assert r.exit_code == 0 and "sampling.yaml kept" in r.output, r.output
+    assert (tmp_path / "good" / "sampling.yaml").read_text() == "guidance: 2.0\n"
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump({**config, "sampling": {"guidance": 1.5}}))
     shutil.copytree(tiny_pipeline / "decoder", tmp_path / "good" / "decoder")  # the whitened prior in a pipeline
     r = run("generate", "--checkpoints", tmp_path / "good", "--prompt", "six", "-n", 2, "--steps", 2, "--out", tmp_path / "g")
     assert r.exit_code == 0, r.output
