@@ -140,14 +140,15 @@ def pronoun(words: list[str], i: int) -> bool:
         words[i + 1] in PLACE_TERMS
 
 
-def word_names(text: str) -> list[tuple[Optional[int], Optional[str]]]:
+@lru_cache(maxsize=1024)  # a training batch's captions are read twice: their objects' order, then what they leave unsaid
+def word_names(text: str) -> tuple[tuple[Optional[int], Optional[str]], ...]:
     """The digit or the colour each whitespace word of a caption names (`object_word`), but a count ("two" in "two
     red 7s", "one" in "one red 7") or the pronoun "one" names no digit."""
     words = [w.strip(",.!?:;").lower() for w in text.split()]
     words = [misspelt().get(w, w) for w in words]  # "fou zeros" counts as "four zeros" does
     names = [object_word(w) for w in words]
-    return [(None, colour) if digit is not None and (is_count(words, i) or pronoun(words, i)) else (digit, colour)
-            for i, (digit, colour) in enumerate(names)]
+    return tuple((None, colour) if digit is not None and (is_count(words, i) or pronoun(words, i)) else (digit, colour)
+                 for i, (digit, colour) in enumerate(names))
 
 
 def word_objects(scene: Scene, text: str) -> list[int]:
@@ -422,9 +423,9 @@ class SceneCaptions:
         texts = captions if captions is not None else [None] * len(labels)
         layouts = torch.stack([self.scene_layout(self.scenes[i], text) for i, text in zip(labels.tolist(), texts)])
         if unnamed is not None and captions is not None:
-            names = [word_names(text) for text in captions]
-            for field, values in enumerate([list(range(10)), COLOURS]):
-                named = torch.tensor([[any(n[field] == v for n in words) for v in values] for words in names])
+            names = [[set(v) for v in zip(*word_names(text))] or [set(), set()] for text in captions]  # digits, colours
+            for field, values in enumerate([range(10), COLOURS]):
+                named = torch.tensor([[v in sets[field] for v in values] for sets in names])
                 value = layouts[:, :, field]
                 said = (value < 0) | named.gather(1, value.clamp(min=0))
                 layouts[:, :, field] = torch.where(said, value, torch.randint(len(values), value.shape, generator=unnamed))
