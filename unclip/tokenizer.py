@@ -49,10 +49,14 @@ def vocabulary_words() -> tuple[str, ...]:
 
 
 class Tokenizer:
-    """Encode captions to `[B, context]` token ids: start token, BPE tokens, end token, zero padding."""
+    """Encode captions to `[B, context]` token ids: start token, BPE tokens, end token, zero padding. A caption
+    longer than the context is cut; the first `SHOWN` cut ones are logged, the rest counted (`truncated`)."""
+
+    SHOWN = 3
 
     def __init__(self, context: int):
         self.context = context
+        self.truncated = 0  # distinct captions cut
         self._cache: dict[str, torch.Tensor] = {}
 
     def ids(self, text: str) -> torch.Tensor:
@@ -61,7 +65,10 @@ class Tokenizer:
             bpe = _bpe()
             tokens = bpe.encode(text)
             if len(tokens) > self.context - 2:
-                log.warning("caption truncated to %d tokens: %r", self.context - 2, text[:80])
+                self.truncated += 1
+                if self.truncated <= self.SHOWN:
+                    more = "; further ones are counted, not shown" if self.truncated == self.SHOWN else ""
+                    log.warning("caption truncated to %d tokens: %r%s", self.context - 2, text[:80], more)
                 tokens = tokens[: self.context - 2]
             ids = [bpe.sot_token_id, *tokens, bpe.eot_token_id]
             cached = torch.zeros(self.context, dtype=torch.long)

@@ -25,6 +25,11 @@ def test_tokenizer_pads_truncates_and_handles_any_text(caplog):
     with caplog.at_level(logging.WARNING):
         long = tok(["one two three four five six seven eight nine ten"])
     assert long[0, -1] == 49407 and "truncated" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the first few cut captions are shown, the rest counted
+        tok([f"{n} two three four five six seven eight nine ten" for n in range(10)])
+    assert caplog.text.count("truncated") == Tokenizer.SHOWN - 1 and "counted, not shown" in caplog.text
+    assert tok.truncated == 11
 
 
 def test_tokens_are_open_clips():

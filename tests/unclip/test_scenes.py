@@ -376,6 +376,20 @@ def test_speech_says_what_each_word_names_counts_typos_and_unnamed_digits_includ
     assert word_objects(fives, "three digits") == [0, 0]
 
 
+def test_articles_are_left_out_only_where_every_word_still_names_what_it_did():
+    from unclip.data.scene_captions import caption, without_articles
+    from unclip.data.scenes import Obj, Scene
+
+    assert without_articles("a red 4 and a blue 3", random.Random(0), p=1.0) == "red 4 and blue 3"
+    assert without_articles("a 2 above the 3", random.Random(0), p=1.0) == "2 above 3"
+    # "one" after "a" is the digit; bare before "left" it would stand for an object: the article stays
+    assert without_articles("a 5 with a one left of it", random.Random(0), p=1.0) == "a 5 with a one left of it"
+    scene = Scene((Obj(4, "red", 20, 0, 0), Obj(3, "blue", 20, 40, 0)), "row")
+    texts = [caption(scene, random.Random(i)) for i in range(400)]
+    bare = [t for t in texts if not {"a", "an", "the"} & set(t.split())]
+    assert 0.03 < len(bare) / len(texts) < 0.3, len(bare)
+
+
 def test_a_relation_between_two_alike_objects_is_taught_the_right_way_round():
     """Two objects no word tells apart (two yellow 0s) are written in the scene's order (`mention_order`): captions of
     them name them in that order, so the second written object lies where the relation puts it ('a 0 with a 0 left of

@@ -7,8 +7,8 @@ appear in training (benchmarks/geneval.py writes the benchmark's prompts from th
 `noun`, `phrase`, `COUNTS`, `REL_WORDS`). Training captions also speak as people do (`caption` and the
 functions it calls): more ways to say a relation ("next to", "with a 9 above it", the relation first), a count
 ("a couple of", "one", "three digits" with the digits unnamed), a colour ("a red-coloured 3"), fillers ("draw",
-"a picture of") and typos. Prompts written apart from all of this are the scenes benchmark's phrasings file,
-which no training code reads. (Case needs no teaching: the tokenizer lowercases.)
+"a picture of"), articles left out ("red 4 and blue 3") and typos. Prompts written apart from all of this are the
+scenes benchmark's phrasings file, which no training code reads. (Case needs no teaching: the tokenizer lowercases.)
 """
 from __future__ import annotations
 
@@ -341,11 +341,11 @@ def grammar_caption(scene: Scene, r: random.Random) -> str:
             a, b = objs if r.random() < 0.5 else objs[::-1]
             return related(a, relation_of(scene, a), b, r, colour, size, scene.layout == "row")
         return in_order(scene, pair)
-    if scene.layout == "grid" and kind < 0.5:
+    if scene.layout == "grid" and kind < 0.6:
         text = in_order(scene, lambda: grouped(scene, r, colour))
         if text is not None:
             return text
-    if scene.layout == "grid" and kind < 0.75:
+    if scene.layout == "grid" and kind < 0.85:
         quadrants = [("top " if o.centre[1] < 32 else "bottom ") + ("left" if o.centre[0] < 32 else "right") for o in objs]
         parts = [spoken_phrase(o, r, colour, size, q, short=True) for o, q in zip(objs, quadrants)]
         return join(parts)
@@ -368,10 +368,25 @@ def typo(text: str, r: random.Random) -> str:
     return " ".join(words)
 
 
+ARTICLES = {"a", "an", "the"}
+
+
+def without_articles(text: str, r: random.Random, p: float = 0.7) -> str:
+    """`text` with each article dropped at rate `p` ('red 4 and blue 3', 'blue 0 at top'), as people type: word
+    dropout of the words that name nothing. Where a dropped article would change what a word names ('two 7s and
+    three' would count), `text` is kept whole."""
+    words = text.split(" ")
+    short = " ".join(w for w in words if w not in ARTICLES or r.random() >= p)
+    named = [n for n in word_names(text) if n != (None, None)]
+    return short if [n for n in word_names(short) if n != (None, None)] == named else text
+
+
 def caption(scene: Scene, r: random.Random) -> str:
-    """One random true caption of `scene` (the training distribution): the grammar's, sometimes with a filler
-    before or after it ('draw a 7 please') or a word misspelt."""
+    """One random true caption of `scene` (the training distribution): the grammar's, sometimes without its
+    articles, with a filler before or after it ('draw a 7 please') or a word misspelt."""
     text = grammar_caption(scene, r)
+    if r.random() < 0.12:
+        text = without_articles(text, r)
     if r.random() < 0.2:
         text = f"{r.choice(PREFIXES)} {text}"
     if r.random() < 0.08:
