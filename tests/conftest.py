@@ -91,3 +91,9 @@ def tiny_pipeline(tmp_path_factory, mnist_dir, tiny_config) -> Path:
                             "--out", str(root / "pipe")])
     assert r.exit_code == 0, r.output
     return root / "pipe"
+
+
+@pytest.fixture(scope="module")  # each module its own: the loader renders a folder once per process
+def emoji_dir(tmp_path_factory) -> Path:
+    from tests.emoji_folder import write_emoji_folder
+    return write_emoji_folder(tmp_path_factory.mktemp("emoji"))

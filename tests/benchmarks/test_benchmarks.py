@@ -6,8 +6,6 @@ import sys
 
 import pytest
 
-from tests.unclip.test_emoji import emoji_dir  # noqa: F401  (the tiny emoji folder, a fixture)
-
 
 @pytest.mark.slow
 def test_generation_throughput_reports_images_per_second_per_variant(tiny_pipeline, tmp_path, monkeypatch):
@@ -97,3 +95,37 @@ def test_emoji_clip_benchmark_ranks_each_image_name_among_every_things(tmp_path,
             for r in per.values():
                 assert 0 <= r["top1"] <= r["top5"] <= 1 and r["images"] > 0
     assert "| held out (test) | name, style |" in (tmp_path / "out" / "emoji_clip.md").read_text()
+
+
+@pytest.mark.slow
+def test_emoji_evaluator_asks_what_the_contract_holds_out_and_judges_real_and_drawn_images(
+        emoji_dir, tiny_pipeline, tmp_path, monkeypatch):
+    pytest.importorskip("cairosvg", reason="OpenMoji's SVGs need the emoji extra")
+    from benchmarks import emoji as bench
+    from unclip.data.emoji import digest, held_out, rendered
+
+    records, _ = rendered(emoji_dir, 64)
+    toned = {e.identity for e in records if e.tone}
+    sets = bench.prompt_sets(records, per_kind=50)
+    assert set(sets) == set(bench.KINDS)
+    for p in sets["seen"]:
+        assert all(held_out(records[i], toned) is None and not records[i].extra for i in p.real)
+        assert p.text == f"{records[p.real[0]].names['en']}, {p.style} style"
+    assert sets["held-out styles"] and all(held_out(records[p.real[0]], toned) == "style" for p in sets["held-out styles"])
+    assert sets["held-out tones"] and all(p.tone == digest(p.identity) % 5 + 1 for p in sets["held-out tones"])
+    assert "roter Apfel" in [p.text for p in sets["german"]]  # the same things, named in each language
+    assert [p.identity for p in sets["german"]] == [p.identity for p in sets["english"]] == [p.identity for p in sets["french"]]
+    assert all(len(p.real) == 3 and not p.style for p in sets["english"])  # a name alone: each style's image
+
+    monkeypatch.setattr(bench, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(sys, "argv", ["emoji.py", "--data-dir", str(emoji_dir), "--checkpoints", str(tiny_pipeline),
+                                      "--prompts", "3", "--images", "2", "--judge-epochs", "40", "--out", str(tmp_path / "out")])
+    bench.main()
+    report = json.loads((tmp_path / "out" / "emoji.json").read_text())
+    assert report["things"] == 5 and len(list((tmp_path / "cache").glob("emoji-judge-*.safetensors"))) == 1
+    assert report["real"]["seen"]["thing"] >= 0.6 and report["real"]["seen"]["style"] >= 0.6  # the judge learnt them
+    for kind in bench.KINDS:  # a grey-digit pipeline draws no emoji; the rates are still rates of what it drew
+        assert all(0 <= v <= 1 for v in report["generated"][kind].values())
+    assert report["fd"] > report["fd_floor"] > 0 and report["generated"]["diversity"] >= 0
+    text = (tmp_path / "out" / "emoji.md").read_text()
+    assert "| held-out tones |" in text and "| Frechet distance / floor |" in text

@@ -23,6 +23,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -66,10 +67,13 @@ def digest(identity: str) -> int:
     return int(hashlib.sha1(identity.encode("utf-8")).hexdigest(), 16)
 
 
-def held_out(e: Emoji, toned: set[str]) -> bool:
-    """The contract's held-out rule: a style pair of the identity, or a skin tone of one that comes in tones."""
+def held_out(e: Emoji, toned: set[str]) -> Optional[str]:
+    """Which of the contract's rules holds `e` out, if any: "style" (a style pair of the identity) or "tone" (a skin
+    tone of an identity in `toned`, those that come in tones)."""
     h = digest(e.identity)
-    return h % 20 == STYLES.index(e.style) or (e.identity in toned and e.tone == h % 5 + 1)
+    if h % 20 == STYLES.index(e.style):
+        return "style"
+    return "tone" if e.identity in toned and e.tone == h % 5 + 1 else None
 
 
 def character(codepoints: str) -> str:
@@ -176,13 +180,12 @@ class EmojiCaptions(TextCaptions):
         self.emoji = emoji
 
 
-_LOADED: dict[tuple, tuple] = {}  # (folder, size) -> (records, images, skips): rendered once per process
+_LOADED: dict[tuple, tuple] = {}  # (folder, size) -> (records, images): rendered once per process
 
 
-def load_emoji(folder: Path, split: str, size: int, val_size: int, carve):
-    """The `split` of an emoji folder at size x size: test is every held-out image (the contract above, extras
-    left out), val and train the rest (`carve`: the fixed held-out slice)."""
-    from unclip.data import CaptionedImages
+def rendered(folder: Path, size: int) -> tuple[list[Emoji], torch.Tensor]:
+    """Every usable record of an emoji folder and its image, uint8 (N, 3, size, size); what does not render is
+    skipped and counted in one warning."""
     from unclip.data.sources import count_skip, skip_summary
 
     key = (str(Path(folder).resolve()), size)
@@ -198,10 +201,18 @@ def load_emoji(folder: Path, split: str, size: int, val_size: int, carve):
             log.warning("emoji:%s: %d images, skipped %s", folder, len(emoji), skip_summary(skips))
         if not emoji:
             raise UserError(f"emoji:{folder}: no usable image (skipped: {skip_summary(skips)})")
-        _LOADED[key] = (emoji, torch.stack(images), skips)
-    emoji, images, _ = _LOADED[key]
+        _LOADED[key] = (emoji, torch.stack(images))
+    return _LOADED[key]
+
+
+def load_emoji(folder: Path, split: str, size: int, val_size: int, carve):
+    """The `split` of an emoji folder at size x size: test is every held-out image (the contract above, extras
+    left out), val and train the rest (`carve`: the fixed held-out slice)."""
+    from unclip.data import CaptionedImages
+
+    emoji, images = rendered(folder, size)
     toned = {e.identity for e in emoji if e.tone}
-    held = torch.tensor([held_out(e, toned) and not e.extra for e in emoji])  # the extras train, never test
+    held = torch.tensor([held_out(e, toned) is not None and not e.extra for e in emoji])  # the extras train, never test
     idx = (held if split == "test" else ~held).nonzero()[:, 0]
     kept = [emoji[i] for i in idx.tolist()]
     data = CaptionedImages(images=images[idx], labels=torch.arange(len(kept)), captioner=EmojiCaptions(kept))
