@@ -56,7 +56,7 @@ class Tokenizer:
 
     def __init__(self, context: int):
         self.context = context
-        self.truncated = 0  # distinct captions cut
+        self.truncated = 0  # captions cut (one the cache holds, once)
         self._cache: dict[str, torch.Tensor] = {}
 
     def ids(self, text: str) -> torch.Tensor:

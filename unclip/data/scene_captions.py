@@ -373,8 +373,8 @@ ARTICLES = {"a", "an", "the"}
 
 def without_articles(text: str, r: random.Random, p: float = 0.7) -> str:
     """`text` with each article dropped at rate `p` ('red 4 and blue 3', 'blue 0 at top'), as people type: word
-    dropout of the words that name nothing. Where a dropped article would change what a word names ('two 7s and
-    three' would count), `text` is kept whole."""
+    dropout of the words that name nothing. Where a dropped article would change what a word names ('a 5 with a one
+    left of it': a bare 'one' there stands for an object), `text` is kept whole."""
     words = text.split(" ")
     short = " ".join(w for w in words if w not in ARTICLES or r.random() >= p)
     named = [n for n in word_names(text) if n != (None, None)]
