@@ -59,6 +59,7 @@ class EmojiJudge(nn.Module):
     the style and the skin tone (0: none). About 19 million multiply-adds an image: a 2-core CPU trains it."""
 
     READ = 32
+    VERSION = 1  # of its layers and its training: in the cached file's name
 
     def __init__(self, things: int, width: int = 24):
         super().__init__()
@@ -127,7 +128,7 @@ def train_judge(emoji: list[Emoji], images: torch.Tensor, things: list[str], epo
 def load_judge(emoji: list[Emoji], images: torch.Tensor, epochs: int) -> tuple[EmojiJudge, list[str]]:
     """The cached judge of these records (`judge_key`), trained first if absent."""
     things = sorted({e.identity for e in emoji})
-    path = CACHE / f"emoji-judge-{judge_key(emoji)}-{epochs}.safetensors"
+    path = CACHE / f"emoji-judge-v{EmojiJudge.VERSION}-{judge_key(emoji)}-{epochs}.safetensors"
     model = EmojiJudge(len(things))
     if path.exists():
         model.load_state_dict(load_file(path))
