@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from rich.progress import track
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -45,8 +46,6 @@ from unclip.images import resize, to_float, to_uint8  # noqa: E402
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
-TONE_WORDS = {1: "light skin tone", 2: "medium-light skin tone", 3: "medium skin tone", 4: "medium-dark skin tone",
-              5: "dark skin tone"}
 KINDS = ("seen", "held-out styles", "held-out tones", "english", "german", "french")
 LANGUAGE = {"english": "en", "german": "de", "french": "fr"}
 # The issue's targets: (kind, measure, least value); "thing" is relative to the judge's rate on the real images
@@ -106,14 +105,13 @@ def train_judge(emoji: list[Emoji], images: torch.Tensor, things: list[str], epo
     labels = [torch.tensor(v) for v in ([index[e.identity] for e in emoji], [STYLES.index(e.style) for e in emoji],
                                         [e.tone for e in emoji])]
     model, n = EmojiJudge(len(things)), len(emoji)
-    steps = epochs * max(1, n // batch)
+    per_epoch = max(1, n // batch)
     opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
-    from rich.progress import track
-    for step in track(range(steps), description="training the emoji judge"):
-        if step % max(1, n // batch) == 0:
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * per_epoch)
+    for step in track(range(epochs * per_epoch), description="training the emoji judge"):
+        k = step % per_epoch
+        if k == 0:
             perm = torch.randperm(n, generator=g)
-        k = step % max(1, n // batch)
         idx = perm[k * batch:(k + 1) * batch]
         x = F.interpolate(to_float(images[idx]), size=model.READ, mode="area")  # augmented as the judge reads it
         _, *logits = model(augment(x, g))
@@ -158,10 +156,6 @@ class Prompt:
     real: tuple[int, ...]  # the real images of what it asks (indices of the records)
 
 
-def base_name(e: Emoji) -> str:
-    return e.names["en"].split(":")[0] if e.tone else e.names["en"]
-
-
 def prompt_sets(emoji: list[Emoji], per_kind: int, seed: int = 0) -> dict[str, list[Prompt]]:
     """`per_kind` prompts of each of `KINDS` (fewer where the data has fewer), drawn with `seed`."""
     r = random.Random(seed)
@@ -191,23 +185,23 @@ def prompt_sets(emoji: list[Emoji], per_kind: int, seed: int = 0) -> dict[str, l
     return sets
 
 
-def rates(prompts: list[Prompt], per_prompt: int, thing, style, tone, things: list[str]) -> dict:
-    """The share of images showing the prompt's thing, and its style and tone where it asks for them."""
+def rates(asked: list[Prompt], thing, style, tone, things: list[str]) -> dict:
+    """The share of images (the prompt each one answers: `asked`) showing its thing, and its style and tone where
+    the prompts ask for them."""
     index = {t: i for i, t in enumerate(things)}
-    want = lambda f: torch.tensor([f(p) for p in prompts for _ in range(per_prompt)])  # noqa: E731
+    want = lambda f: torch.tensor([f(p) for p in asked])  # noqa: E731
     out = {"thing": (thing == want(lambda p: index[p.identity])).float().mean().item()}
-    if all(p.style for p in prompts):
+    if all(p.style for p in asked):
         out["style"] = (style == want(lambda p: STYLES.index(p.style))).float().mean().item()
-    if any(p.tone for p in prompts):
+    if any(p.tone for p in asked):
         out["tone"] = (tone == want(lambda p: p.tone)).float().mean().item()
     return {k: round(v, 4) for k, v in out.items()}
 
 
 def real_rates(model: EmojiJudge, images: torch.Tensor, prompts: list[Prompt], things: list[str]) -> dict:
     """`rates` of each prompt's real images (a prompt with several, one style each, counts each)."""
-    flat = [Prompt(p.text, p.identity, p.style, p.tone, (i,)) for p in prompts for i in p.real]
-    _, thing, style, tone = judged(model, images[[p.real[0] for p in flat]])
-    return rates(flat, 1, thing, style, tone, things)
+    _, thing, style, tone = judged(model, images[[i for p in prompts for i in p.real]])
+    return rates([p for p in prompts for _ in p.real], thing, style, tone, things)
 
 
 def generate(pipe, prompts: list[str], per_prompt: int, options, batch: int = 32) -> torch.Tensor:
@@ -215,13 +209,12 @@ def generate(pipe, prompts: list[str], per_prompt: int, options, batch: int = 32
     from unclip.pipeline import draw
     texts = [t for t in prompts for _ in range(per_prompt)]
     out = []
-    from rich.progress import track
     for start in track(range(0, len(texts), batch), description="drawing"):
         g = torch.Generator(pipe.device).manual_seed(start)
         images = draw(pipe, texts[start:start + batch], options, g).cpu()
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        out.append(to_uint8(resize(images, SIZE) if images.shape[-1] != SIZE else images))
+        out.append(to_uint8(resize(images, SIZE)))
     return torch.cat(out)
 
 
@@ -264,7 +257,7 @@ def evaluate(data_dir: Path, checkpoints: Optional[Path], per_kind: int, per_pro
     for kind, prompts in sets.items():
         drawn = generate(pipe, [p.text for p in prompts], per_prompt, options)
         f, thing, style, tone = judged(model, drawn)
-        report["generated"][kind] = rates(prompts, per_prompt, thing, style, tone, things)
+        report["generated"][kind] = rates([p for p in prompts for _ in range(per_prompt)], thing, style, tone, things)
         if kind == "seen":
             report["fd"] = round(frechet_distance(f, reference), 3)
         if kind == "english":

@@ -105,7 +105,8 @@ TRAINING_WORDS = vocabulary_of([*GRAMMAR_WORDS, *SPOKEN_WORDS, "s", *(str(d) for
 
 
 COUNT_WORDS = {"one", "1", *(w for ws in COUNTS.values() for w in ws)}
-NOUN_BEFORE = {"a", "an", "the", "number", "digit"}  # after these a number word is the digit, never a count
+ARTICLES = {"a", "an", "the"}
+NOUN_BEFORE = {*ARTICLES, "number", "digit"}  # after these a number word is the digit, never a count
 
 
 def object_word(w: str) -> tuple[Optional[int], Optional[str]]:
@@ -368,17 +369,13 @@ def typo(text: str, r: random.Random) -> str:
     return " ".join(words)
 
 
-ARTICLES = {"a", "an", "the"}
-
-
 def without_articles(text: str, r: random.Random, p: float = 0.7) -> str:
     """`text` with each article dropped at rate `p` ('red 4 and blue 3', 'blue 0 at top'), as people type: word
     dropout of the words that name nothing. Where a dropped article would change what a word names ('a 5 with a one
     left of it': a bare 'one' there stands for an object), `text` is kept whole."""
-    words = text.split(" ")
-    short = " ".join(w for w in words if w not in ARTICLES or r.random() >= p)
-    named = [n for n in word_names(text) if n != (None, None)]
-    return short if [n for n in word_names(short) if n != (None, None)] == named else text
+    short = " ".join(w for w in text.split(" ") if w not in ARTICLES or r.random() >= p)
+    named = lambda t: [n for n in word_names(t) if n != (None, None)]  # noqa: E731
+    return short if named(short) == named(text) else text
 
 
 def caption(scene: Scene, r: random.Random) -> str:
