@@ -16,7 +16,8 @@ Each kind's thing rate (and style, tone) on generated images is set beside the j
 same prompts (the thing in the asked style and tone; for a name alone, each style). Also: the Frechet distance in
 the judge's feature space between the seen kind's images and every real image it is drawn from (training's, no skin
 tone), against the floor of as many of those real images drawn at random; and a prompt's diversity (mean pairwise feature distance) for the names alone,
-against that of the same thing's real images in its styles. Writes OUT/emoji.json and OUT/emoji.md.
+against that of the same thing's real images in its styles. Writes OUT/emoji.json and OUT/emoji.md, and with a
+pipeline the README's gallery (`gallery`): OUT/gallery-styles.png and OUT/gallery-tones.png, held-out cells framed red.
 """
 from __future__ import annotations
 
@@ -40,14 +41,21 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.judge import CACHE, diversity, frechet_distance  # noqa: E402
+from benchmarks.overhead import TORCH, time_generate  # noqa: E402
 from unclip.data.emoji import STYLES, Emoji, held_out, rendered  # noqa: E402
-from unclip.images import resize, to_float, to_uint8  # noqa: E402
+from unclip.images import grid, resize, save_png, to_float, to_uint8  # noqa: E402
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 KINDS = ("seen", "held-out styles", "held-out tones", "english", "german", "french")
+RED = torch.tensor([220, 30, 30], dtype=torch.uint8).view(3, 1, 1)  # the gallery's frame of a held-out cell
 LANGUAGE = {"english": "en", "german": "de", "french": "fr"}
+# The gallery: these things (English names) and the first two whose one style is held out, in the three styles; a
+# person in the five skin tones (noto)
+GALLERY_THINGS = ("red apple", "grinning face", "cat face", "rocket", "pizza", "sunflower")
+GALLERY_PERSON = "waving hand"
+TIMED_PROMPT = "red apple, twemoji style"  # the issue's
 # The issue's targets: (kind, measure, least value); "thing" is relative to the judge's rate on the real images
 TARGETS = [("seen", "thing", 0.85), ("seen", "style", 0.95), ("held-out styles", "thing", 0.6),
            ("held-out styles", "style", 0.8), ("held-out tones", "thing", 0.6), ("held-out tones", "tone", 0.7)]
@@ -218,6 +226,35 @@ def generate(pipe, prompts: list[str], per_prompt: int, options, batch: int = 32
     return torch.cat(out)
 
 
+def gallery_prompts(emoji: list[Emoji]) -> dict[str, list[tuple[str, bool]]]:
+    """The gallery's prompts, each with whether the contract holds its image out of training: "styles", a row of
+    the three styles per thing; "tones", `GALLERY_PERSON` in each skin tone."""
+    toned = {e.identity for e in emoji if e.tone}
+    plain = [e for e in emoji if e.tone == 0 and not e.extra]
+    by_name = {e.names["en"]: e.identity for e in plain}
+    things = [by_name[n] for n in GALLERY_THINGS if n in by_name]
+    things += sorted({e.identity for e in plain if held_out(e, toned) == "style"})[:2]
+    of = {(e.identity, e.style): e for e in plain}
+    rows = [of[t, s] for t in things for s in STYLES if (t, s) in of]
+    person = [e for e in emoji if e.tone and e.style == "noto" and e.identity == by_name.get(GALLERY_PERSON)]
+    cell = lambda e: (f"{e.names['en']}, {e.style} style", held_out(e, toned) is not None)  # noqa: E731
+    return {"styles": [cell(e) for e in rows], "tones": [cell(e) for e in sorted(person, key=lambda e: e.tone)]}
+
+
+def gallery(pipe, emoji: list[Emoji], options, out: Path) -> dict[str, list[tuple[str, bool]]]:
+    """OUT/gallery-styles.png (a row a thing, a column a style) and OUT/gallery-tones.png (one image a prompt,
+    enlarged twice); an image whose prompt the contract holds out of training is framed red."""
+    sets = gallery_prompts(emoji)
+    for name, prompts in sets.items():
+        images = generate(pipe, [text for text, _ in prompts], 1, options).clone()
+        for image, (_, held) in zip(images, prompts):
+            if held:
+                image[:, :2], image[:, -2:], image[:, :, :2], image[:, :, -2:] = RED, RED, RED, RED
+        save_png(grid(images, ncol=len(STYLES) if name == "styles" else len(prompts)), out / f"gallery-{name}.png",
+                 scale=2)
+    return sets
+
+
 def prompt_diversity(features: torch.Tensor, groups: list[int]) -> float:
     """Mean over groups of consecutive rows (sizes `groups`, two or more) of their `diversity`."""
     values, start = [], 0
@@ -229,7 +266,8 @@ def prompt_diversity(features: torch.Tensor, groups: list[int]) -> float:
 
 
 def evaluate(data_dir: Path, checkpoints: Optional[Path], per_kind: int, per_prompt: int, epochs: int,
-             seed: int = 0) -> dict:
+             seed: int = 0, out: Optional[Path] = None) -> dict:
+    """The report (`markdown` writes it); with a pipeline and `out`, also its `gallery` there."""
     emoji, images = rendered(data_dir, SIZE)
     model, things = load_judge(emoji, images, epochs)
     sets = prompt_sets(emoji, per_kind, seed)
@@ -263,6 +301,8 @@ def evaluate(data_dir: Path, checkpoints: Optional[Path], per_kind: int, per_pro
         if kind == "english":
             report["generated"]["diversity"] = round(prompt_diversity(f, [per_prompt] * len(prompts)), 4)
     report["generation_minutes"] = round((time.perf_counter() - start) / 60, 2)
+    if out is not None:
+        report["gallery"] = gallery(pipe, emoji, options, out)
     return report
 
 
@@ -280,6 +320,9 @@ def verdicts(report: dict) -> list[tuple[str, float, str, bool]]:
     out.append(("Frechet distance / floor", report["fd"] / report["fd_floor"], "<= 2", report["fd"] <= 2 * report["fd_floor"]))
     value = gen["diversity"] / max(real["diversity"], 1e-9)
     out.append(("diversity (of real)", value, ">= 0.8", value >= 0.8))
+    if "time_16" in report:
+        out.append((f"`t2i generate -n 16` from process start, s (`import torch` alone: {report['import_torch']} s)",
+                    report["time_16"], "<= 5", report["time_16"] <= 5))
     return out
 
 
@@ -304,6 +347,9 @@ def markdown(report: dict) -> str:
         lines += [f"| {what} | {value:.3f} | {want} | {'yes' if met else '**no**'} |"
                   for what, value, want, met in verdicts(report)]
         lines += ["", f"Generated in {report['generation_minutes']} min ({report['checkpoints']})."]
+    for name, prompts in report.get("gallery", {}).items():
+        lines += ["", f"gallery-{name}.png, in rows of {len(STYLES) if name == 'styles' else len(prompts)} "
+                  "(framed red: held out of training): " + "; ".join(f"**{t}**" if held else t for t, held in prompts)]
     return "\n".join(lines) + "\n"
 
 
@@ -315,15 +361,20 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=100, help="prompts a kind")
     ap.add_argument("--images", type=int, default=4, help="images a prompt")
     ap.add_argument("--judge-epochs", type=int, default=32, help="epochs of the judge (cached per value)")
+    ap.add_argument("--time-runs", type=int, default=3,
+                    help="runs of `t2i generate -n 16` timed from process start (median; 0: not timed)")
     ap.add_argument("--out", type=Path, default=None,
                     help="where emoji.json and emoji.md go (default: benchmarks/results/emoji, or emoji-real with --real-only)")
     args = ap.parse_args()
     if (args.checkpoints is None) != args.real_only:
         ap.error("give --checkpoints DIR, or --real-only")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = evaluate(args.data_dir, args.checkpoints, args.prompts, args.images, args.judge_epochs)
     out = args.out or ROOT / "benchmarks" / "results" / ("emoji-real" if args.real_only else "emoji")
     out.mkdir(parents=True, exist_ok=True)
+    report = evaluate(args.data_dir, args.checkpoints, args.prompts, args.images, args.judge_epochs, out=out)
+    if args.checkpoints is not None and args.time_runs:
+        times = time_generate([args.checkpoints], TIMED_PROMPT, args.time_runs)
+        report["time_16"], report["import_torch"] = round(times[str(args.checkpoints)], 2), round(times[TORCH], 2)
     (out / "emoji.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "emoji.md").write_text(markdown(report))
     print(markdown(report))

@@ -1,6 +1,6 @@
 """Issue 43's stage-one measure: zero-shot retrieval of an emoji's name among all names, per style.
 
-    python benchmarks/emoji_clip.py --data-dir ../shared/data/emoji --steps 300   # train configs/emoji-clip.yaml, then score
+    python benchmarks/emoji_clip.py --data-dir ../shared/data/emoji --steps 300   # train configs/emoji.yaml's CLIP, then score
     python benchmarks/emoji_clip.py --data-dir ../shared/data/emoji --clip DIR    # score a trained CLIP
 
 For every image of the validation split (things and styles training saw, other images) and of the test split (the
@@ -57,7 +57,7 @@ def score(clip, cfg, data, names: list[str], index: dict[str, int], styled: bool
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, required=True, help="the emoji folder (../shared/data/emoji)")
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "emoji-clip.yaml")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "emoji.yaml")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--clip", type=Path, default=None, help="score this CLIP instead of training one")
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-emoji-clip")

@@ -90,6 +90,7 @@ print(json.dumps(seconds))
 # are compiled again at every start (about 0.15 s), which no user's second run pays. The timed runs drop it.
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 IMPORT_TORCH = [sys.executable, "-c", "import torch"]  # the baseline t2i's start-up is measured against
+TORCH = 'python -c "import torch"'
 
 
 def walls(cmds: dict[str, list[str]], runs: int) -> dict[str, list[float]]:
@@ -110,6 +111,17 @@ def walls(cmds: dict[str, list[str]], runs: int) -> dict[str, list[float]]:
 def wall(cmd: list[str], runs: int) -> list[float]:
     """`walls` of one command."""
     return walls({"cmd": cmd}, runs)["cmd"]
+
+
+def time_generate(checkpoints: list[str], prompt: str, runs: int = 3) -> dict[str, float]:
+    """Median wall time of `t2i generate --prompt PROMPT -n 16` from process start (a cold process, as a user runs it)
+    for each pipeline, and of `python -c "import torch"` (key `TORCH`), the commands taking turns (`walls`)."""
+    t2i = str(Path(sys.executable).parent / "t2i")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmds = {TORCH: IMPORT_TORCH}
+        cmds.update({str(c): [t2i, "generate", "--checkpoints", str(c), "--prompt", prompt, "-n", "16", "--device", "cpu",
+                              "--out", f"{tmp}/{i}"] for i, c in enumerate(checkpoints)})
+        return {name: statistics.median(times) for name, times in walls(cmds, runs).items()}
 
 
 def main() -> None:

@@ -24,9 +24,7 @@ import argparse
 import json
 import random
 import re
-import statistics
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +37,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.judge import load_judge  # noqa: E402
-from benchmarks.overhead import IMPORT_TORCH, walls  # noqa: E402
+from benchmarks.overhead import time_generate  # noqa: E402
 from benchmarks.scene_eval import read_scenes  # noqa: E402
 from unclip.data import default_data_dir, load_dataset  # noqa: E402
 from unclip.data.mnist import load_idx_dataset  # noqa: E402
@@ -63,7 +61,6 @@ from unclip.components.clip import encode_images, encode_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("ceiling", "layout", "forms", "generation", "phrasings", "grounding", "negatives", "prior", "time")
-TORCH = 'python -c "import torch"'
 HELD_COLOUR = {d: c for c, d in HELD_OUT}
 
 
@@ -405,17 +402,6 @@ def hard_negatives(clip: CLIP, tokenizer: Tokenizer, glyphs: GlyphPool, count: i
     return report
 
 
-def time_generate(checkpoints: list[str], runs: int = 3) -> dict[str, float]:
-    """Median wall time of `t2i generate -n 16` from process start (a cold process, as a user runs it) for each
-    pipeline, and of `python -c "import torch"`, the commands taking turns (benchmarks/overhead.walls)."""
-    t2i = str(Path(sys.executable).parent / "t2i")
-    with tempfile.TemporaryDirectory() as tmp:
-        cmds = {TORCH: IMPORT_TORCH}
-        cmds.update({c: [t2i, "generate", "--checkpoints", c, "--prompt", "a red 3 to the left of a blue 7", "-n", "16",
-                         "--device", "cpu", "--out", f"{tmp}/{i}"] for i, c in enumerate(checkpoints)})
-        return {name: statistics.median(times) for name, times in walls(cmds, runs).items()}
-
-
 def table(report: dict) -> list[str]:
     lines = []
     if "generation" in report or "ceiling" in report or "layout" in report:
@@ -594,7 +580,7 @@ def main() -> None:
         idx = torch.arange(1000)
         report["prior"] = prior_cosine(pipe.clip, pipe.tokenizer, pipe.prior, test.images[idx], test.captions(idx, seed=0))
     if "time" in parts:
-        report["times_16"] = time_generate([args.checkpoints, *args.time_against], args.time_runs)
+        report["times_16"] = time_generate([args.checkpoints, *args.time_against], "a red 3 to the left of a blue 7", args.time_runs)
         report["time_16"], report["time_runs"] = report["times_16"][args.checkpoints], args.time_runs
     lines = table(report)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -102,7 +102,9 @@ def test_emoji_evaluator_asks_what_the_contract_holds_out_and_judges_real_and_dr
         emoji_dir, tiny_pipeline, tmp_path, monkeypatch):
     pytest.importorskip("cairosvg", reason="OpenMoji's SVGs need the emoji extra")
     from benchmarks import emoji as bench
-    from unclip.data.emoji import digest, held_out, rendered
+    import numpy as np
+    from PIL import Image
+    from unclip.data.emoji import STYLES, digest, held_out, rendered
 
     records, _ = rendered(emoji_dir, 64)
     toned = {e.identity for e in records if e.tone}
@@ -119,7 +121,8 @@ def test_emoji_evaluator_asks_what_the_contract_holds_out_and_judges_real_and_dr
 
     monkeypatch.setattr(bench, "CACHE", tmp_path / "cache")
     monkeypatch.setattr(sys, "argv", ["emoji.py", "--data-dir", str(emoji_dir), "--checkpoints", str(tiny_pipeline),
-                                      "--prompts", "3", "--images", "2", "--judge-epochs", "40", "--out", str(tmp_path / "out")])
+                                      "--prompts", "3", "--images", "2", "--judge-epochs", "40", "--time-runs", "1",
+                                      "--out", str(tmp_path / "out")])
     bench.main()
     report = json.loads((tmp_path / "out" / "emoji.json").read_text())
     assert report["things"] == 5 and len(list((tmp_path / "cache").glob("emoji-judge-*.safetensors"))) == 1
@@ -129,3 +132,10 @@ def test_emoji_evaluator_asks_what_the_contract_holds_out_and_judges_real_and_dr
     assert report["fd"] > report["fd_floor"] > 0 and report["generated"]["diversity"] >= 0
     text = (tmp_path / "out" / "emoji.md").read_text()
     assert "| held-out tones |" in text and "| Frechet distance / floor |" in text
+    assert report["time_16"] > report["import_torch"] > 0 and "| `t2i generate -n 16` from process start" in text
+    tones = report["gallery"]["tones"]  # waving hand in its five tones, the one the contract holds out framed
+    assert [t for t, _ in tones][0] == "waving hand: light skin tone, noto style" and len(tones) == 5
+    assert sum(held for _, held in tones) == 1 and "**waving hand: " in text
+    assert [t for t, _ in report["gallery"]["styles"]][:3] == [f"red apple, {s} style" for s in STYLES]
+    sheet = np.asarray(Image.open(tmp_path / "out" / "gallery-tones.png"))  # enlarged 2x: images 128 px, 4 apart
+    assert [tuple(sheet[4, 4 + i * 132]) == (220, 30, 30) for i in range(5)] == [held for _, held in tones]
