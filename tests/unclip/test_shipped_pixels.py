@@ -19,7 +19,8 @@ from unclip.checkpoint import shipped_pipelines
 from unclip.images import grid, to_pil
 
 GOLDEN = Path(__file__).with_name("golden")
-PROMPTS = {"mnist": "six", "fashion": "a sneaker", "scenes": "a red 3 to the left of a blue 7"}
+PROMPTS = {"mnist": "six", "fashion": "a sneaker", "scenes": "a red 3 to the left of a blue 7",
+           "emoji": "red apple, twemoji style"}
 CASES = [(name, mode) for name in PROMPTS for mode in ("generate", "vary", "interpolate")]
 
 
