@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.judge import CACHE, diversity, frechet_distance  # noqa: E402
 from benchmarks.overhead import TORCH, time_generate  # noqa: E402
-from unclip.data.emoji import STYLES, Emoji, held_out, rendered  # noqa: E402
+from unclip.data.emoji import STYLES, Emoji, held_out_rules, rendered  # noqa: E402
 from unclip.images import grid, resize, save_png, to_float, to_uint8  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -164,15 +164,16 @@ class Prompt:
     real: tuple[int, ...]  # the real images of what it asks (indices of the records)
 
 
+def seen_images(emoji: list[Emoji], rule: list[Optional[str]]) -> list[int]:
+    """The records training sees that the seen kind asks for: no rule holds them out, no skin tone, no extra."""
+    return [i for i, e in enumerate(emoji) if rule[i] is None and not e.extra and e.tone == 0]
+
+
 def prompt_sets(emoji: list[Emoji], per_kind: int, seed: int = 0) -> dict[str, list[Prompt]]:
     """`per_kind` prompts of each of `KINDS` (fewer where the data has fewer), drawn with `seed`."""
     r = random.Random(seed)
-    toned = {e.identity for e in emoji if e.tone}
-    rule = [None if e.extra else held_out(e, toned) for e in emoji]
-    of = {}  # (identity, style, tone) -> index
-    for i, e in enumerate(emoji):
-        of.setdefault((e.identity, e.style, e.tone), i)
-    seen = [i for i, e in enumerate(emoji) if not e.extra and rule[i] is None and e.tone == 0]
+    rule = held_out_rules(emoji)
+    seen = seen_images(emoji, rule)
     styles = [i for i, e in enumerate(emoji) if rule[i] == "style" and e.tone == 0]
     tones = [i for i, e in enumerate(emoji) if rule[i] == "tone"]
     pick = lambda rows: sorted(r.sample(rows, min(per_kind, len(rows))))  # noqa: E731
@@ -229,16 +230,16 @@ def generate(pipe, prompts: list[str], per_prompt: int, options, batch: int = 32
 def gallery_prompts(emoji: list[Emoji]) -> dict[str, list[tuple[str, bool]]]:
     """The gallery's prompts, each with whether the contract holds its image out of training: "styles", a row of
     the three styles per thing; "tones", `GALLERY_PERSON` in each skin tone."""
-    toned = {e.identity for e in emoji if e.tone}
-    plain = [e for e in emoji if e.tone == 0 and not e.extra]
-    by_name = {e.names["en"]: e.identity for e in plain}
+    rule = held_out_rules(emoji)
+    plain = [i for i, e in enumerate(emoji) if e.tone == 0 and not e.extra]
+    by_name = {emoji[i].names["en"]: emoji[i].identity for i in plain}
     things = [by_name[n] for n in GALLERY_THINGS if n in by_name]
-    things += sorted({e.identity for e in plain if held_out(e, toned) == "style"})[:2]
-    of = {(e.identity, e.style): e for e in plain}
+    things += sorted({emoji[i].identity for i in plain if rule[i] == "style"})[:2]
+    of = {(emoji[i].identity, emoji[i].style): i for i in plain}
     rows = [of[t, s] for t in things for s in STYLES if (t, s) in of]
-    person = [e for e in emoji if e.tone and e.style == "noto" and e.identity == by_name.get(GALLERY_PERSON)]
-    cell = lambda e: (f"{e.names['en']}, {e.style} style", held_out(e, toned) is not None)  # noqa: E731
-    return {"styles": [cell(e) for e in rows], "tones": [cell(e) for e in sorted(person, key=lambda e: e.tone)]}
+    person = [i for i, e in enumerate(emoji) if e.tone and e.style == "noto" and e.identity == by_name.get(GALLERY_PERSON)]
+    cell = lambda i: (f"{emoji[i].names['en']}, {emoji[i].style} style", rule[i] is not None)  # noqa: E731
+    return {"styles": [cell(i) for i in rows], "tones": [cell(i) for i in sorted(person, key=lambda i: emoji[i].tone)]}
 
 
 def gallery(pipe, emoji: list[Emoji], options, out: Path) -> dict[str, list[tuple[str, bool]]]:
@@ -274,8 +275,7 @@ def evaluate(data_dir: Path, checkpoints: Optional[Path], per_kind: int, per_pro
     report: dict = {"data": str(data_dir), "things": len(things), "images": len(emoji), "judge_epochs": epochs,
                     "prompts": {k: len(v) for k, v in sets.items()}, "per_prompt": per_prompt,
                     "real": {k: real_rates(model, images, v, things) for k, v in sets.items()}}
-    toned = {e.identity for e in emoji if e.tone}
-    seen = [i for i, e in enumerate(emoji) if held_out(e, toned) is None and not e.extra and e.tone == 0]
+    seen = seen_images(emoji, held_out_rules(emoji))
     reference = judged(model, images[seen])[0]  # what the seen kind's prompts are drawn from
     names = sets["english"]
     real_names = judged(model, images[[i for p in names for i in p.real]])[0]

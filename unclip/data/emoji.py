@@ -76,6 +76,13 @@ def held_out(e: Emoji, toned: set[str]) -> Optional[str]:
     return "tone" if e.identity in toned and e.tone == h % 5 + 1 else None
 
 
+def held_out_rules(emoji: list[Emoji]) -> list[Optional[str]]:
+    """`held_out` of each record, against the identities of `emoji` that come in skin tones; None for OpenMoji's
+    extras, which train and are never evaluated."""
+    toned = {e.identity for e in emoji if e.tone}
+    return [None if e.extra else held_out(e, toned) for e in emoji]
+
+
 def character(codepoints: str) -> str:
     """The emoji itself, without variation selectors (as CLDR's keys are, once their fe0f is dropped)."""
     return "".join(chr(int(p, 16)) for p in codepoints.lower().split("-") if p and p != "fe0f")
@@ -211,8 +218,7 @@ def load_emoji(folder: Path, split: str, size: int, val_size: int, carve):
     from unclip.data import CaptionedImages
 
     emoji, images = rendered(folder, size)
-    toned = {e.identity for e in emoji if e.tone}
-    held = torch.tensor([held_out(e, toned) is not None and not e.extra for e in emoji])  # the extras train, never test
+    held = torch.tensor([rule is not None for rule in held_out_rules(emoji)])
     idx = (held if split == "test" else ~held).nonzero()[:, 0]
     kept = [emoji[i] for i in idx.tolist()]
     data = CaptionedImages(images=images[idx], labels=torch.arange(len(kept)), captioner=EmojiCaptions(kept))
