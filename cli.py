@@ -357,6 +357,9 @@ def decoder_train(
     stage: Annotated[StageChoice, typer.Option("--stage")] = StageChoice.both,
     text: Annotated[Optional[Path], typer.Option("--text", help="A pretrained text encoder (t2i text-import) to read "
                                                  "captions with instead of CLIP's text tower; copied to OUT/text.")] = None,
+    autoencoder: Annotated[Optional[Path], typer.Option("--autoencoder", help="An autoencoder (t2i autoencoder-train) "
+                                                        "for the decoder to draw in the latent space of; copied to "
+                                                        "OUT/autoencoder.")] = None,
     resume: bool = False, overwrite: bool = False, flags: dict = None,
 ) -> None:
     """Stage two: train the diffusion prior and/or the decoder against a frozen CLIP."""
@@ -365,7 +368,7 @@ def decoder_train(
     from unclip.checkpoint import WEIGHTS_FILE
 
     stages = ["prior", "decoder"] if stage == StageChoice.both else [stage.value]
-    last = train_stage_two(clip, config, flags, out, stages, resume, overwrite, text)
+    last = train_stage_two(clip, config, flags, out, stages, resume, overwrite, text, autoencoder)
     ended(last)
     if not last.get("finished") and is_main():
         if (out / "decoder" / WEIGHTS_FILE).is_file():
@@ -389,6 +392,25 @@ def upsampler_train(
     ended(last)
     if not last.get("finished") and is_main():
         console.print(f"upsampler saved to {pipeline / 'upsampler'}; t2i generate --checkpoints {pipeline} now runs it")
+
+
+@command("autoencoder-train")
+@training_flags()
+def autoencoder_train(
+    config: ConfigOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Autoencoder folder: weights, metrics, sheets, resume state.")] = Path("runs/autoencoder"),
+    resume: bool = False, overwrite: bool = False, flags: dict = None,
+) -> None:
+    """An autoencoder for a decoder to draw in its latent space (t2i decoder-train --autoencoder OUT), on images alone."""
+    from t2i.stages.autoencoder import autoencoder_config, train_autoencoder
+    from t2i.stages.distributed import is_main
+
+    last = train_autoencoder(autoencoder_config(config, flags), out, resume, overwrite)
+    ended(last)
+    if not last.get("finished") and is_main():
+        psnr = f" (validation PSNR {last['val_psnr']:.2f} dB)" if "val_psnr" in last else ""
+        console.print(f"autoencoder saved to {out}{psnr}; a latent decoder: t2i decoder-train --clip CLIP "
+                      f"--autoencoder {out} --out DIR", highlight=False)
 
 
 @command("layout-train")

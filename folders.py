@@ -81,7 +81,7 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, o
         init_image = pipe.image(init_image, pipe.image_size)
     out = writable_folder(Path(out) if out else Path("outputs") / slug(prompt))
     if num_samples > LARGE_RUN:  # say what is coming before minutes of it
-        side, channels = pipe.image_size, pipe.pipeline.decoder_config.model.image_channels
+        side, channels = pipe.image_size, pipe.pipeline.image_channels
         log.info("drawing %s images of %dx%d into %s/ (%s of pixels before PNG compression); Ctrl-C stops, what is "
                  "written stays", f"{num_samples:,}", side, side, out, size_words(num_samples * channels * side * side))
     strength = options.strength if init_image is not None else 1.0
@@ -94,7 +94,7 @@ def generate_to_folder(prompt: str, num_samples: int, checkpoints: str | Path, o
         if tick:
             tick(step, total, x0)
         if animate and first[0]:  # the first batch's chain, at the output size
-            chain.append(to_uint8(resize(x0, pipe.image_size)))
+            chain.append(to_uint8(resize(pipe.pipeline.pixels(x0), pipe.image_size)))
 
     def on_batch(start, images):
         save_numbered(images, out, start)

@@ -15,7 +15,8 @@ from unclip.config import DecoderConfig
 from unclip.errors import ConfigError
 from unclip.data import CaptionedImages, layout_fields
 from unclip.diffusion.process import Diffusion
-from unclip.images import resize, to_uint8
+from unclip.images import to_uint8
+from unclip.checkpoint import fingerprint
 from unclip.layouts import layout_map
 from unclip.models.unet import UNet, grounding_loss
 from t2i.stages.distributed import training_device
@@ -41,10 +42,10 @@ def save_samples(frozen: FrozenClip, decoder: Diffusion, cfg: DecoderConfig, pri
     else:
         originals = frozen.val.pixels(torch.arange(min(10, len(frozen.val))))
         emb = frozen.clip.encode_image(originals.to(device))
-        rows.append(to_uint8(resize(originals, cfg.model.image_size)))
+        rows.append(to_uint8(frozen.pixels(frozen.targets(originals, cfg.model.image_size))))
     callback, shots = chain_recorder(options.steps)
     final = decode(decoder, cfg, emb, options.sampler, options.steps, options.guidance, generator, callback=callback, text=text)
-    return save_sheet(rows + [to_uint8(x) for x in shots + [final]], out, step)
+    return save_sheet(rows + [to_uint8(frozen.pixels(x)) for x in shots + [final]], out, step)
 
 
 def training_example(frozen: FrozenClip, cfg: DecoderConfig, batch: CaptionedImages, step: int) -> tuple:
@@ -53,7 +54,7 @@ def training_example(frozen: FrozenClip, cfg: DecoderConfig, batch: CaptionedIma
     independently, the embedding alone `embed_drop` of the time; for one that reads layouts, the images' own,
     dropped `layout_drop` of the time."""
     m, device = cfg.model, frozen.device
-    x0 = resize(batch.pixels().to(device), m.image_size)
+    x0 = frozen.targets(batch.pixels(), m.image_size, batch.example_ids)
     text = None
     if m.text_tokens:  # the captions CLIP and the prior saw for these images
         captions = batch.captions(seed=caption_seed(cfg.train.seed, step))
@@ -79,7 +80,7 @@ def validation_example(frozen: FrozenClip, cfg: DecoderConfig, idx: torch.Tensor
         if cfg.model.text_tokens else None
     val = frozen.val
     layout = true_layouts(cfg, val.captioner, val.labels[idx], frozen.device) if cfg.model.layout else None
-    return resize(pixels, cfg.model.image_size), decoder_condition(cfg, frozen.clip.encode_image(pixels), text, layout)
+    return frozen.targets(pixels, cfg.model.image_size), decoder_condition(cfg, frozen.clip.encode_image(pixels), text, layout)
 
 
 def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffusion] = None) -> Stage:
@@ -91,7 +92,11 @@ def decoder_stage(cfg: DecoderConfig, frozen: FrozenClip, prior: Optional[Diffus
     m = replace(m, image_channels=clip_m.image_channels,
                 image_size=m.image_size or clip_m.image_size,  # what CLIP sees, unless the decoder is a cascade's base
                 layout_fields=list(layout_fields(frozen.data, "decoder layout").values()) if m.layout else m.layout_fields)
-    cfg = replace(cfg, model=m, clip_fingerprint=frozen.fingerprint, text=frozen.text_dims if m.text_tokens else None)
+    ae = frozen.autoencoder
+    if ae is not None:  # a latent decoder: it draws the autoencoder's latents
+        m = replace(m, latent=True, image_channels=ae.config.latent_channels, image_size=ae.latent_size)
+    cfg = replace(cfg, model=m, clip_fingerprint=frozen.fingerprint, text=frozen.text_dims if m.text_tokens else None,
+                  autoencoder_fingerprint=fingerprint(ae.state_dict()) if ae is not None else "")
     t = cfg.train
     model = seeded(t.seed, lambda: build_decoder(cfg, frozen.clip_config))
     model = model.to(device, memory_format=torch.channels_last)  # 1.07x a step on the CPU (docs/results/mnist-from-scratch.md, "Throughput")

@@ -141,7 +141,8 @@ def distill(pipeline: str | Path, out: Path, config_path: Optional[Path], flags:
     if teacher_cfg.model.distilled_steps:
         raise ConfigError(f"{pipeline / cfg.stage} is already distilled ({teacher_cfg.model.distilled_steps} steps); "
                           "distill the pipeline it came from")
-    frozen = FrozenClip.load(pipeline / "clip", cfg.train, pipeline / "text" if (pipeline / "text").is_dir() else None)
+    frozen = FrozenClip.load(pipeline / "clip", cfg.train, pipeline / "text" if (pipeline / "text").is_dir() else None,
+                             pipeline / "autoencoder" if (pipeline / "autoencoder").is_dir() and cfg.stage == "decoder" else None)
     check_fingerprint(pipeline / cfg.stage, teacher_cfg.clip_fingerprint, frozen.fingerprint)
     if cfg.stage == "decoder":
         prior = STAGES["prior"].open(pipeline / "prior", clip_cfg, device)[0]  # for its sample sheets

@@ -1,5 +1,6 @@
 """What the prior and the decoder share: the frozen CLIP, its fingerprint, the data and its embeddings (computed
-once; a stream's as its batches come)."""
+once; a stream's as its batches come), and for a decoder that draws in latent space the frozen autoencoder and the
+data's latents (alike)."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +15,10 @@ from unclip.checkpoint import fingerprint
 from unclip.config import ClipConfig, TextEncoderDims, TrainConfig
 from unclip.data import CaptionedImages, load_split
 from unclip.data.captions import TextCaptions
+from unclip.errors import ConfigError
 from unclip.data.stream import StreamedCaptions
+from unclip.images import resize
+from unclip.models.autoencoder import Autoencoder
 from unclip.models.clip import CLIP
 from t2i.stages.distributed import is_main, training_device
 from t2i.stages.trainer import console
@@ -42,9 +46,14 @@ class FrozenClip:
     # text tower: (encoder, tokenizer), and what a stage trained against it records
     text: Optional[tuple[torch.nn.Module, object]] = None
     text_dims: Optional[TextEncoderDims] = None
+    # a latent decoder's autoencoder (autoencoder/, `t2i autoencoder-train`), and the (N, L, s, s) latents of `data`
+    # in memory; a stream's are made as batches come
+    autoencoder: Optional[Autoencoder] = None
+    latents: Optional[torch.Tensor] = None
 
     @classmethod
-    def load(cls, clip_dir: Path, train: TrainConfig, text_dir: Optional[Path] = None) -> "FrozenClip":
+    def load(cls, clip_dir: Path, train: TrainConfig, text_dir: Optional[Path] = None,
+             autoencoder_dir: Optional[Path] = None) -> "FrozenClip":
         device = training_device(train.device)  # joins the process group before anything is built
         clip, cfg = load_clip(clip_dir, device)
         clip.requires_grad_(False)
@@ -59,7 +68,41 @@ class FrozenClip:
             chunks = track(data.images.split(EMBED_CHUNK), f"embedding {len(data)} training images with CLIP",
                            console=console, disable=not is_main())
             frozen.image_emb = torch.cat([encode_images(clip, chunk) for chunk in chunks])
+        if autoencoder_dir is not None:
+            frozen.load_autoencoder(autoencoder_dir)
         return frozen
+
+    def load_autoencoder(self, folder: Path) -> None:
+        """Read the decoder's targets as latents of the autoencoder in `folder`: in-memory data's encoded once."""
+        from unclip.components import STAGES
+        from unclip.components.autoencoder import to_latents
+
+        self.autoencoder, cfg = STAGES["autoencoder"].load(Path(folder), None, self.device)
+        self.autoencoder.requires_grad_(False)
+        if cfg.model.image_channels != self.clip_config.model.image_channels:
+            raise ConfigError(f"{folder}: the autoencoder encodes {cfg.model.image_channels}-channel images, the data "
+                              f"has {self.clip_config.model.image_channels}")
+        if isinstance(self.data, CaptionedImages):
+            chunks = track(torch.arange(len(self.data)).split(EMBED_CHUNK // 4), f"encoding {len(self.data)} training "
+                           "images with the autoencoder", console=console, disable=not is_main())
+            self.latents = torch.cat([to_latents(self.autoencoder, self.data.pixels(idx).to(self.device)) for idx in chunks])
+
+    @torch.no_grad()
+    def targets(self, pixels: torch.Tensor, size: int, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What the decoder learns to draw of images `pixels` in [-1, 1]: with an autoencoder their latents (looked up
+        by training example `ids` where encoded once), else the pixels at `size`."""
+        if self.autoencoder is None:
+            return resize(pixels.to(self.device), size)
+        if ids is not None and self.latents is not None:
+            return self.latents[ids.to(self.device)]
+        from unclip.components.autoencoder import to_latents
+
+        return to_latents(self.autoencoder, pixels.to(self.device))
+
+    @torch.no_grad()
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's drawings as images: latents decoded by the autoencoder, pixels as they are."""
+        return self.autoencoder.decode(x) if self.autoencoder is not None else x
 
     def captions(self) -> tuple[torch.nn.Module, object]:
         """(encoder, tokenizer) stage two reads captions with: the pretrained text encoder's, else CLIP's."""

@@ -36,11 +36,13 @@ def copy_clip(clip_dir: Path, out: Path) -> None:
 
 
 def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, out: Path, stages: list[str],
-                    resume: bool = False, overwrite: bool = False, text_dir: Optional[Path] = None) -> dict:
+                    resume: bool = False, overwrite: bool = False, text_dir: Optional[Path] = None,
+                    autoencoder_dir: Optional[Path] = None) -> dict:
     """Train `stages` in order; {"interrupted": signal} if a stage was stopped (the rest is left for --resume),
     {"finished": True} if `resume` found every one finished (said at once, nothing loaded), else {}. `text_dir`: a
     pretrained caption encoder (`t2i text-import`) to read captions with instead of CLIP's text tower, copied into
-    `out`/text/; an `out` that already has one reads with it."""
+    `out`/text/; an `out` that already has one reads with it. `autoencoder_dir`: an autoencoder (`t2i
+    autoencoder-train`) for the decoder to draw in the latent space of, copied into `out`/autoencoder/; likewise."""
     clip_dir, out = resolve_folder(clip_dir, "clip"), Path(out)  # a folder, or a shipped name (mnist, scenes)
     clip_cfg = load_config(ClipConfig, clip_dir / CONFIG_FILE) if (clip_dir / CONFIG_FILE).is_file() else None
     if clip_cfg is None:
@@ -48,6 +50,11 @@ def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, ou
     text_dir = Path(text_dir) if text_dir is not None else (out / "text" if (out / "text").is_dir() else None)
     if text_dir is not None and not (text_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"--text {text_dir}: not a text encoder folder (no {CONFIG_FILE}; t2i text-import writes one)")
+    autoencoder_dir = Path(autoencoder_dir) if autoencoder_dir is not None else \
+        (out / "autoencoder" if (out / "autoencoder").is_dir() else None)
+    if autoencoder_dir is not None and not (autoencoder_dir / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"--autoencoder {autoencoder_dir}: not an autoencoder folder (no {WEIGHTS_FILE}; "
+                              "t2i autoencoder-train writes one)")
     modes = {}
     for stage in stages:  # before minutes of loading and embedding: a refusal, or nothing to do, is said at once
         folder = out / stage
@@ -60,10 +67,12 @@ def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, ou
     sampling = sampling_section(config_path)
     prior_cfg = stage_config(PriorConfig, "prior", clip_cfg, config_path, flags)
     decoder_cfg = stage_config(DecoderConfig, "decoder", clip_cfg, config_path, flags)
-    frozen = FrozenClip.load(clip_dir, (prior_cfg if stages[0] == "prior" else decoder_cfg).train, text_dir)
+    frozen = FrozenClip.load(clip_dir, (prior_cfg if stages[0] == "prior" else decoder_cfg).train, text_dir,
+                             autoencoder_dir if "decoder" in stages else None)
     copy_clip(clip_dir, out)
-    if text_dir is not None and (out / "text").resolve() != text_dir.resolve():
-        copy_stage(text_dir, out / "text")
+    for name, folder in (("text", text_dir), ("autoencoder", autoencoder_dir)):
+        if folder is not None and (out / name).resolve() != folder.resolve():
+            copy_stage(folder, out / name)
     if is_main():
         extend_vocabulary(out / "clip", getattr(frozen.data, "captioner", None))
     prior = None

@@ -20,7 +20,7 @@ from unclip.data.folder import load_images, pil_to_tensor
 from unclip.errors import SettingWarning, UnknownWordsWarning, UserError
 from unclip.images import to_float, to_pil, to_uint8
 from unclip.options import GUIDANCE_KEYS, SamplingOptions, canonical, sampling_options
-from unclip.pipeline import Pipeline, decode_and_upsample, draw, slerp, steps_per_image
+from unclip.pipeline import Pipeline, decode_and_upsample, draw, latent_shape, slerp, steps_per_image
 from unclip.vocabulary import unknown_words
 
 ImageInput = Union[str, Path, Image.Image, torch.Tensor]
@@ -237,10 +237,10 @@ class UnCLIPPipeline:
         a, b = (self.embed(x, options, generator) for x in (start, end))
         emb = slerp(a, b, torch.linspace(0, 1, frames, device=a.device))
         pipe = self.pipeline
-        shared = lambda size: torch.randn((1, pipe.decoder_config.model.image_channels, size, size),  # noqa: E731
-                                          generator=generator, device=self.device).expand(frames, -1, -1, -1).clone()
-        noise = shared(pipe.decoder_config.model.image_size)
-        upsampler_noise = shared(pipe.image_size) if pipe.upsampler else None
+        shared = lambda shape: torch.randn((1, *shape), generator=generator,  # noqa: E731
+                                           device=self.device).expand(frames, -1, -1, -1).clone()
+        noise = shared(latent_shape(pipe.decoder_config))  # the decoder's drawing: pixels, or latents
+        upsampler_noise = shared((pipe.image_channels, pipe.image_size, pipe.image_size)) if pipe.upsampler else None
         step = Steps(callback, steps_per_image(pipe, options))
         x = decode_and_upsample(pipe, emb, options, generator, step, noise=noise,
                                 upsampler_noise=upsampler_noise)

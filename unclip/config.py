@@ -226,6 +226,9 @@ class DecoderModelConfig:
     # set by t2i distill: the guidance its first teacher's chain was drawn with, now in the weights (the distilled
     # pipeline's sampling.yaml then says 1; a guidance above 1 guides again on top of it)
     distilled_guidance: float = 1.0
+    # draw in the latent space of the pipeline's autoencoder (t2i decoder-train --autoencoder), set when training:
+    # image_channels and image_size are then the latents', and the pipeline decodes the result to pixels
+    latent: bool = False
 
 
 @dataclass
@@ -235,6 +238,7 @@ class DecoderConfig:
                                                                    ema_decay=0.999, sample_every=1000))
     clip_fingerprint: str = ""
     text: Optional[TextEncoderDims] = None  # as the prior's
+    autoencoder_fingerprint: str = ""  # a latent decoder's: of the autoencoder whose latents it draws
 
 
 @dataclass
@@ -264,6 +268,31 @@ class UpsamplerConfig:
     model: UpsamplerModelConfig = field(default_factory=UpsamplerModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=64, lr=1e-3, warmup_steps=200,
                                                                    ema_decay=0.999, sample_every=1000))
+
+
+@dataclass
+class AutoencoderModelConfig:
+    """A convolutional autoencoder (the first stage of Rombach et al. 2022, as small as TAESD): images -> latents of
+    `latent_channels` at 1/(patch x 2^(len(widths) - 1)) of the side -> images, for a decoder that draws in latent space.
+
+    KL-regularised: the encoder gives a Gaussian per latent element; the decoder learns from samples of it, with the KL
+    to N(0, I) weighted by `kl_weight`, so that latents near each other decode alike; at use the latent is its mean,
+    shifted and scaled per channel to zero mean and unit variance over training images (saved with the weights)."""
+
+    image_channels: int = 3  # the images it encodes: 3 (colour) or 1
+    image_size: int = 64
+    patch: int = 2  # pixels folded into channels before the first level (space-to-depth), as the decoder's
+    widths: list[int] = field(default_factory=lambda: [64, 128])  # per level; each level after the first halves
+    blocks: int = 1  # residual blocks per level, each side
+    latent_channels: int = 4
+    kl_weight: float = 1e-6
+
+
+@dataclass
+class AutoencoderConfig:
+    model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=2000, batch_size=32, lr=5e-4, warmup_steps=100,
+                                                                   ema_decay=0.999, val_size=500, ckpt_every=250))
 
 
 @dataclass

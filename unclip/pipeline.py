@@ -1,5 +1,6 @@
 """A pipeline folder's stages, loaded from the registry (unclip/components) and chained: text -> CLIP image
-embedding (prior) -> [layout] -> image (decoder) -> [larger image (upsampler)]."""
+embedding (prior) -> [layout] -> image (decoder) [or latent (decoder) -> image (autoencoder)] -> [larger image
+(upsampler)]."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 
 from unclip.checkpoint import check_fingerprint, fingerprint, resolve_folder
 from unclip.components import REQUIRED, STAGES
+from unclip.components import autoencoder as autoencoder_stage
 from unclip.components import layout as layout_stage
+from unclip.components.autoencoder import to_latents
 from unclip.components import upsampler as upsampler_stage
 from unclip.components.clip import prompt_conditions
 from unclip.components.decoder import decode, decoder_condition
@@ -30,7 +33,8 @@ from unclip.vocabulary import load_vocabulary
 class Pipeline:
     """The stages of an unCLIP pipeline folder, by their registry names: `clip/`, `prior/`, `decoder/`; when the
     decoder draws a smaller image than the pipeline's output, `upsampler/` (DALL-E 2's cascade); when the decoder
-    reads layouts, `layout/` (caption -> objects and boxes, drawn first); and any stage registered since.
+    reads layouts, `layout/` (caption -> objects and boxes, drawn first); when it draws in latent space, the
+    `autoencoder/` that decodes its latents; and any stage registered since.
 
     `pipe.prior` is what a stage samples with (a diffusion stage's `Diffusion`, else its network), `pipe.prior_config`
     its config; a stage the folder lacks reads as None."""
@@ -73,8 +77,11 @@ class Pipeline:
             if STAGES[name].reads_captions(cfg):
                 check_reads(name, cfg.text, text_print, folder / name)
         base = configs["decoder"]
+        autoencoder_stage.check_fits(base, stages.get("autoencoder"),
+                                     fingerprint(stages["autoencoder"].state_dict()) if "autoencoder" in stages else None,
+                                     folder)
         if "upsampler" in configs:
-            upsampler_stage.check_fits(configs["upsampler"], base.model.image_size, folder / "upsampler")
+            upsampler_stage.check_fits(configs["upsampler"], base_size(configs), folder / "upsampler")
         if "layout" in configs:
             layout_stage.check_fits(configs["layout"], base, folder / "layout")
         return cls(stages, configs, Tokenizer(configs["clip"].model.text_context), dev, load_sampling(folder),
@@ -100,7 +107,31 @@ class Pipeline:
     @property
     def image_size(self) -> int:
         """The side of the images the pipeline draws (the upsampler's when there is one)."""
-        return (self.upsampler_config or self.decoder_config).model.image_size
+        return self.upsampler_config.model.image_size if self.upsampler else base_size(self.configs)
+
+    @property
+    def image_channels(self) -> int:
+        """Its images' channels (CLIP's, which every pixel stage was trained on)."""
+        return self.clip_config.model.image_channels
+
+    @torch.no_grad()
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """A chain's images (a step callback's x0) as pixels: a latent decoder's decoded by the autoencoder."""
+        if self.decoder_config.model.latent and x.shape[1:] == latent_shape(self.decoder_config):
+            return self.autoencoder.decode(x)
+        return x
+
+
+def base_size(configs: dict) -> int:
+    """The side of the images the decoder draws: its own, or for a latent decoder its autoencoder's."""
+    decoder = configs["decoder"]
+    return configs["autoencoder"].model.image_size if decoder.model.latent else decoder.model.image_size
+
+
+def latent_shape(cfg) -> tuple[int, int, int]:
+    """The shape of one drawing of a decoder of config `cfg`: (channels, side, side) of its pixels or latents."""
+    m = cfg.model
+    return (m.image_channels, m.image_size, m.image_size)
 
 
 def _stage_attribute(name: str) -> tuple[Optional[str], bool]:
@@ -110,7 +141,8 @@ def _stage_attribute(name: str) -> tuple[Optional[str], bool]:
 
 
 def wanted(name: str, configs: dict) -> bool:
-    """Whether a stage the folder holds takes part: a layout stage only for a decoder that reads layouts."""
+    """Whether a stage the folder holds takes part: a layout stage only for a decoder that reads layouts (an
+    autoencoder is loaded before the decoder: a decoder that does not draw in its latents is refused in `load`)."""
     return name != "layout" or configs["decoder"].model.layout
 
 
@@ -121,11 +153,16 @@ def decode_and_upsample(pipe: Pipeline, image_emb: torch.Tensor, options: Sampli
                         negative: Optional[tuple] = None, init: Optional[torch.Tensor] = None,
                         strength: float = 1.0, layout: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CLIP image embeddings (B, D) -> the pipeline's images (B, C, H, W) in [-1, 1]: the decoder, then the
-    upsampler when the pipeline has one (for image-to-image, each starts from `init` at its own size).
-    `callback(i, t, x_t, x0)` is called after every step of both chains."""
+    upsampler when the pipeline has one (for image-to-image, each starts from `init` at its own size; a latent
+    decoder from its latents). `callback(i, t, x_t, x0)` is called after every step of both chains (a latent
+    decoder's x0 are latents: `Pipeline.pixels` makes them images)."""
+    latent = pipe.decoder_config.model.latent
     x = decode(pipe.decoder, pipe.decoder_config, image_emb, options.sampler, options.steps, options.guidance,
-               generator, callback=callback, noise=noise, text=text, negative=negative, init=init, strength=strength,
+               generator, callback=callback, noise=noise, text=text, negative=negative,
+               init=to_latents(pipe.autoencoder, init) if latent and init is not None else init, strength=strength,
                text_guidance=options.text_guidance, layout=layout)
+    if latent:
+        x = pipe.autoencoder.decode(x)
     if pipe.upsampler is None:
         return x
     init = init if strength < 1.0 else x

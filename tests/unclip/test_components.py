@@ -52,10 +52,11 @@ def test_a_new_stage_is_a_spec_in_the_registry(tiny_pipeline, tmp_path, monkeypa
 
 
 def test_the_registry_says_what_the_rest_of_t2i_reads():
-    assert list(STAGES) == ["clip", "text", "prior", "decoder", "upsampler", "layout"]
+    assert list(STAGES) == ["clip", "text", "prior", "autoencoder", "decoder", "upsampler", "layout"]
     assert components.REQUIRED == ("clip", "prior", "decoder")
     assert {n: s.direction for n, s in STAGES.items() if n != "text"} == {  # text/ is imported, never trained
-        "clip": "maximize", "prior": "maximize", "decoder": "minimize", "upsampler": "minimize", "layout": "minimize"}
+        "clip": "maximize", "prior": "maximize", "autoencoder": "maximize", "decoder": "minimize",
+        "upsampler": "minimize", "layout": "minimize"}
     assert [n for n in STAGES if STAGES[n].clip_bound] == ["prior", "decoder", "layout"]
     from t2i.stages.trainer import direction
 

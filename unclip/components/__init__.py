@@ -57,12 +57,13 @@ class StageSpec:
 
 
 def _registry() -> dict[str, StageSpec]:
-    from unclip.components import clip, decoder, layout, prior, text, upsampler
+    from unclip.components import autoencoder, clip, decoder, layout, prior, text, upsampler
 
     # in the order a pipeline loads them: CLIP and the caption encoder first (the others are checked against them),
-    # the decoder before the stages that fit it (the upsampler enlarges its images, the layout stage writes the
-    # fields it reads)
-    return {spec.name: spec for spec in (clip.SPEC, text.SPEC, prior.SPEC, decoder.SPEC, upsampler.SPEC, layout.SPEC)}
+    # the autoencoder before the decoder that draws in its latents, the decoder before the stages that fit it (the
+    # upsampler enlarges its images, the layout stage writes the fields it reads)
+    return {spec.name: spec for spec in (clip.SPEC, text.SPEC, prior.SPEC, autoencoder.SPEC, decoder.SPEC, upsampler.SPEC,
+                                         layout.SPEC)}
 
 
 STAGES: dict[str, StageSpec] = _registry()

@@ -20,7 +20,8 @@ def build_decoder(cfg: DecoderConfig, clip_cfg: ClipConfig) -> UNet:
 
 
 def decoder_diffusion(decoder: UNet, cfg: DecoderConfig, device: torch.device) -> Diffusion:
-    return Diffusion.build(decoder, cfg.model, device, clip_x0=1.0)  # pixels: x0 estimates clamped to [-1, 1]
+    # pixels: x0 estimates clamped to [-1, 1]; latents are unbounded
+    return Diffusion.build(decoder, cfg.model, device, clip_x0=None if cfg.model.latent else 1.0)
 
 
 SPEC = StageSpec("decoder", DecoderConfig, build_decoder, required=True, diffusion=decoder_diffusion,
