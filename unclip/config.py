@@ -24,6 +24,13 @@ def choice(default: str, *others: str):
     return field(default=default, metadata={"choices": (default, *others)})
 
 
+def check_objective(m) -> None:
+    """A diffusion stage's model config: min-SNR weighting is for eps, x0 and v (it weights by the timestep's SNR)."""
+    if m.prediction == "flow" and m.min_snr_gamma is not None:
+        raise ConfigError("min_snr_gamma weights eps, x0 and v losses; flow matching (prediction: flow) weights its "
+                          "timesteps by drawing them logit-normal: set min_snr_gamma: null")
+
+
 @dataclass
 class TrainConfig:
     """What drives a training run; nothing here is needed to rebuild the model."""
@@ -151,9 +158,9 @@ class PriorModelConfig:
     layers: int = 4
     heads: int = 4
     timesteps: int = 1000
-    schedule: str = choice("cosine", "linear")
+    schedule: str = choice("cosine", "linear", "rectified")
     # DALL-E 2 predicts x0; on MNIST v spreads its samples closer to the real embeddings (docs/results/mnist.md, "The prior").
-    prediction: str = choice("v", "x0", "eps")
+    prediction: str = choice("v", "x0", "eps", "flow")
     # diffuse the image embeddings whitened by what the captions leave open (the residual covariance of a linear fit
     # on the text embeddings, fitted when training starts and saved with the weights), so that the unit-variance
     # noise meets unit-variance data in every direction: the prior learns the spread in a few hundred steps where it
@@ -163,6 +170,9 @@ class PriorModelConfig:
     min_snr_gamma: Optional[float] = None  # as the decoder's
     distilled_steps: int = 0  # as the decoder's: set by t2i distill --stage prior
     distilled_guidance: float = 1.0  # as the decoder's
+
+    def __post_init__(self):
+        check_objective(self)
 
 
 @dataclass
@@ -186,8 +196,11 @@ class DecoderModelConfig:
     context_tokens: int = 4  # CLIP embedding -> this many tokens attended to at the lowest level
     heads: int = 4
     timesteps: int = 1000
-    schedule: str = choice("cosine", "linear")
-    prediction: str = choice("v", "x0", "eps")
+    # rectified: alpha-bar of rectified flow's straight path, evenly spaced along it (unclip/diffusion/schedule.py)
+    schedule: str = choice("cosine", "linear", "rectified")
+    # flow: rectified flow's velocity, trained by flow matching at logit-normal times (SD3; unclip/diffusion/flow.py),
+    # sampled by every sampler (DDIM's step is its Euler step); every diffusion stage (prior, upsampler) takes it too
+    prediction: str = choice("v", "x0", "eps", "flow")
     cond_drop: float = 0.1
     dropout: float = 0.0
     # min-SNR-gamma loss weighting (Hang et al. 2023; 5 there): each timestep's x0 error weighted by min(SNR, gamma),
@@ -229,6 +242,9 @@ class DecoderModelConfig:
     # draw in the latent space of the pipeline's autoencoder (t2i decoder-train --autoencoder), set when training:
     # image_channels and image_size are then the latents', and the pipeline decodes the result to pixels
     latent: bool = False
+
+    def __post_init__(self):
+        check_objective(self)
 
 
 @dataclass

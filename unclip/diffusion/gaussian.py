@@ -1,4 +1,5 @@
-"""Gaussian diffusion in paper notation (Ho et al. 2020; Salimans & Ho 2022 for v).
+"""Gaussian diffusion in paper notation (Ho et al. 2020; Salimans & Ho 2022 for v; rectified flow's velocity as a
+fourth prediction, unclip/diffusion/flow.py).
 
 `ac` is alpha-bar (alphas_cumprod, shape (T,)); `t` holds integer timesteps (B,). Every function
 broadcasts over trailing dimensions, so prior embeddings (B, D) and images (B, C, H, W) share them.
@@ -9,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "flow")
 
 
 def expand(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +45,13 @@ def x0_from_v(xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor, ac: torch.Tens
     return ab.sqrt() * xt - (1 - ab).sqrt() * v
 
 
+def x0_from_velocity(xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+    """Rectified flow's velocity v = eps - x0, predicted at the path's point x_t / c (unclip/diffusion/flow.py):
+    x0 = (x_t - sqrt(1 - ab) v) / c, c = sqrt(ab) + sqrt(1 - ab)."""
+    ab = expand(ac[t], xt)
+    return (xt - (1 - ab).sqrt() * v) / (ab.sqrt() + (1 - ab).sqrt())
+
+
 def to_x0(output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, ac: torch.Tensor, prediction: str) -> torch.Tensor:
     """The clean-data estimate implied by a network output of kind `prediction`."""
     if prediction == "x0":
@@ -52,6 +60,8 @@ def to_x0(output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, ac: torch.Ten
         return predict_x0(xt, t, output, ac)
     if prediction == "v":
         return x0_from_v(xt, t, output, ac)
+    if prediction == "flow":
+        return x0_from_velocity(xt, t, output, ac)
     raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
 
 
@@ -62,6 +72,8 @@ def training_target(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, ac: to
         return eps
     if prediction == "v":
         return v_target(x0, t, eps, ac)
+    if prediction == "flow":
+        return eps - x0
     raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
 
 
@@ -107,7 +119,8 @@ def min_snr_weight(t: torch.Tensor, ac: torch.Tensor, gamma: float, prediction: 
         return (gamma / s).clamp(max=1.0)
     if prediction == "v":
         return s.clamp(max=gamma) / (s + 1)
-    raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
+    raise ValueError(f"min-SNR weighting is for eps, x0 and v, not {prediction!r} (flow matching weights its timesteps "
+                     "by drawing them logit-normal)")
 
 
 def diffusion_loss(

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
+from unclip.diffusion.flow import flow_matching_loss, flow_time, to_flow
 from unclip.diffusion.gaussian import diffusion_loss, progressive_distillation_loss, to_x0
 from unclip.diffusion.sampling import Denoiser, classifier_free_guidance, sample, sampler_timesteps
 from unclip.diffusion.schedule import alphas_cumprod, spaced_timesteps
@@ -18,7 +19,7 @@ class Diffusion:
 
     net: Callable  # net(x_t, t, *cond, drop=drop) -> output
     ac: torch.Tensor  # alphas_cumprod (T,)
-    prediction: str  # eps | x0 | v
+    prediction: str  # eps | x0 | v | flow (rectified flow's velocity, at the path's point: unclip/diffusion/flow.py)
     clip_x0: Optional[float] = None  # clamp x0 estimates to [-c, c] (pixels), or None (embeddings)
     # a distilled network (t2i distill) samples with DDIM in exactly this many steps, the trailing chain it was
     # distilled for, whatever sampler and steps are asked; 0: any sampler, any steps
@@ -44,9 +45,16 @@ class Diffusion:
         sampler, steps, trailing = self.chain(sampler, steps)
         return sampler_timesteps(sampler, len(self.ac), steps, strength, trailing)
 
+    def output(self, x: torch.Tensor, t: torch.Tensor, cond: tuple, drop: torch.Tensor) -> torch.Tensor:
+        """The network's output at the diffusion point x_t, t: a flow network reads the path's point and time instead."""
+        if self.prediction == "flow":
+            xs, s = to_flow(x, t, self.ac)
+            return self.net(xs, flow_time(s, len(self.ac)), *cond, drop=drop)
+        return self.net(x, t, *cond, drop=drop)
+
     def x0(self, x: torch.Tensor, t: torch.Tensor, cond: tuple, drop: torch.Tensor) -> torch.Tensor:
         """The raw clean-data estimate (unclamped: guidance must see the predictions as they are)."""
-        return to_x0(self.net(x, t, *cond, drop=drop), x, t, self.ac, self.prediction)
+        return to_x0(self.output(x, t, cond, drop), x, t, self.ac, self.prediction)
 
     def denoiser(self, cond: tuple, guidance: float, negative: Optional[tuple] = None,
                  inner: Optional[tuple[tuple, float]] = None) -> Denoiser:
@@ -61,8 +69,10 @@ class Diffusion:
     def loss(self, x0: torch.Tensor, cond: tuple, cond_drop: float, generator=None,
              min_snr_gamma: Optional[float] = None) -> torch.Tensor:
         """Training loss with the condition dropped for a `cond_drop` fraction of the batch (min-SNR-gamma weighted
-        when `min_snr_gamma` is given)."""
+        when `min_snr_gamma` is given); a flow network's is flow matching's, at logit-normal path positions."""
         drop = torch.rand(x0.shape[0], device=x0.device, generator=generator) < cond_drop
+        if self.prediction == "flow":  # its configs refuse min_snr_gamma (config.check_objective)
+            return flow_matching_loss(lambda xs, time: self.net(xs, time, *cond, drop=drop), x0, len(self.ac), generator)
         return diffusion_loss(lambda xt, t: self.net(xt, t, *cond, drop=drop), x0, self.ac, self.prediction, generator,
                               min_snr_gamma)
 
@@ -83,5 +93,5 @@ class Diffusion:
             return teacher.net(x, t, *c, drop=drop | dropped.repeat(x.shape[0] // dropped.shape[0]))
 
         teacher_x0 = replace(teacher, net=teacher_net).denoiser(cond, guidance)  # clamped as sampling clamps
-        return progressive_distillation_loss(lambda xt, t: self.net(xt, t, *cond, drop=dropped), teacher_x0, x0, self.ac,
+        return progressive_distillation_loss(lambda xt, t: self.output(xt, t, cond, dropped), teacher_x0, x0, self.ac,
                                              grid, self.prediction, generator)

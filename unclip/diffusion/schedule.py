@@ -24,7 +24,15 @@ def linear_alphas_cumprod(T: int, beta_start: float = 1e-4, beta_end: float = 0.
     return torch.cumprod(1 - betas, 0).float()
 
 
-SCHEDULES = {"cosine": cosine_alphas_cumprod, "linear": linear_alphas_cumprod}
+def rectified_alphas_cumprod(T: int) -> torch.Tensor:
+    """The schedule of rectified flow's path x_s = (1 - s) x0 + s eps at s evenly spaced inside (0, 1), s_t = (t + 1) /
+    (T + 1), as alpha-bar: the diffusion point x_s / sqrt((1 - s)^2 + s^2) has ab = (1 - s)^2 / ((1 - s)^2 + s^2)
+    (unclip/diffusion/flow.py). Sampling chains spaced evenly in t are then spaced evenly in s, as SD3 samples."""
+    s = torch.arange(1, T + 1, dtype=torch.float64) / (T + 1)
+    return ((1 - s) ** 2 / ((1 - s) ** 2 + s**2)).float()
+
+
+SCHEDULES = {"cosine": cosine_alphas_cumprod, "linear": linear_alphas_cumprod, "rectified": rectified_alphas_cumprod}
 
 
 def alphas_cumprod(name: str, T: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The autoencoder stage (t2i autoencoder-train) and a decoder that draws in its latent space, end to end."""
+"""The latent stage end to end: the autoencoder (t2i autoencoder-train), a decoder that draws in its latent space,
+and flow matching as a diffusion stage's objective."""
 from __future__ import annotations
 
 import json
@@ -121,3 +122,27 @@ def test_a_latent_pipeline_exports_and_refuses_a_missing_or_foreign_autoencoder(
     assert r.exit_code == 0, r.output
     r = run("generate", "--checkpoints", missing, "--prompt", "a 3", "-n", "1", "--out", tmp_path / "g")
     assert r.exit_code == 1 and "is not the autoencoder its decoder was trained with" in r.output
+
+
+def test_a_flow_matching_decoder_trains_and_samples_with_every_sampler(tiny_pipeline, tiny_config, mnist_dir, tmp_path):
+    out = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline / "prior", out / "prior")
+    config = yaml.safe_load(tiny_config.read_text())
+    config["decoder"]["model"].update(prediction="flow", schedule="rectified", min_snr_gamma=5.0)
+    (tmp_path / "flow.yaml").write_text(yaml.safe_dump(config))
+    train = ("decoder-train", "--clip", tiny_pipeline / "clip", "--config", tmp_path / "flow.yaml", "--stage", "decoder",
+             "--data-dir", mnist_dir, "--out", out)
+    r = run(*train)
+    assert r.exit_code == 1 and "flow matching (prediction: flow) weights its timesteps" in " ".join(r.output.split())
+    config["decoder"]["model"]["min_snr_gamma"] = None
+    (tmp_path / "flow.yaml").write_text(yaml.safe_dump(config))
+    r = run(*train, "--overwrite")
+    assert r.exit_code == 0, r.output
+    losses = [json.loads(line)["loss"] for line in (out / "decoder" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert all(0.0 < loss < 10.0 for loss in losses)  # velocity targets: eps - x0, of variance about 2
+    for sampler in ("ddim", "dpmpp", "ddpm"):
+        r = run("generate", "--checkpoints", out, "--prompt", "a 3", "-n", "2", "--steps", "4", "--sampler", sampler,
+                "--out", tmp_path / sampler)
+        assert r.exit_code == 0, r.output
+        assert Image.open(tmp_path / sampler / "0000.png").size == (28, 28)
