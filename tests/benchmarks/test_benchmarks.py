@@ -139,3 +139,35 @@ def test_emoji_evaluator_asks_what_the_contract_holds_out_and_judges_real_and_dr
     assert [t for t, _ in report["gallery"]["styles"]][:3] == [f"red apple, {s} style" for s in STYLES]
     sheet = np.asarray(Image.open(tmp_path / "out" / "gallery-tones.png"))  # enlarged 2x: images 128 px, 4 apart
     assert [tuple(sheet[4, 4 + i * 132]) == (220, 30, 30) for i in range(5)] == [held for _, held in tones]
+
+
+def test_latent_benchmark_measures_reconstructions_of_the_test_split_and_each_routes_cost(emoji_dir, tmp_path, monkeypatch):
+    pytest.importorskip("cairosvg", reason="OpenMoji's SVGs need the emoji extra")
+    import yaml
+
+    from benchmarks import emoji as bench
+    from benchmarks import latent
+    from unclip.checkpoint import save_checkpoint
+    from unclip.config import AutoencoderConfig, AutoencoderModelConfig
+    from unclip.data.emoji import held_out_rules, rendered
+    from unclip.models.autoencoder import Autoencoder
+
+    cfg = AutoencoderConfig(model=AutoencoderModelConfig(widths=[8, 16]))
+    save_checkpoint(tmp_path / "ae", Autoencoder(cfg.model), cfg)
+    recipe = {"decoder": {"model": {"widths": [8, 16], "heads": 2, "context_tokens": 2}},
+              "autoencoder": {"model": {"widths": [8, 16]}}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(bench, "CACHE", tmp_path / "cache")
+    latent.main(["--data-dir", str(emoji_dir), "--autoencoder", str(tmp_path / "ae"), "--arms", "--config",
+                 str(tmp_path / "tiny.yaml"), "--repeats", "1", "--judge-epochs", "2", "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "latent.json").read_text())
+    records, _ = rendered(emoji_dir, 64)
+    a = report["autoencoder"]
+    assert a["test_images"] == sum(rule is not None for rule in held_out_rules(records)) > 0
+    assert a["latent"] == [4, 16, 16] and 0 < a["psnr_p10"] <= a["psnr"] < 40  # an untrained autoencoder blurs
+    assert set(a["judge"]) == {"originals", "reconstructions"}
+    assert all(0 <= v <= 1 for rates in a["judge"].values() for v in rates.values())
+    assert [r["route"] for r in report["arms"]] == ["pixel 64", "cascade 32 -> 64", "latent 16x16x4"]
+    assert all(r["train_step_s"] > 0 and r["sample_16_s"] > 0 for r in report["arms"])
+    text = (tmp_path / "out" / "latent.md").read_text()
+    assert "| latent 16x16x4 | 4x16x16, patch 1 |" in text and "| reconstructions |" in text
