@@ -20,7 +20,7 @@ from unclip.data.folder import load_images, pil_to_tensor
 from unclip.errors import SettingWarning, UnknownWordsWarning, UserError
 from unclip.images import to_float, to_pil, to_uint8
 from unclip.options import GUIDANCE_KEYS, SamplingOptions, canonical, sampling_options
-from unclip.pipeline import Pipeline, decode_and_upsample, draw, latent_shape, slerp, steps_per_image
+from unclip.pipeline import Pipeline, decode_and_upsample, draw, drawing_shape, slerp, steps_per_image
 from unclip.vocabulary import unknown_words
 
 ImageInput = Union[str, Path, Image.Image, torch.Tensor]
@@ -239,7 +239,7 @@ class UnCLIPPipeline:
         pipe = self.pipeline
         shared = lambda shape: torch.randn((1, *shape), generator=generator,  # noqa: E731
                                            device=self.device).expand(frames, -1, -1, -1).clone()
-        noise = shared(latent_shape(pipe.decoder_config))  # the decoder's drawing: pixels, or latents
+        noise = shared(drawing_shape(pipe.decoder_config))  # the decoder's drawing: pixels, or latents
         upsampler_noise = shared((pipe.image_channels, pipe.image_size, pipe.image_size)) if pipe.upsampler else None
         step = Steps(callback, steps_per_image(pipe, options))
         x = decode_and_upsample(pipe, emb, options, generator, step, noise=noise,

@@ -77,9 +77,7 @@ class Pipeline:
             if STAGES[name].reads_captions(cfg):
                 check_reads(name, cfg.text, text_print, folder / name)
         base = configs["decoder"]
-        autoencoder_stage.check_fits(base, stages.get("autoencoder"),
-                                     fingerprint(stages["autoencoder"].state_dict()) if "autoencoder" in stages else None,
-                                     folder)
+        autoencoder_stage.check_fits(base, stages.get("autoencoder"), folder)
         if "upsampler" in configs:
             upsampler_stage.check_fits(configs["upsampler"], base_size(configs), folder / "upsampler")
         if "layout" in configs:
@@ -117,7 +115,7 @@ class Pipeline:
     @torch.no_grad()
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
         """A chain's images (a step callback's x0) as pixels: a latent decoder's decoded by the autoencoder."""
-        if self.decoder_config.model.latent and x.shape[1:] == latent_shape(self.decoder_config):
+        if self.decoder_config.model.latent and x.shape[1:] == drawing_shape(self.decoder_config):
             return self.autoencoder.decode(x)
         return x
 
@@ -128,7 +126,7 @@ def base_size(configs: dict) -> int:
     return configs["autoencoder"].model.image_size if decoder.model.latent else decoder.model.image_size
 
 
-def latent_shape(cfg) -> tuple[int, int, int]:
+def drawing_shape(cfg) -> tuple[int, int, int]:
     """The shape of one drawing of a decoder of config `cfg`: (channels, side, side) of its pixels or latents."""
     m = cfg.model
     return (m.image_channels, m.image_size, m.image_size)
@@ -141,8 +139,7 @@ def _stage_attribute(name: str) -> tuple[Optional[str], bool]:
 
 
 def wanted(name: str, configs: dict) -> bool:
-    """Whether a stage the folder holds takes part: a layout stage only for a decoder that reads layouts (an
-    autoencoder is loaded before the decoder: a decoder that does not draw in its latents is refused in `load`)."""
+    """Whether a stage the folder holds takes part: a layout stage only for a decoder that reads layouts."""
     return name != "layout" or configs["decoder"].model.layout
 
 

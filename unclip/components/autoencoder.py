@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from unclip.checkpoint import fingerprint
 from unclip.components import StageSpec
 from unclip.config import AutoencoderConfig, ClipConfig, DecoderConfig
 from unclip.errors import CheckpointError
@@ -24,12 +25,13 @@ def build_autoencoder(cfg: AutoencoderConfig, clip_cfg: Optional[ClipConfig] = N
 SPEC = StageSpec("autoencoder", AutoencoderConfig, build_autoencoder, clip_bound=False, maximize=("val_psnr",))
 
 
-def check_fits(decoder: DecoderConfig, autoencoder: Optional[Autoencoder], printed: Optional[str], folder: Path) -> None:
+def check_fits(decoder: DecoderConfig, autoencoder: Optional[Autoencoder], folder: Path) -> None:
     """A latent decoder needs the autoencoder it was trained in: present, and the same weights."""
     if not decoder.model.latent:
         return
     if autoencoder is None:
         raise CheckpointError(f"{folder}: its decoder draws in an autoencoder's latent space, but it has no autoencoder/")
+    printed = fingerprint(autoencoder.state_dict())
     if printed != decoder.autoencoder_fingerprint:
         raise CheckpointError(f"{folder}/autoencoder is not the autoencoder its decoder was trained with "
                               f"(fingerprint {printed[:12]}, the decoder's {decoder.autoencoder_fingerprint[:12]})")
