@@ -15,7 +15,7 @@ import torch
 
 from t2i.stages.distributed import training_device
 from t2i.stages.samples import save_sheet
-from t2i.stages.trainer import VAL_IMAGES, Stage, check_out, fit, nothing_to_resume, seeded
+from t2i.stages.trainer import VAL_IMAGES, Stage, check_out, fit, fixed_images, nothing_to_resume, seeded
 from unclip.config import AutoencoderConfig, load_config, merge
 from unclip.data import CaptionedImages, load_split
 from unclip.data.stream import StreamedCaptions
@@ -53,12 +53,8 @@ def autoencoder_stage(cfg: AutoencoderConfig, data: CaptionedImages | StreamedCa
 
     def finalize(shipped: Autoencoder) -> None:
         nonlocal calibration
-        if calibration is None:  # fixed training images: random ones in memory, a stream's first ones
-            if isinstance(data, StreamedCaptions):
-                calibration = data.load(data.n_val, STATISTICS_IMAGES)
-            else:
-                chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[:STATISTICS_IMAGES]
-                calibration = data.subset(chosen)
+        if calibration is None:
+            calibration = fixed_images(data, STATISTICS_IMAGES, t.seed)
         shipped.set_statistics(calibration.pixels(torch.arange(i, min(i + t.batch_size, len(calibration)))).to(device)
                                for i in range(0, len(calibration), t.batch_size))
 

@@ -6,12 +6,11 @@ from pathlib import Path
 import torch
 
 from t2i.stages import distributed as dist
-from t2i.stages.trainer import Stage, check_out, fit, nothing_to_resume, seeded
+from t2i.stages.trainer import Stage, check_out, fit, fixed_images, nothing_to_resume, seeded
 from unclip.vocabulary import save_vocabulary
 from unclip.config import ClipConfig
 from unclip.data import CaptionedImages, load_split
 from unclip.data.prepared import convert
-from unclip.data.stream import StreamedCaptions
 from unclip.errors import UserError
 from unclip.models.clip import CLIP, contrastive_loss, twin_direction_loss
 from unclip.images import to_float
@@ -95,12 +94,8 @@ def clip_stage(cfg: ClipConfig, eval_split: str = "val") -> Stage:
 
     def finalize(model: CLIP) -> None:
         nonlocal calibration
-        if calibration is None:  # fixed training images: random ones in memory, a stream's first ones
-            if isinstance(data, StreamedCaptions):
-                calibration = data.load(data.n_val, PRECISE_BN_IMAGES)
-            else:
-                chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[:PRECISE_BN_IMAGES]
-                calibration = data.subset(chosen)
+        if calibration is None:
+            calibration = fixed_images(data, PRECISE_BN_IMAGES, t.seed)
         precise_batchnorm(model, lambda: (calibration.pixels(torch.arange(i, min(i + t.batch_size, len(calibration))))
                                           .to(device) for i in range(0, len(calibration), t.batch_size)))
 

@@ -97,6 +97,14 @@ def held_out_loss(batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Te
     return total / n
 
 
+def fixed_images(data: CaptionedImages | StreamedCaptions, n: int, seed: int) -> CaptionedImages:
+    """`n` training examples fixed for the run, to take statistics over (CLIP's BatchNorm, an autoencoder's latents):
+    random ones of data in memory, a stream's first ones."""
+    if isinstance(data, StreamedCaptions):
+        return data.load(data.n_val, n)
+    return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n])
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to `lr * min_lr_ratio`."""
     if step < cfg.warmup_steps:
