@@ -93,6 +93,14 @@ def train_worker(rank: int, world: int, port: int, kind: str, pipeline: str, mni
     steps = {"train": {"max_steps": 4, "batch_size": 40, "data_dir": mnist_dir, "ckpt_every": 2}}
     if kind == "clip":
         stage = clip_stage(merge(merge(ClipConfig(), TINY["clip"]), steps))
+    elif kind == "autoencoder":  # images alone: the training and validation splits
+        from t2i.stages.autoencoder import autoencoder_stage
+        from unclip.config import AutoencoderConfig
+        from unclip.data import load_split
+
+        cfg = merge(AutoencoderConfig(), {"model": {"image_channels": 1, "image_size": 28, "widths": [8]},
+                                          "train": {**steps["train"], "data": "mnist", "val_size": 100}})
+        stage = autoencoder_stage(cfg, *(load_split(cfg.train, split, 1, 28) for split in ("train", "val")))
     else:
         frozen = FrozenClip.load(Path(pipeline) / "clip", TrainConfig(data_dir=mnist_dir, val_size=100))
         cls, build = (PriorConfig, prior_stage) if kind == "prior" else (DecoderConfig, decoder_stage)
@@ -102,7 +110,7 @@ def train_worker(rank: int, world: int, port: int, kind: str, pipeline: str, mni
     leave()
 
 
-@pytest.mark.parametrize("kind", ["clip", "prior", "decoder"])
+@pytest.mark.parametrize("kind", ["clip", "prior", "decoder", "autoencoder"])
 @pytest.mark.slow
 def test_two_processes_train_in_lockstep_and_write_one_checkpoint(kind, tiny_pipeline, mnist_dir, tmp_path):
     mp.spawn(train_worker, args=(2, free_port(), kind, str(tiny_pipeline), str(mnist_dir), str(tmp_path)), nprocs=2)
