@@ -2,6 +2,7 @@
 
     python benchmarks/latent.py --data-dir ../shared/data/emoji --autoencoder runs/emoji/ae
     python benchmarks/latent.py --data-dir ../shared/data/emoji --arms
+    python benchmarks/latent.py --data-dir ../shared/data/emoji --steps-sweep runs/emoji/latent runs/emoji/latent-flow
 
 --autoencoder: reconstruction of the test split (every image the emoji contract holds out of training, so never
 seen by the autoencoder): PSNR over the [0, 1] range, and the emoji evaluator's judge (benchmarks/emoji.py, cached)
@@ -11,7 +12,11 @@ on the originals and on their reconstructions: thing (top-1 among all identities
 seconds of a training step (forward, backward, AdamW) at batch 64 and of sampling 16 images with the library's
 default steps (classifier-free guided: two branches a step), the autoencoder's decoding or the upsampler's chain
 included. A flow-matching arm costs what its eps/v twin does (the same network and step), so it is one row each.
-Writes OUT/latent.json and OUT/latent.md.
+
+--steps-sweep: whether a pipeline (a flow-matching decoder against its v twin, say) keeps its quality in fewer
+sampling steps: the emoji evaluator's seen prompts (--prompts, 4 images each) drawn at each of --steps, with the
+pipeline's other defaults; the judge's thing and style rates and the Frechet distance to the real images they are
+drawn from. Writes OUT/latent.json and OUT/latent.md.
 """
 from __future__ import annotations
 
@@ -120,19 +125,48 @@ def arms(config: Path, repeats: int) -> list[dict]:
         @torch.no_grad()
         def draw():
             noise = torch.randn(SAMPLES, m.image_channels, m.image_size, m.image_size, generator=g)
-            x = diffusion.sample("ddim", diffusion.denoiser((emb[:SAMPLES],), 3.0), noise, options.steps, generator=g)
+            x = diffusion.sample(options.sampler, diffusion.denoiser((emb[:SAMPLES],), 3.0), noise, options.steps,
+                                 generator=g)
             if finish == "autoencoder":
                 autoencoder.decode(x)
             elif finish == "upsampler":
                 low = torch.nn.functional.interpolate(x, size=SIZE, mode="bilinear")
                 s = torch.zeros(SAMPLES, dtype=torch.long)
-                upsampler.sample("ddim", upsampler.denoiser((low, s), 1.0), torch.randn_like(low), options.upsampler_steps)
+                upsampler.sample(options.sampler, upsampler.denoiser((low, s), 1.0), torch.randn_like(low),
+                                 options.upsampler_steps)
 
         net.train()
         train_s = seconds(step, repeats)
         rows.append({"route": name, "network": f"{m.image_channels}x{m.image_size}x{m.image_size}, patch {m.patch}",
                      "train_step_s": round(train_s, 3), "sample_16_s": round(seconds(draw, 1), 2)})
         log.info("%s: %.3f s a step, %.2f s for 16 images", name, train_s, rows[-1]["sample_16_s"])
+    return rows
+
+
+def steps_sweep(data_dir: Path, pipelines: list[Path], steps: list[int], prompts: int, judge_epochs: int) -> list[dict]:
+    from dataclasses import replace
+
+    from benchmarks.emoji import generate, prompt_sets, rates, seen_images
+    from benchmarks.judge import frechet_distance
+    from unclip.options import sampling_options
+    from unclip.pipeline import Pipeline
+
+    emoji, images = rendered(data_dir, SIZE)
+    judge, things = load_judge(emoji, images, judge_epochs)
+    seen = prompt_sets(emoji, prompts)["seen"]
+    reference = judged(judge, images[seen_images(emoji, held_out_rules(emoji))])[0]
+    rows = []
+    for folder in pipelines:
+        pipe = Pipeline.load(folder, "cpu")
+        defaults = sampling_options(pipe.defaults)
+        for n in steps:
+            start = time.perf_counter()
+            drawn = generate(pipe, [p.text for p in seen], 4, replace(defaults, steps=n))
+            f, thing, style, tone = judged(judge, drawn)
+            rows.append({"pipeline": str(folder), "steps": n, **rates([p for p in seen for _ in range(4)], thing, style, tone,
+                                                                      things),
+                         "fd": round(frechet_distance(f, reference), 3), "minutes": round((time.perf_counter() - start) / 60, 2)})
+            log.info("%s", rows[-1])
     return rows
 
 
@@ -150,6 +184,12 @@ def markdown(report: dict) -> str:
                   "the default steps.", "", "| route | network | training step (s) | 16 images (s) |", "| --- | --- | --- | --- |"]
         lines += [f"| {r['route']} | {r['network']} | {r['train_step_s']} | {r['sample_16_s']} |" for r in report["arms"]]
         lines.append("")
+    if "steps_sweep" in report:
+        lines += ["Seen prompts (4 images each) drawn in fewer sampling steps, the pipelines' other defaults:", "",
+                  "| pipeline | steps | thing | style | Frechet distance | minutes |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['pipeline']} | {r['steps']} | {r['thing']} | {r['style']} | {r['fd']} | {r['minutes']} |"
+                  for r in report["steps_sweep"]]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -160,13 +200,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--arms", action="store_true", help="time each decoder route's training step and sampling")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "emoji.yaml", help="the recipe the routes take sizes from")
     ap.add_argument("--repeats", type=int, default=5, help="timed training steps a route")
+    ap.add_argument("--steps-sweep", type=Path, nargs="+", default=[], help="emoji pipelines to draw in fewer steps")
+    ap.add_argument("--steps", default="2,4,10", help="--steps-sweep: the sampling steps, comma-separated")
+    ap.add_argument("--prompts", type=int, default=100, help="--steps-sweep: seen prompts")
     ap.add_argument("--judge-epochs", type=int, default=32, help="epochs of the emoji judge (cached per value)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "latent")
     args = ap.parse_args(argv)
-    if args.autoencoder is None and not args.arms:
-        ap.error("give --autoencoder DIR and/or --arms")
-    if args.autoencoder is not None and args.data_dir is None:
-        ap.error("--autoencoder needs --data-dir")
+    if args.autoencoder is None and not args.arms and not args.steps_sweep:
+        ap.error("give --autoencoder DIR, --arms or --steps-sweep DIR...")
+    if (args.autoencoder is not None or args.steps_sweep) and args.data_dir is None:
+        ap.error("--autoencoder and --steps-sweep need --data-dir")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     report: dict = {}
     if args.autoencoder is not None:
@@ -176,6 +219,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         report["machine"] = f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
         report["arms"] = arms(args.config, args.repeats)
+    if args.steps_sweep:
+        steps = [int(n) for n in args.steps.split(",")]
+        report["steps_sweep"] = steps_sweep(args.data_dir, args.steps_sweep, steps, args.prompts, args.judge_epochs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latent.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "latent.md").write_text(markdown(report))

@@ -141,7 +141,8 @@ def test_emoji_evaluator_asks_what_the_contract_holds_out_and_judges_real_and_dr
     assert [tuple(sheet[4, 4 + i * 132]) == (220, 30, 30) for i in range(5)] == [held for _, held in tones]
 
 
-def test_latent_benchmark_measures_reconstructions_of_the_test_split_and_each_routes_cost(emoji_dir, tmp_path, monkeypatch):
+def test_latent_benchmark_measures_reconstructions_of_the_test_split_and_each_routes_cost(emoji_dir, tiny_pipeline,
+                                                                                          tmp_path, monkeypatch):
     pytest.importorskip("cairosvg", reason="OpenMoji's SVGs need the emoji extra")
     import yaml
 
@@ -159,7 +160,8 @@ def test_latent_benchmark_measures_reconstructions_of_the_test_split_and_each_ro
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
     monkeypatch.setattr(bench, "CACHE", tmp_path / "cache")
     latent.main(["--data-dir", str(emoji_dir), "--autoencoder", str(tmp_path / "ae"), "--arms", "--config",
-                 str(tmp_path / "tiny.yaml"), "--repeats", "1", "--judge-epochs", "2", "--out", str(tmp_path / "out")])
+                 str(tmp_path / "tiny.yaml"), "--repeats", "1", "--judge-epochs", "2", "--steps-sweep", str(tiny_pipeline),
+                 "--steps", "1,3", "--prompts", "2", "--out", str(tmp_path / "out")])
     report = json.loads((tmp_path / "out" / "latent.json").read_text())
     records, _ = rendered(emoji_dir, 64)
     a = report["autoencoder"]
@@ -169,5 +171,8 @@ def test_latent_benchmark_measures_reconstructions_of_the_test_split_and_each_ro
     assert all(0 <= v <= 1 for rates in a["judge"].values() for v in rates.values())
     assert [r["route"] for r in report["arms"]] == ["pixel 64", "cascade 32 -> 64", "latent 16x16x4"]
     assert all(r["train_step_s"] > 0 and r["sample_16_s"] > 0 for r in report["arms"])
+    assert [(r["pipeline"], r["steps"]) for r in report["steps_sweep"]] == [(str(tiny_pipeline), 1), (str(tiny_pipeline), 3)]
+    assert all(0 <= r["thing"] <= 1 and 0 <= r["style"] <= 1 and r["fd"] > 0 for r in report["steps_sweep"])
     text = (tmp_path / "out" / "latent.md").read_text()
     assert "| latent 16x16x4 | 4x16x16, patch 1 |" in text and "| reconstructions |" in text
+    assert f"| {tiny_pipeline} | 3 |" in text
