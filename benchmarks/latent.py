@@ -46,7 +46,7 @@ BATCH, SAMPLES = 64, 16
 @torch.no_grad()
 def reconstruct(autoencoder: Autoencoder, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """uint8 images -> uint8 reconstructions through the autoencoder's latents."""
-    return torch.cat([to_uint8(autoencoder.decode(autoencoder.encode(to_float(images[i:i + batch]))))
+    return torch.cat([to_uint8(autoencoder.reconstruct(to_float(images[i:i + batch])))
                       for i in range(0, len(images), batch)])
 
 

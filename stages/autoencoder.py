@@ -41,7 +41,7 @@ def autoencoder_stage(cfg: AutoencoderConfig, data: CaptionedImages | StreamedCa
         n = min(VAL_IMAGES, len(val))
         for start in range(0, n, t.batch_size):
             x = val.pixels(torch.arange(start, min(n, start + t.batch_size))).to(device)
-            yield x, shipped.decode(shipped.encode(x))
+            yield x, shipped.reconstruct(x)
 
     @torch.no_grad()
     def validate(shipped: Autoencoder) -> dict:
@@ -61,7 +61,7 @@ def autoencoder_stage(cfg: AutoencoderConfig, data: CaptionedImages | StreamedCa
     @torch.no_grad()
     def sample(shipped: Autoencoder, step: int, out: Path) -> torch.Tensor:
         x = val.pixels(torch.arange(min(SHOWN, len(val)))).to(device)
-        return save_sheet([to_uint8(x), to_uint8(shipped.eval().decode(shipped.encode(x)))], out, step)
+        return save_sheet([to_uint8(x), to_uint8(shipped.eval().reconstruct(x))], out, step)
 
     return Stage("autoencoder", model, cfg, data, loss, validate=validate, finalize=finalize, sample=sample,
                  metrics_shown=["loss", "val_psnr"], objective="val_psnr")

@@ -35,6 +35,15 @@ def copy_clip(clip_dir: Path, out: Path) -> None:
         copy_stage(clip_dir, out / "clip")
 
 
+def companion(out: Path, name: str, given: Optional[Path], needs: str, what: str, writer: str) -> Optional[Path]:
+    """A stage stage two reads but does not train (text/, autoencoder/): the folder given by --NAME, else the one
+    `out` already holds, else None; a folder without `needs` is refused."""
+    folder = Path(given) if given is not None else (out / name if (out / name).is_dir() else None)
+    if folder is not None and not (folder / needs).is_file():
+        raise CheckpointError(f"--{name} {folder}: not {what} (no {needs}; {writer} writes one)")
+    return folder
+
+
 def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, out: Path, stages: list[str],
                     resume: bool = False, overwrite: bool = False, text_dir: Optional[Path] = None,
                     autoencoder_dir: Optional[Path] = None) -> dict:
@@ -47,14 +56,9 @@ def train_stage_two(clip_dir: Path, config_path: Optional[Path], flags: dict, ou
     clip_cfg = load_config(ClipConfig, clip_dir / CONFIG_FILE) if (clip_dir / CONFIG_FILE).is_file() else None
     if clip_cfg is None:
         raise CheckpointError(f"--clip {clip_dir}: not a CLIP checkpoint folder (no {CONFIG_FILE})")
-    text_dir = Path(text_dir) if text_dir is not None else (out / "text" if (out / "text").is_dir() else None)
-    if text_dir is not None and not (text_dir / CONFIG_FILE).is_file():
-        raise CheckpointError(f"--text {text_dir}: not a text encoder folder (no {CONFIG_FILE}; t2i text-import writes one)")
-    autoencoder_dir = Path(autoencoder_dir) if autoencoder_dir is not None else \
-        (out / "autoencoder" if (out / "autoencoder").is_dir() else None)
-    if autoencoder_dir is not None and not (autoencoder_dir / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"--autoencoder {autoencoder_dir}: not an autoencoder folder (no {WEIGHTS_FILE}; "
-                              "t2i autoencoder-train writes one)")
+    text_dir = companion(out, "text", text_dir, CONFIG_FILE, "a text encoder folder", "t2i text-import")
+    autoencoder_dir = companion(out, "autoencoder", autoencoder_dir, WEIGHTS_FILE, "an autoencoder folder",
+                                "t2i autoencoder-train")
     modes = {}
     for stage in stages:  # before minutes of loading and embedding: a refusal, or nothing to do, is said at once
         folder = out / stage

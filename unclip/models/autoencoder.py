@@ -96,6 +96,10 @@ class Autoencoder(nn.Module):
         """Normalised latents -> images, clamped to [-1, 1]."""
         return self.decoder(z * self._view(self.scale) + self._view(self.shift)).clamp(-1, 1)
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> their images through the latents (the posterior's mean)."""
+        return self.decode(self.encode(x))
+
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Training: (reconstruction from a sample of the posterior, unclamped; KL to N(0, I), mean per element)."""
         mean, logvar = self.moments(x)
